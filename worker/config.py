@@ -1,0 +1,241 @@
+"""One validated configuration for the engine, built once and passed down.
+
+`ModelConfig` is what the engine understands of a Hugging Face `config.json`; `EngineConfig` holds
+the serving settings. Nothing below the engine reads the environment or files on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+
+# architectures -> the switches of our single decoder implementation (models/llama.py)
+SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    torch_dtype: str | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    quantization_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"architectures {archs!r} are not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        switches = SUPPORTED_ARCHITECTURES[arch]
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+        if cfg.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=true is not supported")
+
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            n_layers = int(cfg["num_hidden_layers"])
+            vocab = int(cfg["vocab_size"])
+            inter = int(cfg["intermediate_size"])
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks {e.args[0]!r}") from None
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise ModelLoadError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+
+        # rope: transformers 4 writes rope_theta + rope_scaling, transformers 5 writes rope_parameters
+        rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        rope = RopeConfig(
+            theta=theta,
+            rope_type=rope_type,
+            factor=float(rp.get("factor", 1.0)),
+            low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=rp.get("original_max_position_embeddings"),
+            beta_fast=float(rp.get("beta_fast", 32.0)),
+            beta_slow=float(rp.get("beta_slow", 1.0)),
+            attention_factor=rp.get("attention_factor"),
+        )
+
+        sliding = cfg.get("sliding_window")
+        if cfg.get("model_type", "").startswith("qwen") and not cfg.get("use_sliding_window", False):
+            sliding = None
+
+        def ids(v: Any) -> list[int]:
+            if v is None:
+                return []
+            return [int(x) for x in (v if isinstance(v, list) else [v])]
+
+        gen = generation_config or {}
+        eos = ids(gen.get("eos_token_id")) or ids(cfg.get("eos_token_id"))
+        bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+        return cls(
+            architecture=arch,
+            model_type=str(cfg.get("model_type", "")),
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=rope,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=switches["qkv_bias"] or bool(cfg.get("attention_bias", False)),
+            qk_norm=switches["qk_norm"],
+            sliding_window=int(sliding) if sliding else None,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+            bos_token_id=int(bos) if isinstance(bos, int) else None,
+            quantization_config=cfg.get("quantization_config"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        d = Path(model_dir)
+        path = d / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} does not exist: a model directory needs a Hugging Face config.json")
+        try:
+            cfg = json.loads(path.read_text())
+            gen_path = d / "generation_config.json"
+            gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"invalid JSON in {d}: {e}") from None
+        return cls.from_dict(cfg, gen)
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (bf16 if float32) on CUDA
+    device: str = "auto"  # auto: cuda when available
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None  # per-step token budget (prefill chunks + decodes)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # KV pool size: an explicit number of blocks wins; else a byte budget; else (CUDA) a fraction of
+    # the memory left after weights and the measured activation peak.
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 256 * 2**20
+    enforce_eager: bool = False  # CUDA: skip CUDA graphs
+    quantization: str = "none"
+    seed: int = 0
+    served_model_name: str | None = None
+    model_config: ModelConfig = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.model_config = ModelConfig.from_pretrained(self.model)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidRequestError(f"device must be cpu or cuda, got {self.device!r}", param="device")
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise InvalidRequestError("device cuda was asked for but no CUDA device is available", param="device")
+        if self.dtype == "auto":
+            if self.device == "cpu":
+                self.dtype = "float32"
+            else:
+                ck = self.model_config.torch_dtype
+                self.dtype = ck if ck in ("bfloat16", "float16") else "bfloat16"
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}", param="dtype")
+        if self.quantization not in QUANTIZATIONS:
+            raise InvalidRequestError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}", param="quantization"
+            )
+        for name in ("max_num_seqs", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {v!r}", param=name)
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise InvalidRequestError("block_size must be a power of two <= 256", param="block_size")
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:
+            # sliding-window attention is not implemented: serve only contexts the window covers
+            limit = min(limit, self.model_config.sliding_window)
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        elif not isinstance(self.max_model_len, int) or not (1 <= self.max_model_len <= limit):
+            raise InvalidRequestError(
+                f"max_model_len must be in [1, {limit}] for this model, got {self.max_model_len!r}",
+                param="max_model_len",
+            )
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(2048, self.max_num_seqs)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidRequestError(
+                "max_num_batched_tokens must be >= max_num_seqs (every running sequence needs a slot per step)",
+                param="max_num_batched_tokens",
+            )
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidRequestError("num_kv_blocks must be >= 1", param="num_kv_blocks")
+
+    @property
+    def torch_dtype(self):  # noqa: ANN201 - torch is imported lazily
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.model).name

@@ -1,0 +1,239 @@
+"""The synchronous engine: add_request / step / abort. One step = schedule, run the model, sample,
+detokenize, stop. The async server and the offline `LLM` both drive this class."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EngineConfig
+from .errors import InvalidRequestError
+from .kv_cache import BlockManager
+from .outputs import RequestOutput
+from .runner import ModelRunner
+from .sampling import SampleRequest, TokenLogprobs, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters and the latest gauges (the server exports them as Prometheus metrics)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
+    steps: int = 0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    sampler: SampleRequest
+    stop_ids: frozenset[int]
+    logprobs: list[TokenLogprobs] | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        t0 = time.perf_counter()
+        self.tokenizer = tokenizer or Tokenizer(config.model)
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        assert config.max_num_batched_tokens is not None and config.max_model_len is not None
+        self.max_model_len = config.max_model_len
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) or (
+            frozenset({self.tokenizer.eos_token_id}) if self.tokenizer.eos_token_id is not None else frozenset()
+        )
+        self.startup_seconds = dict(self.runner.timings)
+        self.startup_seconds["engine_init"] = time.perf_counter() - t0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param=param)
+        limit = self.max_model_len
+        if n >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n} tokens "
+                "(at least one token must be left to generate).",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if n + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validate and queue a request. Raises InvalidRequestError naming the parameter."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("a prompt (string) or prompt_token_ids is required", param="prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            prompt_token_ids = list(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.runner.device).manual_seed(seed)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        banned = sorted(stop_ids) if params.min_tokens > 0 else []
+        self.requests[request_id] = _Request(
+            seq=seq,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop_strings),
+            sampler=SampleRequest(params, gen, banned),
+            stop_ids=stop_ids,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request at any point; its blocks return to the pool. None if it is unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq, "abort")
+        self._count_finish("abort")
+        return self._output(req, [], "", [], finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage()
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch. Returns an output for every request that produced something or finished."""
+        sched = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.num_preemptions
+        if sched.is_empty:
+            return []
+        step_logits = self.runner.execute(sched)
+        self.scheduler.advance(sched)
+        self.stats.steps += 1
+        return self._process(sched, step_logits.logits, step_logits.rows)
+
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if not rows:
+            return outputs
+        reqs = [self.requests[sched.scheduled[j].seq.request_id] for j in rows]
+        for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
+            if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
+                r.sampler.banned_token_ids = []
+        token_ids, logprobs = sample(logits, [r.sampler for r in reqs])
+        now = time.monotonic()
+        for r, tok, lp in zip(reqs, token_ids, logprobs):
+            seq = r.seq
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+            seq.token_ids.append(tok)
+            self.stats.generation_tokens += 1
+            new_lp = [lp] if lp is not None else []
+            if r.logprobs is not None:
+                r.logprobs.extend(new_lp)
+            reason = self._stop_reason(r, tok)
+            if reason != "stop":  # a stop token itself never becomes text
+                r.detok.add_tokens([tok])
+                if reason is None and r.detok.stopped_by is not None:
+                    reason = "stop"
+            if reason is not None:
+                r.detok.finish()
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+                self._count_finish(reason)
+            finished = reason is not None
+            outputs.append(self._output(r, [tok], r.detok.take_delta(finished), new_lp, finished))
+        return outputs
+
+    def _stop_reason(self, r: _Request, tok: int) -> str | None:
+        seq = r.seq
+        if seq.num_output_tokens >= seq.params.min_tokens and tok in r.stop_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _output(
+        self, r: _Request, new_ids: list[int], new_text: str, new_lp: list[TokenLogprobs], finished: bool
+    ) -> RequestOutput:
+        seq = r.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=r.detok.released_text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            new_logprobs=new_lp,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=list(r.logprobs) if (finished and r.logprobs is not None) else None,
+        )
+
+    def generate_all(self, ids: Seq[str]) -> dict[str, RequestOutput]:
+        """Step until the given requests finish; returns their final outputs."""
+        pending = set(ids)
+        final: dict[str, RequestOutput] = {}
+        while pending:
+            for o in self.step():
+                if o.finished and o.request_id in pending:
+                    final[o.request_id] = o
+                    pending.discard(o.request_id)
+        return final

@@ -1,0 +1,77 @@
+"""Offline batch API in vLLM's shape: LLM(model=...).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .errors import InvalidRequestError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        **kwargs: object,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Sequence[str] | str | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order.
+
+        Every prompt is validated before any is queued, so a bad one leaves the engine untouched.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if (prompts is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("pass exactly one of prompts and prompt_token_ids", param="prompts")
+        token_lists = (
+            [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+            if prompts is not None
+            else [list(p) for p in prompt_token_ids or []]
+        )
+        if prompts is not None and not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequestError("prompts must be strings", param="prompts")
+        n = len(token_lists)
+        if sampling_params is None:
+            params = [SamplingParams()] * n
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * n
+        else:
+            params = list(sampling_params)
+            if len(params) != n:
+                raise InvalidRequestError("sampling_params must be one or one per prompt", param="sampling_params")
+        for toks, p in zip(token_lists, params):
+            self.engine.validate_prompt(toks, p)
+        ids = [f"gen-{next(self._ids)}" for _ in range(n)]
+        for rid, toks, p in zip(ids, token_lists, params):
+            self.engine.add_request(rid, params=p, prompt_token_ids=toks)
+        final = self.engine.generate_all(ids)
+        return [final[rid] for rid in ids]

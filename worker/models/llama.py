@@ -1,0 +1,182 @@
+"""The decoder for Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3 checkpoints.
+
+The families differ only by switches in ModelConfig: GQA (num_kv_heads), rope scaling, biases on
+q/k/v (Qwen2), per-head RMSNorm on q and k before rotary (Qwen3), an explicit head_dim (Qwen3),
+tied embeddings. Parameter names follow transformers' modules, except that q/k/v load into one
+`qkv_proj` and gate/up into one `gate_up_proj` (fewer, larger matmuls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..layers.attention import AttentionBackend, AttentionMetadata
+from ..layers.linear import Linear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# checkpoint name fragment -> (our module fragment, shard index)
+_STACKED = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, [cfg.hidden_size])
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+        self.backend = backend
+        self.rotary = rotary
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter])
+        self.down_proj = Linear(self.inter, [cfg.hidden_size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, backend, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_position)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DecoderModel(nn.Module):
+    """forward(input_ids [T], positions [T], kv_caches, meta) -> hidden [T, hidden]; logits for rows."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_position: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, backend, max_position)
+        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv in zip(self.model.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv, meta)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, V] float32 for sampling
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into parameters; every parameter must be written exactly once."""
+        params = dict(self.named_parameters())
+        pending: dict[str, set[int]] = {}
+        tied = self.config.tie_word_embeddings
+        if tied:
+            # transformers ties lm_head to the embedding and ignores any stored lm_head copy
+            self.lm_head.weight = self.model.embed_tokens.weight
+            params = dict(self.named_parameters())
+        for name in params:
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
+        for ck_name, tensor in weights:
+            if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
+                continue
+            target, shard = ck_name, None
+            for frag, (ours, idx) in _STACKED.items():
+                if frag in ck_name:
+                    target, shard = ck_name.replace(frag, ours), idx
+                    break
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}")
+            param = params[target]
+            if shard is None:
+                dest, shard_id = param.data, 0
+            else:
+                owner = self.get_submodule(target.rsplit(".", 1)[0])
+                assert isinstance(owner, Linear)
+                lo, hi = owner.shard_range(shard)
+                dest, shard_id = param.data[lo:hi], shard
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"{ck_name}: checkpoint shape {tuple(tensor.shape)} does not match {tuple(dest.shape)} "
+                    "implied by config.json"
+                )
+            dest.copy_(tensor)
+            pending[target].discard(shard_id)
+        missing = sorted(n for n, s in pending.items() if s)
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}")

@@ -1,0 +1,181 @@
+"""Tokenizer (Hugging Face `tokenizers`), chat templates (jinja2) and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidRequestError, ModelLoadError
+
+# How many tokens before the unread ones are decoded again, so that merges and leading spaces that
+# depend on the previous tokens come out right (the same window vLLM and TGI use).
+_PREFIX_WINDOW = 5
+
+
+def _token_content(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(model_dir)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} does not exist: the model directory needs a tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg_path = d / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_content(cfg.get("bos_token"))
+        self.eos_token = _token_content(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        jinja_path = d / "chat_template.jinja"
+        if template is None and jinja_path.is_file():
+            template = jinja_path.read_text()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template: str | None = template
+        self._compiled_template: Any = None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the checkpoint's template. Template errors are the caller's bad input."""
+        if self.chat_template is None:
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions instead", param="messages"
+            )
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if self._compiled_template is None:
+
+            def raise_exception(message: str) -> None:
+                raise jinja2.TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+            env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._compiled_template = env.from_string(self.chat_template)
+        try:
+            return self._compiled_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise InvalidRequestError(f"chat template rejected the messages: {e}", param="messages") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # the template writes BOS itself where the model wants one
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never emitting a broken UTF-8 sequence.
+
+    Stop strings are matched on the decoded text, so they are found across token boundaries; text that
+    could still be the start of a stop string is held back until it cannot be.
+    """
+
+    tokenizer: Tokenizer
+    prompt_token_ids: list[int]
+    stop: list[str] = field(default_factory=list)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.output_ids: list[int] = []
+        self.text = ""  # everything decoded so far (after a stop string matched: cut before it)
+        self._emitted = 0  # characters of self.text already returned
+        n = len(self.prompt_token_ids)
+        self._prefix_offset = max(n - _PREFIX_WINDOW, 0)
+        self._read_offset = n
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped_by: str | None = None
+
+    def _all_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_ids
+
+    def add_tokens(self, token_ids: list[int]) -> None:
+        """Append generated tokens; sets `stopped_by` when a stop string appears in the text."""
+        self.output_ids.extend(token_ids)
+        ids = self._all_ids()
+        dec = self.tokenizer.decode
+        prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return  # an incomplete UTF-8 sequence (or nothing printable yet): wait for more tokens
+        before = len(self.text)
+        self.text += new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        self._check_stop(before)
+
+    def _check_stop(self, before: int) -> None:
+        if not self.stop or self.stopped_by is not None:
+            return
+        start = max(0, before - self._hold)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            i = self.text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            self.text = self.text[: best[0]]
+            self.stopped_by = best[1]
+
+    def finish(self) -> None:
+        """Flush tokens still held back waiting for more bytes (the request is over)."""
+        ids = self._all_ids()
+        if self.stopped_by is None and self._read_offset < len(ids):
+            dec = self.tokenizer.decode
+            prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+            new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
+            before = len(self.text)
+            self.text += new_text[len(prefix_text) :]
+            self._read_offset = len(ids)
+            self._check_stop(before)
+
+    @property
+    def released_text(self) -> str:
+        return self.text[: self._emitted]
+
+    def _partial_stop_suffix(self) -> int:
+        """Length of the longest tail of the text that is the beginning of some stop string."""
+        for k in range(min(self._hold, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet returned; while unfinished, keep back what could begin a stop string."""
+        end = len(self.text)
+        if not (finished or self.stopped_by is not None):
+            end -= self._partial_stop_suffix()
+        end = max(end, self._emitted)
+        delta = self.text[self._emitted : end]
+        self._emitted = end
+        return delta
