@@ -10,7 +10,9 @@ import sys
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     from .tiny import ARCHES
 
-    p = sub.add_parser("make-tiny-model", help="write a small random-weight checkpoint in Hugging Face layout")
+    p = sub.add_parser(
+        "make-tiny-model", help="write a small random-weight checkpoint in Hugging Face layout"
+    )
     p.add_argument("out_dir")
     p.add_argument("--arch", choices=ARCHES, default="llama")
     p.add_argument("--seed", type=int, default=0)
@@ -36,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_make_tiny(sub)
     _add_generate(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.cmd == "make-tiny-model":
         from .tiny import make_tiny_model
 
-        out = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, shards=args.shards, dtype=args.dtype)
+        out = make_tiny_model(
+            args.out_dir, arch=args.arch, seed=args.seed, shards=args.shards, dtype=args.dtype
+        )
         print(out)
         return 0
     if args.cmd == "generate":

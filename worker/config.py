@@ -87,14 +87,18 @@ class ModelConfig:
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         if heads % kv_heads:
-            raise ModelLoadError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise ModelLoadError(
+                f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
 
         # rope: transformers 4 writes rope_theta + rope_scaling, transformers 5 writes rope_parameters
         rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
         rope = RopeConfig(
             theta=theta,
             rope_type=rope_type,
@@ -188,7 +192,9 @@ class EngineConfig:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidRequestError(f"device must be cpu or cuda, got {self.device!r}", param="device")
         if self.device != "cpu" and not torch.cuda.is_available():
-            raise InvalidRequestError("device cuda was asked for but no CUDA device is available", param="device")
+            raise InvalidRequestError(
+                "device cuda was asked for but no CUDA device is available", param="device"
+            )
         if self.dtype == "auto":
             if self.device == "cpu":
                 self.dtype = "float32"
@@ -199,7 +205,8 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}", param="dtype")
         if self.quantization not in QUANTIZATIONS:
             raise InvalidRequestError(
-                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}", param="quantization"
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+                param="quantization",
             )
         for name in ("max_num_seqs", "block_size"):
             v = getattr(self, name)
@@ -220,18 +227,17 @@ class EngineConfig:
             )
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(2048, self.max_num_seqs)
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise InvalidRequestError(
-                "max_num_batched_tokens must be >= max_num_seqs (every running sequence needs a slot per step)",
-                param="max_num_batched_tokens",
-            )
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_num_batched_tokens must be >= 1", param="max_num_batched_tokens")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
-            raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
+            raise InvalidRequestError(
+                "gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError("num_kv_blocks must be >= 1", param="num_kv_blocks")
 
     @property
-    def torch_dtype(self):  # noqa: ANN201 - torch is imported lazily
+    def torch_dtype(self):
         import torch
 
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]

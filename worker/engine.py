@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -51,7 +52,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.tokenizer = tokenizer or Tokenizer(config.model)
         self.runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         assert config.max_num_batched_tokens is not None and config.max_model_len is not None
         self.max_model_len = config.max_model_len
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -59,19 +62,27 @@ class LLMEngine:
         self.stats = EngineStats()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) or (
-            frozenset({self.tokenizer.eos_token_id}) if self.tokenizer.eos_token_id is not None else frozenset()
+            frozenset({self.tokenizer.eos_token_id})
+            if self.tokenizer.eos_token_id is not None
+            else frozenset()
         )
+        # observability hook: called with (request ids, logits [N, V]) before sampling each step
+        self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         self.startup_seconds = dict(self.runner.timings)
         self.startup_seconds["engine_init"] = time.perf_counter() - t0
 
     # -- requests ------------------------------------------------------------------------------
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
+    def validate_prompt(
+        self, prompt_token_ids: list[int], params: SamplingParams, param: str = "prompt"
+    ) -> None:
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param=param)
         vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab for t in prompt_token_ids):
+        if any(
+            (not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab for t in prompt_token_ids
+        ):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param=param)
         limit = self.max_model_len
         if n >= limit:
@@ -112,11 +123,17 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        seed = (
+            params.seed
+            if params.seed is not None
+            else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        )
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=self.runner.device).manual_seed(seed)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
         banned = sorted(stop_ids) if params.min_tokens > 0 else []
         self.requests[request_id] = _Request(
             seq=seq,
@@ -169,6 +186,8 @@ class LLMEngine:
         if not rows:
             return outputs
         reqs = [self.requests[sched.scheduled[j].seq.request_id] for j in rows]
+        if self.on_logits is not None:
+            self.on_logits([r.seq.request_id for r in reqs], logits)
         for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
             if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
                 r.sampler.banned_token_ids = []

@@ -53,7 +53,7 @@ class LLM:
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidRequestError("pass exactly one of prompts and prompt_token_ids", param="prompts")
         token_lists = (
-            [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+            [(self.tokenizer.encode(p) if p else []) if isinstance(p, str) else p for p in prompts]
             if prompts is not None
             else [list(p) for p in prompt_token_ids or []]
         )
@@ -67,7 +67,9 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != n:
-                raise InvalidRequestError("sampling_params must be one or one per prompt", param="sampling_params")
+                raise InvalidRequestError(
+                    "sampling_params must be one or one per prompt", param="sampling_params"
+                )
         for toks, p in zip(token_lists, params):
             self.engine.validate_prompt(toks, p)
         ids = [f"gen-{next(self._ids)}" for _ in range(n)]

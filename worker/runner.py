@@ -57,13 +57,17 @@ class ModelRunner:
         self.num_blocks = self._determine_num_blocks()
         shape = (self.num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(self.mc.num_layers)
         ]
         log.info(
             "KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)",
-            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block() / 2**20,
         )
 
@@ -104,8 +108,12 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         budget = int(total * self.config.gpu_memory_utilization) - peak - used_by_others
-        log.info("CUDA memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
-                 total / 2**30, peak / 2**30, budget / 2**30)
+        log.info(
+            "CUDA memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
+            total / 2**30,
+            peak / 2**30,
+            budget / 2**30,
+        )
         return max(budget, 0)
 
     def profile_run(self) -> None:
@@ -115,7 +123,9 @@ class ModelRunner:
         t = min(cfg.max_num_batched_tokens, cfg.max_model_len)
         nb = -(-t // self.block_size)
         shape = (nb, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
-        kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.mc.num_layers)]
+        kv = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.mc.num_layers)
+        ]
         meta = self._metadata([t], [t], [list(range(nb))], torch.arange(t, device=self.device))
         ids = torch.zeros(t, dtype=torch.long, device=self.device)
         with torch.inference_mode():

@@ -44,7 +44,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[int], list[TokenLogprobs | None]]:
+def sample(
+    logits: torch.Tensor, requests: list[SampleRequest]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [N, V] float32, one row per request. Returns token ids and (if asked) logprobs."""
     n = logits.shape[0]
     assert n == len(requests)
@@ -78,6 +80,8 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[in
         for j, i in enumerate(want):
             t = token_list[i]
             kk = requests[i].params.logprobs or 0
-            top = list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist())) if kk and top_i is not None else []
+            top = (
+                list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist())) if kk and top_i is not None else []
+            )
             logprobs[i] = TokenLogprobs(t, float(lp[j, t]), top)
     return token_list, logprobs

@@ -52,7 +52,13 @@ _CHAT_TEMPLATES = {
 }
 
 _SPECIALS = {
-    "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "llama": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
     "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "mistral": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
 }
@@ -64,12 +70,26 @@ def _family(arch: str) -> str:
 
 def build_tokenizer(arch: str, vocab_size: int) -> tuple[Any, dict[str, Any]]:
     """A byte-level BPE tokenizer (any text encodes) and its tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     fam = _family(arch)
     specials = _SPECIALS[fam]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if fam == "qwen":
+        # Qwen checkpoints split words, single digits and punctuation runs before byte-level BPE;
+        # transformers' Qwen2Tokenizer applies that split whatever tokenizer.json says, so match it.
+        split = pre_tokenizers.Split(
+            Regex(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+            ),
+            behavior="isolated",
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -224,7 +244,9 @@ def save_safetensors(tensors: dict[str, Any], out: Path, shards: int = 1) -> Non
 
     names = list(tensors)
     if shards <= 1:
-        save_file({k: tensors[k].contiguous() for k in names}, str(out / "model.safetensors"), {"format": "pt"})
+        save_file(
+            {k: tensors[k].contiguous() for k in names}, str(out / "model.safetensors"), {"format": "pt"}
+        )
         return
     per = -(-len(names) // shards)
     weight_map: dict[str, str] = {}

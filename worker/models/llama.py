@@ -161,7 +161,9 @@ class DecoderModel(nn.Module):
                     target, shard = ck_name.replace(frag, ours), idx
                     break
             if target not in params:
-                raise ModelLoadError(f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}")
+                raise ModelLoadError(
+                    f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
+                )
             param = params[target]
             if shard is None:
                 dest, shard_id = param.data, 0

@@ -1,0 +1,275 @@
+"""Engine behaviour on a tiny checkpoint: batching invariance, preemption, prefix caching,
+sampling, stopping, abort, and typed errors for bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from inferfleet.worker import LLM, EngineConfig, LLMEngine, SamplingParams
+from inferfleet.worker.errors import InvalidRequestError, UnsupportedModelError
+
+
+def prompts_for(seed: int, n: int, lo: int = 1, hi: int = 90) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 500) for _ in range(40)]
+    out = [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n - 2)]
+    out += [shared + [rng.randrange(3, 500) for _ in range(5)], shared + [7, 8]]
+    return out
+
+
+def engine(model: Path, **kw: object) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="float32", **kw))  # type: ignore[arg-type]
+
+
+def generate(
+    eng: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+) -> list[list[int]]:
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = []
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        rid = f"r{i}-{eng.stats.steps}"
+        eng.add_request(rid, params=sp, prompt_token_ids=p)
+        ids.append(rid)
+    final = eng.generate_all(ids)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    eng.scheduler.check_invariants()
+    return [final[r].token_ids for r in ids]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_llama: Path) -> list[list[int]]:
+    """Each prompt on its own, big budget, no prefix cache: the reference every variant must equal."""
+    eng = engine(tiny_llama, enable_prefix_caching=False)
+    return [generate(eng, [p], GREEDY)[0] for p in prompts_for(0, 10)]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"enable_prefix_caching": False},
+        {"enable_prefix_caching": True},
+        {"max_num_batched_tokens": 16, "max_num_seqs": 8},
+        {"max_num_batched_tokens": 16, "max_num_seqs": 16, "enable_prefix_caching": True, "block_size": 4},
+        {"max_num_seqs": 3},
+    ],
+    ids=["batched", "prefix-cache", "small-chunk", "small-chunk-block4", "max3seqs"],
+)
+def test_batched_equals_alone(tiny_llama: Path, alone: list[list[int]], variant: dict) -> None:
+    eng = engine(tiny_llama, **variant)
+    assert generate(eng, prompts_for(0, 10), GREEDY) == alone
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_preemption_under_tiny_kv_budget(tiny_llama: Path, alone: list[list[int]], prefix: bool) -> None:
+    # 8 blocks of 16 = 128 token slots for 10 sequences of up to ~114 tokens: preemption is forced
+    eng = engine(tiny_llama, num_kv_blocks=8, max_model_len=128, enable_prefix_caching=prefix)
+    assert generate(eng, prompts_for(0, 10), GREEDY) == alone
+    assert eng.stats.preemptions > 0
+
+
+def test_prefix_cache_reuses_blocks_and_counts(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama, block_size=16)
+    rng = random.Random(3)
+    system = [rng.randrange(3, 500) for _ in range(50)]
+    first = generate(eng, [system + [11, 12]], GREEDY)
+    q0, h0 = eng.block_manager.prefix_queries, eng.block_manager.prefix_hits
+    eng.add_request("b", params=GREEDY, prompt_token_ids=system + [13])
+    out = eng.generate_all(["b"])["b"]
+    assert out.num_cached_tokens == 48  # three full blocks of the 50 shared tokens
+    assert eng.block_manager.prefix_hits - h0 == 48
+    assert eng.block_manager.prefix_queries - q0 == 51
+    # a fully cached prompt still computes its last token (logits are needed)
+    eng.add_request("c", params=GREEDY, prompt_token_ids=system[:48])
+    c = eng.generate_all(["c"])["c"]
+    assert c.num_cached_tokens == 32
+    assert first and len(c.token_ids) == 24
+
+
+def test_seeded_sampling_is_independent_of_batch_neighbours(tiny_llama: Path) -> None:
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
+    eng = engine(tiny_llama)
+    target = [5, 6, 7, 8, 9]
+    alone = generate(eng, [target], params)[0]
+    noise = [SamplingParams(max_tokens=30, temperature=0.8, ignore_eos=True) for _ in range(5)]
+    batch = generate(eng, [[1, 2, 3], *prompts_for(1, 4), target], [*noise, params])
+    assert batch[-1] == alone
+    other_seed = generate(
+        eng, [target], SamplingParams(max_tokens=20, temperature=1.0, seed=43, ignore_eos=True)
+    )[0]
+    assert other_seed != alone
+
+
+def test_sampling_filters(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama)
+    p = [[4, 5, 6, 7]]
+    greedy = generate(eng, p, GREEDY)[0]
+    assert (
+        generate(eng, p, SamplingParams(max_tokens=24, temperature=1.5, top_k=1, seed=1, ignore_eos=True))[0]
+        == greedy
+    )
+    assert (
+        generate(eng, p, SamplingParams(max_tokens=24, temperature=1.5, top_p=1e-6, seed=1, ignore_eos=True))[
+            0
+        ]
+        == greedy
+    )
+    hot = generate(eng, p, SamplingParams(max_tokens=24, temperature=5.0, seed=1, ignore_eos=True))[0]
+    assert hot != greedy
+
+
+def test_top_k_top_p_masks() -> None:
+    from inferfleet.worker.sampling import apply_top_k_top_p
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
+    assert torch.isfinite(apply_top_k_top_p(logits, 2, 1.0)).tolist() == [False, True, True, False, False]
+    probs = torch.softmax(logits, -1)  # ~[0.09, 0.63, 0.23, 0.03, 0.01]
+    kept = torch.isfinite(apply_top_k_top_p(logits, 0, 0.7)).tolist()
+    assert kept == [False, True, True, False, False]
+    assert probs[1] < 0.7 < probs[1] + probs[2]
+
+
+def test_stop_token_ids_max_tokens_min_tokens_and_eos(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama)
+    p = [[9, 10, 11]]
+    base = generate(eng, p, GREEDY)[0]
+    stop_tok = base[5]
+    first = base.index(stop_tok)
+    eng.add_request(
+        "s",
+        params=SamplingParams(max_tokens=24, stop_token_ids=[stop_tok], ignore_eos=True),
+        prompt_token_ids=p[0],
+    )
+    out = eng.generate_all(["s"])["s"]
+    assert out.finish_reason == "stop" and out.token_ids == base[: first + 1]
+    eng.add_request("m", params=SamplingParams(max_tokens=7, ignore_eos=True), prompt_token_ids=p[0])
+    out = eng.generate_all(["m"])["m"]
+    assert out.finish_reason == "length" and len(out.token_ids) == 7
+    # min_tokens bans the stop token until enough tokens exist
+    eng.add_request(
+        "n",
+        params=SamplingParams(
+            max_tokens=24, stop_token_ids=[stop_tok], min_tokens=first + 2, ignore_eos=True
+        ),
+        prompt_token_ids=p[0],
+    )
+    out = eng.generate_all(["n"])["n"]
+    assert stop_tok not in out.token_ids[: first + 2]
+
+
+def test_stop_strings_are_cut_and_matched_across_tokens(tiny_llama: Path) -> None:
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32")
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    full = llm.generate(prompt_token_ids=[[20, 21, 22]], sampling_params=params)[0]
+    text = full.text
+    # a stop string that spans a token boundary: the tail of one token's text and the head of the next
+    tok_texts = [llm.tokenizer.decode([t]) for t in full.token_ids]
+    cut = None
+    pos = 0
+    for a, b in itertools.pairwise(tok_texts):
+        pos += len(a)
+        if len(a) >= 1 and len(b) >= 1 and "\ufffd" not in a + b and text[pos - 1 : pos + 1] == a[-1] + b[0]:
+            cut = pos - 1
+            break
+    assert cut is not None, "no printable token boundary to test with"
+    stop = text[cut : cut + 2]
+    first = text.find(stop)
+    out = llm.generate(
+        prompt_token_ids=[[20, 21, 22]],
+        sampling_params=SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]),
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:first]
+    assert stop not in out.text
+
+
+def test_abort_frees_everything_at_any_point(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama, max_num_batched_tokens=16)
+    for i, p in enumerate(prompts_for(2, 6)):
+        eng.add_request(str(i), params=GREEDY, prompt_token_ids=p)
+    eng.step()
+    assert eng.abort("0") is not None  # running (mid-prefill)
+    assert eng.abort("5") is not None  # still waiting
+    assert eng.abort("nope") is None
+    eng.step()
+    eng.step()
+    for rid in list(eng.requests):
+        out = eng.abort(rid)
+        assert out is not None and out.finished and out.finish_reason == "abort"
+    assert not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    eng.scheduler.check_invariants()
+    assert eng.stats.finished["abort"] == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"min_tokens": 30, "max_tokens": 5}, "min_tokens"),
+    ],
+)
+def test_bad_sampling_params_name_the_param(kwargs: dict, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+
+
+def test_bad_prompts_are_typed_errors_and_leave_engine_clean(tiny_llama: Path) -> None:
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_model_len=64)
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([""])
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(prompt_token_ids=[[5] * 64])
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(prompt_token_ids=[[5] * 60], sampling_params=SamplingParams(max_tokens=10))
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(prompt_token_ids=[[5, 100000]])
+    assert e.value.param == "prompt"
+    # a batch with one bad prompt queues nothing
+    with pytest.raises(InvalidRequestError):
+        llm.generate(prompt_token_ids=[[5, 6], []])
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate(prompt_token_ids=[[5, 6]], sampling_params=GREEDY)[0].finish_reason == "length"
+
+
+def test_unsupported_architecture_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    d = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        EngineConfig(model=str(d), device="cpu")
+
+
+def test_engine_config_rejects_bad_settings(tiny_llama: Path) -> None:
+    for kw, param in [
+        ({"dtype": "float64"}, "dtype"),
+        ({"block_size": 12}, "block_size"),
+        ({"max_model_len": 10**7}, "max_model_len"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+    ]:
+        with pytest.raises(InvalidRequestError) as e:
+            EngineConfig(model=str(tiny_llama), device="cpu", **kw)
+        assert e.value.param == param

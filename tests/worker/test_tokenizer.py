@@ -1,0 +1,96 @@
+"""Tokenizer, chat templates and incremental detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from inferfleet.worker.errors import InvalidRequestError
+from inferfleet.worker.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = [
+    "Hello, world! Café 東京 🙂🚀 done.",
+    "naïve façade — Ünïcödé",
+    "emoji only: 🧑‍🚀🏳️‍🌈",
+    "plain ascii and numbers 12345",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streaming_never_emits_broken_utf8(tiny_llama: Path, text: str) -> None:
+    tok = Tokenizer(tiny_llama)
+    prompt = tok.encode("Prompt:")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # byte-level pieces: multi-byte characters span tokens
+    det = IncrementalDetokenizer(tok, prompt)
+    pieces = []
+    for t in ids:
+        det.add_tokens([t])
+        d = det.take_delta(finished=False)
+        assert "\ufffd" not in d, f"broken UTF-8 emitted: {d!r}"
+        pieces.append(d)
+    det.finish()
+    pieces.append(det.take_delta(finished=True))
+    assert "".join(pieces) == text == tok.decode(ids)
+
+
+def test_stop_string_split_across_tokens_is_held_back_then_cut(tiny_llama: Path) -> None:
+    tok = Tokenizer(tiny_llama)
+    text = "the operator watches the queue"
+    ids = tok.encode(text, add_special_tokens=False)
+    det = IncrementalDetokenizer(tok, [], stop=["watches"])
+    streamed = ""
+    for t in ids:
+        det.add_tokens([t])
+        streamed += det.take_delta(finished=False)
+        assert "watch" not in streamed or det.stopped_by
+        if det.stopped_by:
+            break
+    assert det.stopped_by == "watches"
+    streamed += det.take_delta(finished=True)
+    assert streamed == "the operator "
+
+
+def test_chat_templates_render_for_every_family(tiny_models: dict[str, Path]) -> None:
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+    ]
+    expected_markers = {
+        "llama": "<|start_header_id|>assistant<|end_header_id|>",
+        "qwen2": "<|im_start|>assistant\n",
+        "qwen3": "<|im_start|>assistant\n",
+        "mistral": "[INST] Hi there [/INST]",
+    }
+    for arch, d in tiny_models.items():
+        tok = Tokenizer(d)
+        rendered = tok.apply_chat_template(msgs)
+        assert expected_markers[arch] in rendered
+        assert "Be brief." in rendered
+        ids = tok.encode_chat(msgs)
+        assert tok.decode(ids, skip_special_tokens=False) == rendered
+        specials = [
+            t for t in ids if tok.id_to_token(t) and tok.id_to_token(t).startswith(("<|", "[INST", "<s"))
+        ]
+        assert specials, f"{arch}: special tokens must encode as single ids"
+
+
+def test_chat_template_errors_are_bad_input(tiny_models: dict[str, Path]) -> None:
+    tok = Tokenizer(tiny_models["mistral"])
+    with pytest.raises(InvalidRequestError) as e:
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    assert e.value.param == "messages"
+
+
+def test_matches_transformers_tokenizer(tiny_models: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    for d in tiny_models.values():
+        ours = Tokenizer(d)
+        theirs = AutoTokenizer.from_pretrained(str(d))
+        for text in TEXTS:
+            assert ours.encode(text) == theirs.encode(text)
+        msgs = [{"role": "user", "content": "Hello"}]
+        assert ours.apply_chat_template(msgs) == theirs.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True
+        )
