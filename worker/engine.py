@@ -71,6 +71,22 @@ class LLMEngine:
         self.startup_seconds = dict(self.runner.timings)
         self.startup_seconds["engine_init"] = time.perf_counter() - t0
 
+    def warmup(self) -> float:
+        """Run a short request end to end (and, on CUDA, capture graphs) before reporting ready.
+
+        Returns the seconds it took; also recorded in startup_seconds["warmup"].
+        """
+        t0 = time.perf_counter()
+        self.runner.warmup()
+        rid = "__warmup__"
+        n = min(8, self.max_model_len - 2)
+        self.add_request(rid, params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=[1] * n)
+        self.generate_all([rid])
+        self.stats = EngineStats()  # warm-up traffic is not user traffic
+        self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+        self.startup_seconds["warmup"] = time.perf_counter() - t0
+        return self.startup_seconds["warmup"]
+
     # -- requests ------------------------------------------------------------------------------
 
     def validate_prompt(

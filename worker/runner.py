@@ -71,6 +71,9 @@ class ModelRunner:
             self.num_blocks * self.bytes_per_block() / 2**20,
         )
 
+    def warmup(self) -> None:
+        """Device-specific warm-up before serving (CUDA graphs are captured here)."""
+
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.mc.num_layers * self.block_size * self.mc.num_kv_heads * self.mc.head_dim * elem
