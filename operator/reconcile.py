@@ -1,0 +1,94 @@
+"""Acting on a plan: apply the wanted children, prune the unwanted, restore drifted ones.
+
+Idempotent by construction: children have fixed names and are written with server-side apply,
+so re-running any step (after a crash, a retry, or an operator restart mid-way) converges on
+the same objects and never creates a second one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from inferfleet.operator import crd
+from inferfleet.operator.kube import KubeClient, resource_of
+from inferfleet.operator.plan import ChildRef, all_child_refs, plan_spec
+from inferfleet.operator.spec import ServiceSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    applied: tuple[ChildRef, ...]
+    pruned: tuple[ChildRef, ...]
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """Whether `have` contains `want`: extra keys in `have` are server defaults, not drift.
+
+    Lists must match in length and element by element (the plan's lists are complete).
+    """
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(k in have and is_subset(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(want) == len(have)
+            and all(is_subset(w, h) for w, h in zip(want, have))
+        )
+    return bool(want == have)
+
+
+def owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return uid is not None and any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+def owner_name(obj: Mapping[str, Any]) -> str | None:
+    """The InferenceService controlling `obj`, from its controller owner reference."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == crd.KIND and ref.get("apiVersion") == crd.API_VERSION and ref.get("controller"):
+            return str(ref.get("name"))
+    return None
+
+
+async def apply_children(kube: KubeClient, s: ServiceSpec) -> Applied:
+    desired = plan_spec(s)
+    for obj in desired:
+        await kube.apply(obj)
+    wanted = {ChildRef.of(obj) for obj in desired}
+    pruned = [ref for ref in all_child_refs(s) if ref not in wanted and await prune(kube, s, ref)]
+    return Applied(tuple(sorted(wanted)), tuple(pruned))
+
+
+async def prune(kube: KubeClient, s: ServiceSpec, ref: ChildRef) -> bool:
+    resource = resource_of(ref.api_version, ref.kind)
+    live = await kube.get(resource, s.namespace, ref.name)
+    if live is None or not owned_by(live, s.uid):
+        return False  # gone already, or someone else's object that happens to share the name
+    return await kube.delete(resource, s.namespace, ref.name, uid=live["metadata"].get("uid"))
+
+
+async def restore_drifted(
+    kube: KubeClient, s: ServiceSpec, live: Sequence[Mapping[str, Any]]
+) -> list[ChildRef]:
+    """Re-apply each wanted child that is missing from `live` or no longer contains the plan."""
+    by_ref = {ChildRef.of(obj): obj for obj in live}
+    restored: list[ChildRef] = []
+    for obj in plan_spec(s):
+        ref = ChildRef.of(obj)
+        have = by_ref.get(ref)
+        if have is None or not is_subset(obj, have):
+            await kube.apply(obj)
+            restored.append(ref)
+    return restored
+
+
+async def read_children(kube: KubeClient, s: ServiceSpec) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for obj in plan_spec(s):
+        ref = ChildRef.of(obj)
+        live = await kube.get(resource_of(ref.api_version, ref.kind), s.namespace, ref.name)
+        if live is not None:
+            out.append(live)
+    return out
