@@ -14,11 +14,9 @@ from typing import Any, TypeVar
 import aiohttp.web
 import kmock
 import kopf
-import pytest
 import pytest_asyncio
 import yaml
 from ifo_emulator import Emulator
-
 from inferfleet.operator import crd
 from inferfleet.operator.config import OperatorConfig
 from inferfleet.operator.handlers import build_registry
@@ -74,6 +72,15 @@ async def eventually(
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        await asyncio.sleep(0.05)
+
+
+async def holds_for(probe: Callable[[], Any], seconds: float, *, what: str = "condition") -> None:
+    """Poll `probe` for `seconds`; fail as soon as it is falsy (the mirror of `eventually`)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not probe():
+            raise AssertionError(f"{what} stopped holding")
         await asyncio.sleep(0.05)
 
 

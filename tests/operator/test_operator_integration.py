@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from conftest import ISVC, eventually, make_isvc, operator_config, running_operator
 from ifo_emulator import Emulator
-
 from inferfleet.operator import crd, labels
 
 pytestmark = pytest.mark.asyncio
@@ -176,7 +175,10 @@ async def test_conditions_go_from_progressing_to_ready(operator: Emulator) -> No
     await eventually(lambda: len(operator.pods_of(NS, WORKERS)) == 2, what="2 worker pods")
     # Reconciling (spec not applied yet), then PodsStarting (applied, pods not ready yet).
     progressing = await eventually(
-        lambda: condition(operator, "Progressing").get("reason") == "PodsStarting" and condition(operator, "Progressing")
+        lambda: (
+            condition(operator, "Progressing").get("reason") == "PodsStarting"
+            and condition(operator, "Progressing")
+        )
     )
     assert progressing["status"] == "True" and progressing["lastTransitionTime"]
     assert condition(operator, "Ready")["status"] == "False"
