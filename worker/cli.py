@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+
+API_KEY_ENV = "INFERFLEET_API_KEY"
 
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
@@ -31,12 +35,102 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _seconds(v: str) -> float:
+    x = float(v)
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {v}")
+    return x
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (see docs/server.md)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (it is logged)")
+    p.add_argument("--served-model-name", default=None, help="the model id of the API (default: dir name)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=_positive_int, default=None)
+    p.add_argument("--quantization", choices=("none", "fp8", "int8", "gptq"), default="none")
+    p.add_argument("--no-enable-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else no key)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=_seconds, default=30.0, help="on SIGTERM, seconds in-flight requests may run"
+    )
+    p.add_argument("--max-queued-requests", type=_positive_int, default=1024)
+    p.add_argument(
+        "--max-queued-tokens", type=_positive_int, default=None, help="default: 8 x max-model-len, >= 2**20"
+    )
+    p.add_argument("--max-body-bytes", type=_positive_int, default=4 * 2**20)
+    p.add_argument(
+        "--debug-load-delay", type=_seconds, default=0.0, help="testing only: sleep before loading weights"
+    )
+
+
+def _serve(args: argparse.Namespace, started_at: float) -> int:
+    from .config import EngineConfig
+    from .errors import InferfleetError
+    from .server import ServerConfig, run
+
+    try:
+        engine_config = EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            enable_prefix_caching=not args.no_enable_prefix_caching,
+            num_kv_blocks=args.num_kv_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            quantization=args.quantization,
+            seed=args.seed,
+            served_model_name=args.served_model_name,
+        )
+    except InferfleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        drain_timeout=args.drain_timeout,
+        max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens,
+        max_body_bytes=args.max_body_bytes,
+        debug_load_delay=args.debug_load_delay,
+    )
+    return run(engine_config, config, started_at=started_at)
+
+
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.perf_counter()
     parser = argparse.ArgumentParser(prog="inferfleet-worker")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_make_tiny(sub)
     _add_generate(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -49,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(out)
         return 0
+    if args.cmd == "serve":
+        return _serve(args, started_at)
     if args.cmd == "generate":
         from .errors import InferfleetError
         from .llm import LLM
