@@ -178,6 +178,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 256 * 2**20
     enforce_eager: bool = False  # CUDA: skip CUDA graphs
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch (reference) elsewhere
     quantization: str = "none"
     seed: int = 0
     served_model_name: str | None = None
@@ -226,9 +227,14 @@ class EngineConfig:
                 param="max_model_len",
             )
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(2048, self.max_num_seqs)
+            # big enough that one step's matmuls run near peak on a GPU; small on CPU for latency
+            self.max_num_batched_tokens = max(8192 if self.device != "cpu" else 2048, self.max_num_seqs)
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be >= 1", param="max_num_batched_tokens")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidRequestError(
+                "attention_backend must be auto, torch or triton", param="attention_backend"
+            )
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise InvalidRequestError(
                 "gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization"

@@ -43,6 +43,7 @@ class _Request:
     sampler: SampleRequest
     stop_ids: frozenset[int]
     logprobs: list[TokenLogprobs] | None
+    incremental: bool  # decode text every step (streaming, stop strings) or only at the end
 
 
 class LLMEngine:
@@ -60,7 +61,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
-        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        # noise for sampled requests without a seed of their own (one batched draw per step)
+        self._noise = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) or (
             frozenset({self.tokenizer.eos_token_id})
             if self.tokenizer.eos_token_id is not None
@@ -124,6 +126,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> Sequence:
         """Validate and queue a request. Raises InvalidRequestError naming the parameter."""
         params = params or SamplingParams()
@@ -139,14 +142,9 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
-        seed = (
-            params.seed
-            if params.seed is not None
-            else int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        )
         gen = None
-        if not params.greedy:
-            gen = torch.Generator(device=self.runner.device).manual_seed(seed)
+        if not params.greedy and params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
@@ -157,6 +155,7 @@ class LLMEngine:
             sampler=SampleRequest(params, gen, banned),
             stop_ids=stop_ids,
             logprobs=[] if params.logprobs is not None else None,
+            incremental=stream or bool(params.stop_strings),
         )
         self.scheduler.add(seq)
         return seq
@@ -207,7 +206,7 @@ class LLMEngine:
         for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
             if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
                 r.sampler.banned_token_ids = []
-        token_ids, logprobs = sample(logits, [r.sampler for r in reqs])
+        token_ids, logprobs = sample(logits, [r.sampler for r in reqs], self._noise)
         now = time.monotonic()
         for r, tok, lp in zip(reqs, token_ids, logprobs):
             seq = r.seq
@@ -221,7 +220,7 @@ class LLMEngine:
                 r.logprobs.extend(new_lp)
             reason = self._stop_reason(r, tok)
             if reason != "stop":  # a stop token itself never becomes text
-                r.detok.add_tokens([tok])
+                r.detok.add_tokens([tok], decode=r.incremental)
                 if reason is None and r.detok.stopped_by is not None:
                     reason = "stop"
             if reason is not None:

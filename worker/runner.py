@@ -1,7 +1,8 @@
 """Model runner: owns the model and the KV cache, turns a SchedulerOutput into logits.
 
 It knows nothing about requests beyond token ids, positions and block tables; sampling and
-stopping stay in the engine.
+stopping stay in the engine. On CUDA, decode-only steps replay a captured graph; steps with
+prefill chunks run eagerly through the same Triton kernels.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import kernels
 from .config import EngineConfig
-from .layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from .layers.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+)
 from .loader import load_model_weights
 from .models import DecoderModel
 from .scheduler import SchedulerOutput
@@ -27,8 +35,65 @@ class StepLogits:
     rows: list[int]  # index into SchedulerOutput.scheduled for each logits row
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    return TorchAttentionBackend()
+def select_backend(device: torch.device, choice: str) -> AttentionBackend:
+    if choice == "torch" or (choice == "auto" and (device.type != "cuda" or not kernels.AVAILABLE)):
+        return TorchAttentionBackend()
+    if device.type != "cuda" or not kernels.AVAILABLE:
+        raise ValueError("the triton attention backend needs a CUDA device and Triton")
+    return TritonAttentionBackend()
+
+
+@dataclass
+class HostBatch:
+    """One step's inputs on the host (numpy), built without per-token Python loops."""
+
+    ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    query_lens: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    sample_index: list[int]  # flat token index of each sampling row
+    rows: list[int]  # scheduled index of each sampling row
+    decode_only: bool
+
+
+def build_host_batch(out: SchedulerOutput, block_size: int) -> HostBatch:
+    n_tok = out.num_tokens
+    ids = np.empty(n_tok, dtype=np.int64)
+    pos = np.empty(n_tok, dtype=np.int64)
+    slots = np.empty(n_tok, dtype=np.int64)
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    tables: list[list[int]] = []
+    sample_index: list[int] = []
+    rows: list[int] = []
+    decode_only = True
+    o = 0
+    for j, s in enumerate(out.scheduled):
+        seq, n = s.seq, s.num_new_tokens
+        start = seq.num_computed_tokens
+        end = start + n
+        table = seq.block_table
+        if n == 1:
+            ids[o] = seq.token_ids[start]
+            pos[o] = start
+            slots[o] = table[start // block_size] * block_size + start % block_size
+        else:
+            decode_only = False
+            ids[o : o + n] = seq.token_ids[start:end]
+            p = np.arange(start, end, dtype=np.int64)
+            pos[o : o + n] = p
+            blocks = np.asarray(table[start // block_size : (end - 1) // block_size + 1], dtype=np.int64)
+            slots[o : o + n] = blocks[p // block_size - start // block_size] * block_size + p % block_size
+        o += n
+        query_lens.append(n)
+        seq_lens.append(end)
+        tables.append(table)
+        if s.samples:
+            sample_index.append(o - 1)
+            rows.append(j)
+    return HostBatch(ids, pos, slots, query_lens, seq_lens, tables, sample_index, rows, decode_only)
 
 
 class ModelRunner:
@@ -39,8 +104,14 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.timings: dict[str, float] = {}
-        self.backend = select_backend(self.device)
+        self.backend = select_backend(self.device, config.attention_backend)
         assert config.max_model_len is not None
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         t0 = time.perf_counter()
         with torch.device(self.device):
             prev = torch.get_default_dtype()
@@ -64,15 +135,32 @@ class ModelRunner:
             for _ in range(self.mc.num_layers)
         ]
         log.info(
-            "KV cache: %d blocks of %d tokens = %d token slots (%.1f MiB)",
+            "KV cache: %d blocks of %d tokens = %d token slots (%.2f GiB)",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
-            self.num_blocks * self.bytes_per_block() / 2**20,
+            self.num_blocks * self.bytes_per_block() / 2**30,
+        )
+        self.graphs = None
+        self.use_graphs = (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and isinstance(self.backend, TritonAttentionBackend)
         )
 
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
     def warmup(self) -> None:
-        """Device-specific warm-up before serving (CUDA graphs are captured here)."""
+        """Capture the decode CUDA graphs (CUDA only); the engine then runs a real request."""
+        if self.use_graphs and self.graphs is None:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, self.config.max_num_seqs, self.max_blocks_per_seq, self.device
+            )
+            self.timings["cuda_graphs"] = self.graphs.capture()
 
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -81,7 +169,7 @@ class ModelRunner:
     def _determine_num_blocks(self) -> int:
         cfg = self.config
         assert cfg.max_model_len is not None
-        min_blocks = -(-cfg.max_model_len // self.block_size)  # one full-length sequence must fit
+        min_blocks = self.max_blocks_per_seq  # one full-length sequence must fit
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
         else:
@@ -110,13 +198,16 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - peak - used_by_others
+        # CUDA graphs' private pools and cuBLAS workspaces are not in the profile: keep a margin
+        margin = 512 * 2**20
+        budget = int(total * self.config.gpu_memory_utilization) - peak - used_by_others - margin
         log.info(
-            "CUDA memory: total %.1f GiB, weights+activation peak %.1f GiB, KV budget %.1f GiB",
+            "CUDA memory: total %.1f GiB, weights + activation peak %.2f GiB, KV budget %.2f GiB",
             total / 2**30,
             peak / 2**30,
             budget / 2**30,
         )
+        self.timings["activation_peak_bytes"] = float(peak)
         return max(budget, 0)
 
     def profile_run(self) -> None:
@@ -127,13 +218,17 @@ class ModelRunner:
         nb = -(-t // self.block_size)
         shape = (nb, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
         kv = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.mc.num_layers)
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.mc.num_layers)
         ]
         meta = self._metadata([t], [t], [list(range(nb))], torch.arange(t, device=self.device))
         ids = torch.zeros(t, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(t, device=self.device), kv, meta)
-            self.model.compute_logits(hidden[-1:])
+            self.model.compute_logits(hidden[-min(t, cfg.max_num_seqs) :])
         del kv
 
     def _metadata(
@@ -141,57 +236,49 @@ class ModelRunner:
     ) -> AttentionMetadata:
         dev = self.device
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+        bt = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = t
+        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=qsl[1:])
+        max_q = max(query_lens)
+        splits = 1
+        if max_q == 1 and isinstance(self.backend, TritonAttentionBackend):
+            from .cuda_graphs import decode_splits
+
+            splits = decode_splits(len(query_lens), self.mc.num_kv_heads, self.num_sms)
         return AttentionMetadata(
             slot_mapping=slots,
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            max_query_len=max(query_lens),
+            query_start_loc=torch.from_numpy(qsl).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(bt).to(dev, non_blocking=True),
+            max_query_len=max_q,
             max_seq_len=max(seq_lens),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
             block_tables_host=tables,
+            num_splits=splits,
         )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepLogits:
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []  # flat token index whose hidden state is sampled
-        rows: list[int] = []
-        for j, s in enumerate(out.scheduled):
-            seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            end = start + n
-            ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
-            tables.append(table)
-            if s.samples:
-                sample_rows.append(len(ids) - 1)
-                rows.append(j)
+        hb = build_host_batch(out, self.block_size)
         dev = self.device
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        meta = self._metadata(query_lens, seq_lens, tables, slot_t)
+        if self.graphs is not None and hb.decode_only and len(hb.ids) <= self.graphs.max_batch:
+            logits = self.graphs.run(
+                hb.ids, hb.positions, hb.slots, np.asarray(hb.seq_lens, dtype=np.int32), hb.tables
+            )
+            # in a decode-only step every row samples, in order
+            return StepLogits(logits, hb.rows)
+        slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
+        meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t)
         hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
+            torch.from_numpy(hb.ids).to(dev, non_blocking=True),
+            torch.from_numpy(hb.positions).to(dev, non_blocking=True),
             self.kv_caches,
             meta,
         )
-        if not sample_rows:
+        if not hb.sample_index:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return StepLogits(logits, rows)
+        idx = torch.from_numpy(np.asarray(hb.sample_index, dtype=np.int64)).to(dev, non_blocking=True)
+        return StepLogits(self.model.compute_logits(hidden[idx]), hb.rows)

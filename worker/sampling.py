@@ -44,39 +44,76 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def filter_batch(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Vectorized top-k then top-p over rows ([R, V], already temperature-scaled). One sort."""
+    vocab = logits.shape[-1]
+    need_k = any(0 < k < vocab for k in top_k)
+    need_p = any(p < 1.0 for p in top_p)
+    if not (need_k or need_p):
+        return logits
+    dev = logits.device
+    vals, idx = logits.sort(dim=-1, descending=True)
+    if need_k:
+        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
+        vals = vals.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
+    if need_p:
+        probs = torch.softmax(vals, dim=-1)
+        p = torch.tensor(top_p, device=dev, dtype=probs.dtype)
+        drop = (probs.cumsum(-1) - probs) >= p[:, None]
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, vals)
+
+
 def sample(
-    logits: torch.Tensor, requests: list[SampleRequest]
+    logits: torch.Tensor, requests: list[SampleRequest], generator: torch.Generator | None = None
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [N, V] float32, one row per request. Returns token ids and (if asked) logprobs."""
+    """logits: [N, V] float32, one row per request. Returns token ids and (if asked) logprobs.
+
+    Rows whose request has its own generator (an explicit seed) draw their noise from it, one row at
+    a time, so their tokens do not depend on the batch; all other rows share `generator`.
+    """
     n = logits.shape[0]
     assert n == len(requests)
     if any(r.banned_token_ids for r in requests):
         logits = logits.clone()
-    for i, r in enumerate(requests):
-        if r.banned_token_ids:
-            logits[i, r.banned_token_ids] = float("-inf")
-    greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
-    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
-    if len(greedy_rows) == n:
-        tokens = logits.argmax(dim=-1)
-    else:
-        if greedy_rows:
-            gr = torch.tensor(greedy_rows, device=logits.device)
-            tokens[gr] = logits[gr].argmax(dim=-1)
         for i, r in enumerate(requests):
-            if r.params.greedy:
-                continue
-            row = apply_top_k_top_p(logits[i] / r.params.temperature, r.params.top_k, r.params.top_p)
-            probs = torch.softmax(row, dim=-1)
-            e = torch.empty_like(probs).exponential_(1.0, generator=r.generator)
-            tokens[i] = (probs / e).argmax()
+            if r.banned_token_ids:
+                logits[i, r.banned_token_ids] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if random_rows:
+        dev = logits.device
+        rr = torch.tensor(random_rows, device=dev)
+        temps = torch.tensor([requests[i].params.temperature for i in random_rows], device=dev)
+        scaled = filter_batch(
+            logits[rr] / temps[:, None],
+            [requests[i].params.top_k for i in random_rows],
+            [requests[i].params.top_p for i in random_rows],
+        )
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs)
+        shared = [j for j, i in enumerate(random_rows) if requests[i].generator is None]
+        if shared:
+            if len(shared) == len(random_rows):
+                noise.exponential_(1.0, generator=generator)
+            else:
+                sh = torch.tensor(shared, device=dev)
+                noise[sh] = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
+                    1.0, generator=generator
+                )
+        for j, i in enumerate(random_rows):
+            g = requests[i].generator
+            if g is not None:
+                noise[j].exponential_(1.0, generator=g)
+        tokens[rr] = (probs / noise).argmax(dim=-1)
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * n
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if want:
         lp = torch.log_softmax(logits[want], dim=-1)
         k = max(requests[i].params.logprobs or 0 for i in want)
-        top_v, top_i = lp.topk(max(k, 1), dim=-1) if k else (None, None)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
         for j, i in enumerate(want):
             t = token_list[i]
             kk = requests[i].params.logprobs or 0

@@ -195,12 +195,14 @@ def tiny_config(arch: str, vocab_size: int, tok: Any) -> dict[str, Any]:
     return cfg
 
 
-def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    """HF-named tensors, float32, drawn from a generator seeded with `seed`."""
+def random_weights(cfg: dict[str, Any], seed: int, device: str = "cpu", dtype: Any = None) -> dict[str, Any]:
+    """HF-named tensors drawn from a generator seeded with `seed` (float32 on the CPU by default;
+    the GPU benchmark draws an 8B-shaped checkpoint directly in bf16 on the device)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    std = float(cfg["initializer_range"])
+    dtype = dtype or torch.float32
+    g = torch.Generator(device=device).manual_seed(seed)
+    std = float(cfg.get("initializer_range", 0.02))
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
@@ -208,10 +210,10 @@ def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     qk_norm = cfg["model_type"] == "qwen3"
 
     def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
+        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * std).to(dtype)
 
     def norm(n: int) -> torch.Tensor:  # near 1 but not 1, so a norm weight that is not loaded shows
-        return 1.0 + 0.1 * torch.randn(n, generator=g)
+        return (1.0 + 0.1 * torch.randn(n, generator=g, device=device, dtype=dtype)).to(dtype)
 
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(v, h)}
     for i in range(cfg["num_hidden_layers"]):

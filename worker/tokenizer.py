@@ -122,9 +122,14 @@ class IncrementalDetokenizer:
     def _all_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_ids
 
-    def add_tokens(self, token_ids: list[int]) -> None:
-        """Append generated tokens; sets `stopped_by` when a stop string appears in the text."""
+    def add_tokens(self, token_ids: list[int], decode: bool = True) -> None:
+        """Append generated tokens; sets `stopped_by` when a stop string appears in the text.
+
+        decode=False only records them (offline requests without stop strings decode once, in finish()).
+        """
         self.output_ids.extend(token_ids)
+        if not decode:
+            return
         ids = self._all_ids()
         dec = self.tokenizer.decode
         prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)

@@ -273,3 +273,29 @@ def test_engine_config_rejects_bad_settings(tiny_llama: Path) -> None:
         with pytest.raises(InvalidRequestError) as e:
             EngineConfig(model=str(tiny_llama), device="cpu", **kw)
         assert e.value.param == param
+
+
+def test_batched_filters_equal_per_row_filters() -> None:
+    from inferfleet.worker.sampling import apply_top_k_top_p, filter_batch
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    ks, ps = [0, 3, 10, 0, 49], [1.0, 1.0, 0.5, 0.2, 0.9]
+    batch = filter_batch(logits, ks, ps)
+    for i in range(5):
+        row = apply_top_k_top_p(logits[i], ks[i], ps[i])
+        assert torch.equal(torch.isfinite(batch[i]), torch.isfinite(row))
+        assert torch.equal(batch[i][torch.isfinite(row)], row[torch.isfinite(row)])
+
+
+def test_sampling_follows_the_distribution() -> None:
+    """Exponential-race sampling: frequencies match softmax(logits / T) (chi-square, 99.9%)."""
+    from inferfleet.worker.sampling import SampleRequest, sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    req = SampleRequest(SamplingParams(temperature=0.7), None, [])
+    toks, _ = sample(logits, [req] * 4000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor(toks), minlength=4).double()
+    expected = torch.softmax(logits[0] / 0.7, -1).double() * 4000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001

@@ -31,6 +31,9 @@ class AttentionMetadata:
     query_lens_host: list[int]
     seq_lens_host: list[int]
     block_tables_host: list[list[int]]
+    # split-KV decode (CUDA backend): number of context splits and its float32 workspace
+    num_splits: int = 1
+    split_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -41,19 +44,36 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+class AttentionLayer(Protocol):
+    """What a backend needs from the decoder's attention module."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    q_norm: torch.nn.Module | None
+    k_norm: torch.nn.Module | None
+    rotary: torch.nn.Module
+
+
 class AttentionBackend(Protocol):
+    """From the fused QKV projection to the attention output, K/V written into the cache on the way.
+
+    Backends own everything between the two projections (q/k norm, rotary, cache write, attention)
+    so a fused implementation can do it in a couple of kernels.
+    """
+
     name: str
 
     def forward(
         self,
-        q: torch.Tensor,  # [T, H, D]
-        k: torch.Tensor,  # [T, KVH, D]
-        v: torch.Tensor,  # [T, KVH, D]
+        layer: AttentionLayer,
+        positions: torch.Tensor,  # [T]
+        qkv: torch.Tensor,  # [T, (H + 2 KVH) * D]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:  # [T, H, D]
+    ) -> torch.Tensor:  # [T, H * D]
         ...
 
 
@@ -74,6 +94,23 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(
+        self,
+        layer: AttentionLayer,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t, h, kvh, d = qkv.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+        q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = layer.rotary(positions, q, k)
+        return self.attend(q, k, v, k_cache, v_cache, meta, layer.scale).reshape(t, h * d)
+
+    def attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -109,3 +146,45 @@ class TorchAttentionBackend:
             out[start : start + qlen] = torch.einsum("hnl,lhd->nhd", probs, vals.float()).to(q.dtype)
             start += qlen
         return out
+
+
+class TritonAttentionBackend:
+    """CUDA: q/k norm in place, one fused rotary + cache-write kernel, one paged-attention kernel."""
+
+    name = "triton"
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        from ..kernels.elementwise import rmsnorm, rope_and_cache
+        from ..kernels.paged_attention import paged_attention
+
+        t, h, kvh, d = qkv.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+        q = qkv[:, : h * d].view(t, h, d)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+            rmsnorm(q, layer.q_norm.weight, layer.q_norm.eps, out=q)
+            rmsnorm(k, layer.k_norm.weight, layer.k_norm.eps, out=k)
+        rotary = layer.rotary
+        rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d)
+        out = torch.empty((t, h, d), dtype=qkv.dtype, device=qkv.device)
+        paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_query_len,
+            layer.scale,
+            num_splits=meta.num_splits,
+            workspace=meta.split_workspace,
+        )
+        return out.view(t, h * d)

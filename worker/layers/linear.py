@@ -6,6 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
+
+# decode batches up to this many rows stream the weights through kernels/skinny_gemm.py; larger
+# batches (and prefill) go to cuBLAS. 0 turns the skinny path off.
+SKINNY_MAX_M = 64
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). `output_sizes` lists the checkpoint tensors stacked along the output dim:
@@ -24,4 +30,14 @@ class Linear(nn.Module):
         return start, start + self.output_sizes[shard]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cuda
+            and x.dim() == 2
+            and x.shape[0] <= SKINNY_MAX_M
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and kernels.AVAILABLE
+        ):
+            from ..kernels.skinny_gemm import skinny_gemm
+
+            return skinny_gemm(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as transformers does), optionally fused with the residual add.
@@ -25,6 +27,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda and kernels.AVAILABLE and x.dim() == 2:
+            from ..kernels.elementwise import rmsnorm
+
+            out = rmsnorm(x, self.weight, self.eps, residual=residual)  # residual updated in place
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

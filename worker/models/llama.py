@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..layers.attention import AttentionBackend, AttentionMetadata
@@ -51,16 +52,8 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = self.backend.forward(self, positions, self.qkv_proj(x), kv[0], kv[1], meta)
+        return self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -71,7 +64,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, [cfg.hidden_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda and kernels.AVAILABLE:
+            from ..kernels.elementwise import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,7 @@
+# Source on the device machine (the `device` tool): installs carried wheels and makes
+# `import inferfleet.worker` resolve to this checkout without an install.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+mkdir -p /tmp/pkg/inferfleet
+ln -sfn "$PWD/worker" /tmp/pkg/inferfleet/worker
+ln -sfn "$PWD/operator" /tmp/pkg/inferfleet/operator
+export PYTHONPATH=/tmp/pkg:/tmp/site:$PYTHONPATH

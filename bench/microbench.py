@@ -1,0 +1,96 @@
+"""Kernel-level numbers behind the decode budget (Llama-3.1-8B shapes, bf16, CUDA).
+
+cuBLAS GEMV/GEMM bandwidth for each projection at batch 1 and 256, and the paged-attention
+decode kernel's KV read bandwidth. Prints one table; `python bench/microbench.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from inferfleet.worker.kernels.paged_attention import paged_attention
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+
+
+def gemm_table() -> None:
+    print(f"{'layer':10s} {'M':>5s} {'us':>9s} {'GB/s':>8s} {'TFLOP/s':>8s}")
+    for name, (n, k) in SHAPES.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]  # > L2, rotate
+        for m in (1, 8, 64, 256, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            i = [0]
+
+            def f() -> None:
+                i[0] = (i[0] + 1) % 3
+                torch.nn.functional.linear(x, ws[i[0]])
+
+            us = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3
+            gbs = (n * k * 2 + m * k * 2 + m * n * 2) / us / 1e3
+            tf = 2 * m * n * k / us / 1e6
+            print(f"{name:10s} {m:5d} {us:9.1f} {gbs:8.0f} {tf:8.1f}")
+
+
+def attention_table() -> None:
+    kvh, h, d, page = 8, 32, 128, 16
+    print(f"{'batch':>5s} {'ctx':>6s} {'splits':>6s} {'us':>9s} {'KV GB/s':>8s}")
+    for b, ctx, splits in [(1, 512, 1), (1, 512, 16), (1, 4096, 16), (32, 1024, 1), (32, 1024, 2), (256, 1024, 1), (256, 2048, 1)]:
+        nblk = b * (ctx // page)
+        kc = torch.randn(nblk, page, kvh, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        bt = torch.randperm(nblk, device="cuda", dtype=torch.int32).view(b, ctx // page)
+        qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+        sl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+
+        def f() -> None:
+            paged_attention(q, kc, vc, out, qsl, sl, bt, 1, d**-0.5, num_splits=splits)
+
+        us = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3
+        gbs = 2 * b * ctx * kvh * d * 2 / us / 1e3
+        print(f"{b:5d} {ctx:6d} {splits:6d} {us:9.1f} {gbs:8.0f}")
+
+
+if __name__ == "__main__" and "--skinny" not in __import__("sys").argv:
+    print(torch.cuda.get_device_name())
+    gemm_table()
+    attention_table()
+
+
+def skinny_table() -> None:
+    from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
+
+    configs = [(16, 256, 4, 4), (16, 512, 3, 4), (8, 512, 4, 4), (32, 256, 4, 4), (16, 128, 6, 4), (32, 512, 3, 8)]
+    print(f"{'layer':10s} {'M':>4s} {'cublas GB/s':>11s} " + " ".join(f"{'%d/%d/%d/%d' % c:>11s}" for c in configs))
+    for name, (n, k) in SHAPES.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            nbytes = n * k * 2
+            i = [0]
+
+            def cub() -> None:
+                i[0] = (i[0] + 1) % 3
+                torch.nn.functional.linear(x, ws[i[0]])
+
+            row = [nbytes / (triton.testing.do_bench(cub, warmup=10, rep=50, return_mode="median") * 1e6)]
+            ref = torch.nn.functional.linear(x, ws[0]).float()
+            for bn, bk, st, nw in configs:
+
+                def sk(bn: int = bn, bk: int = bk, st: int = st, nw: int = nw) -> None:
+                    i[0] = (i[0] + 1) % 3
+                    skinny_gemm(x, ws[i[0]], block_n=bn, block_k=bk, num_stages=st, num_warps=nw)
+
+                try:
+                    got = skinny_gemm(x, ws[0], block_n=bn, block_k=bk, num_stages=st, num_warps=nw).float()
+                except Exception:  # e.g. out of shared memory for this config
+                    row.append(float("nan"))
+                    continue
+                assert (got - ref).norm() / ref.norm() < 1e-2
+                row.append(nbytes / (triton.testing.do_bench(sk, warmup=10, rep=50, return_mode="median") * 1e6))
+            print(f"{name:10s} {m:4d} " + " ".join(f"{v:11.0f}" for v in row))
+
+
+if __name__ == "__main__" and "--skinny" in __import__("sys").argv:
+    skinny_table()

@@ -1,0 +1,165 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, inputs padded up.
+
+A decode step's kernels take every varying quantity (tokens, positions, cache slots, context
+lengths, block tables) from device buffers, and its grid sizes depend only on the batch size, so
+one capture per padded batch size serves every later step. Padding rows have slot -1 (the cache
+write skips them) and context length 0 (attention writes zeros), so they never touch real state.
+The logits projection is captured too; sampling runs after the replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .layers.attention import AttentionMetadata
+from .models import DecoderModel
+
+log = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 256, then every 16: padding wastes at most ~7 rows."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_bs]
+    b = 16
+    while b <= max_bs:
+        sizes.append(b)
+        b += 8 if b < 256 else 16
+    if sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
+def decode_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Context splits so that a small decode batch still puts ~2 programs on every SM."""
+    programs = batch * num_kv_heads
+    want = min(16, max(1, -(-2 * num_sms // programs)))
+    return 1 << (want.bit_length() - 1)  # a power of two (the merge kernel's arange needs one)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_batch: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.sizes = batch_size_ladder(max_batch)
+        self.max_batch = self.sizes[-1]
+        cfg = model.config
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
+        max_splits = decode_splits(1, cfg.num_kv_heads, self.num_sms)
+        self.workspace = (
+            torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
+            torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
+        )
+        # pinned staging for one host->device copy per buffer
+        self._h_i64 = torch.zeros((3, n), dtype=torch.long).pin_memory()
+        self._h_lens = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._h_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        splits = decode_splits(bs, self.model.config.num_kv_heads, self.num_sms)
+        return AttentionMetadata(
+            slot_mapping=self.slots[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=0,
+            query_lens_host=[],
+            seq_lens_host=[],
+            block_tables_host=[],
+            num_splits=splits,
+            split_workspace=self._split_ws(splits, bs),
+        )
+
+    def _split_ws(self, splits: int, bs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if splits == 1:
+            return None
+        cfg = self.model.config
+        # contiguous views carved out of the flat workspace, laid out as the kernel expects
+        part = self.workspace[0].view(-1)[: splits * bs * cfg.num_heads * cfg.head_dim]
+        ml = self.workspace[1].view(-1)[: 2 * splits * bs * cfg.num_heads]
+        return (
+            part.view(splits, bs, cfg.num_heads, cfg.head_dim),
+            ml.view(2, splits, bs, cfg.num_heads),
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(bs)  # warm-up: Triton compilation, cuBLAS handles and workspaces
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                logits = self._forward(bs)
+            self.graphs[bs] = (g, logits)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+        log.info(
+            "captured %d decode CUDA graphs (batch 1..%d) in %.2fs",
+            len(self.graphs),
+            self.max_batch,
+            self.capture_seconds,
+        )
+        return self.capture_seconds
+
+    def run(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        seq_lens: np.ndarray,
+        tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
+        n = len(ids)
+        bs = next(b for b in self.sizes if b >= n)
+        h = self._h_i64
+        h[0, :n] = torch.from_numpy(ids)
+        h[1, :n] = torch.from_numpy(positions)
+        h[2, :n] = torch.from_numpy(slots)
+        h[0, n:bs] = 0
+        h[1, n:bs] = 0
+        h[2, n:bs] = -1
+        self._h_lens[:n] = torch.from_numpy(seq_lens)
+        self._h_lens[n:bs] = 0
+        width = max(len(t) for t in tables)
+        ht = self._h_tables.numpy()
+        for i, t in enumerate(tables):
+            ht[i, : len(t)] = t
+        self.input_ids[:bs].copy_(h[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(h[1, :bs], non_blocking=True)
+        self.slots[:bs].copy_(h[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(self._h_lens[:bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._h_tables[:n, :width], non_blocking=True)
+        g, logits = self.graphs[bs]
+        g.replay()
+        return logits[:n]

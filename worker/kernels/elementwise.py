@@ -1,0 +1,215 @@
+"""Fused small ops: add + RMSNorm, SiLU-and-mul, rotary embedding + KV-cache write.
+
+Each replaces several torch launches (and their round trips through memory) with one kernel;
+under CUDA graphs the launch count per decoder layer is what bounds batch-1 decode latency.
+Numerics follow transformers' bf16 path: the residual sum is rounded to the model dtype before
+it is normalized, the normalized value is rounded before the weight multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    x_stride,
+    x_inner_stride,
+    res_stride,
+    out_stride,
+    out_inner_stride,
+    n_cols,
+    n_inner,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # rows are (outer, inner) pairs: inner > 1 normalizes each head of a [T, H, D] view in place
+    r = tl.program_id(0).to(tl.int64)
+    outer = r // n_inner
+    inner = r % n_inner
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + outer * x_stride + inner * x_inner_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        rv = tl.load(res_ptr + outer * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + rv.to(tl.float32)).to(rv.dtype)
+        tl.store(res_ptr + outer * res_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + outer * out_stride + inner * out_inner_stride + cols, out, mask=mask)
+
+
+def rmsnorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalize the last dim of x ([T, N], or [T, H, D] per head with any token/head strides).
+
+    With `residual` ([T, N]), first residual += x in place, then normalize the sum.
+    `out` may alias x (in-place normalization of q/k heads inside the fused QKV output).
+    """
+    assert x.stride(-1) == 1
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.dim() == 3:
+        assert residual is None
+        t, inner, n = x.shape
+        xs, xi, os_, oi = x.stride(0), x.stride(1), out.stride(0), out.stride(1)
+    else:
+        x = x.reshape(-1, x.shape[-1])
+        out = out.view(-1, x.shape[-1])
+        t, inner, n = x.shape[0], 1, x.shape[1]
+        xs, xi, os_, oi = x.stride(0), 0, out.stride(0), 0
+    res = residual if residual is not None else x
+    block = triton.next_power_of_2(n)
+    _rmsnorm_kernel[(t * inner,)](
+        x,
+        res,
+        weight,
+        out,
+        xs,
+        xi,
+        res.stride(0),
+        os_,
+        oi,
+        n,
+        inner,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, n_inter, x_stride, out_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_inter
+    g = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    u = tl.load(x_ptr + row * x_stride + n_inter + cols, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(
+        out_ptr + row * out_stride + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask
+    )
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
+    t, two_i = x.shape
+    inter = two_i // 2
+    out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0), BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rope_cache_kernel(
+    qkv_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    qkv_stride,
+    kc_stride_blk,
+    kc_stride_slot,
+    kc_stride_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+):
+    # one program per token: rotate q in place, rotate k and write k, v into their cache slot
+    t = tl.program_id(0).to(tl.int64)
+    half: tl.constexpr = HEAD_DIM // 2
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, half)
+    cos = tl.load(cos_ptr + pos * half + d)[None, :]
+    sin = tl.load(sin_ptr + pos * half + d)[None, :]
+    row = qkv_ptr + t * qkv_stride
+
+    h = tl.arange(0, BLOCK_H)
+    hm = (h < NUM_HEADS)[:, None]
+    qp = row + h[:, None] * HEAD_DIM + d[None, :]
+    q1 = tl.load(qp, mask=hm, other=0.0)
+    q2 = tl.load(qp + half, mask=hm, other=0.0)
+    cq = cos.to(q1.dtype).to(tl.float32)
+    sq = sin.to(q1.dtype).to(tl.float32)
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qp, (q1f * cq - q2f * sq).to(q1.dtype), mask=hm)
+    tl.store(qp + half, (q2f * cq + q1f * sq).to(q1.dtype), mask=hm)
+
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        kh = tl.arange(0, BLOCK_KV)
+        km = (kh < NUM_KV)[:, None]
+        kp = row + NUM_HEADS * HEAD_DIM + kh[:, None] * HEAD_DIM + d[None, :]
+        k1 = tl.load(kp, mask=km, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + half, mask=km, other=0.0).to(tl.float32)
+        dst = kc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
+        tl.store(dst, (k1 * cq - k2 * sq).to(kc_ptr.dtype.element_ty), mask=km)
+        tl.store(dst + half, (k2 * cq + k1 * sq).to(kc_ptr.dtype.element_ty), mask=km)
+        vp = row + (NUM_HEADS + NUM_KV) * HEAD_DIM + kh[:, None] * HEAD_DIM + d[None, :]
+        vdst = vc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
+        tl.store(vdst, tl.load(vp, mask=km, other=0.0), mask=km)
+        tl.store(vdst + half, tl.load(vp + half, mask=km, other=0.0), mask=km)
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,  # [T, (H + 2 KVH) * D], q/k already normalized if the model does that
+    positions: torch.Tensor,  # [T]
+    cos: torch.Tensor,  # [P, D/2] float32
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [NB, BS, KVH, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]; negative = padding, not written
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    t = qkv.shape[0]
+    if t == 0:
+        return
+    assert k_cache.stride(3) == 1 and qkv.stride(1) == 1
+    _rope_cache_kernel[(t,)](
+        qkv,
+        positions,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        qkv.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_HEADS=num_heads,
+        NUM_KV=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        num_warps=4,
+    )

@@ -1,0 +1,222 @@
+"""Paged attention over a varlen batch, reading K/V straight from the block tables.
+
+One kernel serves prefill chunks and decodes alike (no gather into contiguous copies). A program
+owns one sequence, one tile of BLOCK_Q of its new query tokens, and one KV head; its rows are the
+(token, query head) pairs of that tile that share the KV head (GQA packing), so a decode step still
+feeds the tensor cores 16+ rows:
+
+    row m  ->  token  = q_tile * BLOCK_Q + m // G      head = kv_head * G + m % G
+
+Keys are visited in tiles of BLOCK_N positions; position n lives in page block_table[n // PAGE] at
+offset n % PAGE. Query token j of a sequence with qlen new tokens and ctx total sits at absolute
+position ctx - qlen + j and sees keys 0..that position (causal, including the cached prefix).
+Online softmax in float32 with exp2.
+
+For long contexts with few sequences (batch-1 decode of a long prompt) the context is split over
+NUM_SPLITS programs whose partial results are merged by a second kernel (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    o_ptr,
+    lse_ptr,
+    qsl_ptr,
+    seqlen_ptr,
+    bt_ptr,
+    q_stride_t,
+    q_stride_h,
+    o_stride_t,
+    o_stride_h,
+    o_stride_split,
+    bt_stride,
+    kc_stride_blk,
+    kc_stride_slot,
+    kc_stride_head,
+    scale_log2,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    qt = tl.program_id(1)
+    kvh = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+    q_start = tl.load(qsl_ptr + seq)
+    qlen = tl.load(qsl_ptr + seq + 1) - q_start
+    if qt * BLOCK_Q >= qlen:
+        return
+    ctx = tl.load(seqlen_ptr + seq)
+
+    m = tl.arange(0, BLOCK_M)
+    tok = qt * BLOCK_Q + m // G
+    head = kvh * G + m % G
+    row_ok = (tok < qlen) & (m < BLOCK_Q * G)
+    d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    qpos = ctx - qlen + tok
+
+    last_tok = tl.minimum(qt * BLOCK_Q + BLOCK_Q, qlen) - 1
+    kv_end = ctx - qlen + last_tok + 1
+    # this split's share of the key range, in whole BLOCK_N tiles
+    tiles = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(tiles, NUM_SPLITS)
+    kv_lo = split * per_split * BLOCK_N
+    kv_hi = tl.minimum(kv_lo + per_split * BLOCK_N, kv_end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_hi
+        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = page * kc_stride_blk + (n % PAGE) * kc_stride_slot + kvh * kc_stride_head
+        k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
+        visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o_rows = q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # float32 partials: acc relative to this split's running max m_i (log2 domain), and l_i;
+        # rows of the partial buffers are (token * num_heads + head), splits outermost
+        tl.store(o_ptr + split * o_stride_split + o_rows, acc, mask=row_ok[:, None])
+        ml_off = split * (o_stride_split // HEAD_DIM) + q_rows * (o_stride_t // HEAD_DIM) + head
+        tl.store(lse_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(lse_ptr + (o_stride_split // HEAD_DIM) * NUM_SPLITS + ml_off, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, ml_ptr, o_ptr, rows_per_split, o_stride_row, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr
+):
+    # one program per (token, head) row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M)
+    r = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    s = tl.arange(0, NUM_SPLITS)
+    m_s = tl.load(ml_ptr + s * rows_per_split + r)
+    l_s = tl.load(ml_ptr + (NUM_SPLITS + s) * rows_per_split + r)
+    mx = tl.max(m_s, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.where(l_s == 0.0, 0.0, tl.exp2(m_s - mx))
+    acc = tl.load(part_ptr + (s[:, None] * rows_per_split + r) * HEAD_DIM + d[None, :])
+    num = tl.sum(acc * w[:, None], axis=0)
+    den = tl.sum(l_s * w, axis=0)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    tl.store(o_ptr + r * o_stride_row + d, out.to(o_ptr.dtype.element_ty))
+
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D] (any token/head strides, D contiguous)
+    k_cache: torch.Tensor,  # [NB, PAGE, KVH, D]
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D] contiguous
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, W] int32
+    max_query_len: int,
+    scale: float,
+    num_splits: int = 1,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Grid sizes depend only on (B, max_query_len, num_splits), never on context lengths, so a
+    decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts."""
+    t, h, d = q.shape
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    b = seq_lens.shape[0]
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.is_contiguous()
+    if max_query_len == 1:
+        block_q, block_n = 1, 64
+    else:
+        block_q, block_n = max(1, 64 // g), 64
+    block_m = max(16, triton.next_power_of_2(block_q * g))
+    grid = (b, triton.cdiv(max_query_len, block_q), kvh * num_splits)
+    if num_splits == 1:
+        part, ml = out, out  # ml unused
+        o_stride_split = 0
+    else:
+        assert max_query_len == 1, "split-KV is for decode batches"
+        assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+        part, ml = workspace if workspace is not None else split_workspace(t, h, d, num_splits, q.device)
+        o_stride_split = t * h * d
+    _paged_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        part,
+        ml,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        q.stride(0),
+        q.stride(1),
+        h * d,
+        d,
+        o_stride_split,
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        scale * LOG2E,
+        G=g,
+        HEAD_DIM=d,
+        PAGE=k_cache.shape[1],
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        # float32 models get exact float32 dots (the default would be tf32)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_kernel[(t * h,)](part, ml, out, t * h, d, HEAD_DIM=d, NUM_SPLITS=num_splits, num_warps=1)
+    return out
+
+
+def split_workspace(
+    t: int, h: int, d: int, num_splits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial outputs [S, T, H, D] and (max, sum) pairs [2, S, T, H] for split-KV decode."""
+    part = torch.empty((num_splits, t, h, d), dtype=torch.float32, device=device)
+    ml = torch.empty((2, num_splits, t, h), dtype=torch.float32, device=device)
+    return part, ml
