@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF-mix requests run through transformers")
+    ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     only = set(args.only.split(","))
@@ -225,10 +226,19 @@ def main() -> None:
         results["ttft_2048"] = ttft(llm)
         log.info("ttft: %s", results["ttft_2048"])
     if "w1" in only:
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            generate(llm, scaled(w1(seed=1)), temperature=0.6)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
         results["w1"] = generate(llm, scaled(w1()), temperature=0.6, track_kv=True)
         log.info("w1: %s", results["w1"])
     if "w2_128" in only:
-        results["w2_128_128"] = generate(llm, scaled(fixed(128, 128, 3000)))
+        results["w2_128_128"] = generate(llm, scaled(fixed(128, 128, 1000)))
         log.info("w2 128/128: %s", results["w2_128_128"])
     if "w2_2048" in only:
         results["w2_2048_128"] = generate(llm, scaled(fixed(2048, 128, 500)))

@@ -60,10 +60,6 @@ class GenerationStream:
         self._metrics = metrics
         self._last_token: dict[str, float] = {}
 
-    @property
-    def finished(self) -> bool:
-        return not self._pending or self._failed
-
     def _put(self, out: RequestOutput, queue_time: float | None) -> None:
         rid = out.request_id
         if rid not in self._pending:
@@ -237,16 +233,21 @@ class AsyncEngine:
             self._die(e, live)
 
     def _serve(self, engine: LLMEngine, live: dict[str, _Live]) -> None:
+        idle = False  # the last step scheduled nothing (e.g. nothing fits): wait a little, don't spin
         while True:
-            busy = engine.has_unfinished_requests() and self._steps_allowed.is_set()
+            can_step = engine.has_unfinished_requests() and self._steps_allowed.is_set()
+            if not can_step:
+                cmds = self._take(block=True)
+            else:
+                cmds = self._take(block=idle, timeout=_IDLE_WAIT_S)
             deliveries: list[_Delivery] = []
-            if self._apply(engine, live, self._take(block=not busy), deliveries):
+            stop = self._apply(engine, live, cmds, deliveries)
+            if stop or not (engine.has_unfinished_requests() and self._steps_allowed.is_set()):
                 self._publish(engine)
                 self._deliver(deliveries)
-                return
-            if not (engine.has_unfinished_requests() and self._steps_allowed.is_set()):
-                self._publish(engine)
-                self._deliver(deliveries)
+                if stop:
+                    return
+                idle = False
                 continue
             before = engine.stats.steps
             for out in engine.step():
@@ -264,8 +265,7 @@ class AsyncEngine:
                 deliveries.append((lv.stream, out, queue_time))
             self._publish(engine)
             self._deliver(deliveries)
-            if engine.stats.steps == before:  # nothing could be scheduled: don't spin
-                self._apply(engine, live, self._take(block=True, timeout=_IDLE_WAIT_S), [])
+            idle = engine.stats.steps == before
 
     def _take(self, block: bool, timeout: float | None = None) -> list[tuple[Any, ...]]:
         cmds: list[tuple[Any, ...]] = []

@@ -137,7 +137,7 @@ class DecodeGraphs:
         positions: np.ndarray,
         slots: np.ndarray,
         seq_lens: np.ndarray,
-        tables: list[list[int]],
+        tables: list[np.ndarray],
     ) -> torch.Tensor:
         """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
         n = len(ids)

@@ -186,7 +186,8 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch. Returns an output for every request that produced something or finished."""
+        """Run one batch. Returns an output for every request that finished, and for every streaming
+        request that produced a token (offline requests report only their end)."""
         sched = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
         if sched.is_empty:
@@ -229,7 +230,8 @@ class LLMEngine:
                 del self.requests[seq.request_id]
                 self._count_finish(reason)
             finished = reason is not None
-            outputs.append(self._output(r, [tok], r.detok.take_delta(finished), new_lp, finished))
+            if finished or r.incremental:  # offline requests report only their end
+                outputs.append(self._output(r, [tok], r.detok.take_delta(finished), new_lp, finished))
         return outputs
 
     def _stop_reason(self, r: _Request, tok: int) -> str | None:

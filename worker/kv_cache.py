@@ -76,7 +76,7 @@ class BlockManager:
         if need > len(self._free):
             return False
         for _ in range(need):
-            seq.block_table.append(self._take_free())
+            seq.append_block(self._take_free())
         return True
 
     def _take_free(self) -> int:
@@ -116,7 +116,7 @@ class BlockManager:
             if b.ref_count == 0:
                 del self._free[bid]
             b.ref_count += 1
-            seq.block_table.append(bid)
+            seq.append_block(bid)
             hashes.append(h)
             parent = h
         seq.block_hashes = hashes
@@ -154,8 +154,7 @@ class BlockManager:
                 self._free[bid] = None
                 if b.hash is None:  # holds nothing reusable: hand it out before cached blocks
                     self._free.move_to_end(bid, last=False)
-        seq.block_table = []
-        seq.block_hashes = []
+        seq.clear_blocks()
         seq.num_computed_tokens = 0
 
     def check_invariants(self, live: list[Sequence]) -> None:
@@ -163,6 +162,7 @@ class BlockManager:
         counts = [0] * len(self.blocks)
         for s in live:
             assert len(set(s.block_table)) == len(s.block_table), "a block appears twice in one table"
+            assert s.block_array[: len(s.block_table)].tolist() == s.block_table
             for bid in s.block_table:
                 counts[bid] += 1
         for b in self.blocks:

@@ -53,6 +53,7 @@ class HostBatch:
     query_lens: list[int]
     seq_lens: list[int]
     tables: list[list[int]]
+    arrays: list[np.ndarray]  # int32 block tables (views of each sequence's mirror)
     sample_index: list[int]  # flat token index of each sampling row
     rows: list[int]  # scheduled index of each sampling row
     decode_only: bool
@@ -66,6 +67,7 @@ def build_host_batch(out: SchedulerOutput, block_size: int) -> HostBatch:
     query_lens: list[int] = []
     seq_lens: list[int] = []
     tables: list[list[int]] = []
+    arrays: list[np.ndarray] = []
     sample_index: list[int] = []
     rows: list[int] = []
     decode_only = True
@@ -90,10 +92,11 @@ def build_host_batch(out: SchedulerOutput, block_size: int) -> HostBatch:
         query_lens.append(n)
         seq_lens.append(end)
         tables.append(table)
+        arrays.append(seq.block_array[: len(table)])
         if s.samples:
             sample_index.append(o - 1)
             rows.append(j)
-    return HostBatch(ids, pos, slots, query_lens, seq_lens, tables, sample_index, rows, decode_only)
+    return HostBatch(ids, pos, slots, query_lens, seq_lens, tables, arrays, sample_index, rows, decode_only)
 
 
 class ModelRunner:
@@ -232,12 +235,17 @@ class ModelRunner:
         del kv
 
     def _metadata(
-        self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: torch.Tensor
+        self,
+        query_lens: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+        slots: torch.Tensor,
+        arrays: list[np.ndarray] | None = None,
     ) -> AttentionMetadata:
         dev = self.device
         width = max(len(t) for t in tables)
         bt = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
+        for i, t in enumerate(arrays if arrays is not None else tables):
             bt[i, : len(t)] = t
         qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
@@ -271,7 +279,7 @@ class ModelRunner:
             # in a decode-only step every row samples, in order
             return StepLogits(logits, hb.rows)
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
-        meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t)
+        meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
         hidden = self.model(
             torch.from_numpy(hb.ids).to(dev, non_blocking=True),
             torch.from_numpy(hb.positions).to(dev, non_blocking=True),

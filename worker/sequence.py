@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .sampling_params import SamplingParams
 
 
@@ -36,6 +38,19 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        # int32 mirror of block_table, so a step copies rows into its batch table without converting lists
+        self.block_array = np.zeros(max(8, len(self.prompt_token_ids) // 8), dtype=np.int32)
+
+    def append_block(self, block_id: int) -> None:
+        n = len(self.block_table)
+        if n == len(self.block_array):
+            self.block_array = np.concatenate([self.block_array, np.zeros_like(self.block_array)])
+        self.block_array[n] = block_id
+        self.block_table.append(block_id)
+
+    def clear_blocks(self) -> None:
+        self.block_table = []
+        self.block_hashes = []
 
     @property
     def num_prompt_tokens(self) -> int:
