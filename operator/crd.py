@@ -68,6 +68,10 @@ def _integer(minimum: int, maximum: int, **extra: Any) -> Schema:
     return {"type": "integer", "format": "int32", "minimum": minimum, "maximum": maximum, **extra}
 
 
+def _generation() -> Schema:
+    return {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**53 - 1}
+
+
 def _object(properties: Mapping[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
     schema: Schema = {"type": "object", "properties": dict(properties)}
     if required:
@@ -259,14 +263,14 @@ def _status_schema() -> Schema:
             "reason": _string(64),
             "message": _string(1024),
             "lastTransitionTime": _string(64, format="date-time"),
-            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+            "observedGeneration": _generation(),
         },
         required=("type", "status"),
     )
     counts = _object({"desired": _integer(0, 100000), "ready": _integer(0, 100000)})
     autoscaler = _object(
         {
-            "load": {"type": "number", "minimum": 0},
+            "load": {"type": "number", "minimum": 0, "maximum": 1e9},
             "desired": _integer(0, 1000),
             "replicas": _integer(0, 1000),
             "reason": _string(64),
@@ -278,7 +282,7 @@ def _status_schema() -> Schema:
     )
     return _object(
         {
-            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+            "observedGeneration": _generation(),
             "replicas": _integer(0, 100000),
             "readyReplicas": _integer(0, 100000),
             "warmReplicas": _integer(0, 100000),

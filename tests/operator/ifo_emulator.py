@@ -28,6 +28,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import functools
+import gzip
+import importlib.resources
 import itertools
 import json
 import re
@@ -45,6 +48,13 @@ Obj = dict[str, Any]
 Res = tuple[str, str, str]  # group, version, plural
 Key = tuple[Res, str | None, str]  # resource, namespace, name
 TEMPLATE_ANNOTATION = "emulator.kmock/template"
+
+
+@functools.cache
+def _builtin_resources() -> str:
+    """kmock's bundled discovery data (built-in kinds), read without its deprecated loader."""
+    data = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
+    return gzip.decompress(data).decode()
 
 
 def parse_resource(spec: str) -> Res:
@@ -153,7 +163,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        self.resources.load_bundled()
+        self.resources.load_data(_builtin_resources())
         self._scale_paths[("apps", "v1", "deployments")] = {
             "specReplicasPath": ".spec.replicas",
             "statusReplicasPath": ".status.replicas",

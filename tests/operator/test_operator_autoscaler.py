@@ -23,8 +23,6 @@ from ifo_emulator import Emulator
 from inferfleet.operator import labels
 from inferfleet.operator.scraper import parse_load, pod_ip_metrics_url, scrape
 
-pytestmark = pytest.mark.asyncio
-
 NS = "default"
 WORKERS = labels.selector_string("llm", labels.WORKER)
 INTERVAL = 1  # autoscaling.intervalSeconds
@@ -60,6 +58,7 @@ def test_pod_ip_metrics_url() -> None:
     assert pod_ip_metrics_url({"status": {}}) is None
 
 
+@pytest.mark.asyncio
 async def test_scrape_sums_ready_pods_and_marks_failures(
     fake_workers: Callable[[int], Awaitable[list[FakeWorker]]],
 ) -> None:
@@ -78,6 +77,7 @@ async def test_scrape_sums_ready_pods_and_marks_failures(
     assert sample.load == 15 and sample.complete
 
 
+@pytest.mark.asyncio
 async def test_load_drives_replicas_through_the_scale_subresource(
     emulator: Emulator, fake_workers: Callable[[int], Awaitable[list[FakeWorker]]]
 ) -> None:
@@ -139,6 +139,7 @@ async def test_load_drives_replicas_through_the_scale_subresource(
     assert reasons.count("ScaledUp") == 2 and reasons.count("ScaledDown") == 1
 
 
+@pytest.mark.asyncio
 async def test_with_autoscaling_disabled_the_scale_writer_is_obeyed(
     emulator: Emulator, fake_workers: Callable[[int], Awaitable[list[FakeWorker]]]
 ) -> None:

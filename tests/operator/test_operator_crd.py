@@ -1,0 +1,213 @@
+"""The CRD: generated file in sync, a valid CRD for 1.30 and 1.33, bounded for CEL cost,
+CEL rules accepting good specs and rejecting each bad one, examples admitted."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from conftest import MANIFESTS, REPO, load_yaml_docs, make_isvc
+from ifo_schema import admit, cel_failures, rules, schema_errors
+from inferfleet.operator import crd
+
+K8S_VERSIONS = ("1.30", "1.33")
+
+
+def test_checked_in_crd_matches_the_schema_source() -> None:
+    path = REPO / "crds" / crd.CRD_FILENAME
+    assert path.read_text() == crd.render_crd_yaml(), (
+        "crds/ drifted from operator/crd.py: run `python -m inferfleet.operator.crd > crds/"
+        + crd.CRD_FILENAME
+        + "`"
+    )
+    assert load_yaml_docs(REPO / "crds" / "kustomization.yaml")[0]["resources"] == [crd.CRD_FILENAME]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_crd_is_a_valid_custom_resource_definition(version: str) -> None:
+    kubernetes_validate.validate(crd.crd(), version, strict=True)
+
+
+def test_crd_contract() -> None:
+    c = crd.crd()
+    assert c["metadata"]["name"] == "inferenceservices.inferfleet.io"
+    assert c["spec"]["scope"] == "Namespaced"
+    assert c["spec"]["names"]["kind"] == "InferenceService"
+    assert c["spec"]["names"]["shortNames"] == ["ifsvc"]
+    (v,) = c["spec"]["versions"]
+    assert v["name"] == "v1alpha1" and v["served"] and v["storage"]
+    assert v["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
+    assert [col["name"] for col in v["additionalPrinterColumns"]] == [
+        "Ready",
+        "Replicas",
+        "Warm",
+        "Model",
+        "Age",
+    ]
+    status = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    for field in (
+        "observedGeneration",
+        "replicas",
+        "readyReplicas",
+        "warmReplicas",
+        "prepull",
+        "balloons",
+        "endpoint",
+        "conditions",
+        "autoscaler",
+    ):
+        assert field in status
+    condition = status["conditions"]["items"]["properties"]
+    assert {"type", "status", "reason", "lastTransitionTime"} <= set(condition)
+    assert {"load", "desired", "reason", "time"} <= set(status["autoscaler"]["properties"])
+
+
+def _walk(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), Mapping):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), Mapping):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_every_number_string_and_list_is_bounded() -> None:
+    """The API server estimates CEL cost from these bounds; unbounded ones fail the CRD."""
+    for path, s in _walk(crd.openapi_schema()):
+        if path == ".metadata" or s.get("x-kubernetes-preserve-unknown-fields"):
+            continue
+        t = s.get("type")
+        assert t, f"{path} has no type (not a structural schema)"
+        if t in ("integer", "number"):
+            assert "minimum" in s and "maximum" in s, path
+        elif t == "string":
+            assert "maxLength" in s or "enum" in s, path
+        elif t == "array":
+            assert "maxItems" in s, path
+        elif t == "object" and "additionalProperties" in s:
+            assert "maxProperties" in s, path
+
+
+GOOD = [
+    make_isvc(),
+    make_isvc(replicas=3, minReplicas=2, maxReplicas=3, warmPool=3),
+    make_isvc(minReplicas=0, replicas=0, warmPool=1, autoscaling={"enabled": True}),
+    make_isvc(minReplicas=0, replicas=0, autoscaling={"enabled": False}),
+    make_isvc(model={"name": "m", "source": "pvc://models/llama/3.1-8b"}),
+    make_isvc(model={"name": "m", "source": "pvc://models"}),
+    make_isvc(model={"name": "m", "source": "oci://registry.example.com/models/llama:3.1@sha256:abc"}),
+    make_isvc(model={"name": "meta-llama/Llama-3.1-8B", "source": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
+    make_isvc(engine={"quantization": "fp8", "extraArgs": ["--enforce-eager", "--seed=3"]}),
+    make_isvc(name="a" * crd.MAX_NAME_LENGTH),
+]
+
+
+@pytest.mark.parametrize("isvc", GOOD, ids=range(len(GOOD)))
+def test_cel_accepts_good_specs(isvc: dict[str, Any]) -> None:
+    _, errors = admit(isvc)
+    assert errors == []
+
+
+def _with(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj = copy.deepcopy(base or make_isvc())
+    *parents, last = path.split(".")
+    target = obj
+    for p in parents:
+        target = target.setdefault(p, {})
+    target[last] = value
+    return obj
+
+
+# (object, a substring of the CEL message it must trigger; each triggers only its own rule,
+# except min > max, where no replicas value can lie within the bounds either)
+BAD_CEL = [
+    (make_isvc(minReplicas=5, maxReplicas=4, replicas=5), "minReplicas (5) must not exceed maxReplicas (4)"),
+    (
+        make_isvc(replicas=9, maxReplicas=4),
+        "replicas (9) must lie within [minReplicas, maxReplicas] = [1, 4]",
+    ),
+    (make_isvc(replicas=1, minReplicas=2, maxReplicas=4), "replicas (1) must lie within"),
+    (make_isvc(warmPool=5, maxReplicas=4), "warmPool must not exceed maxReplicas"),
+    (make_isvc(minReplicas=0, replicas=0, autoscaling={"enabled": True}), "needs warmPool >= 1"),
+    (make_isvc(engine={"extraArgs": ["--port=9000"]}), "must not repeat a flag"),
+    (make_isvc(engine={"extraArgs": ["--model", "/elsewhere"]}), "must not repeat a flag"),
+    (make_isvc(name="a" * (crd.MAX_NAME_LENGTH + 1)), "at most 50 characters"),
+    (make_isvc(name="1st-model"), "DNS-1035"),
+]
+
+
+@pytest.mark.parametrize(("isvc", "message"), BAD_CEL, ids=[m for _, m in BAD_CEL])
+def test_cel_rejects_each_bad_spec(isvc: dict[str, Any], message: str) -> None:
+    defaulted, schema_errs = admit(isvc)
+    assert schema_errs and any(message in e for e in schema_errs), schema_errs
+    failures = cel_failures(defaulted)
+    assert len(failures) == (2 if "minReplicas (5)" in message else 1), failures
+
+
+def test_cel_source_scheme_rule_alone() -> None:
+    """The OpenAPI pattern also guards model.source; the CEL rule gives the readable message."""
+    model_rules = [r for path, r in rules(crd.openapi_schema()) if path == ("spec", "model")]
+    (rule,) = model_rules
+    good = crd.apply_defaults(crd.openapi_schema(), make_isvc())
+    assert cel_failures(good) == []
+    bad = _with("spec.model.source", "s3://bucket/llama", good)
+    assert cel_failures(bad) == [rule["message"]]
+
+
+BAD_SCHEMA = [
+    (_with("spec.model.source", "s3://bucket/model"), "spec.model.source"),
+    (_with("spec.model.source", "tiny://gpt2"), "spec.model.source"),
+    (_with("spec.engine", {"dtype": "int4"}), "spec.engine.dtype"),
+    (_with("spec.engine", {"quantization": "awq"}), "spec.engine.quantization"),
+    (_with("spec.engine", {"gpuMemoryUtilization": 1.5}), "spec.engine.gpuMemoryUtilization"),
+    (_with("spec.engine", {"extraArgs": ["--x"] * 33}), "spec.engine.extraArgs"),
+    (_with("spec.resources", {"gpus": 17}), "spec.resources.gpus"),
+    (_with("spec.resources", {"memory": "lots"}), "spec.resources.memory"),
+    (_with("spec.replicas", -1), "spec.replicas"),
+    (_with("spec.autoscaling", {"intervalSeconds": 0}), "spec.autoscaling.intervalSeconds"),
+    (
+        _with("spec.scheduling", {"tolerations": [{"operator": "Maybe"}]}),
+        "spec.scheduling.tolerations.0.operator",
+    ),
+    (_with("spec.replica", 2), "spec: Additional properties"),  # a typo is an error under strict validation
+    (_with("spec.image", ""), "spec.image"),
+]
+
+
+@pytest.mark.parametrize(("isvc", "where"), BAD_SCHEMA, ids=[w for _, w in BAD_SCHEMA])
+def test_schema_rejects_bad_fields(isvc: dict[str, Any], where: str) -> None:
+    _, errors = admit(isvc)
+    assert any(e.startswith(where) for e in errors), errors
+
+
+EXAMPLES = sorted((MANIFESTS / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_are_admitted(path: Any) -> None:
+    for doc in load_yaml_docs(path):
+        assert doc["apiVersion"] == crd.API_VERSION and doc["kind"] == crd.KIND
+        defaulted, errors = admit(doc)
+        assert errors == [], f"{path.name}: {errors}"
+        assert schema_errors(defaulted) == []
+
+
+def test_defaults_fill_nested_objects() -> None:
+    defaulted = crd.apply_defaults(crd.openapi_schema(), make_isvc())
+    spec = defaulted["spec"]
+    assert spec["engine"]["blockSize"] == 16 and spec["engine"]["extraArgs"] == []
+    assert spec["autoscaling"]["enabled"] is False  # given
+    assert spec["autoscaling"]["targetInFlightPerReplica"] == 16  # defaulted next to it
+    assert spec["prepull"] == {"enabled": True}
+    assert spec["warmPool"] == 0 and spec["balloons"] == 0 and spec["drainTimeoutSeconds"] == 30
