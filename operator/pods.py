@@ -2,8 +2,9 @@
 
 Everything here is a pure function of a `ServiceSpec`. Pods follow the Pod Security
 "restricted" profile (non-root, no privilege escalation, all capabilities dropped,
-RuntimeDefault seccomp, only emptyDir/PVC/image volumes) and a read-only root filesystem,
-so every writable path is an emptyDir.
+RuntimeDefault seccomp, emptyDir and PVC volumes) and a read-only root filesystem, so every
+writable path is an emptyDir. One exception: an oci:// model is an image volume, a type the
+restricted profile does not list yet (baseline allows it); see docs/operator.md.
 """
 
 from __future__ import annotations

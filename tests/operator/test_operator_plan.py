@@ -166,7 +166,14 @@ def test_oci_model_needs_image_volumes_from_kubernetes_1_31() -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_pods_meet_pod_security_restricted(case: str) -> None:
-    allowed_volumes = {"emptyDir", "persistentVolumeClaim", "image", "configMap", "secret", "projected"}
+    # Pod Security Admission's restrictedVolumes check (k8s.io/pod-security-admission) allows
+    # exactly these. Image volumes are not among them (they pass "baseline"): an oci:// model's
+    # pods deviate in that one check, and docs/operator.md says so.
+    allowed_volumes = {
+        "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"
+    }  # fmt: skip
+    if case == "oci":
+        allowed_volumes.add("image")
     for ref, pod in pod_specs(rendered(case)):
         psc = pod["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, ref
