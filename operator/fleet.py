@@ -46,13 +46,19 @@ class Fleet:
         self.kube = kube
         self.config = config
         self._services: dict[tuple[str, str], ServiceRuntime] = {}
+        # child (plural, namespace, name) -> essence last found free of drift: status-only
+        # events (every pod readiness change updates a Deployment's status) skip the check.
+        self.checked: dict[tuple[str, str, str], str] = {}
         self._http: aiohttp.ClientSession | None = None
 
     def runtime(self, namespace: str, name: str) -> ServiceRuntime:
         return self._services.setdefault((namespace, name), ServiceRuntime())
 
     def wake(self, namespace: str, name: str) -> None:
-        self.runtime(namespace, name).wake.set()
+        """Nudge a running daemon; a service without one refreshes when its daemon starts."""
+        rt = self._services.get((namespace, name))
+        if rt is not None:
+            rt.wake.set()
 
     def forget(self, namespace: str, name: str) -> None:
         self._services.pop((namespace, name), None)

@@ -33,7 +33,7 @@ from inferfleet.operator.kube import (
     Resource,
 )
 from inferfleet.operator.plan import ChildRef, plan_spec
-from inferfleet.operator.reconcile import apply_children, is_subset, owner_name
+from inferfleet.operator.reconcile import apply_children, essence, is_subset, owner_name
 from inferfleet.operator.spec import ServiceSpec, SpecError
 
 CHILD_RESOURCES = (DEPLOYMENTS, DAEMONSETS, SERVICES, PDBS)
@@ -164,10 +164,18 @@ def _register_drift(
         owner = owner_name(body)
         if owner is None:
             return
+        key = (resource.plural, namespace, name)
+        deleted = event.get("type") == "DELETED"
+        seen = essence(body)
+        if deleted:
+            fleet.checked.pop(key, None)
+        elif fleet.checked.get(key) == seen:
+            return  # only status changed since the last check
         rt = fleet.runtime(namespace, owner)
         async with rt.lock:
             isvc = await kube.get(ISVCS, namespace, owner)
             if isvc is None or isvc["metadata"].get("deletionTimestamp"):
+                fleet.checked.pop(key, None)
                 return  # the owner is going away; garbage collection removes its children
             try:
                 s = ServiceSpec.from_body(isvc)
@@ -177,7 +185,8 @@ def _register_drift(
             want = {ChildRef.of(obj): obj for obj in plan_spec(s)}.get(ref)
             if want is None:
                 return  # not wanted; pruning is the reconcile handler's job
-            deleted = event.get("type") == "DELETED"
             if deleted or not is_subset(want, dict(body)):
                 await kube.apply(want)
                 logger.info(f"restored {resource.kind} {name} ({'deleted' if deleted else 'edited'})")
+            else:
+                fleet.checked[key] = seen

@@ -219,7 +219,7 @@ def scheduling_fields(s: ServiceSpec, *, node_affinity_only: bool = False) -> Ob
 def worker_pod_spec(s: ServiceSpec) -> Obj:
     shm_limit = "1Gi" if s.gpus else "256Mi"  # NCCL and the tokenizer pool use /dev/shm
     mounts = [
-        {"name": "model", "mountPath": contract.MODEL_ROOT, "readOnly": s.source.scheme in ("pvc", "oci")},
+        {"name": "model", "mountPath": contract.MODEL_ROOT, "readOnly": True},  # only init containers write
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": contract.TMP_DIR},
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from inferfleet.operator import crd
 from inferfleet.operator.kube import KubeClient, resource_of
-from inferfleet.operator.plan import ChildRef, all_child_refs, plan_spec
+from inferfleet.operator.plan import ChildRef, all_child_refs, plan_spec, spec_hash
 from inferfleet.operator.spec import ServiceSpec
 
 
@@ -37,6 +37,13 @@ def is_subset(want: Any, have: Any) -> bool:
             and all(is_subset(w, h) for w, h in zip(want, have))
         )
     return bool(want == have)
+
+
+def essence(obj: Mapping[str, Any]) -> str:
+    """A hash of what a user or controller can change in `obj`, status and bookkeeping excluded."""
+    noise = ("resourceVersion", "managedFields", "generation")
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in noise}
+    return spec_hash({**{k: v for k, v in obj.items() if k not in ("status", "metadata")}, "metadata": meta})
 
 
 def owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
