@@ -69,7 +69,6 @@ class WorkerServer:
         config: ServerConfig | None = None,
         *,
         load_hook: Callable[[str], None] | None = None,
-        build_engine: Callable[[], LLMEngine] | None = None,
         started_at: float | None = None,
     ) -> None:
         self.config = config = config or ServerConfig()
@@ -102,8 +101,6 @@ class WorkerServer:
         def build() -> LLMEngine:
             if config.debug_load_delay > 0:
                 time.sleep(config.debug_load_delay)
-            if build_engine is not None:
-                return build_engine()
             from .engine import LLMEngine
 
             return LLMEngine(engine_config)

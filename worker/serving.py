@@ -290,9 +290,9 @@ class OpenAIServing:
                 usage = protocol.usage(sum(map(len, prompts)), sum(completion_tokens), prompt_cached)
                 await resp.write(protocol.sse(protocol.usage_chunk(h, req.kind, usage)))
             await resp.write(protocol.SSE_DONE)
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client is gone: nothing to write; the caller's `finally` aborts
-        except Exception as e:
+        except ConnectionResetError:
+            pass  # the client is gone: nothing to write; the caller's `finally` aborts
+        except Exception as e:  # (CancelledError is not an Exception: it goes up untouched)
             await self._stream_error(resp, e)
         return resp
 
