@@ -1,27 +1,18 @@
-"""The OpenAI wire format: parse and check request bodies, build responses, chunks and errors.
+"""The OpenAI wire format, inbound: parse and check request bodies; the error object.
 
-Everything here is pure (no aiohttp, no torch): bodies in, typed requests or `ApiError` out;
-engine outputs in, JSON-ready dicts out. The server decides when; this module decides what.
+Everything here is pure (no aiohttp, no torch): bodies in, typed requests or `ApiError` out.
+responses.py builds what goes back. The server decides when; these modules decide what.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InvalidRequestError
 from .sampling_params import SamplingParams
 from .schemas import CHAT_REQUEST, COMPLETION_REQUEST, MAX_CHOICES, SchemaError, validate
-
-if TYPE_CHECKING:  # both pull in torch; this module stays importable without it
-    from .outputs import RequestOutput
-    from .sampling import TokenLogprobs
-
-# a logprob that JSON cannot carry (-inf) goes out as this, as vLLM does
-_MIN_LOGPROB = -9999.0
 
 
 class ApiError(Exception):
@@ -258,177 +249,3 @@ def parse_completion(body: dict[str, Any], schema: dict[str, Any] = COMPLETION_R
             f"n x the number of prompts must be at most {MAX_CHOICES}, got {req.num_choices}", param="n"
         )
     return req
-
-
-# -- responses -----------------------------------------------------------------------------------
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def finish_reason(out: RequestOutput) -> str | None:
-    return out.finish_reason if out.finished else None
-
-
-def _lp(x: float) -> float:
-    return x if x > _MIN_LOGPROB else _MIN_LOGPROB
-
-
-TokenText = Callable[[int], str]
-
-
-def chat_logprobs(lps: list[TokenLogprobs], text: TokenText) -> dict[str, Any]:
-    def entry(tid: int, lp: float) -> dict[str, Any]:
-        s = text(tid)
-        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
-
-    return {
-        "content": [
-            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]} for t in lps
-        ]
-    }
-
-
-def completion_logprobs(lps: list[TokenLogprobs], text: TokenText, offset: int = 0) -> dict[str, Any]:
-    tokens = [text(t.token_id) for t in lps]
-    offsets = []
-    for s in tokens:
-        offsets.append(offset)
-        offset += len(s)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [_lp(t.logprob) for t in lps],
-        "top_logprobs": [
-            {text(t.token_id): _lp(t.logprob)} | {text(i): _lp(v) for i, v in t.top} for t in lps
-        ],
-        "text_offset": offsets,
-    }
-
-
-@dataclass
-class ResponseHeader:
-    """The fields every response and chunk of one request repeat."""
-
-    id: str
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-def chat_response(h: ResponseHeader, choices: list[dict[str, Any]], usage_: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "object": "chat.completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": choices,
-        "usage": usage_,
-        "system_fingerprint": None,
-    }
-
-
-def chat_choice(index: int, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": out.text},
-        "logprobs": logprobs,
-        "finish_reason": out.finish_reason,
-    }
-
-
-def completion_response(
-    h: ResponseHeader, choices: list[dict[str, Any]], usage_: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "object": "text_completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": choices,
-        "usage": usage_,
-        "system_fingerprint": None,
-    }
-
-
-def completion_choice(
-    index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None
-) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-
-
-def chat_chunk(
-    h: ResponseHeader,
-    index: int,
-    delta: dict[str, Any],
-    *,
-    logprobs: dict[str, Any] | None = None,
-    reason: str | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": h.id,
-        "object": "chat.completion.chunk",
-        "created": h.created,
-        "model": h.model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def completion_chunk(
-    h: ResponseHeader,
-    index: int,
-    text: str,
-    *,
-    logprobs: dict[str, Any] | None = None,
-    reason: str | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": h.id,
-        "object": "text_completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": [completion_choice(index, text, logprobs, reason)],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(h: ResponseHeader, kind: str, usage_: dict[str, Any]) -> dict[str, Any]:
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": h.id, "object": obj, "created": h.created, "model": h.model, "choices": [], "usage": usage_}
-
-
-def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def models_list(name: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "inferfleet",
-                "root": name,
-                "parent": None,
-                "max_model_len": max_model_len,
-            }
-        ],
-    }

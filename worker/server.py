@@ -34,7 +34,8 @@ from .async_engine import AsyncEngine, GenerationStream
 from .errors import InvalidRequestError
 from .metrics import ServerMetrics
 from .openapi import openapi_document
-from .protocol import ApiError, error_body, models_list
+from .protocol import ApiError, error_body
+from .responses import models_list
 from .serving import RETRY_AFTER_UNAVAILABLE, OpenAIServing, json_response
 
 if TYPE_CHECKING:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
-from . import protocol
+from . import protocol, responses
 from .admission import Ticket
 from .errors import EngineDeadError, InvalidRequestError
-from .protocol import ApiError, GenerateRequest, ResponseHeader
+from .protocol import ApiError, GenerateRequest
+from .responses import ResponseHeader
 
 if TYPE_CHECKING:
     from .async_engine import GenerationStream
@@ -219,18 +220,18 @@ class OpenAIServing:
         choices = []
         for idx, o in enumerate(done):
             if req.kind == "chat":
-                lp = protocol.chat_logprobs(o.logprobs, self._token_text) if o.logprobs is not None else None
-                choices.append(protocol.chat_choice(idx, o, lp))
+                lp = responses.chat_logprobs(o.logprobs, self._token_text) if o.logprobs is not None else None
+                choices.append(responses.chat_choice(idx, o, lp))
             else:
                 lp = (
-                    protocol.completion_logprobs(o.logprobs, self._token_text)
+                    responses.completion_logprobs(o.logprobs, self._token_text)
                     if o.logprobs is not None
                     else None
                 )
-                choices.append(protocol.completion_choice(idx, o.text, lp, o.finish_reason))
+                choices.append(responses.completion_choice(idx, o.text, lp, o.finish_reason))
         cached = sum(done[p * req.n].num_cached_tokens for p in range(len(prompts)))
-        usage = protocol.usage(sum(map(len, prompts)), sum(len(o.token_ids) for o in done), cached)
-        build = protocol.chat_response if req.kind == "chat" else protocol.completion_response
+        usage = responses.usage(sum(map(len, prompts)), sum(len(o.token_ids) for o in done), cached)
+        build = responses.chat_response if req.kind == "chat" else responses.completion_response
         return json_response(build(h, choices, usage), headers={"X-Request-Id": h.id})
 
     async def _stream(
@@ -259,12 +260,14 @@ class OpenAIServing:
             if chat:
                 for idx in range(req.num_choices):
                     delta = {"role": "assistant", "content": ""}
-                    await resp.write(protocol.sse(protocol.chat_chunk(h, idx, delta, include_usage=usage_on)))
+                    await resp.write(
+                        responses.sse(responses.chat_chunk(h, idx, delta, include_usage=usage_on))
+                    )
             async for idx, out in stream:
                 ticket.release_part(idx)
                 if out.finish_reason == "abort":
                     raise _Aborted
-                reason = protocol.finish_reason(out)
+                reason = responses.finish_reason(out)
                 if not (out.new_text or out.new_logprobs or reason):
                     continue  # text held back (partial UTF-8 or a possible stop string)
                 completion_tokens[idx] = len(out.token_ids)
@@ -272,24 +275,24 @@ class OpenAIServing:
                 lp = None
                 if chat:
                     if out.new_logprobs:
-                        lp = protocol.chat_logprobs(out.new_logprobs, self._token_text)
+                        lp = responses.chat_logprobs(out.new_logprobs, self._token_text)
                     delta = {"content": out.new_text} if out.new_text else {}
-                    chunk = protocol.chat_chunk(
+                    chunk = responses.chat_chunk(
                         h, idx, delta, logprobs=lp, reason=reason, include_usage=usage_on
                     )
                 else:
                     if req.sampling.logprobs is not None:
-                        lp = protocol.completion_logprobs(out.new_logprobs, self._token_text, offsets[idx])
+                        lp = responses.completion_logprobs(out.new_logprobs, self._token_text, offsets[idx])
                         offsets[idx] += sum(len(t) for t in lp["tokens"])
-                    chunk = protocol.completion_chunk(
+                    chunk = responses.completion_chunk(
                         h, idx, out.new_text, logprobs=lp, reason=reason, include_usage=usage_on
                     )
-                await resp.write(protocol.sse(chunk))
+                await resp.write(responses.sse(chunk))
             if usage_on:
                 prompt_cached = sum(cached[p * req.n] for p in range(len(prompts)))
-                usage = protocol.usage(sum(map(len, prompts)), sum(completion_tokens), prompt_cached)
-                await resp.write(protocol.sse(protocol.usage_chunk(h, req.kind, usage)))
-            await resp.write(protocol.SSE_DONE)
+                usage = responses.usage(sum(map(len, prompts)), sum(completion_tokens), prompt_cached)
+                await resp.write(responses.sse(responses.usage_chunk(h, req.kind, usage)))
+            await resp.write(responses.SSE_DONE)
         except ConnectionResetError:
             pass  # the client is gone: nothing to write; the caller's `finally` aborts
         except Exception as e:  # (CancelledError is not an Exception: it goes up untouched)
@@ -308,4 +311,4 @@ class OpenAIServing:
             log.exception("error while streaming")
             err = ApiError(500, "internal error while streaming", type="server_error", code="internal_error")
         with contextlib.suppress(ConnectionResetError):
-            await resp.write(protocol.sse(err.body(), event="error"))
+            await resp.write(responses.sse(err.body(), event="error"))

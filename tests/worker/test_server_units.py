@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from inferfleet.worker import protocol, schemas
+from inferfleet.worker import protocol, responses, schemas
 from inferfleet.worker.admission import AdmissionControl
 from inferfleet.worker.metrics import CONTRACT_NAMES, EngineSnapshot, ServerMetrics
 from inferfleet.worker.openapi import openapi_document
@@ -117,11 +117,11 @@ def test_parse_json_body_rejects_what_json_does_not_allow() -> None:
 
 
 def test_sse_framing() -> None:
-    assert protocol.sse({"a": 1}) == b'data: {"a": 1}\n\n'
-    assert protocol.sse({"error": {}}, event="error") == b'event: error\ndata: {"error": {}}\n\n'
-    assert protocol.SSE_DONE == b"data: [DONE]\n\n"
+    assert responses.sse({"a": 1}) == b'data: {"a": 1}\n\n'
+    assert responses.sse({"error": {}}, event="error") == b'event: error\ndata: {"error": {}}\n\n'
+    assert responses.SSE_DONE == b"data: [DONE]\n\n"
     with pytest.raises(ValueError):
-        protocol.sse({"x": float("nan")})  # never invalid JSON on the wire
+        responses.sse({"x": float("nan")})  # never invalid JSON on the wire
 
 
 def test_metrics_registry_is_per_server() -> None:
@@ -140,7 +140,8 @@ def test_metrics_registry_is_per_server() -> None:
 def test_protocol_and_metrics_import_without_torch() -> None:
     code = (
         "import sys; import inferfleet.worker.protocol, inferfleet.worker.metrics, "
-        "inferfleet.worker.schemas, inferfleet.worker.admission, inferfleet.worker.openapi; "
+        "inferfleet.worker.schemas, inferfleet.worker.admission, inferfleet.worker.openapi, "
+        "inferfleet.worker.responses; "
         "assert 'torch' not in sys.modules, 'torch was imported'; "
         "assert 'prometheus_client' not in sys.modules"
     )
