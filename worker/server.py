@@ -148,9 +148,7 @@ class WorkerServer:
             self.phase = phase
 
     def _startup_seconds(self) -> dict[str, float]:
-        s = {k: v for k, v in self.async_engine.startup_seconds.items() if k != "load_weights"}
-        if "load_weights" in self.async_engine.startup_seconds:
-            s["load_weights"] = self.async_engine.startup_seconds["load_weights"]
+        s = dict(self.async_engine.startup_seconds)  # load_weights, engine_init, warmup
         if self._total_startup is not None:
             s["total"] = self._total_startup
         return s
@@ -221,7 +219,8 @@ class WorkerServer:
             return await handler(request)
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
-        given = hashlib.sha256(token.strip().encode()).digest()
+        # header bytes that are not UTF-8 arrive as surrogate escapes: hash them, don't crash
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
         if scheme.lower() != "bearer" or not secrets.compare_digest(given, self._api_key_hash):
             message = (
                 "Incorrect API key provided." if auth else "Missing API key (Authorization: Bearer ...)."

@@ -22,7 +22,9 @@ def keyed(tiny_llama: Path) -> Iterator[ServerThread]:
 
 def raw_request(port: int, request_line: str, headers: str = "Host: 127.0.0.1\r\n") -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"{request_line}\r\n{headers}Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"{request_line}\r\n{headers}Connection: close\r\n\r\n".encode("utf-8", "surrogateescape")
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -74,6 +76,8 @@ def test_the_right_key_works_with_the_official_client(keyed: ServerThread) -> No
         ("GET /v1/models?/health/live HTTP/1.1", "Host: h\r\n"),
         ("GET /v1/models#/health/live HTTP/1.1", "Host: h\r\n"),
         ("GET /nope HTTP/1.1", "Host: h\r\n"),
+        # a key that is not even UTF-8
+        ("GET /v1/models HTTP/1.1", "Host: h\r\nAuthorization: Bearer \udcff\udcfe\r\n"),
     ],
 )
 def test_no_path_or_host_trick_gets_past_the_key(
