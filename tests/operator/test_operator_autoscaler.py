@@ -9,7 +9,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import (
+from ifo_emulator import Emulator
+from ifo_support import (
     ISVC,
     FakeWorker,
     by_pod_name,
@@ -19,7 +20,6 @@ from conftest import (
     operator_config,
     running_operator,
 )
-from ifo_emulator import Emulator
 from inferfleet.operator import labels
 from inferfleet.operator.scraper import parse_load, pod_ip_metrics_url, scrape
 

@@ -17,8 +17,8 @@ import aiohttp
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ISVC, MANIFESTS, REPO, eventually, make_isvc
 from ifo_emulator import Emulator
+from ifo_support import ISVC, MANIFESTS, REPO, eventually, make_isvc
 from inferfleet.operator import cli, crd
 
 CONSOLE = shutil.which("inferfleet-operator", path=os.path.dirname(sys.executable)) or "inferfleet-operator"

@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from conftest import ISVC, make_isvc
 from ifo_emulator import Emulator, label_matcher
+from ifo_support import ISVC, make_isvc
 
 pytestmark = pytest.mark.asyncio
 DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"

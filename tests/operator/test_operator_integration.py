@@ -8,8 +8,8 @@ import copy
 from typing import Any
 
 import pytest
-from conftest import ISVC, eventually, make_isvc, operator_config, running_operator
 from ifo_emulator import Emulator
+from ifo_support import ISVC, eventually, make_isvc, operator_config, running_operator
 from inferfleet.operator import crd, labels
 
 pytestmark = pytest.mark.asyncio

@@ -9,7 +9,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from conftest import make_isvc
+from ifo_support import make_isvc
 from inferfleet.operator import contract, labels
 from inferfleet.operator.plan import all_child_refs, plan, spec_hash
 from inferfleet.operator.spec import ServiceSpec, SpecError

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import (
+from ifo_emulator import Emulator
+from ifo_support import (
     ISVC,
     MANIFESTS,
     FakeWorker,
@@ -18,7 +19,6 @@ from conftest import (
     operator_config,
     running_operator,
 )
-from ifo_emulator import Emulator
 from inferfleet.operator import crd, labels, rbac
 from inferfleet.operator.config import OperatorConfig
 from inferfleet.operator.handlers import build_registry

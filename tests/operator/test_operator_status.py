@@ -6,7 +6,7 @@ import datetime
 from typing import Any
 
 import pytest
-from conftest import make_isvc
+from ifo_support import make_isvc
 from inferfleet.operator import labels
 from inferfleet.operator.plan import build_worker_deployment
 from inferfleet.operator.spec import ServiceSpec
