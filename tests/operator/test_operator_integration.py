@@ -248,3 +248,17 @@ async def test_restarting_the_operator_mid_reconcile_creates_no_duplicates(emula
         assert emulator.creations[key] == 1, f"{resource} {name} created {emulator.creations[key]} times"
     assert len(emulator.list("apps/v1/deployments", NS)) == 2
     assert len(emulator.pods_of(NS, WORKERS)) == 3
+
+
+async def test_an_invalid_name_is_reported_not_applied(operator: Emulator) -> None:
+    """A valid DNS subdomain that is no DNS-1035 label (the Service name needs one) gets past the
+    CRD (see crd.py: CEL cannot afford a regex on metadata.name) and is refused by the operator."""
+    operator.put(ISVC, make_isvc(name="llm.v2"))
+
+    def degraded() -> dict[str, Any]:
+        st = (operator.get(ISVC, NS, "llm.v2") or {}).get("status") or {}
+        return next((c for c in st.get("conditions") or [] if c["type"] == "Degraded"), {})
+
+    got = await eventually(lambda: degraded().get("status") == "True" and degraded(), what="InvalidSpec")
+    assert got["reason"] == "InvalidSpec" and "metadata.name" in got["message"]
+    assert operator.list("apps/v1/deployments", NS) == [] and operator.list("v1/services", NS) == []
