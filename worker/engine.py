@@ -102,6 +102,12 @@ class LLMEngine:
             (not isinstance(t, int)) or isinstance(t, bool) or t < 0 or t >= vocab for t in prompt_token_ids
         ):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param=param)
+        bad_stop = [t for t in params.stop_token_ids if not (0 <= t < vocab)]
+        if bad_stop:
+            raise InvalidRequestError(
+                f"stop_token_ids must be token ids in [0, {vocab}), got {bad_stop[:4]}",
+                param="stop_token_ids",
+            )
         limit = self.max_model_len
         if n >= limit:
             raise InvalidRequestError(

@@ -16,6 +16,7 @@ import torch
 
 from . import kernels
 from .config import EngineConfig
+from .errors import InvalidRequestError
 from .layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -186,9 +187,10 @@ class ModelRunner:
             # never more than every sequence at full length could use
             n = min(n, cfg.max_num_seqs * min_blocks + 1)
         if n < min_blocks:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the KV cache holds {n} blocks ({n * self.block_size} tokens) but max_model_len "
-                f"{cfg.max_model_len} needs {min_blocks}: give it more memory or lower max_model_len"
+                f"{cfg.max_model_len} needs {min_blocks}: give it more memory or lower max_model_len",
+                param="max_model_len",
             )
         return int(n)
 

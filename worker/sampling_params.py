@@ -39,7 +39,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below 1e-5 the scaled logits overflow; such temperatures mean greedy anyway
+        return self.temperature < 1e-5
 
     def verify(self) -> None:
         def bad(param: str, message: str) -> InvalidRequestError:

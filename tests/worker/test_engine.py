@@ -299,3 +299,27 @@ def test_sampling_follows_the_distribution() -> None:
     expected = torch.softmax(logits[0] / 0.7, -1).double() * 4000
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
+
+
+def test_out_of_vocab_stop_token_ids_are_bad_input(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama)
+    with pytest.raises(InvalidRequestError) as e:
+        eng.add_request(
+            "x", params=SamplingParams(stop_token_ids=[10**6], min_tokens=1), prompt_token_ids=[1, 2]
+        )
+    assert e.value.param == "stop_token_ids"
+    assert not eng.has_unfinished_requests()
+
+
+def test_kv_pool_smaller_than_one_sequence_is_a_config_error(tiny_llama: Path) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        engine(tiny_llama, num_kv_blocks=2, max_model_len=256)
+    assert e.value.param == "max_model_len"
+
+
+def test_tiny_temperature_is_greedy(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama)
+    p = [[3, 4, 5]]
+    assert generate(eng, p, SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True)) == generate(
+        eng, p, SamplingParams(max_tokens=8, ignore_eos=True)
+    )
