@@ -35,7 +35,7 @@ import itertools
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp.web
@@ -716,8 +716,3 @@ class Emulator(kmock.KubernetesEmulator):
 
     def pods_of(self, namespace: str, selector: str) -> list[Obj]:
         return self.list("v1/pods", namespace, selector)
-
-    def objects(
-        self, resources: Iterable[str], namespace: str | None = None, selector: str | None = None
-    ) -> list[Obj]:
-        return [o for r in resources for o in self.list(r, namespace, selector)]
