@@ -68,10 +68,18 @@ class DecodeGraphs:
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
         )
-        # pinned staging for one host->device copy per buffer
-        self._h_i64 = torch.zeros((3, n), dtype=torch.long).pin_memory()
-        self._h_lens = torch.zeros(n, dtype=torch.int32).pin_memory()
-        self._h_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory()
+        # pinned staging for one host->device copy per buffer, two sets: the engine prepares step
+        # N+1 while step N's copies may still be queued behind step N-1 on the stream, and a set
+        # is rewritten only after the step that used it has finished (the engine waits for it)
+        self._staging = [
+            (
+                torch.zeros((3, n), dtype=torch.long).pin_memory(),
+                torch.zeros(n, dtype=torch.int32).pin_memory(),
+                torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory(),
+            )
+            for _ in range(2)
+        ]
+        self._flip = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
@@ -138,28 +146,34 @@ class DecodeGraphs:
         slots: np.ndarray,
         seq_lens: np.ndarray,
         tables: list[np.ndarray],
+        feed: tuple[list[int], list[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        h = self._h_i64
+        h, h_lens, h_tables = self._staging[self._flip]
+        self._flip ^= 1
         h[0, :n] = torch.from_numpy(ids)
         h[1, :n] = torch.from_numpy(positions)
         h[2, :n] = torch.from_numpy(slots)
         h[0, n:bs] = 0
         h[1, n:bs] = 0
         h[2, n:bs] = -1
-        self._h_lens[:n] = torch.from_numpy(seq_lens)
-        self._h_lens[n:bs] = 0
+        h_lens[:n] = torch.from_numpy(seq_lens)
+        h_lens[n:bs] = 0
         width = max(len(t) for t in tables)
-        ht = self._h_tables.numpy()
+        ht = h_tables.numpy()
         for i, t in enumerate(tables):
             ht[i, : len(t)] = t
         self.input_ids[:bs].copy_(h[0, :bs], non_blocking=True)
         self.positions[:bs].copy_(h[1, :bs], non_blocking=True)
         self.slots[:bs].copy_(h[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self._h_lens[:bs], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self._h_tables[:n, :width], non_blocking=True)
+        self.seq_lens[:bs].copy_(h_lens[:bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
+        if feed is not None:
+            from .runner import apply_feed
+
+            apply_feed(self.input_ids, feed)
         g, logits = self.graphs[bs]
         g.replay()
         return logits[:n]

@@ -16,10 +16,10 @@ from .errors import InvalidRequestError
 from .kv_cache import BlockManager
 from .outputs import RequestOutput
 from .runner import ModelRunner
-from .sampling import SampleRequest, TokenLogprobs, sample
+from .sampling import SampleRequest, TokenLogprobs, sample_device, to_host_async, unpack_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence
+from .sequence import PLACEHOLDER, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,16 @@ class EngineStats:
     preemptions: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
     steps: int = 0
+
+
+@dataclass
+class _Inflight:
+    reqs: list[_Request]  # the sampling rows of a launched step, in row order
+    positions: list[int]  # index of each row's placeholder in its sequence's token_ids
+    tokens: torch.Tensor  # [N] sampled ids on the device (feeds the next step)
+    tokens_host: torch.Tensor  # [N] the same, copied to the host asynchronously
+    lp_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # chosen, top values, top ids
+    event: torch.cuda.Event | None  # set when the host copies have landed (CUDA only)
 
 
 @dataclass
@@ -70,6 +80,7 @@ class LLMEngine:
         )
         # observability hook: called with (request ids, logits [N, V]) before sampling each step
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
+        self._inflight: _Inflight | None = None  # the launched step whose tokens are not read yet
         self.startup_seconds = dict(self.runner.timings)
         self.startup_seconds["engine_init"] = time.perf_counter() - t0
 
@@ -84,6 +95,7 @@ class LLMEngine:
         n = min(8, self.max_model_len - 2)
         self.add_request(rid, params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=[1] * n)
         self.generate_all([rid])
+        self.drain_inflight()
         self.stats = EngineStats()  # warm-up traffic is not user traffic
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.startup_seconds["warmup"] = time.perf_counter() - t0
@@ -178,6 +190,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def drain_inflight(self) -> list[RequestOutput]:
+        """Read the step still running (if any); nothing new is launched."""
+        step, self._inflight = self._inflight, None
+        return self._resolve(step) if step is not None else []
+
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
@@ -190,47 +207,101 @@ class LLMEngine:
         return self.block_manager.usage()
 
     # -- the step ------------------------------------------------------------------------------
+    #
+    # Steps are pipelined one deep so the host never leaves the GPU idle:
+    #
+    #   step() k:   schedule N ─ launch N (forward + sampling, no sync) ─ resolve N-1 ─ return outputs
+    #   GPU:                      ├── N-1 still running ──┤├── N ─────────────────────────┤
+    #
+    # A sampled token is appended as a placeholder (-1) at launch and filled in at resolution, one
+    # step() later. Step N schedules with the placeholders counted, and the rows whose last token is
+    # a placeholder of step N-1 take it on the device from N-1's sampled tensor. A request found
+    # finished when N-1 resolves (EOS, a stop string) has already been scheduled into N: its row in N
+    # is discarded. Requests that reach max_tokens are known at launch (stop_pending) and are not
+    # scheduled again. Blocks freed while a step is in flight are safe to hand out at once: every
+    # later step runs after it on the same stream.
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch. Returns an output for every request that finished, and for every streaming
-        request that produced a token (offline requests report only their end)."""
+        """Launch one batch and return the outputs of the previous one: an output for every request
+        that finished, and for every streaming request that produced a token (offline requests
+        report only their end)."""
         sched = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
-        if sched.is_empty:
-            return []
-        step_logits = self.runner.execute(sched)
-        self.scheduler.advance(sched)
-        self.stats.steps += 1
-        return self._process(sched, step_logits.logits, step_logits.rows)
+        launched = self._launch(sched) if not sched.is_empty else None
+        outputs = self._resolve(self._inflight) if self._inflight is not None else []
+        self._inflight = launched
+        return outputs
 
-    def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int]) -> list[RequestOutput]:
+    def _launch(self, sched: SchedulerOutput) -> _Inflight:
+        prev = self._inflight
+        feed = None
+        if prev is not None:
+            # decode rows whose input token is still a placeholder of the previous step
+            dst: list[int] = []
+            src: list[int] = []
+            flat = 0
+            for s in sched.scheduled:
+                seq = s.seq
+                if seq.pending_row >= 0 and seq.token_ids[seq.num_computed_tokens + s.num_new_tokens - 1] < 0:
+                    dst.append(flat + s.num_new_tokens - 1)
+                    src.append(seq.pending_row)
+                flat += s.num_new_tokens
+            if dst:
+                feed = (dst, src, prev.tokens)
+        step_logits = self.runner.execute(sched, feed)
+        self.stats.steps += 1
+        reqs = [self.requests[sched.scheduled[j].seq.request_id] for j in step_logits.rows]
+        positions: list[int] = []
+        tokens = torch.empty(0, dtype=torch.long)
+        lp = None
+        if reqs:
+            if self.on_logits is not None:
+                self.on_logits([r.seq.request_id for r in reqs], step_logits.logits)
+            for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
+                if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
+                    r.sampler.banned_token_ids = []
+            tokens, lp = sample_device(step_logits.logits, [r.sampler for r in reqs], self._noise)
+            for row, r in enumerate(reqs):
+                seq = r.seq
+                positions.append(len(seq.token_ids))
+                seq.token_ids.append(PLACEHOLDER)
+                seq.pending_row = row
+                if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                    seq.stop_pending = True
+        self.scheduler.advance(sched)
+        return _Inflight(reqs, positions, *to_host_async(tokens, lp))
+
+    def _resolve(self, step: _Inflight) -> list[RequestOutput]:
+        if step.event is not None:
+            step.event.synchronize()
         outputs: list[RequestOutput] = []
-        if not rows:
+        if not step.reqs:
             return outputs
-        reqs = [self.requests[sched.scheduled[j].seq.request_id] for j in rows]
-        if self.on_logits is not None:
-            self.on_logits([r.seq.request_id for r in reqs], logits)
-        for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
-            if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
-                r.sampler.banned_token_ids = []
-        token_ids, logprobs = sample(logits, [r.sampler for r in reqs], self._noise)
+        token_ids = step.tokens_host.tolist()
+        logprobs = unpack_logprobs(step.lp_host, [r.sampler for r in step.reqs], token_ids)
         now = time.monotonic()
-        for r, tok, lp in zip(reqs, token_ids, logprobs):
+        for r, pos, tok, lp in zip(step.reqs, step.positions, token_ids, logprobs):
             seq = r.seq
+            if self.requests.get(seq.request_id) is not r:
+                continue  # finished or aborted while this step ran
+            seq.token_ids[pos] = tok
+            if seq.pending_row >= 0 and pos == len(seq.token_ids) - 1:
+                seq.pending_row = -1
+            self.block_manager.register_full_blocks(seq)
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats.prompt_tokens += seq.num_prompt_tokens
-            seq.token_ids.append(tok)
             self.stats.generation_tokens += 1
             new_lp = [lp] if lp is not None else []
             if r.logprobs is not None:
                 r.logprobs.extend(new_lp)
-            reason = self._stop_reason(r, tok)
+            reason = self._stop_reason(r, tok, pos + 1 - seq.num_prompt_tokens, pos + 1)
             if reason != "stop":  # a stop token itself never becomes text
                 r.detok.add_tokens([tok], decode=r.incremental)
                 if reason is None and r.detok.stopped_by is not None:
                     reason = "stop"
             if reason is not None:
+                del seq.token_ids[pos + 1 :]  # placeholders of a step launched after this one
                 r.detok.finish()
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
@@ -240,11 +311,11 @@ class LLMEngine:
                 outputs.append(self._output(r, [tok], r.detok.take_delta(finished), new_lp, finished))
         return outputs
 
-    def _stop_reason(self, r: _Request, tok: int) -> str | None:
-        seq = r.seq
-        if seq.num_output_tokens >= seq.params.min_tokens and tok in r.stop_ids:
+    def _stop_reason(self, r: _Request, tok: int, num_output: int, num_tokens: int) -> str | None:
+        params = r.seq.params
+        if num_output >= params.min_tokens and tok in r.stop_ids:
             return "stop"
-        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -131,7 +131,11 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        known = seq.num_tokens
+        while known > 0 and seq.token_ids[known - 1] < 0:  # placeholders: values not read yet
+            known -= 1
+        full = min(seq.num_computed_tokens, known) // bs
+        full = min(full, len(seq.block_table))
         parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT
         for i in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]

@@ -30,6 +30,21 @@ from .scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 
+Feed = tuple[list[int], list[int], torch.Tensor]
+
+
+def apply_feed(ids: torch.Tensor, feed: Feed) -> None:
+    """ids[dst] = source[src] on the device (placeholder inputs from the previous step)."""
+    dst, src, source = feed
+    dev = ids.device
+    d = torch.tensor(dst, dtype=torch.long)
+    s = torch.tensor(src, dtype=torch.long)
+    if dev.type == "cuda":
+        d = d.pin_memory().to(dev, non_blocking=True)
+        s = s.pin_memory().to(dev, non_blocking=True)
+    ids.index_copy_(0, d, source.index_select(0, s))
+
+
 @dataclass
 class StepLogits:
     logits: torch.Tensor  # [N, V] float32, one row per scheduled sequence that samples
@@ -271,19 +286,26 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepLogits:
+    def execute(self, out: SchedulerOutput, feed: Feed | None = None) -> StepLogits:
+        """Run the batch; returns logits without waiting for the device.
+
+        `feed` = (token indices in this batch, rows of `source`, source): input tokens that are
+        still placeholders on the host, taken from the previous step's sampled ids on the device.
+        """
         hb = build_host_batch(out, self.block_size)
         dev = self.device
         if self.graphs is not None and hb.decode_only and len(hb.ids) <= self.graphs.max_batch:
-            logits = self.graphs.run(
-                hb.ids, hb.positions, hb.slots, np.asarray(hb.seq_lens, dtype=np.int32), hb.tables
-            )
+            seq_lens = np.asarray(hb.seq_lens, dtype=np.int32)
+            logits = self.graphs.run(hb.ids, hb.positions, hb.slots, seq_lens, hb.arrays, feed)
             # in a decode-only step every row samples, in order
             return StepLogits(logits, hb.rows)
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
+        ids = torch.from_numpy(hb.ids).to(dev, non_blocking=True)
+        if feed is not None:
+            apply_feed(ids, feed)
         hidden = self.model(
-            torch.from_numpy(hb.ids).to(dev, non_blocking=True),
+            ids,
             torch.from_numpy(hb.positions).to(dev, non_blocking=True),
             self.kv_caches,
             meta,

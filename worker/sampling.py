@@ -65,13 +65,15 @@ def filter_batch(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     return torch.empty_like(logits).scatter_(1, idx, vals)
 
 
-def sample(
+def sample_device(
     logits: torch.Tensor, requests: list[SampleRequest], generator: torch.Generator | None = None
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [N, V] float32, one row per request. Returns token ids and (if asked) logprobs.
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """logits: [N, V] float32, one row per request -> sampled ids [N] on the logits' device, and
+    for the rows that asked for logprobs (chosen [R], top values [R, K], top ids [R, K]).
 
-    Rows whose request has its own generator (an explicit seed) draw their noise from it, one row at
-    a time, so their tokens do not depend on the batch; all other rows share `generator`.
+    Nothing here waits for the device. Rows whose request has its own generator (an explicit
+    seed) draw their noise from it, one row at a time, so their tokens do not depend on the batch;
+    all other rows share `generator`.
     """
     n = logits.shape[0]
     assert n == len(requests)
@@ -82,10 +84,10 @@ def sample(
                 logits[i, r.banned_token_ids] = float("-inf")
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    dev = logits.device
     if random_rows:
-        dev = logits.device
-        rr = torch.tensor(random_rows, device=dev)
-        temps = torch.tensor([requests[i].params.temperature for i in random_rows], device=dev)
+        rr = _index(random_rows, dev)
+        temps = _values([requests[i].params.temperature for i in random_rows], dev)
         scaled = filter_batch(
             logits[rr] / temps[:, None],
             [requests[i].params.top_k for i in random_rows],
@@ -98,27 +100,72 @@ def sample(
             if len(shared) == len(random_rows):
                 noise.exponential_(1.0, generator=generator)
             else:
-                sh = torch.tensor(shared, device=dev)
-                noise[sh] = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
-                    1.0, generator=generator
-                )
+                part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(1.0, generator=generator)
+                noise[_index(shared, dev)] = part
         for j, i in enumerate(random_rows):
             g = requests[i].generator
             if g is not None:
                 noise[j].exponential_(1.0, generator=g)
         tokens[rr] = (probs / noise).argmax(dim=-1)
-    token_list = tokens.tolist()
-    logprobs: list[TokenLogprobs | None] = [None] * n
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
-        k = max(requests[i].params.logprobs or 0 for i in want)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-        for j, i in enumerate(want):
-            t = token_list[i]
-            kk = requests[i].params.logprobs or 0
-            top = (
-                list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist())) if kk and top_i is not None else []
-            )
-            logprobs[i] = TokenLogprobs(t, float(lp[j, t]), top)
-    return token_list, logprobs
+    if not want:
+        return tokens, None
+    w = _index(want, dev)
+    lp = torch.log_softmax(logits[w], dim=-1)
+    chosen = lp.gather(1, tokens[w][:, None])[:, 0]
+    k = max(max(requests[i].params.logprobs or 0 for i in want), 1)
+    top_v, top_i = lp.topk(k, dim=-1)
+    return tokens, (chosen, top_v, top_i)
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(rows, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _values(vals: list[float], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(vals, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def to_host_async(
+    tokens: torch.Tensor, lp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, torch.cuda.Event | None]:
+    """(device tokens, host tokens, host logprob tensors, event); on CUDA the copies are async and
+    the event marks their completion."""
+    if tokens.device.type != "cuda":
+        return tokens, tokens, lp, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    lp_host = None
+    if lp is not None:
+        lp_host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in lp)
+    event = torch.cuda.Event()
+    event.record()
+    return tokens, host, lp_host, event
+
+
+def unpack_logprobs(
+    lp: tuple[torch.Tensor, ...] | None, requests: list[SampleRequest], tokens: list[int]
+) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(requests)
+    if lp is None:
+        return out
+    chosen, top_v, top_i = (t.tolist() for t in lp)
+    j = 0
+    for i, r in enumerate(requests):
+        if r.params.logprobs is None:
+            continue
+        k = r.params.logprobs
+        out[i] = TokenLogprobs(tokens[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k])) if k else [])
+        j += 1
+    return out
+
+
+def sample(
+    logits: torch.Tensor, requests: list[SampleRequest], generator: torch.Generator | None = None
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Synchronous form of sample_device: token ids and logprobs as Python values."""
+    tokens, lp = sample_device(logits, requests, generator)
+    ids = tokens.tolist()
+    return ids, unpack_logprobs(lp, requests, ids)

@@ -78,6 +78,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.stop_pending:  # done by length once its last token resolves: nothing to compute
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, "a running sequence always has a token to compute"
             while not self.bm.allocate(seq, n):
@@ -144,5 +147,6 @@ class Scheduler:
         for s in self.running:
             assert s.status is SequenceStatus.RUNNING
             assert 0 <= s.num_computed_tokens <= s.num_tokens
+            assert s.stop_pending or s.num_computed_tokens < s.num_tokens
             assert len(s.block_table) * self.bm.block_size >= s.num_computed_tokens
         self.bm.check_invariants(live)

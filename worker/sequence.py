@@ -11,6 +11,9 @@ import numpy as np
 from .sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token whose value is still on the device (see engine.step)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -35,6 +38,10 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # row of this sequence's placeholder in the launched step's sampled tensor, -1 when none
+    pending_row: int = -1
+    # its last placeholder reaches max_tokens / max_model_len: finished once it resolves
+    stop_pending: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
