@@ -10,7 +10,6 @@ import numpy as np
 
 from .sampling_params import SamplingParams
 
-
 PLACEHOLDER = -1  # a sampled token whose value is still on the device (see engine.step)
 
 
