@@ -3,6 +3,7 @@
 Part 1 runs LLM.generate in-process. Part 2 starts `inferfleet-worker serve` on a free port, waits
 for /health/ready, streams a chat completion through the official `openai` client (printing
 tokens as they arrive), prints a few lines of /metrics and stops the server with SIGTERM.
+Part 3 renders what the operator would create for manifests/examples/tiny-cpu.yaml.
 
 The weights are random, so the text is gibberish; what the demo shows is the whole path working:
 checkpoint layout, tokenizer, chat template, paged KV cache, continuous batching, detokenization,
@@ -157,6 +158,26 @@ def main() -> None:
     print(f"== tiny {args.arch} checkpoint in {model_dir}")
     offline(model_dir, args.arch)
     served(model_dir, Path(args.dir) / "server.log")
+    render_fleet()
+
+
+def render_fleet() -> None:
+    """Part 3: what the operator would create for the examples, without a cluster."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("tiny-cpu.yaml", "llama-3.1-8b.yaml"):
+        example = root / "manifests" / "examples" / name
+        out = subprocess.run(
+            [sys.executable, "-m", "inferfleet.operator.cli", "render", "-f", str(example)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        print(f"\n== inferfleet-operator render -f manifests/examples/{name}")
+        for obj in yaml.safe_load_all(out):
+            if obj:
+                print(f"   {obj['kind']:22s} {obj['metadata']['name']}")
 
 
 if __name__ == "__main__":
