@@ -7,11 +7,13 @@ the serving settings. Nothing below the engine reads the environment or files on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from .quant.spec import METHODS as QUANTIZATIONS
+from .quant.spec import QuantConfig, resolve_quantization
 
 # architectures -> the switches of our single decoder implementation (models/llama.py)
 SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -22,7 +24,6 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     quantization_config: dict[str, Any] | None = None
+    # resolved by EngineConfig from --quantization and quantization_config (None: plain weights)
+    quant: QuantConfig | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
@@ -209,6 +212,13 @@ class EngineConfig:
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
                 param="quantization",
             )
+        capability = torch.cuda.get_device_capability(self.device) if self.device != "cpu" else None
+        quant = resolve_quantization(
+            self.quantization, self.model_config.quantization_config, self.device, capability, self.dtype
+        )
+        # a GPTQ or FP8 checkpoint served with quantization "none" reports what it runs
+        self.quantization = quant.method if quant is not None else "none"
+        self.model_config = replace(self.model_config, quant=quant)
         for name in ("max_num_seqs", "block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

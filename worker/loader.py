@@ -17,7 +17,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,22 +114,34 @@ class SafetensorsFile:
         return torch.frombuffer(self._mmap, dtype=torch.uint8, count=t.nbytes, offset=t.start)
 
 
+# FP8 tensors are never converted: without their scales the values mean nothing in another dtype
+_KEEP_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _convert(
+    name: str, x: torch.Tensor, dtype: torch.dtype, keep: Callable[[str], bool] | None
+) -> torch.Tensor:
+    convert = x.is_floating_point() and x.dtype != dtype and x.dtype not in _KEEP_DTYPES
+    return x.to(dtype) if convert and not (keep is not None and keep(name)) else x
+
+
 def iter_weights(
-    model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    keep_dtype: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor; floating tensors converted to `dtype`. On CUDA the
-    tensors arrive on the device through the pinned pipeline."""
+    """Yield (name, tensor) for every tensor; floating tensors converted to `dtype`, except FP8 ones
+    and those `keep_dtype(name)` names (quantization scales). On CUDA the tensors arrive on the device
+    through the pinned pipeline."""
     device = torch.device(device)
     files = [SafetensorsFile(p) for p in safetensors_files(model_dir)]
     if device.type == "cuda":
-        yield from _CudaPipeline(files, device).run(dtype)
+        yield from _CudaPipeline(files, device).run(dtype, keep_dtype)
         return
     for f in files:
         for t in f.entries:
-            x = f.view(t)
-            if x.is_floating_point() and x.dtype != dtype:
-                x = x.to(dtype)
-            yield t.name, x
+            yield t.name, _convert(t.name, f.view(t), dtype, keep_dtype)
 
 
 class _CudaPipeline:
@@ -164,7 +176,9 @@ class _CudaPipeline:
         finally:
             self._buffers.put((buf, stream))
 
-    def run(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def run(
+        self, dtype: torch.dtype, keep_dtype: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         work: list[tuple[TensorEntry, torch.Tensor, list[Future[None]]]] = []
         t0 = time.perf_counter()
         total = 0
@@ -196,9 +210,7 @@ class _CudaPipeline:
                     if t.nbytes
                     else torch.empty(t.shape, dtype=t.dtype, device=self.device)
                 )
-                if x.is_floating_point() and x.dtype != dtype:
-                    x = x.to(dtype)
-                yield t.name, x
+                yield t.name, _convert(t.name, x, dtype, keep_dtype)
         del work
         dt = time.perf_counter() - t0
         log.info("read %.2f GB of weights in %.2fs (%.2f GB/s)", total / 1e9, dt, total / 1e9 / max(dt, 1e-9))
@@ -208,7 +220,8 @@ def load_model_weights(model: torch.nn.Module, model_dir: str | Path, dtype: tor
     """Load every tensor into `model` (which lives on its target device). Returns seconds taken."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    model.load_weights(iter_weights(model_dir, dtype, device))  # type: ignore[operator]
+    keep = getattr(model, "keep_checkpoint_dtype", None)
+    model.load_weights(iter_weights(model_dir, dtype, device, keep))  # type: ignore[operator]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

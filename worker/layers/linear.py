@@ -1,12 +1,22 @@
-"""Linear layers whose weights load from one or several checkpoint tensors (merged QKV, gate/up)."""
+"""Linear layers whose weights load from one or several checkpoint tensors (merged QKV, gate/up).
+
+A quantized layer (FP8, INT8, GPTQ: `quant` set) hands its parameters, their loading and its matmul
+to a linear method from worker/quant/ (vLLM's LinearMethod split); the plain path below is unchanged.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .. import kernels
+
+if TYPE_CHECKING:
+    from ..quant.methods import LinearMethod
+    from ..quant.spec import QuantConfig
 
 # decode batches up to this many rows stream the weights through kernels/skinny_gemm.py; larger
 # batches (and prefill) go to cuBLAS. 0 turns the skinny path off.
@@ -17,12 +27,21 @@ class Linear(nn.Module):
     """y = x W^T (+ b). `output_sizes` lists the checkpoint tensors stacked along the output dim:
     QKV is [q, k, v], gate/up is [gate, up]; each shard loads into its own row range."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool = False, quant: QuantConfig | None = None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         out = sum(output_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.method: LinearMethod | None = None
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        else:
+            from ..quant.methods import make_linear_method
+
+            self.method = make_linear_method(quant)
+            self.method.create_weights(self)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
 
     def shard_range(self, shard: int) -> tuple[int, int]:
@@ -30,6 +49,8 @@ class Linear(nn.Module):
         return start, start + self.output_sizes[shard]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.apply(self, x)
         if (
             x.is_cuda
             and x.dim() == 2

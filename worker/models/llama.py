@@ -41,8 +41,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, [cfg.hidden_size])
+        self.qkv_proj = Linear(
+            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias, quant=cfg.quant
+        )
+        self.o_proj = Linear(self.q_size, [cfg.hidden_size], quant=cfg.quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -60,8 +62,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter])
-        self.down_proj = Linear(self.inter, [cfg.hidden_size])
+        self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], quant=cfg.quant)
+        self.down_proj = Linear(self.inter, [cfg.hidden_size], quant=cfg.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -147,8 +149,14 @@ class DecoderModel(nn.Module):
             # transformers ties lm_head to the embedding and ignores any stored lm_head copy
             self.lm_head.weight = self.model.embed_tokens.weight
             params = dict(self.named_parameters())
+        quantized: dict[str, Linear] = {}  # linear layers whose tensors their quant method loads
         for name in params:
-            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            owner_name, _, pname = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            if isinstance(owner, Linear) and owner.method is not None:
+                quantized[owner_name] = owner
+                if pname in owner.method.optional_params:
+                    continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
@@ -163,6 +171,12 @@ class DecoderModel(nn.Module):
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
                 )
             param = params[target]
+            owner_name, _, pname = target.rpartition(".")
+            qlayer = quantized.get(owner_name)
+            if qlayer is not None and qlayer.method is not None and pname != "bias":
+                for written in qlayer.method.load(qlayer, pname, shard or 0, tensor, ck_name):
+                    pending.get(f"{owner_name}.{written}", set()).discard(shard or 0)
+                continue
             if shard is None:
                 dest, shard_id = param.data, 0
             else:
@@ -180,3 +194,11 @@ class DecoderModel(nn.Module):
         missing = sorted(n for n, s in pending.items() if s)
         if missing:
             raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}")
+        for layer in quantized.values():
+            if layer.method is not None:
+                layer.method.process_after_loading(layer)
+
+    def keep_checkpoint_dtype(self, name: str) -> bool:
+        """Checkpoint tensors the loader must not convert to the model dtype: quantization scales
+        (GPTQ's fp16 scales would lose bits as bf16; FP8 weight scales are kept exact)."""
+        return self.config.quant is not None and name.endswith((".scales", ".weight_scale"))

@@ -1,0 +1,184 @@
+"""GPTQ: fused dequantize + matmul for decode batches, and a dequantize kernel for large ones.
+
+Weight layout (quant/gptq.py rewrites the checkpoint into it at load):
+
+    qweight_t int32 [N, K / p]   p = 32 / bits codes per word, packed along K: the code of W[n, k]
+                                 sits in bits [bits * (k % p), bits * (k % p + 1)) of qweight_t[n, k // p]
+    scales_t  fp16  [N, G]       zeros_t uint8 [N, G]      g_idx int32 [K] (group of column k)
+    W[n, k] = scales_t[n, g] * (q - zeros_t[n, g]),  g = g_idx[k]
+
+`gptq_gemm` (M <= 64): each program streams BLOCK_N rows of packed codes along K, like
+skinny_gemm.py at 1/4 of the bytes (4-bit). Every int32 is loaded once per code it holds (the p
+loads of a word hit the same cache line) and shifted into place. When groups are contiguous and a K
+block lies inside one group (`group_k` a multiple of BLOCK_K, the usual group 128 with act-order
+sorted away at load), the scale and zero are one [BLOCK_N] row per block: the block's integer
+differences (q - z, exact in bf16) go through the tensor cores and the scale multiplies the
+[M, BLOCK_N] partial sum. Otherwise scales and zeros are gathered per element through g_idx.
+SPLIT_K > 1 cuts K into slices reduced with float32 atomics, for layers with few output rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 64
+
+
+@triton.jit
+def _gptq_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr,
+    M, N, K, G, group_k,
+    stride_xm, stride_ym,
+    BITS: tl.constexpr, PER_BLOCK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    rows64 = offs_n.to(tl.int64)
+    qw_rows = qw_ptr + rows64[:, None] * (K // PACK)
+    sz_rows = rows64[:, None] * G
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        nk_ok = n_ok[:, None] & k_ok[None, :]
+        words = tl.load(qw_rows + (offs_k // PACK)[None, :], mask=nk_ok, other=0)  # [BN, BK] int32
+        q = (words >> ((offs_k % PACK) * BITS)[None, :]) & MASK
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        if PER_BLOCK_SCALE:
+            g = k0 // group_k
+            s = tl.load(s_ptr + rows64 * G + g, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
+            z = tl.load(z_ptr + rows64 * G + g, mask=n_ok, other=0).to(tl.int32)
+            w = (q - z[:, None]).to(x.dtype)
+            part = tl.dot(x, tl.trans(w))  # [BM, BN] float32
+            acc += part * s[None, :]
+        else:
+            g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)  # [BK]
+            s = tl.load(s_ptr + sz_rows + g[None, :], mask=nk_ok, other=0.0).to(tl.float32)  # [BN, BK]
+            z = tl.load(z_ptr + sz_rows + g[None, :], mask=nk_ok, other=0).to(tl.int32)
+            w = ((q - z).to(tl.float32) * s).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr test, then a runtime one: Triton compiles them apart)
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(y, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _gptq_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, g_ptr, w_ptr,
+    N, K, G,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows64 = offs_n.to(tl.int64)[:, None]
+    ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    words = tl.load(qw_ptr + rows64 * (K // PACK) + (offs_k // PACK)[None, :], mask=ok, other=0)
+    q = (words >> ((offs_k % PACK) * BITS)[None, :]) & MASK
+    g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+    s = tl.load(s_ptr + rows64 * G + g[None, :], mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows64 * G + g[None, :], mask=ok, other=0).to(tl.int32)
+    w = (q - z).to(tl.float32) * s
+    tl.store(w_ptr + rows64 * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """Enough K slices that a layer with few output rows still puts ~2 programs on every SM."""
+    if device.type != "cuda":
+        return 1
+    programs = triton.cdiv(n, block_n)
+    want = max(1, (2 * _num_sms(device.index or 0)) // programs)
+    return int(min(want, 8, max(1, k // (4 * block_k))))
+
+
+def gptq_gemm(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_k: int,
+    bias: torch.Tensor | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_stages: int = 4,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """x [M, K] (M <= MAX_M, columns already in the layer's K order) -> y [M, N] in x's dtype.
+
+    group_k > 0: groups are contiguous runs of group_k columns (g_idx[k] == k // group_k)."""
+    m, k = x.shape
+    n, g = scales_t.shape
+    assert m <= MAX_M and x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
+    block_m = max(16, triton.next_power_of_2(m))
+    if block_n is None:
+        block_n = 16 if m <= 16 else 32
+    if block_k is None:
+        block_k = 128 if group_k <= 0 or group_k % 128 == 0 or g == 1 else 32
+    per_block = group_k > 0 and (g == 1 or group_k % block_k == 0)
+    if split_k is None:
+        split_k = pick_split_k(n, k, block_n, block_k, x.device)
+    y = (
+        torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        if split_k > 1
+        else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    )
+    _gptq_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, qweight_t, scales_t, zeros_t, g_idx, bias if bias is not None else scales_t, y,
+        m, n, k, g, max(group_k, 1),
+        x.stride(0), y.stride(0),
+        BITS=bits, PER_BLOCK_SCALE=per_block, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y.to(x.dtype) if split_k > 1 else y
+
+
+def gptq_dequant(
+    qweight_t: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_k: int,
+    dtype: torch.dtype,
+    block_n: int = 64,
+    block_k: int = 128,
+) -> torch.Tensor:
+    """The layer's W [N, K] in `dtype` (for cuBLAS on batches above MAX_M rows)."""
+    n, g = scales_t.shape
+    k = g_idx.shape[0]
+    w = torch.empty((n, k), dtype=dtype, device=qweight_t.device)
+    _gptq_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight_t, scales_t, zeros_t, g_idx, w, n, k, g,
+        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return w

@@ -1,0 +1,372 @@
+"""`inferfleet-worker quantize`: write a GPTQ checkpoint (AutoGPTQ v1 layout) from a plain one.
+
+GPTQ needs each linear layer's input statistics on calibration text, with the layers before it
+already quantized. The model runs one decoder layer at a time over all calibration sequences
+(dense causal attention on contiguous tensors, float32), in four passes per layer, "true
+sequential" as AutoGPTQ does:
+
+    h -> norm -> [qkv] -> attention -> [o] -> + h -> norm -> [gate_up] -> silu * up -> [down] -> + h2
+
+pass 1 accumulates H for qkv from the normed hidden states and quantizes qkv; pass 2 recomputes
+with the quantized qkv and accumulates H for o; and so on. The quantized layer's outputs feed the
+next layer. Each layer's reconstruction error ||W X - Q X||^2 is reported next to round-to-nearest
+with the same grid. `--method rtn` skips calibration (round to nearest, same layout): fast enough for
+8B-sized checkpoints in the GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ..config import ModelConfig
+from ..errors import InvalidRequestError
+from ..loader import SafetensorsFile, iter_weights, load_model_weights, safetensors_files
+from .gptq import pack_int32
+from .gptq_quantizer import QuantResult, gptq_quantize, reconstruction_error, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+# our merged module -> the checkpoint modules stacked in it, in order
+_SPLITS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+_QUANTIZED = tuple(m for parts in _SPLITS.values() for m in parts)
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    method: str = "gptq"  # "gptq" | "rtn"
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    sym: bool = True
+    damp: float = 0.01
+    nsamples: int = 128
+    seqlen: int = 2048
+    block_size: int = 128
+    batch_size: int = 8  # calibration sequences per forward chunk
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise InvalidRequestError("method must be gptq or rtn", param="method")
+        if self.bits not in (2, 4, 8):
+            raise InvalidRequestError("bits must be 2, 4 or 8", param="bits")
+        if self.group_size != -1 and self.group_size < 1:
+            raise InvalidRequestError("group_size must be -1 or positive", param="group_size")
+        if not 0 < self.damp < 1:
+            raise InvalidRequestError("damp must be in (0, 1)", param="damp")
+        if self.act_order and self.method == "rtn":
+            raise InvalidRequestError("act-order needs calibration (method gptq)", param="act_order")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    gptq_error: float  # ||W X - Q X||^2 up to a constant (trace form); for rtn runs, equal to rtn_error
+    rtn_error: float
+    tokens: int
+
+
+# -- calibration data ------------------------------------------------------------------------------
+
+
+def calibration_samples(
+    text: str, model_dir: str | Path, nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at random offsets of the tokenized text -> [S, T] int64."""
+    from ..tokenizer import Tokenizer
+
+    ids = Tokenizer(model_dir).encode(text, add_special_tokens=False)
+    if len(ids) < 2:
+        raise InvalidRequestError("the calibration text is (almost) empty", param="calibration")
+    if len(ids) < seqlen:
+        log.warning(
+            "calibration text has %d tokens, fewer than seqlen %d: using %d", len(ids), seqlen, len(ids)
+        )
+        seqlen = len(ids)
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
+    return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+
+
+# -- the layer-by-layer dense forward -------------------------------------------------------------
+
+
+def _attend(attn: Any, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of [S, T, (H + 2 KVH) D] -> [S, T, H D], as the engine computes it."""
+    s, t = qkv.shape[:2]
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q, k, v = q.reshape(s * t, h, d), k.reshape(s * t, kvh, d), v.reshape(s * t, kvh, d)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.rotary(positions.repeat(s), q, k)
+    q, k, v = (z.reshape(s, t, -1, d).transpose(1, 2) for z in (q, k, v))  # [S, heads, T, D]
+    if h != kvh:
+        k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
+    return o.transpose(1, 2).reshape(s, t, h * d)
+
+
+_STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "out")
+
+
+def layer_forward(layer: Any, h: torch.Tensor, positions: torch.Tensor, upto: str) -> torch.Tensor:
+    """Run decoder layer `layer` on h [S, T, hidden] up to the input of `upto` (or its output)."""
+    x = layer.input_layernorm(h)
+    if upto == _STAGES[0]:
+        return x
+    a = _attend(layer.self_attn, layer.self_attn.qkv_proj(x), positions)
+    if upto == _STAGES[1]:
+        return a
+    h2 = h + layer.self_attn.o_proj(a)
+    x2 = layer.post_attention_layernorm(h2)
+    if upto == _STAGES[2]:
+        return x2
+    gate, up = layer.mlp.gate_up_proj(x2).chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    if upto == _STAGES[3]:
+        return act
+    return h2 + layer.mlp.down_proj(act)
+
+
+def dense_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits [S, T, V] through the same dense path (checks the calibration forward)."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    h = model.model.embed_tokens(ids).float()
+    for layer in model.model.layers:
+        h = layer_forward(layer, h, positions, "out")
+    return model.lm_head(model.model.norm(h)).float()
+
+
+# -- GPTQ over a model ------------------------------------------------------------------------------
+
+
+def _load_dense_model(model_dir: str | Path, device: torch.device, max_position: int) -> Any:
+    from ..layers.attention import TorchAttentionBackend
+    from ..models import DecoderModel
+
+    mc = ModelConfig.from_pretrained(model_dir)
+    if mc.quantization_config:
+        raise InvalidRequestError(
+            "the input checkpoint is already quantized (config.json has quantization_config)", param="model"
+        )
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            model = DecoderModel(mc, TorchAttentionBackend(), max_position=max_position)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval()
+    load_model_weights(model, model_dir, torch.float32)
+    return model
+
+
+def gptq_model(
+    model_dir: str | Path, samples: torch.Tensor, spec: QuantizeSpec, device: torch.device
+) -> tuple[dict[str, QuantResult], list[LayerReport]]:
+    """Quantize every decoder projection; returns results keyed by our module names
+    (`model.layers.{i}.self_attn.qkv_proj`, ...) and the per-layer error report."""
+    model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
+    with torch.inference_mode():
+        return _gptq_layers(model, samples.to(device), spec, device)
+
+
+def _gptq_layers(
+    model: Any, samples: torch.Tensor, spec: QuantizeSpec, device: torch.device
+) -> tuple[dict[str, QuantResult], list[LayerReport]]:
+    positions = torch.arange(samples.shape[1], device=device)
+    chunks = list(samples.split(spec.batch_size))
+    hidden = [model.model.embed_tokens(c).float() for c in chunks]  # per chunk [s, T, hidden]
+    results: dict[str, QuantResult] = {}
+    reports: list[LayerReport] = []
+    for li, layer in enumerate(model.model.layers):
+        t0 = time.perf_counter()
+        for stage in _STAGES[:-1]:
+            linear = layer.get_submodule(stage)
+            kdim = linear.in_features
+            hess = torch.zeros((kdim, kdim), device=device)
+            ntok = 0
+            for h in hidden:
+                x = layer_forward(layer, h, positions, stage).reshape(-1, kdim).float()
+                hess.addmm_(x.t(), x)
+                ntok += x.shape[0]
+            hess *= 2.0 / ntok
+            w = linear.weight.data.float()
+            rtn = rtn_quantize(w, spec.bits, spec.group_size, spec.sym)
+            rtn_err = reconstruction_error(w, rtn.dequant, hess)
+            if spec.method == "gptq":
+                res = gptq_quantize(
+                    w, hess, spec.bits, spec.group_size, spec.sym, spec.act_order, spec.damp, spec.block_size
+                )
+                err = reconstruction_error(w, res.dequant, hess)
+            else:
+                res, err = rtn, rtn_err
+            name = f"model.layers.{li}.{stage}"
+            results[name] = res
+            reports.append(LayerReport(name, err, rtn_err, ntok))
+            linear.weight.data.copy_(res.dequant)  # later stages and layers see the quantized layer
+        hidden = [layer_forward(layer, h, positions, "out") for h in hidden]
+        log.info("layer %d quantized in %.2fs", li, time.perf_counter() - t0)
+    return results, reports
+
+
+# -- writing the checkpoint -----------------------------------------------------------------------
+
+
+def gptq_tensors(res: QuantResult, bits: int, zero_offset: int = 1) -> dict[str, torch.Tensor]:
+    """One layer's QuantResult -> its AutoGPTQ tensors (v1: zeros stored minus one)."""
+    maxq = 2**bits - 1
+    return {
+        "qweight": pack_int32(res.codes.t(), bits, 0).cpu(),  # [K / p, N]
+        "qzeros": pack_int32((res.zeros - zero_offset) & maxq, bits, 1).cpu(),  # [G, N / p]
+        "scales": res.scales.to(torch.float16).cpu(),  # [G, N]
+        "g_idx": res.g_idx.to("cpu", torch.int32, copy=True),  # [K]
+    }
+
+
+def _split(res: QuantResult, sizes: list[int]) -> list[QuantResult]:
+    out, lo = [], 0
+    for n in sizes:
+        out.append(
+            QuantResult(
+                res.codes[lo : lo + n], res.scales[:, lo : lo + n], res.zeros[:, lo : lo + n], res.g_idx,
+                res.dequant[lo : lo + n],
+            )
+        )  # fmt: skip
+        lo += n
+    return out
+
+
+def quantization_config(spec: QuantizeSpec) -> dict[str, Any]:
+    return {
+        "quant_method": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "desc_act": spec.act_order,
+        "sym": spec.sym,
+        "damp_percent": spec.damp,
+        "true_sequential": True,
+        "static_groups": False,
+        "checkpoint_format": "gptq",
+        "quantizer": ["inferfleet", spec.method],
+    }
+
+
+def write_checkpoint(
+    model_dir: str | Path, out_dir: str | Path, tensors: dict[str, torch.Tensor], spec: QuantizeSpec
+) -> Path:
+    """config.json (+ quantization_config), safetensors shards of <= 4 GB, every other file copied."""
+    from ..tiny import save_safetensors
+
+    src, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config(spec)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    skip = {"config.json", "model.safetensors.index.json"}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    save_safetensors(tensors, out, shards=max(1, -(-nbytes // (4 * 2**30))))
+    return out
+
+
+def _original_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor as stored (no dtype conversion), copied out of the mapping."""
+    out: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(model_dir):
+        f = SafetensorsFile(path)
+        for t in f.entries:
+            out[t.name] = f.view(t).clone()
+    return out
+
+
+def _is_quantized_weight(name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'model.layers.3.self_attn.q_proj'."""
+    if not name.endswith(".weight"):
+        return None
+    module = name[: -len(".weight")]
+    return module if module.endswith(_QUANTIZED) and ".layers." in module else None
+
+
+def quantize_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    spec: QuantizeSpec,
+    calibration_text: str | None = None,
+    device: str = "auto",
+) -> list[LayerReport]:
+    """Quantize `model_dir` into `out_dir`; returns the per-layer report (also written as
+    quantize_report.json in `out_dir`)."""
+    spec.validate()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    mc = ModelConfig.from_pretrained(model_dir)
+    t0 = time.perf_counter()
+    reports: list[LayerReport] = []
+    if spec.method == "rtn":
+        tensors = _rtn_stream(model_dir, mc, spec, dev)
+    else:
+        if not calibration_text:
+            raise InvalidRequestError("GPTQ needs --calibration text", param="calibration")
+        seqlen = min(spec.seqlen, mc.max_position_embeddings)
+        samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
+        results, reports = gptq_model(model_dir, samples, spec, dev)
+        tensors = _original_tensors(model_dir)
+        sizes = {
+            "self_attn.qkv_proj": [mc.num_heads * mc.head_dim] + [mc.num_kv_heads * mc.head_dim] * 2,
+            "self_attn.o_proj": [mc.hidden_size],
+            "mlp.gate_up_proj": [mc.intermediate_size] * 2,
+            "mlp.down_proj": [mc.hidden_size],
+        }
+        for name, res in results.items():
+            prefix, block, proj = name.rsplit(".", 2)  # model.layers.3, self_attn, qkv_proj
+            stage = f"{block}.{proj}"
+            for part, sub in zip(_SPLITS[stage], _split(res, sizes[stage])):
+                module = f"{prefix}.{part}"
+                del tensors[f"{module}.weight"]
+                for key, value in gptq_tensors(sub, spec.bits).items():
+                    tensors[f"{module}.{key}"] = value
+    out = write_checkpoint(model_dir, out_dir, tensors, spec)
+    summary = {
+        "spec": asdict(spec),
+        "seconds": time.perf_counter() - t0,
+        "layers": [asdict(r) for r in reports],
+    }
+    (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return reports
+
+
+def _rtn_stream(
+    model_dir: str | Path, mc: ModelConfig, spec: QuantizeSpec, dev: torch.device
+) -> dict[str, torch.Tensor]:
+    """Round to nearest, one checkpoint tensor at a time (on `dev`), into the same layout."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mc.torch_dtype or "", torch.float32)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, x in iter_weights(model_dir, dtype, dev):
+        module = _is_quantized_weight(name)
+        if module is None:
+            tensors[name] = x.to("cpu", copy=True)  # never a view of the input's mapping
+            continue
+        res = rtn_quantize(x.float(), spec.bits, spec.group_size, spec.sym)
+        for key, value in gptq_tensors(res, spec.bits).items():
+            tensors[f"{module}.{key}"] = value
+    return tensors

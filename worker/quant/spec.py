@@ -1,0 +1,174 @@
+"""Which weight precision a worker runs: `--quantization` against the checkpoint's quantization_config.
+
+Torch-free on purpose: `config.EngineConfig` calls `resolve_quantization` while validating, and the
+answer (a `QuantConfig`, or None for plain weights) travels to the model inside `ModelConfig.quant`.
+
+| requested | plain checkpoint            | GPTQ checkpoint  | FP8 (compressed-tensors) checkpoint |
+|-----------|-----------------------------|------------------|-------------------------------------|
+| none      | none                        | gptq (detected)  | fp8 (detected)                      |
+| fp8       | fp8, quantized at load      | refused          | fp8                                 |
+| int8      | int8, quantized at load     | refused          | refused                             |
+| gptq      | refused (run `quantize`)    | gptq             | refused                             |
+
+FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bit model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidRequestError, UnsupportedModelError
+
+METHODS = ("none", "fp8", "int8", "gptq")
+FP8_MIN_CAPABILITY = (8, 9)
+GPTQ_BITS = (2, 4, 8)  # the ones that pack evenly into int32 (3-bit needs a different layout)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the decoder's projections (qkv, o, gate_up, down) store their weights. The embedding and
+    lm_head always stay in the model dtype, as AutoGPTQ and llm-compressor leave them."""
+
+    method: str  # "fp8" | "int8" | "gptq"
+    from_checkpoint: bool  # True: the tensors are stored quantized; False: quantize at load
+    bits: int = 8
+    group_size: int = -1  # GPTQ: input channels per scale/zero group; -1 = one group per row
+    desc_act: bool = False  # GPTQ act-order: g_idx is a permutation of groups, not k // group_size
+    sym: bool = True
+    zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
+
+    def describe(self) -> str:
+        if self.method == "gptq":
+            return (
+                f"gptq {self.bits}-bit, group {self.group_size}, act-order {'on' if self.desc_act else 'off'}, "
+                f"{'sym' if self.sym else 'asym'}, format v{2 - self.zero_offset}"
+            )
+        src = "checkpoint" if self.from_checkpoint else "quantized at load"
+        return f"{self.method} ({src})"
+
+
+def _bad(msg: str) -> InvalidRequestError:
+    return InvalidRequestError(msg, param="quantization")
+
+
+def checkpoint_quantization(qc: dict[str, Any] | None) -> QuantConfig | None:
+    """The QuantConfig a checkpoint's config.json `quantization_config` describes (None: plain weights).
+    Layouts this engine cannot read raise UnsupportedModelError naming what differs."""
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        return _gptq_config(qc)
+    if method == "compressed-tensors":
+        return _compressed_tensors_config(qc)
+    raise UnsupportedModelError(
+        f"quantization_config.quant_method {method!r} is not supported; this worker reads GPTQ "
+        "(AutoGPTQ/GPTQModel) and FP8 compressed-tensors checkpoints"
+    )
+
+
+def _gptq_config(qc: dict[str, Any]) -> QuantConfig:
+    bits = int(qc.get("bits", 4))
+    if bits not in GPTQ_BITS:
+        raise UnsupportedModelError(f"GPTQ bits={bits} is not supported (supported: {GPTQ_BITS})")
+    group = int(qc.get("group_size", 128))
+    if group != -1 and group < 1:
+        raise UnsupportedModelError(f"GPTQ group_size must be -1 or positive, got {group}")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UnsupportedModelError(
+            f"GPTQ checkpoint_format {fmt!r} is not supported (only the AutoGPTQ layouts gptq, gptq_v2)"
+        )
+    if qc.get("lm_head"):
+        raise UnsupportedModelError("GPTQ checkpoints with a quantized lm_head are not supported")
+    if qc.get("dynamic"):
+        raise UnsupportedModelError("GPTQ per-module `dynamic` overrides are not supported")
+    return QuantConfig(
+        method="gptq",
+        from_checkpoint=True,
+        bits=bits,
+        group_size=group,
+        desc_act=bool(qc.get("desc_act", False)),
+        sym=bool(qc.get("sym", True)),
+        zero_offset=1 if fmt == "gptq" else 0,
+    )
+
+
+def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
+    for name, g in groups.items():
+        w = g.get("weights") or {}
+        a = g.get("input_activations")
+        if not (w.get("type") == "float" and int(w.get("num_bits", 0)) == 8):
+            raise UnsupportedModelError(
+                f"compressed-tensors group {name!r}: only 8-bit float (FP8) weights are supported, "
+                f"got type={w.get('type')!r} num_bits={w.get('num_bits')!r}"
+            )
+        if w.get("strategy") not in ("channel", "tensor") or w.get("symmetric", True) is not True:
+            raise UnsupportedModelError(
+                f"compressed-tensors group {name!r}: FP8 weights must be symmetric, per channel or per "
+                f"tensor, got strategy={w.get('strategy')!r}"
+            )
+        if a is not None and not (a.get("dynamic") and a.get("type", "float") == "float"):
+            raise UnsupportedModelError(
+                f"compressed-tensors group {name!r}: only dynamic FP8 activation scales are supported "
+                "(static input_scale checkpoints are not)"
+            )
+    return QuantConfig(method="fp8", from_checkpoint=True)
+
+
+def resolve_quantization(
+    requested: str,
+    checkpoint_qc: dict[str, Any] | None,
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtype: str,
+) -> QuantConfig | None:
+    """The method the worker will run, or a clear refusal (InvalidRequestError, param `quantization`).
+
+    `capability` is the CUDA compute capability (None on CPU); `dtype` the resolved model dtype.
+    """
+    if requested not in METHODS:
+        raise _bad(f"quantization must be one of {METHODS}, got {requested!r}")
+    ck = checkpoint_quantization(checkpoint_qc)
+    if requested == "none":
+        chosen = ck
+    elif requested == "gptq":
+        if ck is None or ck.method != "gptq":
+            what = "plain (unquantized)" if ck is None else ck.method
+            raise _bad(
+                f"quantization gptq needs a GPTQ checkpoint (config.json quantization_config.quant_method "
+                f"'gptq'), but this checkpoint is {what}; write one with `inferfleet-worker quantize "
+                "--method gptq`, or pick quantization fp8/int8 to quantize a plain checkpoint at load"
+            )
+        chosen = ck
+    elif requested == "fp8":
+        if ck is not None and ck.method != "fp8":
+            raise _bad(f"quantization fp8 cannot re-quantize a {ck.method} checkpoint; use quantization none")
+        chosen = ck or QuantConfig(method="fp8", from_checkpoint=False)
+    else:  # int8
+        if ck is not None:
+            raise _bad(
+                f"quantization int8 cannot re-quantize a {ck.method} checkpoint; use quantization none"
+            )
+        chosen = QuantConfig(method="int8", from_checkpoint=False)
+
+    if chosen is not None and chosen.method == "fp8":
+        origin = "the checkpoint is FP8" if chosen.from_checkpoint else "fp8 was asked for"
+        if device_type == "cpu" or capability is None:
+            raise _bad(
+                f"{origin}, but FP8 runs only on NVIDIA GPUs of compute capability >= 8.9 (Ada, Hopper); "
+                f"on this cpu worker quantization must be one of ('none', 'int8', 'gptq') with a checkpoint "
+                "that is not FP8"
+            )
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            raise _bad(
+                f"{origin}, but FP8 needs compute capability >= 8.9 (Ada, Hopper); this GPU has "
+                f"{capability[0]}.{capability[1]}: quantization must be one of ('none', 'int8', 'gptq')"
+            )
+        if dtype not in ("bfloat16", "float16"):
+            raise _bad(f"quantization fp8 needs dtype bfloat16 or float16, got {dtype}")
+    return chosen
