@@ -1,4 +1,4 @@
-"""`inferfleet-worker`: serve a model, or make a tiny random checkpoint."""
+"""`inferfleet-worker`: serve a model, make a tiny random checkpoint, or quantize one (GPTQ)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,62 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="write a GPTQ checkpoint (AutoGPTQ layout) from a plain one (docs/quantization.md)"
+    )
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn: round to nearest, no data")
+    p.add_argument("--calibration", default=None, help="text file of calibration data (gptq)")
+    p.add_argument("--model", required=True, help="input Hugging Face checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    p.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1: one per row")
+    p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    p.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of the mean diag(H)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .errors import InferfleetError
+    from .quant.calibrate import QuantizeSpec, quantize_checkpoint
+
+    try:
+        spec = QuantizeSpec(
+            method=args.method,
+            bits=args.bits,
+            group_size=args.group_size,
+            act_order=args.act_order,
+            sym=not args.asym,
+            damp=args.damp,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        text = None
+        if args.calibration is not None:
+            try:
+                with open(args.calibration, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                print(f"error: cannot read --calibration: {e}", file=sys.stderr)
+                return 2
+        reports = quantize_checkpoint(args.model, args.out, spec, calibration_text=text, device=args.device)
+    except InferfleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in reports:
+        gain = 1 - r.gptq_error / r.rtn_error if r.rtn_error > 0 else 0.0
+        print(f"{r.name:44s} gptq {r.gptq_error:11.4e}  rtn {r.rtn_error:11.4e}  ({gain:+.1%} less error)")
+    print(args.out)
+    return 0
 
 
 def _positive_int(v: str) -> int:
@@ -131,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_make_tiny(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_quantize(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -145,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "serve":
         return _serve(args, started_at)
+    if args.cmd == "quantize":
+        return _quantize(args)
     if args.cmd == "generate":
         from .errors import InferfleetError
         from .llm import LLM

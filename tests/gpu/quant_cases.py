@@ -50,7 +50,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 48, 96, True)])  # fmt: skip
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 48, 96, True), (130, 80, 64, True)])  # fmt: skip
 def test_w8_gemm_matches_widened_reference(kind: str, m: int, n: int, k: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(m * 1000 + n)
     w = torch.randn(n, k, generator=g)
@@ -132,6 +132,8 @@ GPTQ_CASES = [
     (2, 96, [16], 4, -1, False, 1),  # one group per row
     (4, 200, [32], 4, 48, False, 1),  # groups not a multiple of the K block: gathered per element
     (64, 128, [16, 16], 2, 32, True, 2),
+    (100, 128, [64], 4, 32, False, 1),  # M tiled over the grid (W1-sized decode batches)
+    (200, 96, [32, 32], 4, 32, True, 2),
 ]
 
 

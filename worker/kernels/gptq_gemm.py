@@ -7,8 +7,9 @@ Weight layout (quant/gptq.py rewrites the checkpoint into it at load):
     scales_t  fp16  [N, G]       zeros_t uint8 [N, G]      g_idx int32 [K] (group of column k)
     W[n, k] = scales_t[n, g] * (q - zeros_t[n, g]),  g = g_idx[k]
 
-`gptq_gemm` (M <= 64): each program streams BLOCK_N rows of packed codes along K, like
-skinny_gemm.py at 1/4 of the bytes (4-bit). Every int32 is loaded once per code it holds (the p
+`gptq_gemm` (decode batches, M <= MAX_M): each program streams BLOCK_N rows of packed codes along
+K, like skinny_gemm.py at 1/4 of the bytes (4-bit), against BLOCK_M rows of x; M blocks are the
+grid's fastest axis, so programs sharing a weight tile run together and DRAM serves it once. Every int32 is loaded once per code it holds (the p
 loads of a word hit the same cache line) and shifted into place. When groups are contiguous and a K
 block lies inside one group (`group_k` a multiple of BLOCK_K, the usual group 128 with act-order
 sorted away at load), the scale and zero are one [BLOCK_N] row per block: the block's integer
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_M = 64
+MAX_M = 256  # above this the layer dequantizes for cuBLAS (quant/methods.FUSED_MAX_M)
 
 
 @triton.jit
@@ -38,10 +39,11 @@ def _gptq_gemm_kernel(
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
     rows64 = offs_n.to(tl.int64)
@@ -108,11 +110,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_split_k(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
+def pick_split_k(m_blocks: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
     """Enough K slices that a layer with few output rows still puts ~2 programs on every SM."""
     if device.type != "cuda":
         return 1
-    programs = triton.cdiv(n, block_n)
+    programs = m_blocks * triton.cdiv(n, block_n)
     want = max(1, (2 * _num_sms(device.index or 0)) // programs)
     return int(min(want, 8, max(1, k // (4 * block_k))))
 
@@ -132,26 +134,27 @@ def gptq_gemm(
     num_stages: int = 4,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """x [M, K] (M <= MAX_M, columns already in the layer's K order) -> y [M, N] in x's dtype.
+    """x [M, K] (columns already in the layer's K order) -> y [M, N] in x's dtype.
 
     group_k > 0: groups are contiguous runs of group_k columns (g_idx[k] == k // group_k)."""
     m, k = x.shape
     n, g = scales_t.shape
-    assert m <= MAX_M and x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
-    block_m = max(16, triton.next_power_of_2(m))
+    assert x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
     if block_n is None:
-        block_n = 16 if m <= 16 else 32
+        block_n = 16 if m <= 16 else (32 if m <= 64 else 64)
     if block_k is None:
         block_k = 128 if group_k <= 0 or group_k % 128 == 0 or g == 1 else 32
     per_block = group_k > 0 and (g == 1 or group_k % block_k == 0)
+    m_blocks = triton.cdiv(m, block_m)
     if split_k is None:
-        split_k = pick_split_k(n, k, block_n, block_k, x.device)
+        split_k = pick_split_k(m_blocks, n, k, block_n, block_k, x.device)
     y = (
         torch.zeros((m, n), dtype=torch.float32, device=x.device)
         if split_k > 1
         else torch.empty((m, n), dtype=x.dtype, device=x.device)
     )
-    _gptq_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
+    _gptq_gemm_kernel[(m_blocks, triton.cdiv(n, block_n), split_k)](
         x, qweight_t, scales_t, zeros_t, g_idx, bias if bias is not None else scales_t, y,
         m, n, k, g, max(group_k, 1),
         x.stride(0), y.stride(0),

@@ -1,9 +1,12 @@
-"""y = (x Wq^T) * s (+ b) for few rows: 8-bit weights (int8 or float8_e4m3fn), per-row scales.
+"""y = (x Wq^T) * s (+ b) for decode batches: 8-bit weights (int8 or float8_e4m3fn), per-row scales.
 
 The weight-streaming shape of skinny_gemm.py with half the bytes: each program streams BLOCK_N rows of
 Wq (K contiguous), widens them to the activation dtype in registers (exact for both int8 and e4m3),
-multiplies them on the tensor cores against the whole small x (M padded to 16) and applies the
-row scale once at the end, where it factors out of the dot product.
+multiplies them on the tensor cores against BLOCK_M rows of x (M padded to 16) and applies the row
+scale once at the end, where it factors out of the dot product. Batches above 64 rows tile M on
+the grid's fastest axis, so the programs sharing a weight tile run together and read it from DRAM
+once (L2 serves the others): cheaper than widening the whole matrix for cuBLAS up to a few hundred
+rows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_M = 64
+MAX_M = 256  # the layers switch to widen + cuBLAS above this (quant/methods.FUSED_MAX_M)
 
 
 @triton.jit
@@ -23,9 +26,10 @@ def _w8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -54,16 +58,16 @@ def w8_gemm(
     num_stages: int = 4,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """x: [M, K] (M <= MAX_M); weight: [N, K] int8 or float8_e4m3fn, row-major; scale: [N] float32."""
+    """x: [M, K]; weight: [N, K] int8 or float8_e4m3fn, row-major; scale: [N] float32."""
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     assert weight.element_size() == 1 and scale.shape == (n,)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
     if block_n is None:
-        block_n = 16 if m <= 16 else 32
-    _w8_gemm_kernel[(triton.cdiv(n, block_n),)](
+        block_n = 16 if m <= 16 else (32 if m <= 64 else 64)
+    _w8_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale, bias if bias is not None else scale, y,
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),

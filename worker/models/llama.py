@@ -8,6 +8,7 @@ tied embeddings. Parameter names follow transformers' modules, except that q/k/v
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -21,6 +22,8 @@ from ..layers.attention import AttentionBackend, AttentionMetadata
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+
+log = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -197,6 +200,8 @@ class DecoderModel(nn.Module):
         for layer in quantized.values():
             if layer.method is not None:
                 layer.method.process_after_loading(layer)
+        if self.config.quant is not None:
+            log.info("quantized projections: %s", self.config.quant.describe())
 
     def keep_checkpoint_dtype(self, name: str) -> bool:
         """Checkpoint tensors the loader must not convert to the model dtype: quantization scales

@@ -161,10 +161,6 @@ def _load_dense_model(model_dir: str | Path, device: torch.device, max_position:
     from ..models import DecoderModel
 
     mc = ModelConfig.from_pretrained(model_dir)
-    if mc.quantization_config:
-        raise InvalidRequestError(
-            "the input checkpoint is already quantized (config.json has quantization_config)", param="model"
-        )
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -320,6 +316,10 @@ def quantize_checkpoint(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     mc = ModelConfig.from_pretrained(model_dir)
+    if mc.quantization_config:
+        raise InvalidRequestError(
+            "the input checkpoint is already quantized (config.json has quantization_config)", param="model"
+        )
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
     if spec.method == "rtn":

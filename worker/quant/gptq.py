@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .. import kernels
 from ..errors import ModelLoadError, UnsupportedModelError
-from .methods import SMALL_M, LinearMethod, check_shape, new_param
+from .methods import FUSED_MAX_M, LinearMethod, check_shape, new_param
 from .spec import QuantConfig
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class GptqLinearMethod(LinearMethod):
             from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm
 
             args = (layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k)
-            if x2.shape[0] <= SMALL_M:
+            if x2.shape[0] <= FUSED_MAX_M:
                 y = gptq_gemm(x2, *args, bias=layer.bias)
             else:
                 y = F.linear(x2, gptq_dequant(*args, dtype=x.dtype), layer.bias)

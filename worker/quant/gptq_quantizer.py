@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidRequestError
+
 
 @dataclass
 class QuantResult:
@@ -113,7 +115,9 @@ def gptq_quantize(
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
-        raise RuntimeError(f"the damped Hessian is not positive definite (damp={damp}); raise --damp")
+        raise InvalidRequestError(
+            f"the damped Hessian is not positive definite (damp={damp}); raise --damp", param="damp"
+        )
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
     codes = torch.zeros((n, k), dtype=torch.int32, device=w.device)

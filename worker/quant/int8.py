@@ -5,8 +5,8 @@
 
 The scale factors out of the dot product, so the matmul runs on the integer codes widened to the
 activation dtype (exact: |q| <= 127 fits bf16's 8-bit significand) and the scale is one multiply per
-output. CUDA decode batches (<= SMALL_M rows) stream the int8 weights through a Triton kernel
-(kernels/w8_gemm.py); larger batches, and CPU workers, widen the codes and call the BLAS GEMM.
+output. CUDA batches of up to FUSED_MAX_M rows stream the int8 weights through a Triton kernel
+(kernels/w8_gemm.py); prefill-sized batches, and CPU workers, widen the codes and call the GEMM.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .. import kernels
 from ..errors import ModelLoadError
-from .methods import SMALL_M, LinearMethod, check_shape, new_param
+from .methods import FUSED_MAX_M, LinearMethod, check_shape, new_param
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -70,7 +70,7 @@ class Int8LinearMethod(LinearMethod):
         if (
             x.is_cuda
             and kernels.AVAILABLE
-            and x2.shape[0] <= SMALL_M
+            and x2.shape[0] <= FUSED_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16)
         ):
             from ..kernels.w8_gemm import w8_gemm

@@ -20,9 +20,12 @@ from .spec import QuantConfig
 if TYPE_CHECKING:
     from ..layers.linear import Linear
 
-# decode batches up to this many rows use the weight-streaming Triton kernels on CUDA; larger ones
-# (prefill, big batches) dequantize for cuBLAS or, for FP8, run W8A8 through torch._scaled_mm
+# On CUDA, batches up to SMALL_M rows (decode) stream the weights through the Triton kernels.
+# FP8 runs W8A8 through torch._scaled_mm above that; the weight-only methods (INT8, GPTQ) keep the
+# fused kernels, tiled over M, up to FUSED_MAX_M rows (decode batches of W1-like loads), and only
+# prefill-sized batches pay for widening the whole matrix for cuBLAS.
 SMALL_M = 64
+FUSED_MAX_M = 256
 
 
 class LinearMethod:

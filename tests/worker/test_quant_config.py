@@ -1,0 +1,149 @@
+"""Which quantization a worker runs, and the combinations it refuses (param `quantization`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from inferfleet.worker import cli
+from inferfleet.worker.config import QUANTIZATIONS, EngineConfig
+from inferfleet.worker.errors import InvalidRequestError, UnsupportedModelError
+from inferfleet.worker.quant.spec import QuantConfig, checkpoint_quantization, resolve_quantization
+
+GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True}
+FP8_QC = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "type": "float",
+                "num_bits": 8,
+                "strategy": "channel",
+                "symmetric": True,
+                "dynamic": False,
+            },
+            "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
+        }
+    },
+}
+H100 = (9, 0)
+
+
+def resolve(
+    requested: str, qc: dict[str, Any] | None, device: str = "cpu", cap: Any = None, dtype: str = "float32"
+):  # type: ignore[no-untyped-def]
+    return resolve_quantization(requested, qc, device, cap, dtype)
+
+
+def test_methods_listed() -> None:
+    assert QUANTIZATIONS == ("none", "fp8", "int8", "gptq")
+
+
+def test_plain_checkpoint() -> None:
+    assert resolve("none", None) is None
+    assert resolve("int8", None) == QuantConfig("int8", from_checkpoint=False)
+    assert resolve("fp8", None, "cuda", H100, "bfloat16") == QuantConfig("fp8", from_checkpoint=False)
+
+
+def test_checkpoints_are_detected_with_quantization_none() -> None:
+    q = resolve("none", GPTQ_QC)
+    assert q == QuantConfig("gptq", True, bits=4, group_size=128, desc_act=True, sym=True, zero_offset=1)
+    assert resolve("gptq", GPTQ_QC) == q
+    v2 = resolve("none", {**GPTQ_QC, "checkpoint_format": "gptq_v2", "sym": False, "desc_act": False})
+    assert (v2.zero_offset, v2.sym, v2.desc_act) == (0, False, False)
+    assert resolve("none", FP8_QC, "cuda", H100, "bfloat16") == QuantConfig("fp8", from_checkpoint=True)
+    assert resolve("fp8", FP8_QC, "cuda", (8, 9), "float16") == QuantConfig("fp8", from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    ("requested", "qc", "device", "cap", "dtype", "message"),
+    [
+        ("gptq", None, "cpu", None, "float32", "quantization gptq needs a GPTQ checkpoint"),
+        ("gptq", FP8_QC, "cuda", H100, "bfloat16", "but this checkpoint is fp8"),
+        ("int8", GPTQ_QC, "cpu", None, "float32", "int8 cannot re-quantize a gptq checkpoint"),
+        ("fp8", GPTQ_QC, "cuda", H100, "bfloat16", "fp8 cannot re-quantize a gptq checkpoint"),
+        ("fp8", None, "cpu", None, "float32", "quantization must be one of ('none', 'int8', 'gptq')"),
+        ("none", FP8_QC, "cpu", None, "float32", "the checkpoint is FP8"),
+        ("fp8", None, "cuda", (8, 0), "bfloat16", "this GPU has 8.0"),
+        ("fp8", None, "cuda", H100, "float32", "fp8 needs dtype bfloat16 or float16"),
+        ("awq", None, "cpu", None, "float32", "quantization must be one of"),
+    ],
+)
+def test_impossible_combinations_are_refused(
+    requested: str, qc: Any, device: str, cap: Any, dtype: str, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        resolve(requested, qc, device, cap, dtype)
+    assert e.value.param == "quantization" and message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("qc", "message"),
+    [
+        ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
+        ({**GPTQ_QC, "bits": 3}, "GPTQ bits=3"),
+        ({**GPTQ_QC, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+        ({**GPTQ_QC, "lm_head": True}, "quantized lm_head"),
+        (
+            {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel"}}}},
+            "only 8-bit float (FP8) weights",
+        ),
+        (
+            {
+                **FP8_QC,
+                "config_groups": {
+                    "g": {
+                        "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": False},
+                    }
+                },
+            },
+            "only dynamic FP8 activation scales",
+        ),
+        ({**FP8_QC, "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "group"}}}}, "per channel or per tensor"),
+    ],
+)  # fmt: skip
+def test_unsupported_checkpoint_layouts(qc: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        checkpoint_quantization(qc)
+
+
+def _with_qc(src: Path, dst: Path, qc: dict[str, Any]) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_engine_config_resolves_and_passes_it_to_the_model(tiny_llama: Path, tmp_path: Path) -> None:
+    e = EngineConfig(model=str(tiny_llama), device="cpu", quantization="int8")
+    assert e.quantization == "int8" and e.model_config.quant == QuantConfig("int8", False)
+    plain = EngineConfig(model=str(tiny_llama), device="cpu")
+    assert plain.quantization == "none" and plain.model_config.quant is None
+    gptq_dir = _with_qc(tiny_llama, tmp_path / "g", GPTQ_QC)
+    auto = EngineConfig(model=str(gptq_dir), device="cpu")
+    assert auto.quantization == "gptq" and auto.model_config.quant is not None
+    assert auto.model_config.quant.desc_act
+
+
+def test_cli_refusals_are_clean_startup_errors(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fp8_dir = _with_qc(tiny_llama, tmp_path / "f", FP8_QC)
+    cases = [
+        (tiny_llama, ["--quantization", "fp8"], "FP8 runs only on NVIDIA GPUs of compute capability >= 8.9"),
+        (tiny_llama, ["--quantization", "gptq"], "quantization gptq needs a GPTQ checkpoint"),
+        (fp8_dir, [], "the checkpoint is FP8"),
+    ]
+    for model, args, message in cases:
+        rc = cli.main(["serve", "--model", str(model), "--device", "cpu", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err, err
+        assert "Traceback" not in err

@@ -1,0 +1,320 @@
+"""Checkpoint layouts and the math of each method, on CPU.
+
+- GPTQ: checkpoints packed here the way AutoGPTQ packs them (numpy, independent of quant/gptq.py),
+  act-order on and off, sym and asym, v1 ("zeros minus one") and v2, group 32 and -1, load through
+  the engine and give the logits of a plain checkpoint holding the dequantized weights.
+- FP8: a compressed-tensors checkpoint loads and equals quantizing the bf16 weights at load; the
+  torch._scaled_mm call (CPU implementation, same argument checks as CUDA's) equals the reference.
+- INT8: round-to-nearest error bound.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from inferfleet.worker import LLM, EngineConfig, LLMEngine, SamplingParams
+from inferfleet.worker.errors import ModelLoadError
+from inferfleet.worker.loader import iter_weights
+from inferfleet.worker.quant import fp8 as qfp8
+from inferfleet.worker.quant.evaluate import build_model, logits_error, prompt_logits
+from inferfleet.worker.quant.gptq import pack_int32, unpack_int32
+from inferfleet.worker.quant.int8 import dequantize_int8, quantize_weight_int8
+from inferfleet.worker.quant.spec import QuantConfig
+from inferfleet.worker.tiny import save_safetensors
+from safetensors.torch import load_file
+
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 17, 40)]
+
+
+def engine_logits(model: Path, **kw: Any) -> tuple[list[torch.Tensor], LLMEngine]:
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="float32", **kw))
+    return prompt_logits(eng.runner.model, prompts()), eng
+
+
+def copy_with(src: Path, dst: Path, tensors: dict[str, torch.Tensor], qc: dict[str, Any] | None) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_safetensors(tensors, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def is_quantized(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED
+
+
+# -- GPTQ, packed as AutoGPTQ's QuantLinear.pack does ---------------------------------------------
+
+
+def autogptq_pack(
+    intweight: np.ndarray, zeros: np.ndarray, bits: int, zero_offset: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """intweight [K, N] codes, zeros [G, N] -> (qweight [K/p, N], qzeros [G, N/p]) as int32."""
+    p, maxq = 32 // bits, 2**bits - 1
+    iw = intweight.astype(np.uint32)
+    qweight = np.zeros((iw.shape[0] // p, iw.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + p):
+            qweight[row] |= iw[j] << np.uint32(bits * (j - i))
+        i += p
+        row += 1
+    zs = ((zeros - zero_offset) & maxq).astype(np.uint32)
+    qzeros = np.zeros((zs.shape[0], zs.shape[1] // p), dtype=np.uint32)
+    i = col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + p):
+            qzeros[:, col] |= zs[:, j] << np.uint32(bits * (j - i))
+        i += p
+        col += 1
+    return qweight.view(np.int32), qzeros.view(np.int32)
+
+
+def gptq_layer(
+    w: torch.Tensor, bits: int, group: int, order: np.ndarray, sym: bool, zero_offset: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Round-to-nearest per group, groups over the columns in `order` (act-order: a permutation)
+    -> the checkpoint tensors and the dequantized W [N, K]."""
+    wn = w.double().numpy()
+    n, k = wn.shape
+    maxq = 2**bits - 1
+    gs = k if group == -1 else group
+    g_idx = np.empty(k, dtype=np.int32)
+    g_idx[order] = np.arange(k) // gs
+    groups = -(-k // gs)
+    scales = np.zeros((groups, n))
+    zeros = np.zeros((groups, n), dtype=np.int64)
+    for gi in range(groups):
+        cols = wn[:, g_idx == gi]
+        lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
+        if sym:
+            hi = np.maximum(-lo, hi)
+            lo = -hi
+        scales[gi] = (hi - lo) / maxq
+        zeros[gi] = 2 ** (bits - 1) if sym else np.clip(np.round(-lo / scales[gi]), 0, maxq)
+    if not sym:
+        zeros[0, :5] = 0  # zero point 0: stored as 15 in v1, the case AutoGPTQ's packer corrupts
+    scales = scales.astype(np.float16).astype(np.float64)  # the checkpoint holds fp16 scales
+    intweight = np.clip(np.round(wn.T / scales[g_idx] + zeros[g_idx]), 0, maxq).astype(np.int64)  # [K, N]
+    deq = (scales[g_idx] * (intweight - zeros[g_idx])).T
+    qweight, qzeros = autogptq_pack(intweight, zeros, bits, zero_offset)
+    tensors = {
+        "qweight": torch.from_numpy(qweight.copy()),
+        "qzeros": torch.from_numpy(qzeros.copy()),
+        "scales": torch.from_numpy(scales.astype(np.float16)),
+        "g_idx": torch.from_numpy(g_idx),
+    }
+    return tensors, torch.from_numpy(deq).float()
+
+
+def make_gptq_pair(
+    src: Path, root: Path, bits: int, group: int, act_order: bool, sym: bool, fmt: str
+) -> tuple[Path, Path]:
+    """(GPTQ checkpoint, plain float32 checkpoint with the dequantized weights)."""
+    rng = np.random.default_rng(7)
+    zero_offset = 1 if fmt == "gptq" else 0
+    plain = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items()}
+    gptq: dict[str, torch.Tensor] = {}
+    deq: dict[str, torch.Tensor] = {}
+    orders: dict[str, np.ndarray] = {}  # q/k/v (and gate/up) share their input, hence one order
+    for name, w in plain.items():
+        if not is_quantized(name):
+            gptq[name] = deq[name] = w
+            continue
+        module = name[: -len(".weight")]
+        key = module.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+        k = w.shape[1]
+        order = orders.setdefault(key, rng.permutation(k) if act_order else np.arange(k))
+        tensors, d = gptq_layer(w, bits, group, order, sym, zero_offset)
+        gptq |= {f"{module}.{k}": v for k, v in tensors.items()}
+        deq[name] = d
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order, "sym": sym}
+    qc["checkpoint_format"] = fmt
+    tag = f"b{bits}-g{group}-ao{int(act_order)}-s{int(sym)}-{fmt}"
+    return copy_with(src, root / f"gptq-{tag}", gptq, qc), copy_with(src, root / f"deq-{tag}", deq, None)
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "group", "act_order", "sym", "fmt"),
+    [
+        ("llama", 4, 32, False, True, "gptq"),
+        ("llama", 4, 32, True, True, "gptq"),
+        ("qwen2", 4, 32, True, False, "gptq"),  # qkv bias next to GPTQ tensors; asym v1 with zero 0
+        ("mistral", 4, 32, False, False, "gptq_v2"),
+        ("qwen3", 4, -1, False, True, "gptq"),
+        ("llama", 8, 32, True, False, "gptq"),
+    ],
+)
+def test_autogptq_layout_loads_and_matches_dequantized_reference(
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    arch: str,
+    bits: int,
+    group: int,
+    act_order: bool,
+    sym: bool,
+    fmt: str,
+) -> None:
+    gdir, ddir = make_gptq_pair(tiny_models[arch], tmp_path, bits, group, act_order, sym, fmt)
+    got, eng = engine_logits(gdir)  # quantization "none": detected from quantization_config
+    assert eng.config.quantization == "gptq"
+    layer = eng.runner.model.model.layers[0].self_attn.qkv_proj
+    assert (layer.perm is not None) == act_order
+    ref, _ = engine_logits(ddir)
+    err = logits_error(ref, got)
+    assert err["rel_err"] < 1e-5 and err["top1"] == 1.0, err
+    out = LLM(str(gdir), device="cpu").generate(["Hello"], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert len(out.token_ids) == 6
+
+
+def test_gptq_merged_shards_must_share_g_idx(tiny_llama: Path, tmp_path: Path) -> None:
+    gdir, _ = make_gptq_pair(tiny_llama, tmp_path, 4, 32, True, True, "gptq")
+    tensors = load_file(str(gdir / "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = torch.roll(tensors[name], 1)
+    save_safetensors(tensors, gdir)
+    with pytest.raises(ModelLoadError, match="g_idx differs between the shards"):
+        LLMEngine(EngineConfig(model=str(gdir), device="cpu"))
+
+
+def test_gptq_g_idx_is_optional_without_act_order_only(tiny_llama: Path, tmp_path: Path) -> None:
+    for act_order in (False, True):
+        gdir, _ = make_gptq_pair(tiny_llama, tmp_path / str(act_order), 4, 32, act_order, True, "gptq")
+        tensors = {
+            k: v for k, v in load_file(str(gdir / "model.safetensors")).items() if not k.endswith("g_idx")
+        }
+        save_safetensors(tensors, gdir)
+        if act_order:
+            with pytest.raises(ModelLoadError, match=r"lacks tensors for: .*g_idx"):
+                LLMEngine(EngineConfig(model=str(gdir), device="cpu"))
+        else:
+            LLMEngine(EngineConfig(model=str(gdir), device="cpu"))
+
+
+def test_gptq_wrong_shapes_are_load_errors(tiny_llama: Path, tmp_path: Path) -> None:
+    gdir, _ = make_gptq_pair(tiny_llama, tmp_path, 4, 32, False, True, "gptq")
+    cfg = json.loads((gdir / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 16  # twice the groups the tensors hold
+    (gdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="does not match"):
+        LLMEngine(EngineConfig(model=str(gdir), device="cpu"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip(bits: int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (64, 32), generator=g, dtype=torch.int32)
+    for dim in (0, 1):
+        packed = pack_int32(codes, bits, dim)
+        assert packed.dtype == torch.int32 and packed.shape[dim] == codes.shape[dim] * bits // 32
+        assert torch.equal(unpack_int32(packed, bits, dim), codes)
+    # element j of a run in bits [4j, 4j + 4): 0..7 pack to 0x76543210, 15s to -1
+    assert int(pack_int32(torch.arange(8).view(8, 1), 4, 0)) == 0x76543210
+    assert int(pack_int32(torch.full((8, 1), 15), 4, 0)) == -1
+
+
+# -- FP8 --------------------------------------------------------------------------------------------
+
+
+def test_fp8_weight_round_trip_error_bound() -> None:
+    w = torch.randn(48, 160, generator=torch.Generator().manual_seed(0)) * 0.05
+    q, s = qfp8.quantize_weight_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    err = (qfp8.dequantize_fp8(q, s) - w).abs()
+    # e4m3 keeps 3 mantissa bits: half a step is 2^-4 relative; below 2^-6 * scale, steps of 2^-9
+    bound = torch.maximum(w.abs() * 2**-4, s[:, None] * 2**-10) * (1 + 1e-6)
+    assert bool((err <= bound).all())
+    assert torch.equal(q.float().abs().amax(1), torch.full((48,), 448.0))  # every row spans the grid
+
+
+def test_fp8_scaled_mm_call_matches_reference() -> None:
+    """torch._scaled_mm on CPU checks the same operand layout (row-major x, column-major W^T,
+    [M, 1] and [1, N] float32 scales) as the CUDA kernel the FP8 layer calls."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g)
+    q, s = qfp8.quantize_weight_fp8(w)
+    for x_dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(7, 64, generator=g).to(x_dtype)
+        b = torch.randn(96, generator=g).to(x_dtype)
+        ref = qfp8.fp8_linear_reference(x, q, s, b, quantize_input=True)
+        got = qfp8.fp8_scaled_mm(x, q, s, b)
+        assert got.dtype == x_dtype and float((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        if not is_quantized(name):
+            tensors[name] = w.to(torch.bfloat16)
+            continue
+        if per_tensor:
+            s = w.abs().max().float() / 448
+            q = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[name[: -len("weight")] + "weight_scale"] = s.reshape(1)
+        else:
+            q, s = qfp8.quantize_weight_fp8(w)
+            tensors[name[: -len("weight")] + "weight_scale"] = s.to(torch.bfloat16).reshape(-1, 1)
+        tensors[name] = q
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "type": "float",
+                    "num_bits": 8,
+                    "strategy": "tensor" if per_tensor else "channel",
+                },
+                "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    return copy_with(src, dst, tensors, qc)
+
+
+def test_fp8_compressed_tensors_checkpoint_loads_directly(tiny_llama: Path, tmp_path: Path) -> None:
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False)
+    # FP8 tensors are never upcast by the loader; scales keep their stored dtype when asked
+    seen = dict(iter_weights(ck, torch.float32, keep_dtype=lambda n: n.endswith(".weight_scale")))
+    assert seen["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert seen["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.bfloat16
+    assert seen["model.norm.weight"].dtype == torch.float32
+    # the CPU reference model (no CPU worker may serve FP8): same codes as quantizing at load
+    direct = build_model(str(ck), QuantConfig("fp8", from_checkpoint=True))
+    at_load = build_model(str(tiny_llama), QuantConfig("fp8", from_checkpoint=False))
+    a, b = direct.model.layers[1].mlp.gate_up_proj, at_load.model.layers[1].mlp.gate_up_proj
+    assert torch.equal(a.weight.float(), b.weight.float())
+    assert torch.allclose(a.weight_scale, b.weight_scale, rtol=2**-8)  # the checkpoint stored bf16 scales
+    err = logits_error(prompt_logits(at_load, prompts()), prompt_logits(direct, prompts()))
+    assert err["rel_err"] < 1e-2 and err["top1"] > 0.97, err
+    # per-tensor scales load too (expanded to every row of the shard)
+    per_tensor = build_model(str(fp8_checkpoint(tiny_llama, tmp_path / "pt", True)), QuantConfig("fp8", True))
+    s = per_tensor.model.layers[0].self_attn.qkv_proj.weight_scale
+    q_rows = per_tensor.config.num_heads * per_tensor.config.head_dim
+    assert torch.unique(s[:q_rows]).numel() == 1 and torch.unique(s).numel() == 3
+
+
+# -- INT8 -------------------------------------------------------------------------------------------
+
+
+def test_int8_round_to_nearest_error_bound() -> None:
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    q, s = quantize_weight_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert bool(((dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 * (1 + 1e-5)).all())
