@@ -1,8 +1,9 @@
 """Every number the fleet simulation uses, in one place, each marked measured or assumed.
 
-Measured: one H100 80GB HBM3, 2026-11-25, Llama-3.1-8B shape in bf16, `python bench/gpu_bench.py`;
-tables in docs/benchmarks.md ("Engine on one H100"), raw output in
-docs/bench/2026-11-25-h100-run1.json (keys named next to each value below).
+Measured: one H100 80GB HBM3, 2026-11-25, Llama-3.1-8B shape in bf16; tables in
+docs/benchmarks.md. Engine speed: run 2 (pipelined engine, `python bench/gpu_bench.py`), raw
+docs/bench/2026-11-25-h100-run2.json. Worker start: `python bench/startup_bench.py`, raw
+docs/bench/2026-11-25-h100-startup.json. The keys are named next to each value below.
 Assumed: anything else, with the reason for the value. Never present an assumed value as measured.
 
 The step-time model of one worker (continuous batching, chunked prefill) is
@@ -11,8 +12,8 @@ The step-time model of one worker (continuous batching, chunked prefill) is
 
 `d` is the KV bytes of one token (32 layers x 2 x 8 KV heads x 128 x 2 B = 128 KiB) over the
 paged-attention kernel's measured 2,876 GB/s; `a`, `b`, `c` are solved exactly from three
-measured points (W3's batch-1 decode step, one 2,048-token prefill, W2 128/128). Everything else
-measured (W1, W2 2048/128, W2 1000/1000, HF-mix) is held out and only checked (`check_points`).
+measured points (W3's batch-1 decode step, one 2,048-token prefill, W2 128/128). W1 and HF-mix
+are held out and only checked (`check_points`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# -- measured: docs/bench/2026-11-25-h100-run1.json ---------------------------------------------
 WEIGHT_BYTES = 16_060_522_496  # checkpoint.bytes: Llama-3.1-8B shape, bf16
 KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # from the shape (docs/benchmarks.md header)
 ATTN_KV_GBPS = 2876.0  # docs/benchmarks.md "Paged-attention decode kernel: 2,876 GB/s ... 1,024 context"
@@ -62,23 +62,20 @@ class Point:
 
 
 def measured_points(w1: list[tuple[int, int]], hf_mix: list[tuple[int, int]]) -> list[Point]:
-    """The measured runs of docs/benchmarks.md; `w1` and `hf_mix` lengths come from
-    bench/workloads.py (the seeds the benchmark used: 135,484 in / 140,164 out for W1)."""
+    """Run 2 of docs/benchmarks.md (pipelined engine); `w1` and `hf_mix` lengths come from
+    bench/workloads.py (the seeds the benchmark used: 135,484 in / 140,164 out for W1).
+    W2 2048/128 and 1000/1000 exist only from run 1 (synchronous engine), so they are not used."""
     return [
         # w3.decode_ms_mean: one decode step at batch 1, 128 in / 256 out (mean context ~256)
-        Point("W3 decode step, batch 1", 0.0064737, 1, 1, 0, 256, role="fit"),
+        Point("W3 decode step, batch 1", 0.0061837, 1, 1, 0, 256, role="fit"),
         # ttft_2048.ttft_ms_median: one 2,048-token prompt in one step
-        Point("prefill 2048 tokens (TTFT)", 0.0512512, 1, 0, 2048, 0, role="fit"),
-        # w2_128_128: 1,000 requests 128/128, 515 steps, 0 preemptions
-        Point.of_lengths("W2 128/128 x1000", 9.27466, 515, [(128, 128)] * 1000, role="fit"),
-        # w1: 256 requests U[100,1024] in/out, 1,026 steps, 0 preemptions
-        Point.of_lengths("W1 256 x U[100,1024]", 18.87837, 1026, w1),
-        # w2_2048_128: 407 steps, 14 preemptions (their recompute is not modelled)
-        Point.of_lengths("W2 2048/128 x500", 36.25624, 407, [(2048, 128)] * 500, preemptions=14),
-        # w2_1000_1000: 4,357 steps, 126 preemptions
-        Point.of_lengths("W2 1000/1000 x1000", 146.38652, 4357, [(1000, 1000)] * 1000, preemptions=126),
-        # hfmix: 128 requests, prompt 64-1024, output 64-512, 515 steps, 126 preemptions
-        Point.of_lengths("HF-mix x128", 7.25850, 515, hf_mix, preemptions=126),
+        Point("prefill 2048 tokens (TTFT)", 0.0510031, 1, 0, 2048, 0, role="fit"),
+        # w2_128_128: 1,000 requests 128/128, 519 steps, 0 preemptions
+        Point.of_lengths("W2 128/128 x1000", 8.44366, 519, [(128, 128)] * 1000, role="fit"),
+        # w1: 256 requests U[100,1024] in/out, 1,027 steps, 0 preemptions
+        Point.of_lengths("W1 256 x U[100,1024]", 16.69835, 1027, w1),
+        # hfmix: 128 requests, prompt 64-1024, output 64-512, 516 steps, 0 preemptions
+        Point.of_lengths("HF-mix x128", 6.62038, 516, hf_mix),
     ]
 
 
@@ -124,10 +121,8 @@ def check_points(model: StepModel, points: Iterable[Point]) -> list[dict[str, ob
 
 
 # Held-out error the model is held to (tests/bench/test_fleet_sim.py): fit points are exact by
-# construction; preemption-free held-out runs within 10%; runs with preemptions (their recompute is
-# not modelled, so the model reads low) within 15%.
-TOLERANCE_NO_PREEMPTION = 0.10
-TOLERANCE_WITH_PREEMPTION = 0.15
+# construction; held-out runs (none had preemptions) within 5% (W1 reads 2.4% fast, HF-mix 1.3%).
+TOLERANCE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,19 +130,21 @@ class FleetParams:
     """Times in seconds. `[measured]` values cite docs/benchmarks.md and the run's JSON key;
     `[assumed]` values are not measured by this project."""
 
-    # [measured] startup.load_weights: 16.06 GB from page cache to the GPU (6.8 GB/s)
-    load_weights_s: float = 2.353
-    # [measured] startup.construct_and_warmup_s (10.617) minus load_weights: tokenizer, model
-    # construct, KV allocation (engine_init 4.430 includes load_weights) and warm-up 6.186
-    # (CUDA-graph capture of 35 batch sizes, 5.28 s in docs/benchmarks.md)
-    init_and_warmup_s: float = 10.617 - 2.353
-    # [assumed] process start to engine construct: Python and torch imports, server start.
-    # An estimate, not measured here.
-    process_start_s: float = 3.0
-    # [assumed] the first start on a node reads the weights from disk, not page cache; issue 7
-    # quotes 1.2 GB/s seen from a cold disk (not yet in docs/benchmarks.md). Later starts on the
-    # same node find the weights in page cache (load_weights_s).
-    cold_disk_gbps: float = 1.2
+    # [measured] startup.json ready_page_cache.process_start_to_live_s: Python and torch
+    # imports, server up
+    process_start_s: float = 5.168
+    # [measured] startup.json phases.load_weights: 16.06 GB from page cache to the GPU (18.1 GB/s)
+    load_weights_s: float = 1.011
+    # [measured] startup.json: process_start_to_ready_s 9.697 less the two above: engine init,
+    # KV allocation, warm-up with CUDA-graph capture (Triton's kernel cache already filled)
+    init_and_warmup_s: float = 9.697 - 5.168 - 1.011
+    # [assumed] a new pod has an empty Triton cache (HOME is an emptyDir), and compiling during
+    # the first graph capture adds about this much (docs/benchmarks.md's estimate from capture
+    # times of 4.76-5.28 s on fresh machines; not measured as a phase of its own)
+    triton_compile_s: float = 3.0
+    # [measured] startup.json cold_disk.loader_gbs: the first start on a node reads the weights
+    # from disk (1.33 GB/s = 91% of the raw 1.46 GB/s); later starts there find them in page cache
+    cold_disk_gbps: float = 1.327
     # [assumed] pending pod -> GPU node allocatable: GKE documents 80-120 s per node
     # (shared/research/operator_anchors.md, sections 2 and 3); includes the cluster autoscaler's scan.
     node_provision_s: float = 90.0
@@ -190,10 +187,10 @@ class FleetParams:
         return WEIGHT_BYTES / (self.cold_disk_gbps * 1e9)
 
     def worker_start_s(self, weights_cached: bool) -> float:
-        """Container start -> engine ready (before any probe notices)."""
+        """Container start -> /health/ready would answer 200 (before any probe notices)."""
         load = self.load_weights_s if weights_cached else self.cold_load_weights_s
-        return self.process_start_s + load + self.init_and_warmup_s
+        return self.process_start_s + load + self.init_and_warmup_s + self.triton_compile_s
 
 
-MEASURED = ("load_weights_s", "init_and_warmup_s")
+MEASURED = ("process_start_s", "load_weights_s", "init_and_warmup_s", "cold_disk_gbps")
 CONFIGURATION = ("max_queued_requests", "retry_after_s", "max_num_seqs", "max_batched_tokens")

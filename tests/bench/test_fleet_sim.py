@@ -63,34 +63,41 @@ def test_step_model_reproduces_the_measured_points() -> None:
         "W2 128/128 x1000",
     }
     for c in checks:
-        if c["role"] == "fit":
-            assert abs(c["error"]) < 1e-9, c
-        elif c["preemptions"] == 0:
-            assert abs(c["error"]) <= fleet_params.TOLERANCE_NO_PREEMPTION, c
-        else:
-            assert abs(c["error"]) <= fleet_params.TOLERANCE_WITH_PREEMPTION, c
+        tolerance = 1e-9 if c["role"] == "fit" else fleet_params.TOLERANCE
+        assert abs(c["error"]) <= tolerance, c
+    assert {c["run"] for c in checks if c["role"] == "check"} == {"W1 256 x U[100,1024]", "HF-mix x128"}
     # d is physics, not a fit: 128 KiB of KV per token at the kernel's measured 2,876 GB/s
     assert model.d_ms == pytest.approx(131072 / 2876e9 * 1e3)
     assert all(v > 0 for v in (model.a_ms, model.b_ms, model.c_ms))
 
 
 def test_simulated_worker_replays_w1_and_w2_step_for_step() -> None:
-    """The scheduler emulation takes exactly as many steps as the real engine did."""
+    """The scheduler emulation takes as many steps as the real engine: exactly the synchronous
+    engine's count (run 1), within 1% of the pipelined one's (run 2, which counts a step more
+    per wave), and the time is within the model's tolerance."""
     model, _ = fleet_sim.step_model()
     seconds, steps = fleet_worker.replay_offline(model, fleet_sim.w1_lengths(), 256, 8192)
-    assert steps == 1026
-    assert seconds == pytest.approx(18.878, rel=fleet_params.TOLERANCE_NO_PREEMPTION)
+    assert steps == 1026 and abs(steps - 1027) <= 0.01 * 1027
+    assert seconds == pytest.approx(16.698, rel=fleet_params.TOLERANCE)
     seconds, steps = fleet_worker.replay_offline(model, [(128, 128)] * 1000, 256, 8192)
-    assert steps == 515
-    assert seconds == pytest.approx(9.2747, rel=1e-4)
+    assert steps == 515 and abs(steps - 519) <= 0.01 * 519
+    assert seconds == pytest.approx(8.4437, rel=fleet_params.TOLERANCE)
 
 
 def test_measured_params_match_the_raw_benchmark_output() -> None:
-    raw = json.loads((ROOT / "docs/bench/2026-11-25-h100-run1.json").read_text())["startup"]
-    assert PARAMS.load_weights_s == pytest.approx(raw["load_weights"], abs=1e-3)
-    assert PARAMS.init_and_warmup_s == pytest.approx(
-        raw["construct_and_warmup_s"] - raw["load_weights"], abs=1e-3
-    )
+    raw = json.loads((ROOT / "docs/bench/2026-11-25-h100-startup.json").read_text())
+    ready = raw["ready_page_cache"]
+    assert PARAMS.process_start_s == pytest.approx(ready["process_start_to_live_s"], abs=1e-3)
+    assert PARAMS.load_weights_s == pytest.approx(ready["phases"]["load_weights"], abs=1e-3)
+    start = PARAMS.process_start_s + PARAMS.load_weights_s + PARAMS.init_and_warmup_s
+    assert start == pytest.approx(ready["process_start_to_ready_s"], abs=1e-3)
+    assert PARAMS.cold_disk_gbps == pytest.approx(raw["cold_disk"]["loader_gbs"], abs=1e-3)
+    assert set(fleet_params.MEASURED) == {
+        "process_start_s",
+        "load_weights_s",
+        "init_and_warmup_s",
+        "cold_disk_gbps",
+    }
 
 
 # -- the fleet ------------------------------------------------------------------------------------
