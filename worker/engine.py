@@ -81,8 +81,11 @@ class LLMEngine:
         # observability hook: called with (request ids, logits [N, V]) before sampling each step
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         self._inflight: _Inflight | None = None  # the launched step whose tokens are not read yet
+        # phase -> seconds (load_weights, engine_init; warmup and cuda_graphs after warmup())
         self.startup_seconds = dict(self.runner.timings)
         self.startup_seconds["engine_init"] = time.perf_counter() - t0
+        for phase in ("load_weights", "engine_init"):
+            log.info("startup phase %s: %.2fs", phase, self.startup_seconds[phase])
 
     def warmup(self) -> float:
         """Run a short request end to end (and, on CUDA, capture graphs) before reporting ready.
@@ -99,6 +102,10 @@ class LLMEngine:
         self.stats = EngineStats()  # warm-up traffic is not user traffic
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.startup_seconds["warmup"] = time.perf_counter() - t0
+        if "cuda_graphs" in self.runner.timings:
+            self.startup_seconds["cuda_graphs"] = self.runner.timings["cuda_graphs"]
+            log.info("startup phase cuda_graphs: %.2fs", self.startup_seconds["cuda_graphs"])
+        log.info("startup phase warmup: %.2fs", self.startup_seconds["warmup"])
         return self.startup_seconds["warmup"]
 
     # -- requests ------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ class ModelRunner:
             peak / 2**30,
             budget / 2**30,
         )
-        self.timings["activation_peak_bytes"] = float(peak)
+        self.activation_peak_bytes = peak
         return max(budget, 0)
 
     def profile_run(self) -> None:
