@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from ..quant.spec import QuantConfig
 
 # decode batches up to this many rows stream the weights through kernels/skinny_gemm.py; larger
-# batches (and prefill) go to cuBLAS. 0 turns the skinny path off.
-SKINNY_MAX_M = 64
+# batches (and prefill) go to cuBLAS. Measured on the H100 (bench/microbench.py --skinny): at
+# M <= 16 the kernel streams faster than cuBLAS for every Llama-8B projection, at M = 64 it is
+# slower or equal, so it stops at 16. 0 turns the skinny path off.
+SKINNY_MAX_M = 16
 
 
 class Linear(nn.Module):
