@@ -9,13 +9,14 @@ Weight layout (quant/gptq.py rewrites the checkpoint into it at load):
 
 `gptq_gemm` (decode batches, M <= MAX_M): each program streams BLOCK_N rows of packed codes along
 K, like skinny_gemm.py at 1/4 of the bytes (4-bit), against BLOCK_M rows of x; M blocks are the
-grid's fastest axis, so programs sharing a weight tile run together and DRAM serves it once. Every int32 is loaded once per code it holds (the p
-loads of a word hit the same cache line) and shifted into place. When groups are contiguous and a K
-block lies inside one group (`group_k` a multiple of BLOCK_K, the usual group 128 with act-order
-sorted away at load), the scale and zero are one [BLOCK_N] row per block: the block's integer
-differences (q - z, exact in bf16) go through the tensor cores and the scale multiplies the
-[M, BLOCK_N] partial sum. Otherwise scales and zeros are gathered per element through g_idx.
-SPLIT_K > 1 cuts K into slices reduced with float32 atomics, for layers with few output rows.
+grid's fastest axis, so programs sharing a weight tile run together and DRAM serves it once. A
+[BLOCK_N, BLOCK_K / p] tile of words is loaded once and split in registers into [BLOCK_N, BLOCK_K]
+codes (shift, mask, reshape). When groups are contiguous and a K block lies inside one group
+(`group_k` a multiple of BLOCK_K: the usual group 128, act-order sorted away at load), the scale
+and zero are one [BLOCK_N] row per block: the block's integer differences (q - z, exact in bf16) go
+through the tensor cores and the scale multiplies the [M, BLOCK_N] partial sum. Otherwise scales
+and zeros are gathered per element through g_idx. SPLIT_K > 1 cuts K into slices reduced with
+float32 atomics, for layers with few output rows.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ def _gptq_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         k_ok = offs_k < k_hi
         nk_ok = n_ok[:, None] & k_ok[None, :]
-        words = tl.load(qw_rows + (offs_k // PACK)[None, :], mask=nk_ok, other=0)  # [BN, BK] int32
-        q = (words >> ((offs_k % PACK) * BITS)[None, :]) & MASK
+        # each packed word is loaded once and split into its PACK codes: [BN, BK / PACK, PACK] -> [BN, BK]
+        words = tl.load(
+            qw_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w * PACK < k_hi)[None, :], other=0
+        )
+        q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         if PER_BLOCK_SCALE:
             g = k0 // group_k
@@ -94,10 +100,13 @@ def _gptq_dequant_kernel(
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_w = tl.program_id(1) * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
     rows64 = offs_n.to(tl.int64)[:, None]
     ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    words = tl.load(qw_ptr + rows64 * (K // PACK) + (offs_k // PACK)[None, :], mask=ok, other=0)
-    q = (words >> ((offs_k % PACK) * BITS)[None, :]) & MASK
+    w_ok = (offs_n < N)[:, None] & (offs_w * PACK < K)[None, :]
+    words = tl.load(qw_ptr + rows64 * (K // PACK) + offs_w[None, :], mask=w_ok, other=0)
+    q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
+    q = tl.reshape(q, (BLOCK_N, BLOCK_K))
     g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
     s = tl.load(s_ptr + rows64 * G + g[None, :], mask=ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows64 * G + g[None, :], mask=ok, other=0).to(tl.int32)

@@ -54,7 +54,7 @@ def w8_gemm(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     block_n: int | None = None,
-    block_k: int = 256,
+    block_k: int | None = None,
     num_stages: int = 4,
     num_warps: int = 4,
 ) -> torch.Tensor:
@@ -67,6 +67,8 @@ def w8_gemm(
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     if block_n is None:
         block_n = 16 if m <= 16 else (32 if m <= 64 else 64)
+    if block_k is None:  # the bytes per iteration of skinny_gemm's bf16 [16, 256] tile
+        block_k = 512 if m <= 16 else 256
     _w8_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale, bias if bias is not None else scale, y,
         m, n, k,

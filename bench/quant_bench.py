@@ -1,0 +1,256 @@
+"""Weight precision on one H100: W3 and W1 per precision (bf16, fp8, int8, gptq) on the Llama-3.1-8B
+shape, and each precision's error against bf16 on the same checkpoint (issue 6).
+
+    python bench/quant_bench.py --out $OUT [--methods bf16,fp8,int8,gptq] [--only kernels,err,w3,w1,w2]
+
+- the checkpoint is bench/checkpoint.py's random bf16 8B (built if missing, ~25 s);
+- fp8 and int8 quantize it at load (per-output-channel scales), streamed one tensor at a time;
+- gptq: calibrating GPTQ on an 8B model takes far longer than this run may, so its checkpoint is
+  ROUND-TO-NEAREST 4-bit packed into the GPTQ layout (group 128, sym, `inferfleet-worker quantize
+  --method rtn`): the speed is GPTQ's (same tensors, same kernels), the error is RTN's;
+- error: relative logits error and top-1 agreement vs bf16 over the last 32 positions of 4 random
+  prompts of 160 tokens (160-row prefills: W8A8 for fp8, the M-tiled fused kernels for int8/gptq);
+- W3 (batch 1, 128 in / 256 out) and W1 (256 requests, U[100, 1024] in/out, T = 0.6) through
+  bench/gpu_bench.py's machinery; fp8 also runs W3 with W8A8 for decode (torch._scaled_mm at M = 1)
+  and W2 1000/1000 at a quarter of the requests (the batch stays at 250 of 256 slots throughout, so
+  the rate is the full workload's);
+- kernels: GB/s of the quantized GEMV kernels at M = 1 on the 8B projection shapes.
+
+Prints a table last; writes quant_bench.json into --out. Budget: ~6 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint import make_llama8b_checkpoint
+from gpu_bench import decode_latency, generate
+from inferfleet.worker import LLM
+from inferfleet.worker.quant import fp8 as qfp8
+from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
+from inferfleet.worker.quant.evaluate import logits_error, prompt_logits
+from microbench import SHAPES
+from workloads import fixed, random_prompt, w1
+
+log = logging.getLogger("quant_bench")
+METHODS = ("bf16", "fp8", "int8", "gptq")
+TARGETS = {"fp8 W3 ms/token": 3.0, "gptq W3 ms/token": 2.2, "fp8 W2 1000/1000 out tok/s": 12000.0}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights as held on the GPU (parameters and the quantized layers' buffers)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for name, b in model.named_buffers():
+        if not name.endswith((".cos", ".sin")):
+            n += b.numel() * b.element_size()
+    return n
+
+
+def make_gptq_rtn(src: str, dst: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    quantize_checkpoint(src, dst, QuantizeSpec(method="rtn", bits=4, group_size=128), device="cuda")
+    torch.cuda.empty_cache()
+    return {"seconds": time.perf_counter() - t0, "note": "round-to-nearest packed in the GPTQ layout"}
+
+
+def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[torch.Tensor] | None,
+               prompts: list[list[int]], w1_scale: float, w2_scale: float) -> tuple[dict[str, Any], list[torch.Tensor] | None]:  # fmt: skip
+    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gptq": "none"}[method]
+    res: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
+        max_num_batched_tokens=8192, quantization=quantization,
+    )  # fmt: skip
+    eng = llm.engine
+    eng.warmup()
+    res["quantization"] = eng.config.quantization
+    res["startup"] = {
+        **eng.startup_seconds,
+        "construct_and_warmup_s": time.perf_counter() - t0,
+        "kv_capacity_tokens": eng.runner.capacity_tokens,
+        "weight_gb": weight_bytes(eng.runner.model) / 1e9,
+    }
+    log.info("%s startup: %s", method, res["startup"])
+    generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels before timing
+    logits = None
+    if "err" in only:
+        logits = prompt_logits(eng.runner.model, prompts, last=32)
+        if ref_logits is not None:
+            res["error_vs_bf16"] = logits_error(ref_logits, logits)
+            log.info("%s error: %s", method, res["error_vs_bf16"])
+    if "w3" in only:
+        res["w3"] = decode_latency(llm)
+        log.info("%s w3: %s", method, res["w3"])
+        if method == "fp8":
+            # decode through W8A8 (_scaled_mm) too: recapture the graphs with the switch at 0
+            saved = qfp8.W8A16_MAX_M
+            qfp8.W8A16_MAX_M = 0
+            try:
+                eng.runner.graphs = None
+                eng.runner.warmup()
+                res["w3_w8a8_decode"] = decode_latency(llm)
+            finally:
+                qfp8.W8A16_MAX_M = saved
+                eng.runner.graphs = None
+                eng.runner.warmup()
+            log.info("%s w3 (W8A8 decode): %s", method, res["w3_w8a8_decode"])
+    if "w1" in only:
+        reqs = w1()
+        res["w1"] = generate(llm, reqs[: max(1, int(len(reqs) * w1_scale))], temperature=0.6)
+        log.info("%s w1: %s", method, res["w1"])
+    if "w2" in only and method in ("bf16", "fp8"):
+        res["w2_1000_1000"] = generate(llm, fixed(1000, 1000, max(1, int(1000 * w2_scale))))
+        log.info("%s w2 1000/1000: %s", method, res["w2_1000_1000"])
+    return res, logits  # the engine goes with this frame; the caller collects it
+
+
+def kernel_table() -> list[dict[str, Any]]:
+    """GB/s of the weight-streaming kernels at M = 1 (weights rotated among 3 copies, > L2)."""
+    import triton
+    from inferfleet.worker.kernels.gptq_gemm import gptq_gemm
+    from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
+    from inferfleet.worker.kernels.w8_gemm import w8_gemm
+    from inferfleet.worker.quant.gptq import pack_int32
+
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        if name == "lm_head":
+            continue
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        i8 = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(3)]
+        f8 = [w.to(torch.float8_e4m3fn) for w in bf]
+        scale = torch.rand(n, device="cuda")
+        g = k // 128
+        q4 = [pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4, 1) for _ in range(3)]
+        s4 = torch.rand(n, g, device="cuda").half()
+        z4 = torch.full((n, g), 8, device="cuda", dtype=torch.uint8)
+        gi = (torch.arange(k, device="cuda") // 128).to(torch.int32)
+        cases: dict[str, tuple[Any, float]] = {
+            "bf16 cuBLAS": (lambda j: torch.nn.functional.linear(x, bf[j]), 2.0),
+            "bf16 skinny": (lambda j: skinny_gemm(x, bf[j]), 2.0),
+            "int8 w8_gemm": (lambda j: w8_gemm(x, i8[j], scale), 1.0),
+            "int8 w8_gemm bk256": (lambda j: w8_gemm(x, i8[j], scale, block_k=256), 1.0),
+            "fp8 w8_gemm": (lambda j: w8_gemm(x, f8[j], scale), 1.0),
+            "fp8 w8_gemm bn32": (lambda j: w8_gemm(x, f8[j], scale, block_n=32), 1.0),
+        }
+        for bn, bk, sk in ((16, 128, None), (16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
+            cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (
+                lambda j, bn=bn, bk=bk, sk=sk: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, block_n=bn, block_k=bk, split_k=sk),
+                0.5 + 4 / 128,
+            )  # fmt: skip
+        for label, (fn, bytes_per_weight) in cases.items():
+            it = [0]
+
+            def f(fn: Any = fn) -> None:
+                it[0] = (it[0] + 1) % 3
+                fn(it[0])
+
+            us = triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") * 1e3
+            gbs = n * k * bytes_per_weight / us / 1e3
+            rows.append({"layer": name, "kernel": label, "us": us, "GB/s": gbs})
+            print(f"{name:8s} {label:26s} {us:8.1f} us {gbs:7.0f} GB/s", flush=True)
+        cases.clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default="/tmp/llama8b")
+    ap.add_argument("--gptq-dir", default="/tmp/llama8b-gptq-rtn")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--only", default="kernels,err,w3,w1,w2")
+    ap.add_argument("--w1-scale", type=float, default=1.0)
+    ap.add_argument("--w2-scale", type=float, default=0.25)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    only = set(args.only.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {METHODS}")
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+        "methods": {},
+    }
+    if not (Path(args.model_dir) / "config.json").exists():
+        results["checkpoint"] = make_llama8b_checkpoint(args.model_dir)
+        log.info("checkpoint: %s", results["checkpoint"])
+    if "kernels" in only:
+        results["kernels"] = kernel_table()
+    if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():
+        results["gptq_checkpoint"] = make_gptq_rtn(args.model_dir, args.gptq_dir)
+        log.info("gptq (rtn) checkpoint: %s", results["gptq_checkpoint"])
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, 160) for _ in range(4)]
+    ref_logits = None
+    if "err" in only and methods[0] != "bf16":
+        methods = ["bf16", *methods]
+    for m in methods:
+        model_dir = args.gptq_dir if m == "gptq" else args.model_dir
+        res, logits = run_method(m, model_dir, only, ref_logits, prompts, args.w1_scale, args.w2_scale)
+        gc.collect()  # free this precision's engine, graphs and KV before the next one loads
+        torch.cuda.empty_cache()
+        if m == "bf16":
+            ref_logits = logits
+        results["methods"][m] = res
+        Path(args.out, "quant_bench.json").write_text(json.dumps(results, indent=2))
+    results["total_seconds"] = time.perf_counter() - t_start
+    Path(args.out, "quant_bench.json").write_text(json.dumps(results, indent=2))
+
+    print(f"\n=== quantization, Llama-3.1-8B shape, {results['device']}, {results['date']}")
+    print("gptq = round-to-nearest 4-bit (group 128) in the GPTQ layout, for speed; its error is RTN's")
+    cols = [
+        ("W3 ms/tok", lambda r: r.get("w3", {}).get("decode_ms_mean")),
+        ("W3 e2e", lambda r: r.get("w3", {}).get("e2e_ms_per_token")),
+        ("W1 out tok/s", lambda r: r.get("w1", {}).get("output_tok_s")),
+        ("W2 1k/1k", lambda r: r.get("w2_1000_1000", {}).get("output_tok_s")),
+        ("rel err", lambda r: r.get("error_vs_bf16", {}).get("rel_err")),
+        ("top-1", lambda r: r.get("error_vs_bf16", {}).get("top1")),
+        ("weights GB", lambda r: r["startup"]["weight_gb"]),
+        ("load s", lambda r: r["startup"].get("load_weights")),
+        ("KV tokens", lambda r: r["startup"]["kv_capacity_tokens"]),
+    ]
+    print(f"{'precision':10s}" + "".join(f"{c:>14s}" for c, _ in cols))
+    for m, r in results["methods"].items():
+        cells = "".join(f"{v:14.3f}" if v is not None else f"{'-':>14s}" for v in (f(r) for _, f in cols))
+        print(f"{m:10s}{cells}")
+    fp8 = results["methods"].get("fp8", {})
+    if "w3_w8a8_decode" in fp8:
+        print(
+            f"fp8 W3 with W8A8 decode (_scaled_mm at M=1): {fp8['w3_w8a8_decode']['decode_ms_mean']:.3f} ms/token"
+        )
+    measured = {
+        "fp8 W3 ms/token": fp8.get("w3", {}).get("decode_ms_mean"),
+        "gptq W3 ms/token": results["methods"].get("gptq", {}).get("w3", {}).get("decode_ms_mean"),
+        "fp8 W2 1000/1000 out tok/s": fp8.get("w2_1000_1000", {}).get("output_tok_s"),
+    }
+    for name, target in TARGETS.items():
+        v = measured[name]
+        if v is not None:
+            ok = v <= target if "ms" in name else v >= target
+            print(f"target {name:28s} {target:10.1f}   measured {v:10.3f}   {'met' if ok else 'MISSED'}")
+    print(f"total {results['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
