@@ -14,7 +14,9 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
   bench/gpu_bench.py's machinery; fp8 also runs W3 with W8A8 for decode (torch._scaled_mm at M = 1)
   and W2 1000/1000 at a quarter of the requests (the batch stays at 250 of 256 slots throughout, so
   the rate is the full workload's);
-- kernels: GB/s of the quantized GEMV kernels at M = 1 on the 8B projection shapes.
+- kernels: each precision's matmul on the 8B projection shapes, block configurations at M = 1 and
+  fused kernels vs widen/dequantize + cuBLAS (FP8: W8A16 vs W8A8) at M = 16, 64, 256: the data for
+  the switch points SMALL_M / FUSED_MAX_M (quant/methods.py) and W8A16_MAX_M (quant/fp8.py).
 
 Prints a table last; writes quant_bench.json into --out. Budget: ~6 minutes on one H100.
 """
@@ -118,18 +120,21 @@ def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[tor
 
 
 def kernel_table() -> list[dict[str, Any]]:
-    """GB/s of the weight-streaming kernels at M = 1 (weights rotated among 3 copies, > L2)."""
+    """Microseconds and weight GB/s of each precision's matmul on the 8B projection shapes: block
+    configurations at M = 1, then fused kernel vs widen/dequantize + cuBLAS (and FP8 W8A16 vs
+    W8A8) at M = 16, 64, 256, where the thresholds in quant/methods.py and quant/fp8.py switch.
+    Weights rotate among 3 copies so each call reads DRAM, not L2."""
     import triton
-    from inferfleet.worker.kernels.gptq_gemm import gptq_gemm
+    from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm
     from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
     from inferfleet.worker.kernels.w8_gemm import w8_gemm
     from inferfleet.worker.quant.gptq import pack_int32
+    from inferfleet.worker.quant.int8 import int8_linear_reference
 
     rows = []
     for name, (n, k) in SHAPES.items():
         if name == "lm_head":
             continue
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         i8 = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(3)]
         f8 = [w.to(torch.float8_e4m3fn) for w in bf]
@@ -139,31 +144,41 @@ def kernel_table() -> list[dict[str, Any]]:
         s4 = torch.rand(n, g, device="cuda").half()
         z4 = torch.full((n, g), 8, device="cuda", dtype=torch.uint8)
         gi = (torch.arange(k, device="cuda") // 128).to(torch.int32)
-        cases: dict[str, tuple[Any, float]] = {
-            "bf16 cuBLAS": (lambda j: torch.nn.functional.linear(x, bf[j]), 2.0),
-            "bf16 skinny": (lambda j: skinny_gemm(x, bf[j]), 2.0),
-            "int8 w8_gemm": (lambda j: w8_gemm(x, i8[j], scale), 1.0),
-            "int8 w8_gemm bk256": (lambda j: w8_gemm(x, i8[j], scale, block_k=256), 1.0),
-            "fp8 w8_gemm": (lambda j: w8_gemm(x, f8[j], scale), 1.0),
-            "fp8 w8_gemm bn32": (lambda j: w8_gemm(x, f8[j], scale, block_n=32), 1.0),
-        }
-        for bn, bk, sk in ((16, 128, None), (16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
-            cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (
-                lambda j, bn=bn, bk=bk, sk=sk: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, block_n=bn, block_k=bk, split_k=sk),
-                0.5 + 4 / 128,
-            )  # fmt: skip
-        for label, (fn, bytes_per_weight) in cases.items():
-            it = [0]
+        b4 = 0.5 + 3 / 128  # 4-bit codes plus an fp16 scale and a uint8 zero per 128
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cases: dict[str, tuple[Any, float]] = {
+                "bf16 cuBLAS": (lambda j: torch.nn.functional.linear(x, bf[j]), 2.0),
+                "int8 fused": (lambda j: w8_gemm(x, i8[j], scale), 1.0),
+                "int8 widen+cuBLAS": (lambda j: int8_linear_reference(x, i8[j], scale, None), 1.0),
+                "fp8 W8A16 fused": (lambda j: w8_gemm(x, f8[j], scale), 1.0),
+                "fp8 W8A8 _scaled_mm": (lambda j: qfp8.fp8_scaled_mm(x, f8[j], scale, None), 1.0),
+                "gptq fused": (lambda j: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128), b4),
+                "gptq dequant+cuBLAS": (
+                    lambda j: torch.nn.functional.linear(x, gptq_dequant(q4[j], s4, z4, gi, 4, 128, torch.bfloat16)),
+                    b4,
+                ),
+            }  # fmt: skip
+            if m == 1:
+                cases["bf16 skinny"] = (lambda j: skinny_gemm(x, bf[j]), 2.0)
+                cases["int8 fused bk256"] = (lambda j: w8_gemm(x, i8[j], scale, block_k=256), 1.0)
+                cases["fp8 fused bn32"] = (lambda j: w8_gemm(x, f8[j], scale, block_n=32), 1.0)
+                for bn, bk, sk in ((16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
+                    cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (
+                        lambda j, bn=bn, bk=bk, sk=sk: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, block_n=bn, block_k=bk, split_k=sk),
+                        b4,
+                    )  # fmt: skip
+            for label, (fn, bytes_per_weight) in cases.items():
+                it = [0]
 
-            def f(fn: Any = fn) -> None:
-                it[0] = (it[0] + 1) % 3
-                fn(it[0])
+                def f(fn: Any = fn) -> None:
+                    it[0] = (it[0] + 1) % 3
+                    fn(it[0])
 
-            us = triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") * 1e3
-            gbs = n * k * bytes_per_weight / us / 1e3
-            rows.append({"layer": name, "kernel": label, "us": us, "GB/s": gbs})
-            print(f"{name:8s} {label:26s} {us:8.1f} us {gbs:7.0f} GB/s", flush=True)
-        cases.clear()
+                us = triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") * 1e3
+                gbs = n * k * bytes_per_weight / us / 1e3
+                rows.append({"layer": name, "m": m, "kernel": label, "us": us, "weight_GB/s": gbs})
+                print(f"{name:8s} M={m:<4d} {label:24s} {us:9.1f} us {gbs:7.0f} GB/s", flush=True)
         torch.cuda.empty_cache()
     return rows
 
