@@ -21,6 +21,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,18 +174,26 @@ def _load_dense_model(model_dir: str | Path, device: torch.device, max_position:
     return model
 
 
+ResultSink = Callable[[str, QuantResult], None]
+
+
 def gptq_model(
-    model_dir: str | Path, samples: torch.Tensor, spec: QuantizeSpec, device: torch.device
+    model_dir: str | Path,
+    samples: torch.Tensor,
+    spec: QuantizeSpec,
+    device: torch.device,
+    sink: ResultSink | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
-    """Quantize every decoder projection; returns results keyed by our module names
-    (`model.layers.{i}.self_attn.qkv_proj`, ...) and the per-layer error report."""
+    """Quantize every decoder projection, keyed by our module names
+    (`model.layers.{i}.self_attn.qkv_proj`, ...); returns the results (unless `sink` takes each one
+    as it is done, so a large model never holds them all) and the per-layer error report."""
     model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
     with torch.inference_mode():
-        return _gptq_layers(model, samples.to(device), spec, device)
+        return _gptq_layers(model, samples.to(device), spec, device, sink)
 
 
 def _gptq_layers(
-    model: Any, samples: torch.Tensor, spec: QuantizeSpec, device: torch.device
+    model: Any, samples: torch.Tensor, spec: QuantizeSpec, device: torch.device, sink: ResultSink | None
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
     positions = torch.arange(samples.shape[1], device=device)
     chunks = list(samples.split(spec.batch_size))
@@ -214,7 +223,10 @@ def _gptq_layers(
             else:
                 res, err = rtn, rtn_err
             name = f"model.layers.{li}.{stage}"
-            results[name] = res
+            if sink is not None:
+                sink(name, res)
+            else:
+                results[name] = res
             reports.append(LayerReport(name, err, rtn_err, ntok))
             linear.weight.data.copy_(res.dequant)  # later stages and layers see the quantized layer
         hidden = [layer_forward(layer, h, positions, "out") for h in hidden]
@@ -329,7 +341,6 @@ def quantize_checkpoint(
             raise InvalidRequestError("GPTQ needs --calibration text", param="calibration")
         seqlen = min(spec.seqlen, mc.max_position_embeddings)
         samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
-        results, reports = gptq_model(model_dir, samples, spec, dev)
         tensors = _original_tensors(model_dir)
         sizes = {
             "self_attn.qkv_proj": [mc.num_heads * mc.head_dim] + [mc.num_kv_heads * mc.head_dim] * 2,
@@ -337,7 +348,8 @@ def quantize_checkpoint(
             "mlp.gate_up_proj": [mc.intermediate_size] * 2,
             "mlp.down_proj": [mc.hidden_size],
         }
-        for name, res in results.items():
+
+        def write(name: str, res: QuantResult) -> None:  # packed on the CPU as each matrix is done
             prefix, block, proj = name.rsplit(".", 2)  # model.layers.3, self_attn, qkv_proj
             stage = f"{block}.{proj}"
             for part, sub in zip(_SPLITS[stage], _split(res, sizes[stage])):
@@ -345,6 +357,8 @@ def quantize_checkpoint(
                 del tensors[f"{module}.weight"]
                 for key, value in gptq_tensors(sub, spec.bits).items():
                     tensors[f"{module}.{key}"] = value
+
+        _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
     out = write_checkpoint(model_dir, out_dir, tensors, spec)
     summary = {
         "spec": asdict(spec),
