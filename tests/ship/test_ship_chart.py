@@ -31,6 +31,7 @@ from ship_support import (
     deep_merge,
     default_values,
     example_values,
+    helm_install,
     helm_lint,
     load_yaml_docs,
     without_server_fields,
@@ -357,3 +358,27 @@ def test_service_monitor_scrapes_the_worker_services() -> None:
     assert endpoint["port"] == contract.PORT_NAME in [p["name"] for p in svc["spec"]["ports"]]
     assert endpoint["path"] == contract.METRICS_PATH
     assert set(sm["spec"]["targetLabels"]) <= set(svc["metadata"]["labels"])
+
+
+def test_service_monitor_follows_the_watched_namespaces() -> None:
+    inst = helm_install(
+        {"operator": {"watchNamespaces": ["team-a"]}, "serviceMonitor": {"enabled": True}},
+        namespaces=["team-a"],
+    )
+    assert inst.one("ServiceMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+
+
+def test_optional_objects_can_be_left_to_the_cluster_admin() -> None:
+    """An existing ServiceAccount, RBAC granted elsewhere and a pre-existing PriorityClass."""
+    inst = helm_install(
+        {
+            "serviceAccount": {"create": False, "name": "platform-operator"},
+            "rbac": {"create": False},
+            "balloonPriorityClass": {"create": False},
+        }
+    )
+    assert sorted(o["kind"] for o in inst.created) == ["CustomResourceDefinition", "Deployment"]
+    assert inst.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operator"
+    # No name: `required` fails the render (helm lint only renders in lint mode, which lets it pass).
+    with pytest.raises(AssertionError, match="serviceAccount.name is required"):
+        helm_install({"serviceAccount": {"create": False}})

@@ -89,6 +89,7 @@ def test_worker_image_contract() -> None:
     assert e["HF_HUB_OFFLINE"] == "1"
     assert e["PATH"].startswith("/opt/venv/bin:")  # python3 and inferfleet-worker from the venv
     assert ("EXPOSE", str(contract.PORT)) in inst
+    assert ("VOLUME", f'["{contract.TMP_DIR}"]') in inst  # writable with a read-only root filesystem
     assert re.search(r'pip install --no-cache-dir "\./\[worker\]"', text("Dockerfile.worker"))
 
 
@@ -116,6 +117,7 @@ def test_operator_image_contract() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert ("USER", "65532:65532") in inst  # the chart's and manifests/operator.yaml's runAsUser
     assert ("ENTRYPOINT", '["inferfleet-operator"]') in inst
+    assert ("VOLUME", '["/tmp"]') in inst
     assert ("EXPOSE", str(values["operator"]["healthPort"])) in inst
     assert re.search(r'pip install --no-cache-dir "\./\[operator\]"', src)
     assert not any("torch" in args or "[worker]" in args for _, args in inst)  # comments aside
