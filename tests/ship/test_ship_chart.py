@@ -380,5 +380,5 @@ def test_optional_objects_can_be_left_to_the_cluster_admin() -> None:
     assert sorted(o["kind"] for o in inst.created) == ["CustomResourceDefinition", "Deployment"]
     assert inst.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-operator"
     # No name: `required` fails the render (helm lint only renders in lint mode, which lets it pass).
-    with pytest.raises(AssertionError, match="serviceAccount.name is required"):
+    with pytest.raises(AssertionError, match=r"serviceAccount\.name is required"):
         helm_install({"serviceAccount": {"create": False}})
