@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,8 +112,6 @@ def helm_lint(values: Obj | None = None) -> Lint:
     with tempfile.TemporaryDirectory() as tmp:
         chart = CHART
         if values is not None:
-            import shutil
-
             chart = pathlib.Path(tmp) / "inferfleet"
             shutil.copytree(CHART, chart)
             (chart / "values.yaml").write_text(yaml.safe_dump(deep_merge(default_values(), values)))
