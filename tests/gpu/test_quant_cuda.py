@@ -1,28 +1,44 @@
-"""Quantized weights on CUDA against their CPU references (`pytest -m cuda`, run on the lent H100).
+"""Quantized weights on CUDA (`pytest -m cuda`, run on the lent H100): like with like, then the error.
 
-For FP8, INT8 and GPTQ on tiny checkpoints, with CUDA graphs on (decode steps replay captured
-graphs, batches padded up to the captured sizes):
+1. **The kernels against the same quantized math on CPU, both in bfloat16.** For INT8, GPTQ and FP8
+   on the tiny checkpoints, with CUDA graphs on (decode steps replay captured graphs, batches padded
+   up to the captured sizes): prefill logits at every position of a few prompts, and every decode
+   step's logits of concurrent requests (one batch of 70, above 64 rows) against the CPU reference
+   teacher-forced on the tokens the GPU generated. The reference is a **bf16** CPU model loading the
+   same checkpoint the same way (a float32 checkpoint is rounded to bf16 before INT8/FP8 quantize it
+   at load, so both sides hold identical codes and scales), its INT8/GPTQ projections computed as the
+   kernels compute them (`quant.evaluate.use_kernel_numerics`: float32 products of the exact
+   dequantized weights, one rounding); FP8's CPU reference already does. Engine steps are capped at
+   256 tokens, so every CUDA batch takes the fused kernels the reference models.
+   What is left is accumulation order and approximate transcendentals, i.e. bf16 results that round
+   to a neighbouring value on one side. Measured on CPU (docs/quantization.md, "GPU tests"): the same
+   comparison with a perturbed device side (every linear / einsum / softmax in float64 with 1e-6
+   relative noise on every linear output, about 10x the float32 rounding differences between two
+   implementations) gives, over the four architectures,
+     weight-only (INT8, GPTQ, FP8 W8A16):  per prompt / decode row <= 0.0107, all rows together <= 0.0056
+     W8A8 (FP8 activations quantized):     per prompt / decode row <= 0.0555, all rows together <= 0.0152
+   W8A8 amplifies: a bf16 activation one ulp off lands on a neighbouring e4m3 code (a 1/16 step)
+   when it sits near a rounding boundary, and the random tiny networks amplify that. Tolerances are
+   ~1.4-2x those: WEIGHT_ONLY (row 1.5e-2, all 1e-2), W8A8 (row 8e-2, all 3e-2). For comparison,
+   the previous float32 reference put the same bf16 runs at 0.016-0.033 (INT8), 0.031-0.057 (FP8
+   W8A16) and 0.066-0.118 (W8A8) from it: the H100 failures of 2026-11-25 were that gap, not bugs.
+2. **The quantization error on the GPU**: each quantized CUDA engine against the unquantized bf16
+   CUDA engine on the held-out prompts of tests/worker/test_quant_error.py, within the bounds asserted
+   there (`quant.evaluate.ERROR_BOUNDS`), which hold unchanged for bf16 against bf16 on CPU
+   (INT8 0.015-0.016, FP8 0.052-0.061 as served, 0.067-0.076 W8A8, GPTQ 0.159-0.204).
 
-- prefill logits at every position of a few prompts (prefill-sized batches: W8A8 _scaled_mm,
-  dequantize + cuBLAS) and
-- the logits of every decode step of a batch of concurrent requests, including one batch above 64
-  rows (the M-tiled kernels, and W8A8 for FP8), compared with the CPU float32 reference model run
-  teacher-forced on the tokens the GPU generated,
-
-must agree within bf16 tolerance. The CPU references: the INT8 and GPTQ engines themselves on CPU
-(float32), and for FP8 the same linear method on CPU (quant/fp8.py's reference math). The FP8 cases
-fix the W8A16/W8A8 switch for both sides so they compute the same thing; bf16 activations on the
-GPU may land an FP8 activation code one step away from the float32 one, hence 3e-2 there.
 Each quantized Linear is also captured into a CUDA graph alone and replayed on new inputs.
+The measured numbers are printed (run with -s) so a failing rerun still reports them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -31,9 +47,16 @@ from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.linear import Linear
 from inferfleet.worker.quant import fp8 as qfp8
 from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
-from inferfleet.worker.quant.evaluate import build_model, prompt_logits
+from inferfleet.worker.quant.evaluate import (
+    ERROR_BOUNDS,
+    build_model,
+    logits_error,
+    prompt_logits,
+    use_kernel_numerics,
+)
 from inferfleet.worker.quant.spec import QuantConfig
 from inferfleet.worker.tiny import _CORPUS, save_safetensors
+from inferfleet.worker.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -42,7 +65,19 @@ if not torch.cuda.is_available():
 FP8_OK = torch.cuda.get_device_capability() >= (8, 9)
 needs_fp8 = pytest.mark.skipif(not FP8_OK, reason="FP8 needs compute capability >= 8.9")
 ARCHES = ("llama", "qwen2", "qwen3", "mistral")
-BF16_TOL = 2e-2
+# as tests/worker/test_quant_error.py: GPTQ calibrates on the first lines, errors on the rest
+CALIBRATION = "\n".join(_CORPUS.splitlines()[:8])
+HELD_OUT = _CORPUS.splitlines()[8:]
+STEP_TOKENS = 256  # engine step budget: every batch <= FUSED_MAX_M rows takes the fused kernels
+
+
+class Tol(NamedTuple):
+    row: float  # each prompt's prefill logits, each decode step's logits row
+    all: float  # every compared row together
+
+
+WEIGHT_ONLY = Tol(1.5e-2, 1e-2)  # INT8, GPTQ, FP8 W8A16: see the module docstring
+W8A8 = Tol(8e-2, 3e-2)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,10 +91,25 @@ def prompts(seed: int, n: int = 6) -> list[list[int]]:
 
 
 def cuda_engine(model: Path, **kw: Any) -> LLMEngine:
-    eng = LLMEngine(EngineConfig(model=str(model), device="cuda", dtype="bfloat16", max_num_seqs=96, **kw))
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(model), device="cuda", dtype="bfloat16", max_num_seqs=96,
+            max_num_batched_tokens=STEP_TOKENS, **kw,
+        )
+    )  # fmt: skip
     eng.warmup()
     assert eng.runner.graphs is not None and eng.runner.graphs.graphs, "CUDA graphs must be on"
     return eng
+
+
+def cpu_reference(model: Path, quantization: str, fp8_from_checkpoint: bool = False) -> Any:
+    """The CPU bf16 model computing what the CUDA kernels compute (module docstring, point 1)."""
+    if quantization == "fp8":  # no CPU worker serves FP8: its reference math through build_model
+        return build_model(
+            str(model), QuantConfig("fp8", from_checkpoint=fp8_from_checkpoint), dtype=torch.bfloat16
+        )
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="bfloat16", quantization=quantization))
+    return use_kernel_numerics(eng.runner.model)
 
 
 def decode_run(
@@ -81,21 +131,34 @@ def decode_run(
     return [final[str(i)].token_ids for i in range(len(ps))], [rows[str(i)] for i in range(len(ps))]
 
 
+def check_rows(label: str, pairs: list[tuple[torch.Tensor, torch.Tensor, Tol, Any]]) -> None:
+    """pairs: (got, want, tolerance, where); each within its row tolerance, all together within the
+    loosest `all` tolerance among them. Prints the measurement first."""
+    errs = [rel(g, w) for g, w, _, _ in pairs]
+    total = rel(
+        torch.cat([g.reshape(-1) for g, *_ in pairs]), torch.cat([w.reshape(-1) for _, w, *_ in pairs])
+    )
+    print(f"{label}: worst row {max(errs):.4f}, all rows {total:.4f} ({len(pairs)} rows)")
+    for e, (_, _, tol, where) in zip(errs, pairs):
+        assert e < tol.row, (label, where, e, tol.row)
+    assert total < max(t.all for _, _, t, _ in pairs), (label, total)
+
+
 def check_against_reference(
-    eng: LLMEngine, ref_model: Any, ps: list[list[int]], tol: float, tokens: int = 12
+    eng: LLMEngine, ref_model: Any, ps: list[list[int]], tol: Tol, label: str, tokens: int = 12
 ) -> None:
     # prefill: every position of every prompt
     got = prompt_logits(eng.runner.model, ps)
     ref = prompt_logits(ref_model, ps)
-    for a, b in zip(got, ref):
-        assert rel(a, b) < tol
+    check_rows(f"{label} prefill", [(a, b, tol, ("prompt", len(p))) for a, b, p in zip(got, ref, ps)])
     # decode (graph replays): teacher-force the reference on what the GPU generated
     toks, steps = decode_run(eng, ps, tokens)
     full = prompt_logits(ref_model, [p + t[:-1] for p, t in zip(ps, toks)])
+    pairs = []
     for p, t, step_rows, r in zip(ps, toks, steps, full):
         assert len(step_rows) == len(t)
-        for j, row in enumerate(step_rows):
-            assert rel(row, r[len(p) - 1 + j]) < tol, (len(p), j)
+        pairs += [(row, r[len(p) - 1 + j], tol, (len(p), j)) for j, row in enumerate(step_rows)]
+    check_rows(f"{label} decode", pairs)
 
 
 def wide_batch(seed: int) -> list[list[int]]:
@@ -111,21 +174,25 @@ def wide_batch(seed: int) -> list[list[int]]:
 def test_int8_cuda_matches_cpu_engine(arch: str, tiny_models: dict[str, Path]) -> None:
     path = tiny_models[arch]
     eng = cuda_engine(path, quantization="int8")
-    ref = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", quantization="int8"))
-    check_against_reference(eng, ref.runner.model, prompts(1), BF16_TOL)
+    ref = cpu_reference(path, "int8")
+    check_against_reference(eng, ref, prompts(1), WEIGHT_ONLY, f"int8 {arch}")
     if arch == "llama":
-        check_against_reference(eng, ref.runner.model, wide_batch(2), BF16_TOL, tokens=4)
+        check_against_reference(eng, ref, wide_batch(2), WEIGHT_ONLY, f"int8 {arch} x70", tokens=4)
 
 
 # -- GPTQ -------------------------------------------------------------------------------------------
 
 
+GPTQ_ACT_ORDER = {"llama": False, "qwen2": True, "qwen3": True, "mistral": False}
+
+
 @pytest.fixture(scope="module")
 def gptq_models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Calibrated as tests/worker/test_quant_error.py does (its bounds apply to the error test)."""
     root = tmp_path_factory.mktemp("gptq-cuda")
-    for arch, act in (("llama", False), ("qwen2", True), ("qwen3", True), ("mistral", False)):
-        spec = QuantizeSpec(group_size=32, act_order=act, nsamples=32, seqlen=64)
-        quantize_checkpoint(tiny_models[arch], root / arch, spec, _CORPUS, device="cpu")
+    for arch, act in GPTQ_ACT_ORDER.items():
+        spec = QuantizeSpec(group_size=32, act_order=act, nsamples=64, seqlen=64)
+        quantize_checkpoint(tiny_models[arch], root / arch, spec, CALIBRATION, device="cpu")
     return {arch: root / arch for arch in ARCHES}
 
 
@@ -134,10 +201,10 @@ def test_gptq_cuda_matches_cpu_engine(arch: str, gptq_models: dict[str, Path]) -
     path = gptq_models[arch]
     eng = cuda_engine(path)  # detected from quantization_config
     assert eng.config.quantization == "gptq"
-    ref = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32"))
-    check_against_reference(eng, ref.runner.model, prompts(3), BF16_TOL)
+    ref = cpu_reference(path, "none")
+    check_against_reference(eng, ref, prompts(3), WEIGHT_ONLY, f"gptq {arch}")
     if arch in ("llama", "qwen2"):
-        check_against_reference(eng, ref.runner.model, wide_batch(4), BF16_TOL, tokens=4)
+        check_against_reference(eng, ref, wide_batch(4), WEIGHT_ONLY, f"gptq {arch} x70", tokens=4)
 
 
 # -- FP8 --------------------------------------------------------------------------------------------
@@ -155,17 +222,24 @@ def test_fp8_cuda_matches_cpu_reference(
         monkeypatch.setattr(qfp8, "W8A16_MAX_M", 10**9 if regime == "w8a16" else 0)
     path = tiny_models[arch]
     eng = cuda_engine(path, quantization="fp8")
-    ref = build_model(str(path), QuantConfig("fp8", from_checkpoint=False))
-    tol = BF16_TOL if regime == "w8a16" else 3e-2
+    ref = cpu_reference(path, "fp8")
     ps = prompts(5)
+    label = f"fp8 {regime} {arch}"
     if regime == "served":
-        # as served, the regime depends on the batch size, which teacher forcing does not reproduce
+        # as served, the regime depends on the batch size, which teacher forcing does not reproduce:
+        # prefill only, each prompt alone on both sides (W8A16 up to 64 tokens, W8A8 above)
         got, want = prompt_logits(eng.runner.model, ps), prompt_logits(ref, ps)
-        assert all(rel(a, b) < tol for a, b in zip(got, want))
-        decode_run(eng, wide_batch(6), 4)  # batches above 64 rows replay _scaled_mm in graphs
+        check_rows(f"{label} prefill", [(a, b, served_tol(len(p)), len(p)) for a, b, p in zip(got, want, ps)])
+        _, steps = decode_run(eng, wide_batch(6), 4)  # batches above 64 rows replay _scaled_mm in graphs
+        assert all(bool(torch.isfinite(r).all()) for rows in steps for r in rows)
         return
-    check_against_reference(eng, ref, ps, tol)
-    check_against_reference(eng, ref, wide_batch(6), tol, tokens=4)
+    tol = WEIGHT_ONLY if regime == "w8a16" else W8A8
+    check_against_reference(eng, ref, ps, tol, label)
+    check_against_reference(eng, ref, wide_batch(6), tol, f"{label} x70", tokens=4)
+
+
+def served_tol(m: int) -> Tol:
+    return WEIGHT_ONLY if m <= qfp8.W8A16_MAX_M else W8A8
 
 
 def fp8_checkpoint(src: Path, dst: Path) -> Path:
@@ -206,10 +280,51 @@ def test_fp8_compressed_tensors_checkpoint_on_cuda(tiny_llama: Path, tmp_path: P
     assert eng.config.quantization == "fp8" and eng.config.model_config.quant.from_checkpoint  # type: ignore[union-attr]
     layer = eng.runner.model.model.layers[0].mlp.down_proj
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.is_cuda
-    ref = build_model(str(ck), QuantConfig("fp8", from_checkpoint=True))
+    ref = cpu_reference(ck, "fp8", fp8_from_checkpoint=True)
     ps = prompts(7)
-    for a, b in zip(prompt_logits(eng.runner.model, ps), prompt_logits(ref, ps)):
-        assert rel(a, b) < 3e-2
+    got, want = prompt_logits(eng.runner.model, ps), prompt_logits(ref, ps)
+    check_rows(
+        "fp8 compressed-tensors prefill",
+        [(a, b, served_tol(len(p)), len(p)) for a, b, p in zip(got, want, ps)],
+    )
+
+
+# -- the quantization error on CUDA, against the unquantized bf16 engine ----------------------------
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["int8", "gptq", pytest.param("fp8 (as served)", marks=needs_fp8), pytest.param("fp8 (W8A8 always)", marks=needs_fp8)],
+)  # fmt: skip
+def test_quantization_error_on_cuda_within_cpu_bounds(
+    method: str, tiny_models: dict[str, Path], gptq_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out prompts, every position: the bounds of tests/worker/test_quant_error.py, measured there
+    on CPU for bf16 against bf16 as well as for float32 (module docstring, point 2)."""
+    if method == "fp8 (W8A8 always)":
+        monkeypatch.setattr(qfp8, "W8A16_MAX_M", 0)
+    for arch in ARCHES:
+        src = tiny_models[arch]
+        tok = Tokenizer(src)
+        ps = [tok.encode(line) for line in HELD_OUT]
+        base = prompt_logits(
+            LLMEngine(EngineConfig(model=str(src), device="cuda", dtype="bfloat16")).runner.model, ps
+        )
+        if method == "gptq":
+            path, quantization = gptq_models[arch], "none"
+            key = "gptq 4-bit g32 act-order" if GPTQ_ACT_ORDER[arch] else "gptq 4-bit g32"
+        else:
+            path, quantization, key = src, method.split()[0], method
+        eng = LLMEngine(
+            EngineConfig(model=str(path), device="cuda", dtype="bfloat16", quantization=quantization)
+        )
+        e = logits_error(base, prompt_logits(eng.runner.model, ps))
+        print(f"{method} {arch}: relative logits error {e['rel_err']:.4f}, top-1 {e['top1']:.3f} vs bf16")
+        max_err, min_top1 = ERROR_BOUNDS[key]
+        assert e["rel_err"] < max_err and e["top1"] >= min_top1, (arch, method, e)
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.skipif(FP8_OK, reason="this GPU supports FP8")

@@ -15,8 +15,23 @@ import math
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from ..layers.attention import AttentionMetadata
+from .methods import FUSED_MAX_M
+
+# method -> (max relative logits error, min top-1 agreement) per architecture, on the tiny models'
+# held-out prompts against the unquantized model of the same dtype (docs/quantization.md justifies
+# them). tests/worker/test_quant_error.py asserts them on CPU in float32 and in bfloat16,
+# tests/gpu/test_quant_cuda.py on CUDA against the bf16 engine.
+ERROR_BOUNDS = {
+    "int8": (0.03, 0.93),
+    "fp8 (as served)": (0.12, 0.80),
+    "fp8 (W8A8 always)": (0.12, 0.80),
+    "gptq 4-bit g32": (0.30, 0.55),
+    "gptq 4-bit g32 act-order": (0.30, 0.55),
+    "rtn 4-bit g32": (0.35, 0.50),
+}
 
 
 @torch.inference_mode()
@@ -87,4 +102,47 @@ def build_model(
         torch.set_default_dtype(prev)
     model.eval()
     load_model_weights(model, model_dir, dtype)
+    return model
+
+
+class _KernelNumerics:
+    """Wraps a loaded layer's INT8 / GPTQ method: batches of <= max_m rows computed as the CUDA
+    kernels compute them (see `use_kernel_numerics`), larger ones by the method itself."""
+
+    def __init__(self, inner: Any, max_m: int) -> None:
+        self.inner, self.max_m = inner, max_m
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.max_m:
+            return self.inner.apply(layer, x)
+        bias = layer.bias.float() if layer.bias is not None else None
+        if self.inner.quant.method == "int8":  # w8_gemm: (x . q) * s + b in float32
+            y = F.linear(x2.float(), layer.weight.float()) * layer.weight_scale.float()
+            y = y + bias if bias is not None else y
+        else:  # gptq_gemm (per-block scales): x . W with W = s * (q - z) exact, float32
+            if layer.perm is not None:
+                x2 = x2.index_select(1, layer.perm)
+            y = F.linear(x2.float(), self.inner.dequantize(layer), bias)
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
+def use_kernel_numerics(model: Any, max_m: int = FUSED_MAX_M) -> Any:
+    """Make a loaded (CPU reference) model's INT8 and GPTQ projections round where the CUDA kernels
+    round, for batches of <= max_m rows: the float32 product of the activations and the exact
+    dequantized weights, plus bias, rounded once to the activation dtype (kernels/w8_gemm.py,
+    kernels/gptq_gemm.py's per-block-scale path). The torch path rounds x . q (INT8) or the dequantized
+    W (GPTQ) to the model dtype first: in bfloat16 that alone moves the tiny models' logits by ~1e-2
+    (docs/quantization.md), as much as the kernels' own rounding differences. Batches above max_m keep
+    the torch path, which is what CUDA runs there (widen / dequantize, then cuBLAS). FP8's reference
+    (quant/fp8.py) already computes in float32 and rounds once. Returns the model, changed in place."""
+    for mod in model.modules():
+        method = getattr(mod, "method", None)
+        quant = getattr(method, "quant", None)
+        if quant is not None and quant.method in ("int8", "gptq") and not isinstance(method, _KernelNumerics):
+            mod.method = _KernelNumerics(method, max_m)
     return model
