@@ -10,7 +10,13 @@ import torch
 import triton
 from inferfleet.worker.kernels.paged_attention import paged_attention
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+SHAPES = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
 
 
 def gemm_table() -> None:
@@ -34,7 +40,15 @@ def gemm_table() -> None:
 def attention_table() -> None:
     kvh, h, d, page = 8, 32, 128, 16
     print(f"{'batch':>5s} {'ctx':>6s} {'splits':>6s} {'us':>9s} {'KV GB/s':>8s}")
-    for b, ctx, splits in [(1, 512, 1), (1, 512, 16), (1, 4096, 16), (32, 1024, 1), (32, 1024, 2), (256, 1024, 1), (256, 2048, 1)]:
+    for b, ctx, splits in [
+        (1, 512, 1),
+        (1, 512, 16),
+        (1, 4096, 16),
+        (32, 1024, 1),
+        (32, 1024, 2),
+        (256, 1024, 1),
+        (256, 2048, 1),
+    ]:
         nblk = b * (ctx // page)
         kc = torch.randn(nblk, page, kvh, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
@@ -61,8 +75,18 @@ if __name__ == "__main__" and "--skinny" not in __import__("sys").argv:
 def skinny_table() -> None:
     from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
 
-    configs = [(16, 256, 4, 4), (16, 512, 3, 4), (8, 512, 4, 4), (32, 256, 4, 4), (16, 128, 6, 4), (32, 512, 3, 8)]
-    print(f"{'layer':10s} {'M':>4s} {'cublas GB/s':>11s} " + " ".join(f"{'%d/%d/%d/%d' % c:>11s}" for c in configs))
+    configs = [
+        (16, 256, 4, 4),
+        (16, 512, 3, 4),
+        (8, 512, 4, 4),
+        (32, 256, 4, 4),
+        (16, 128, 6, 4),
+        (32, 512, 3, 8),
+    ]
+    print(
+        f"{'layer':10s} {'M':>4s} {'cublas GB/s':>11s} "
+        + " ".join(f"{'%d/%d/%d/%d' % c:>11s}" for c in configs)
+    )
     for name, (n, k) in SHAPES.items():
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
         for m in (1, 16, 64):
@@ -88,7 +112,9 @@ def skinny_table() -> None:
                     row.append(float("nan"))
                     continue
                 assert (got - ref).norm() / ref.norm() < 1e-2
-                row.append(nbytes / (triton.testing.do_bench(sk, warmup=10, rep=50, return_mode="median") * 1e6))
+                row.append(
+                    nbytes / (triton.testing.do_bench(sk, warmup=10, rep=50, return_mode="median") * 1e6)
+                )
             print(f"{name:10s} {m:4d} " + " ".join(f"{v:11.0f}" for v in row))
 
 

@@ -66,9 +66,24 @@ def time_to_ready(model_dir: str) -> dict:
     env = dict(os.environ)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inferfleet.worker.cli", "serve", "--model", model_dir, "--port", str(port),
-         "--max-model-len", "4096", "--dtype", "bfloat16"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "inferfleet.worker.cli",
+            "serve",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "4096",
+            "--dtype",
+            "bfloat16",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     ready = None
     first_live = None
@@ -95,8 +110,12 @@ def time_to_ready(model_dir: str) -> dict:
     }
     proc.terminate()
     proc.wait(timeout=60)
-    return {"process_start_to_live_s": first_live, "process_start_to_ready_s": ready, "phases": phases,
-            "exit_code": proc.returncode}
+    return {
+        "process_start_to_live_s": first_live,
+        "process_start_to_ready_s": ready,
+        "phases": phases,
+        "exit_code": proc.returncode,
+    }
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ def test_operator_folder_cannot_shadow_the_stdlib() -> None:
     assert not (ROOT / "operator" / "__init__.py").exists(), "operator/ must stay a namespace portion"
     # the repository root first on sys.path, as `python -m ...` run from it does
     code = "import sys; sys.path.insert(0, ''); import operator; print(operator.__file__)"
-    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert "site-packages" not in out.stdout and str(ROOT) not in out.stdout
     assert out.stdout.strip().endswith("operator.py")

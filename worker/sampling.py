@@ -100,7 +100,9 @@ def sample_device(
             if len(shared) == len(random_rows):
                 noise.exponential_(1.0, generator=generator)
             else:
-                part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(1.0, generator=generator)
+                part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
+                    1.0, generator=generator
+                )
                 noise[_index(shared, dev)] = part
         for j, i in enumerate(random_rows):
             g = requests[i].generator
@@ -139,7 +141,9 @@ def to_host_async(
     host.copy_(tokens, non_blocking=True)
     lp_host = None
     if lp is not None:
-        lp_host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in lp)
+        lp_host = tuple(
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in lp
+        )
     event = torch.cuda.Event()
     event.record()
     return tokens, host, lp_host, event

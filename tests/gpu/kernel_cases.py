@@ -177,7 +177,10 @@ def test_rmsnorm_kernel_per_head_in_place() -> None:
     assert torch.equal(qkv[:, h * d :], untouched)
 
 
-@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 50, 96, True), (64, 16, 512, False)])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "bias"),
+    [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 50, 96, True), (64, 16, 512, False)],
+)
 def test_skinny_gemm_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
     from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
 
