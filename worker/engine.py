@@ -174,9 +174,11 @@ class LLMEngine:
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
         banned = sorted(stop_ids) if params.min_tokens > 0 else []
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop_strings)
+        detok.min_tokens_for_stop = params.min_tokens
         self.requests[request_id] = _Request(
             seq=seq,
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop_strings),
+            detok=detok,
             sampler=SampleRequest(params, gen, banned),
             stop_ids=stop_ids,
             logprobs=[] if params.logprobs is not None else None,
@@ -305,7 +307,7 @@ class LLMEngine:
             reason = self._stop_reason(r, tok, pos + 1 - seq.num_prompt_tokens, pos + 1)
             if reason != "stop":  # a stop token itself never becomes text
                 r.detok.add_tokens([tok], decode=r.incremental)
-                if reason is None and r.detok.stopped_by is not None:
+                if r.detok.stopped_by is not None:  # also on the last token max_tokens allowed
                     reason = "stop"
             if reason is not None:
                 del seq.token_ids[pos + 1 :]  # placeholders of a step launched after this one
@@ -336,8 +338,10 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,
-            text=r.detok.released_text,
+            # totals only at the end: copying them on every streamed step would cost O(length)
+            token_ids=seq.output_token_ids if finished else [],
+            text=r.detok.released_text if finished else "",
+            num_output_tokens=seq.num_output_tokens,
             new_token_ids=new_ids,
             new_text=new_text,
             new_logprobs=new_lp,

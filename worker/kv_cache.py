@@ -49,6 +49,7 @@ class BlockManager:
         # free blocks in eviction order (front is evicted first); dict for O(1) removal on a hit
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}  # chain hash -> block id
+        self.free_epoch = 0  # bumped whenever blocks are released (a blocked admission may now fit)
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from it
 
@@ -94,14 +95,14 @@ class BlockManager:
         """At admission (empty block table): take cached blocks for the longest cached prefix.
 
         At least one token is always left to compute, because the step must produce logits.
-        Returns the number of tokens now served from the cache (also set on the sequence).
+        Returns the number of tokens now served from the cache. Statistics are counted by
+        `record_admission`, once the sequence is really admitted.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        self.prefix_queries += seq.num_tokens
         parent = _ROOT
         hashes: list[bytes] = []
         for i in range(max_blocks):
@@ -122,9 +123,16 @@ class BlockManager:
         seq.block_hashes = hashes
         n = len(hashes) * bs
         seq.num_computed_tokens = n
-        seq.num_cached_tokens = n
-        self.prefix_hits += n
         return n
+
+    def record_admission(self, seq: Sequence, cached: int) -> None:
+        """Count one admission's prefix-cache lookup. The request reports the prompt tokens its
+        first admission found cached (a readmission after preemption may match generated ones)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += cached
+        if seq.first_scheduled_time is None:
+            seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: publish the blocks that became full and computed, so others can reuse them."""
@@ -150,6 +158,8 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks. Blocks without a hash are reused first; among cached ones
         the tail of a prefix is evicted before its shared head."""
+        if seq.block_table:
+            self.free_epoch += 1
         for bid in reversed(seq.block_table):
             b = self.blocks[bid]
             assert b.ref_count > 0

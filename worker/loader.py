@@ -93,15 +93,24 @@ class SafetensorsFile:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            dt = _DTYPES.get(meta.get("dtype"))
+            try:
+                dt = _DTYPES.get(meta.get("dtype"))
+                b, e = (int(x) for x in meta["data_offsets"])
+                shape = tuple(int(x) for x in meta["shape"])
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise ModelLoadError(f"{path.name}: malformed header entry for tensor {name!r}") from None
             if dt is None:
                 raise ModelLoadError(
                     f"{path.name}: tensor {name} has unsupported dtype {meta.get('dtype')!r}"
                 )
-            b, e = meta["data_offsets"]
             if not (0 <= b <= e <= size - base):
                 raise ModelLoadError(f"{path.name}: tensor {name} lies outside the file")
-            self.entries.append(TensorEntry(name, dt, tuple(meta["shape"]), base + b, e - b))
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if numel * torch.empty((), dtype=dt).element_size() != e - b:
+                raise ModelLoadError(f"{path.name}: tensor {name}: {e - b} bytes do not match shape {shape}")
+            self.entries.append(TensorEntry(name, dt, shape, base + b, e - b))
         self.entries.sort(key=lambda t: t.start)  # read in file order
 
     def view(self, t: TensorEntry) -> torch.Tensor:
@@ -165,11 +174,14 @@ class _CudaPipeline:
                 (torch.empty(self.CHUNK, dtype=torch.uint8).pin_memory(), torch.cuda.Stream(device))
             )
 
-    def _copy_chunk(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def _copy_chunk(self, src: torch.Tensor, dst: torch.Tensor, ready: torch.cuda.Event) -> None:
         buf, stream = self._buffers.get()
         try:
             n = src.numel()
             buf[:n].copy_(src)
+            # `dst` came from the caching allocator on the main stream, possibly reusing memory that
+            # queued work there still reads: write it only after that work
+            stream.wait_event(ready)
             with torch.cuda.stream(stream):
                 dst.copy_(buf[:n], non_blocking=True)
             stream.synchronize()
@@ -192,9 +204,11 @@ class _CudaPipeline:
                 while i < len(entries) and (inflight < limit or not pending):
                     f, t = entries[i]
                     gpu = torch.empty(t.nbytes, dtype=torch.uint8, device=self.device)
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(self.device))
                     src = f.raw(t)
                     futs = [
-                        pool.submit(self._copy_chunk, src[o : o + self.CHUNK], gpu[o : o + self.CHUNK])
+                        pool.submit(self._copy_chunk, src[o : o + self.CHUNK], gpu[o : o + self.CHUNK], ready)
                         for o in range(0, t.nbytes, self.CHUNK)
                     ]
                     pending.append((t, gpu, futs))

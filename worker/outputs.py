@@ -11,14 +11,15 @@ from .sampling import TokenLogprobs
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # every generated token so far
-    text: str  # every character released so far (stop strings cut out)
+    token_ids: list[int]  # every generated token (on the final output; [] on streamed steps)
+    text: str  # the whole text, stop strings cut out (on the final output; "" on streamed steps)
     new_token_ids: list[int] = field(default_factory=list)  # generated in this step
     new_text: str = ""  # released in this step
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # generated so far (every output carries it)
     logprobs: list[TokenLogprobs] | None = None  # all of them, when asked for
 
     @property

@@ -93,6 +93,8 @@ def build_host_batch(out: SchedulerOutput, block_size: int) -> HostBatch:
         start = seq.num_computed_tokens
         end = start + n
         table = seq.block_table
+        if not s.samples:  # a 1-token prefill chunk is not a decode: graphs return a row per token
+            decode_only = False
         if n == 1:
             ids[o] = seq.token_ids[start]
             pos[o] = start
@@ -297,7 +299,7 @@ class ModelRunner:
         if self.graphs is not None and hb.decode_only and len(hb.ids) <= self.graphs.max_batch:
             seq_lens = np.asarray(hb.seq_lens, dtype=np.int32)
             logits = self.graphs.run(hb.ids, hb.positions, hb.slots, seq_lens, hb.arrays, feed)
-            # in a decode-only step every row samples, in order
+            # in a decode-only step every row samples, in order (build_host_batch checks it)
             return StepLogits(logits, hb.rows)
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)

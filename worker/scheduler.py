@@ -63,6 +63,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        # (head of the queue, free_epoch, budget) of an admission that did not fit
+        self._blocked: tuple[Sequence, int, int] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -98,12 +100,16 @@ class Scheduler:
         now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            self.bm.match_prefix(seq)
+            if self._blocked == (seq, self.bm.free_epoch, budget):
+                break  # it did not fit last step and no block has been freed since
+            cached = self.bm.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.allocate(seq, n):
                 self.bm.free(seq)  # give back the cached blocks it just took
-                seq.num_cached_tokens = 0
+                self._blocked = (seq, self.bm.free_epoch, budget)
                 break
+            self._blocked = None
+            self.bm.record_admission(seq, cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:

@@ -270,7 +270,7 @@ class OpenAIServing:
                 reason = responses.finish_reason(out)
                 if not (out.new_text or out.new_logprobs or reason):
                     continue  # text held back (partial UTF-8 or a possible stop string)
-                completion_tokens[idx] = len(out.token_ids)
+                completion_tokens[idx] = out.num_output_tokens
                 cached[idx] = out.num_cached_tokens
                 lp = None
                 if chat:

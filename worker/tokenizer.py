@@ -118,9 +118,13 @@ class IncrementalDetokenizer:
         self._read_offset = n
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped_by: str | None = None
+        # prompt + output, built once and extended (never rebuilt per token)
+        self._ids = list(self.prompt_token_ids)
+        # stop strings do not end the request before this many output tokens exist (min_tokens)
+        self.min_tokens_for_stop = 0
 
     def _all_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_ids
+        return self._ids
 
     def add_tokens(self, token_ids: list[int], decode: bool = True) -> None:
         """Append generated tokens; sets `stopped_by` when a stop string appears in the text.
@@ -128,6 +132,7 @@ class IncrementalDetokenizer:
         decode=False only records them (offline requests without stop strings decode once, in finish()).
         """
         self.output_ids.extend(token_ids)
+        self._ids.extend(token_ids)
         if not decode:
             return
         ids = self._all_ids()
@@ -144,6 +149,8 @@ class IncrementalDetokenizer:
 
     def _check_stop(self, before: int) -> None:
         if not self.stop or self.stopped_by is not None:
+            return
+        if len(self.output_ids) < self.min_tokens_for_stop:
             return
         start = max(0, before - self._hold)
         best: tuple[int, str] | None = None
@@ -172,12 +179,20 @@ class IncrementalDetokenizer:
         return self.text[: self._emitted]
 
     def _partial_stop_suffix(self) -> int:
-        """Length of the longest tail of the text that is the beginning of some stop string."""
-        for k in range(min(self._hold, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
+        """Length of the longest tail of the text that is the beginning of some stop string.
+
+        Only tails starting at an occurrence of a stop string's first character can match, so the
+        scan visits those positions instead of every tail length."""
+        tail = self.text[-self._hold :] if self._hold else ""
+        best = 0
+        for s in self.stop:
+            i = tail.find(s[0], max(0, len(tail) - len(s) + 1))
+            while i != -1 and len(tail) - i > best:
+                if s.startswith(tail[i:]):
+                    best = len(tail) - i
+                    break
+                i = tail.find(s[0], i + 1)
+        return best
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet returned; while unfinished, keep back what could begin a stop string."""

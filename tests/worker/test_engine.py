@@ -323,3 +323,82 @@ def test_tiny_temperature_is_greedy(tiny_llama: Path) -> None:
     assert generate(eng, p, SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True)) == generate(
         eng, p, SamplingParams(max_tokens=8, ignore_eos=True)
     )
+
+
+def test_one_token_prefill_chunk_is_not_a_decode_step(tiny_llama: Path) -> None:
+    """A budget of one token per sequence makes 1-token prefill chunks: they must not take the
+    decode path (CUDA graphs return a logits row for every token, decode or not)."""
+    from inferfleet.worker.runner import build_host_batch
+
+    eng = engine(tiny_llama, max_num_batched_tokens=2, max_num_seqs=2)
+    eng.add_request("a", params=GREEDY, prompt_token_ids=[5])
+    eng.add_request("b", params=GREEDY, prompt_token_ids=[6, 7, 8])
+    sched = eng.scheduler.schedule()
+    assert [s.num_new_tokens for s in sched.scheduled] == [1, 1]
+    hb = build_host_batch(sched, eng.block_manager.block_size)
+    assert not hb.decode_only and hb.rows == [0]
+    eng = engine(tiny_llama, max_num_batched_tokens=2, max_num_seqs=2)
+    eng.add_request("a", params=GREEDY, prompt_token_ids=[5])
+    eng.add_request("b", params=GREEDY, prompt_token_ids=[6, 7, 8])
+    outs = eng.generate_all(["a", "b"])
+    assert all(o.finish_reason == "length" for o in outs.values())
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(tiny_llama: Path) -> None:
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32")
+    prompt = [[20, 21, 22]]
+    full = llm.generate(
+        prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=30, ignore_eos=True)
+    )[0]
+    dec = llm.tokenizer.decode
+    # a token whose text ends in a character that appears nowhere before it
+    for j in range(3, 30):
+        before, upto = dec(full.token_ids[:j]), dec(full.token_ids[: j + 1])
+        ch = upto[-1:] if upto.startswith(before) else ""
+        if ch and ch.isprintable() and ch != "\ufffd" and ch not in before:
+            break
+    else:
+        pytest.skip("no suitable token in this random model's output")
+    cut = llm.generate(
+        prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=j + 1, ignore_eos=True, stop=[ch])
+    )[0]
+    assert len(cut.token_ids) == j + 1 and cut.finish_reason == "stop"
+
+
+def test_min_tokens_holds_back_stop_strings(tiny_llama: Path) -> None:
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32")
+    full = llm.generate(
+        prompt_token_ids=[[20, 21, 22]], sampling_params=SamplingParams(max_tokens=30, ignore_eos=True)
+    )[0]
+    first = next(c for c in full.text if c.isprintable() and c != "\ufffd")
+    out = llm.generate(
+        prompt_token_ids=[[20, 21, 22]],
+        sampling_params=SamplingParams(max_tokens=30, min_tokens=20, ignore_eos=True, stop=[first]),
+    )[0]
+    assert len(out.token_ids) >= 20
+
+
+def test_cached_tokens_never_exceed_the_prompt_after_preemption(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama, num_kv_blocks=8, max_model_len=128)
+    ps = prompts_for(0, 10)
+    outs = {}
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), params=GREEDY, prompt_token_ids=p)
+    outs = eng.generate_all([str(i) for i in range(len(ps))])
+    assert eng.stats.preemptions > 0
+    for i, p in enumerate(ps):
+        assert outs[str(i)].num_cached_tokens <= len(p)
+
+
+def test_a_blocked_admission_is_not_recounted_every_step(tiny_llama: Path) -> None:
+    eng = engine(tiny_llama, num_kv_blocks=8, max_model_len=128, max_num_seqs=4)
+    eng.add_request(
+        "big", params=SamplingParams(max_tokens=60, ignore_eos=True), prompt_token_ids=list(range(3, 63))
+    )
+    eng.step()
+    eng.add_request("next", params=GREEDY, prompt_token_ids=list(range(100, 167)))  # no shared prefix
+    queries = eng.block_manager.prefix_queries
+    for _ in range(5):
+        eng.step()
+    assert "next" in [s.request_id for s in eng.scheduler.waiting]
+    assert eng.block_manager.prefix_queries == queries

@@ -103,3 +103,28 @@ def test_transformers_loads_our_tiny_checkpoints(tiny_models: dict[str, Path]) -
     for arch, d in tiny_models.items():
         cfg = AutoConfig.from_pretrained(str(d))
         assert cfg.model_type == arch
+
+
+def test_malformed_safetensors_headers_are_load_errors(tmp_path: Path) -> None:
+    import struct
+
+    from inferfleet.worker.loader import SafetensorsFile
+
+    def write(header: dict, data: bytes = b"\0" * 8) -> Path:
+        raw = json.dumps(header).encode()
+        p = tmp_path / f"m{len(list(tmp_path.iterdir()))}.safetensors"
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return p
+
+    cases = [
+        {"w": {"dtype": "F32", "shape": [2]}},  # no data_offsets
+        {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99]}},  # beyond the file
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},  # size does not match shape
+        {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},  # unknown dtype
+        {"w": "not an object"},
+    ]
+    for header in cases:
+        with pytest.raises(ModelLoadError):
+            SafetensorsFile(write(header))
+    ok = SafetensorsFile(write({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}))
+    assert ok.view(ok.entries[0]).tolist() == [0.0, 0.0]

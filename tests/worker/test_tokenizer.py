@@ -94,3 +94,26 @@ def test_matches_transformers_tokenizer(tiny_models: dict[str, Path]) -> None:
         assert ours.apply_chat_template(msgs) == theirs.apply_chat_template(
             msgs, tokenize=False, add_generation_prompt=True
         )
+
+
+def test_partial_stop_suffix_matches_brute_force(tiny_llama: Path) -> None:
+    import random
+
+    tok = Tokenizer(tiny_llama)
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = [
+            "".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))
+        ]
+        det = IncrementalDetokenizer(tok, [], stop=stops)
+        det.text = "".join(rng.choice("abcx") for _ in range(rng.randint(0, 12)))
+        # a tail as long as a whole stop string would already have stopped the request
+        brute = max(
+            (
+                k
+                for k in range(1, min(det._hold, len(det.text)) + 1)
+                if any(len(s) > k and s.startswith(det.text[-k:]) for s in stops)
+            ),
+            default=0,
+        )
+        assert det._partial_stop_suffix() == brute, (stops, det.text)
