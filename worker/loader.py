@@ -17,6 +17,7 @@ import queue
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,8 +117,7 @@ class SafetensorsFile:
     def view(self, t: TensorEntry) -> torch.Tensor:
         if t.nbytes == 0:
             return torch.empty(t.shape, dtype=t.dtype)
-        raw = torch.frombuffer(self._mmap, dtype=torch.uint8, count=t.nbytes, offset=t.start)
-        return raw.view(t.dtype).view(t.shape)
+        return self.raw(t).view(t.dtype).view(t.shape)
 
     def raw(self, t: TensorEntry) -> torch.Tensor:
         return torch.frombuffer(self._mmap, dtype=torch.uint8, count=t.nbytes, offset=t.start)
@@ -191,11 +191,10 @@ class _CudaPipeline:
     def run(
         self, dtype: torch.dtype, keep_dtype: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        work: list[tuple[TensorEntry, torch.Tensor, list[Future[None]]]] = []
         t0 = time.perf_counter()
         total = 0
         with ThreadPoolExecutor(self.threads, thread_name_prefix="weights") as pool:
-            pending: list[tuple[TensorEntry, torch.Tensor, list[Future[None]]]] = []
+            pending: deque[tuple[TensorEntry, torch.Tensor, list[Future[None]]]] = deque()
             inflight = 0
             limit = 4 * self.threads * self.CHUNK  # bytes of GPU staging tensors allocated ahead
             entries = [(f, t) for f in self.files for t in f.entries]
@@ -214,7 +213,7 @@ class _CudaPipeline:
                     pending.append((t, gpu, futs))
                     inflight += t.nbytes
                     i += 1
-                t, gpu, futs = pending.pop(0)
+                t, gpu, futs = pending.popleft()
                 for fu in futs:
                     fu.result()
                 inflight -= t.nbytes
@@ -225,7 +224,6 @@ class _CudaPipeline:
                     else torch.empty(t.shape, dtype=t.dtype, device=self.device)
                 )
                 yield t.name, _convert(t.name, x, dtype, keep_dtype)
-        del work
         dt = time.perf_counter() - t0
         log.info("read %.2f GB of weights in %.2fs (%.2f GB/s)", total / 1e9, dt, total / 1e9 / max(dt, 1e-9))
 

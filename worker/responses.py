@@ -117,6 +117,19 @@ def completion_choice(
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
+def _chunk(h: ResponseHeader, obj: str, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": h.id,
+        "object": obj,
+        "created": h.created,
+        "model": h.model,
+        "choices": [choice],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
 def chat_chunk(
     h: ResponseHeader,
     index: int,
@@ -126,16 +139,8 @@ def chat_chunk(
     reason: str | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": h.id,
-        "object": "chat.completion.chunk",
-        "created": h.created,
-        "model": h.model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    return _chunk(h, "chat.completion.chunk", choice, include_usage)
 
 
 def completion_chunk(
@@ -147,16 +152,7 @@ def completion_chunk(
     reason: str | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": h.id,
-        "object": "text_completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": [completion_choice(index, text, logprobs, reason)],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(h, "text_completion", completion_choice(index, text, logprobs, reason), include_usage)
 
 
 def usage_chunk(h: ResponseHeader, kind: str, usage_: dict[str, Any]) -> dict[str, Any]:

@@ -29,21 +29,6 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: [V] float32 (already divided by temperature); filtered entries become -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-    return logits
-
-
 def filter_batch(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Vectorized top-k then top-p over rows ([R, V], already temperature-scaled). One sort."""
     vocab = logits.shape[-1]

@@ -126,9 +126,23 @@ def test_sampling_filters(tiny_llama: Path) -> None:
     assert hot != greedy
 
 
-def test_top_k_top_p_masks() -> None:
-    from inferfleet.worker.sampling import apply_top_k_top_p
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Per-row reference for sampling.filter_batch: logits [V] (temperature-scaled); top-k, then
+    top-p over what remains; filtered entries become -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    return logits
 
+
+def test_top_k_top_p_masks() -> None:
     logits = torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0])
     assert torch.isfinite(apply_top_k_top_p(logits, 2, 1.0)).tolist() == [False, True, True, False, False]
     probs = torch.softmax(logits, -1)  # ~[0.09, 0.63, 0.23, 0.03, 0.01]
@@ -276,7 +290,7 @@ def test_engine_config_rejects_bad_settings(tiny_llama: Path) -> None:
 
 
 def test_batched_filters_equal_per_row_filters() -> None:
-    from inferfleet.worker.sampling import apply_top_k_top_p, filter_batch
+    from inferfleet.worker.sampling import filter_batch
 
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
