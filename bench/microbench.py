@@ -73,7 +73,7 @@ if __name__ == "__main__" and "--skinny" not in __import__("sys").argv:
 
 
 def skinny_table() -> None:
-    from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
+    from inferfleet.worker.kernels.gemv import gemv
 
     configs = [
         (16, 256, 4, 4),
@@ -104,10 +104,10 @@ def skinny_table() -> None:
 
                 def sk(bn: int = bn, bk: int = bk, st: int = st, nw: int = nw) -> None:
                     i[0] = (i[0] + 1) % 3
-                    skinny_gemm(x, ws[i[0]], block_n=bn, block_k=bk, num_stages=st, num_warps=nw)
+                    gemv(x, ws[i[0]], block_n=bn, block_k=bk, num_stages=st, num_warps=nw)
 
                 try:
-                    got = skinny_gemm(x, ws[0], block_n=bn, block_k=bk, num_stages=st, num_warps=nw).float()
+                    got = gemv(x, ws[0], block_n=bn, block_k=bk, num_stages=st, num_warps=nw).float()
                 except Exception:  # e.g. out of shared memory for this config
                     row.append(float("nan"))
                     continue

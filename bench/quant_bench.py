@@ -125,9 +125,8 @@ def kernel_table() -> list[dict[str, Any]]:
     W8A8) at M = 16, 64, 256, where the thresholds in quant/methods.py and quant/fp8.py switch.
     Weights rotate among 3 copies so each call reads DRAM, not L2."""
     import triton
-    from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm
-    from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
-    from inferfleet.worker.kernels.w8_gemm import w8_gemm
+    from inferfleet.worker.kernels.gemv import gemv
+    from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream
     from inferfleet.worker.quant.gptq import pack_int32
     from inferfleet.worker.quant.int8 import int8_linear_reference
 
@@ -149,9 +148,9 @@ def kernel_table() -> list[dict[str, Any]]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cases: dict[str, tuple[Any, float]] = {
                 "bf16 cuBLAS": (lambda j: torch.nn.functional.linear(x, bf[j]), 2.0),
-                "int8 fused": (lambda j: w8_gemm(x, i8[j], scale), 1.0),
+                "int8 fused": (lambda j: gemv(x, i8[j], scale), 1.0),
                 "int8 widen+cuBLAS": (lambda j: int8_linear_reference(x, i8[j], scale, None), 1.0),
-                "fp8 W8A16 fused": (lambda j: w8_gemm(x, f8[j], scale), 1.0),
+                "fp8 W8A16 fused": (lambda j: gemv(x, f8[j], scale), 1.0),
                 "fp8 W8A8 _scaled_mm": (lambda j: qfp8.fp8_scaled_mm(x, f8[j], scale, None), 1.0),
                 "gptq fused": (lambda j: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128), b4),
                 "gptq dequant+cuBLAS": (
@@ -160,9 +159,10 @@ def kernel_table() -> list[dict[str, Any]]:
                 ),
             }  # fmt: skip
             if m == 1:
-                cases["bf16 skinny"] = (lambda j: skinny_gemm(x, bf[j]), 2.0)
-                cases["int8 fused bk256"] = (lambda j: w8_gemm(x, i8[j], scale, block_k=256), 1.0)
-                cases["fp8 fused bn32"] = (lambda j: w8_gemm(x, f8[j], scale, block_n=32), 1.0)
+                cases["bf16 gemv"] = (lambda j: gemv(x, bf[j]), 2.0)
+                cases["bf16 gemv tensor cores"] = (lambda j: gemv(x, bf[j], fma=False), 2.0)
+                cases["fp8 gemv tensor cores"] = (lambda j: gemv(x, f8[j], scale, fma=False), 1.0)
+                cases["gptq stream"] = (lambda j: gptq_stream(x, q4[j], s4, z4, 4, 128), b4)
                 for bn, bk, sk in ((16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
                     cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (
                         lambda j, bn=bn, bk=bk, sk=sk: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, block_n=bn, block_k=bk, split_k=sk),

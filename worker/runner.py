@@ -133,6 +133,11 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
             self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if kernels.AVAILABLE:
+                from .kernels import pdl
+
+                # programmatic dependent launch for the batch-1 weight-streaming kernels (Hopper+)
+                pdl.set_enabled(pdl.supported(self.device))
         t0 = time.perf_counter()
         with torch.device(self.device):
             prev = torch.get_default_dtype()

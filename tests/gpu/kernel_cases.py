@@ -179,10 +179,17 @@ def test_rmsnorm_kernel_per_head_in_place() -> None:
 
 @pytest.mark.parametrize(
     ("m", "n", "k", "bias"),
-    [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 50, 96, True), (64, 16, 512, False)],
+    [
+        (1, 40, 64, False),
+        (1, 19, 300, True),
+        (3, 17, 300, True),
+        (16, 64, 256, False),
+        (33, 50, 96, True),
+        (64, 16, 512, False),
+    ],
 )
-def test_skinny_gemm_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
-    from inferfleet.worker.kernels.skinny_gemm import skinny_gemm
+def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
+    from inferfleet.worker.kernels.gemv import gemv
 
     torch.manual_seed(0)
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -190,5 +197,12 @@ def test_skinny_gemm_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
     w = torch.randn(n, k, device=DEV, dtype=dt)
     b = torch.randn(n, device=DEV, dtype=dt) if bias else None
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if b is not None else None)
-    got = skinny_gemm(x, w, b, block_k=64 if DEV == "cpu" else 256)
-    assert rel(got.float(), ref) < (1e-2 if dt == torch.bfloat16 else 1e-5)
+    tol = 1e-2 if dt == torch.bfloat16 else 1e-5
+    got = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None)
+    assert rel(got.float(), ref) < tol
+    if (
+        m == 1
+    ):  # the one-row path (CUDA-core FMAs, PDL where the engine turned it on) and the tensor-core path
+        for kw in ({"fma": False}, {"use_pdl": DEV == "cuda"}, {"prefetch": False}):
+            got = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None, **kw)
+            assert rel(got.float(), ref) < tol, kw

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 MAX_M = 256  # above this the layer dequantizes for cuBLAS (quant/methods.FUSED_MAX_M)
 
 
@@ -88,6 +90,121 @@ def _gptq_gemm_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     else:
         tl.atomic_add(y, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _stream_tile(
+    qw_rows, s_ptr, z_ptr, rows64, n_ok, k0, K, G,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Load and dequantize the [BLOCK_N, BLOCK_K] weight tile at column k0 (float32)."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    GPB: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per K block
+    GW: tl.constexpr = BLOCK_K // GPB  # columns per group inside the block
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    words = tl.load(qw_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w * PACK < K)[None, :], other=0)
+    # codes as floats without an int->float conversion: the bits of 2^23 + q are 0x4B000000 | q
+    q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
+    qf = tl.reshape((q | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, GPB, GW))
+    offs_g = k0 // GROUP + tl.arange(0, GPB)
+    sz_ok = n_ok[:, None] & (offs_g < G)[None, :]
+    s = tl.load(s_ptr + rows64[:, None] * G + offs_g[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows64[:, None] * G + offs_g[None, :], mask=sz_ok, other=0).to(tl.float32)
+    return tl.reshape((qf - (z + 8388608.0)[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _gptq_stream_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, G,
+    stride_xm, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Contiguous groups of GROUP columns (BLOCK_K a multiple of GROUP, or GROUP of BLOCK_K)."""
+    PACK: tl.constexpr = 32 // BITS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    rows64 = offs_n.to(tl.int64)
+    qw_rows = qw_ptr + rows64[:, None] * (K // PACK)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    # the first tile does not depend on the previous kernel: load it before waiting
+    w = _stream_tile(qw_rows, s_ptr, z_ptr, rows64, n_ok, 0, K, G, BITS, GROUP, BLOCK_N, BLOCK_K)
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)  # after the wait: see kernels/gemv.py
+    x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    if FMA:
+        acc2 = w * x.to(tl.float32)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _stream_tile(qw_rows, s_ptr, z_ptr, rows64, n_ok, k0, K, G, BITS, GROUP, BLOCK_N, BLOCK_K)
+            ks = k0 + offs_k
+            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+            acc2 += w * x.to(tl.float32)
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)))
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _stream_tile(qw_rows, s_ptr, z_ptr, rows64, n_ok, k0, K, G, BITS, GROUP, BLOCK_N, BLOCK_K)
+            ks = k0 + offs_k
+            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def stream_block_k(m: int, k: int) -> int:
+    return min(1024 if m == 1 else 256, triton.next_power_of_2(k))
+
+
+def stream_ok(group_k: int, bits: int, k: int, m: int = 1) -> bool:
+    """Whether gptq_stream takes this layer: contiguous groups that tile its K blocks evenly."""
+    bk = stream_block_k(m, k)
+    return group_k > 0 and bits in (2, 4, 8) and (bk % group_k == 0 or group_k % bk == 0)
+
+
+def gptq_stream(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
+    bits: int,
+    group_k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    block_n: int = 8,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    fma: bool | None = None,
+    use_pdl: bool | None = None,
+) -> torch.Tensor:
+    """Decode-batch path for contiguous groups (`group_k` > 0): x [M, K] -> y [M, N] in x's dtype."""
+    m, k = x.shape
+    n, g = scales_t.shape
+    assert group_k > 0 and x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
+    block_k = min(block_k, triton.next_power_of_2(k)) if block_k else stream_block_k(m, k)
+    assert block_k % group_k == 0 or group_k % block_k == 0, (block_k, group_k)
+    fma = (m == 1) if fma is None else (fma and m == 1)
+    use_pdl = (pdl.enabled() and fma) if use_pdl is None else use_pdl  # as kernels/gemv.py
+    block_m = 1 if fma else min(64, max(16, triton.next_power_of_2(m)))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gptq_stream_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
+        m, n, k, g,
+        x.stride(0), y.stride(0),
+        BITS=bits, GROUP=group_k, HAS_BIAS=bias is not None, FMA=fma,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=use_pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
+    )  # fmt: skip
+    return y
 
 
 @triton.jit

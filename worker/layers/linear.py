@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from ..quant.methods import LinearMethod
     from ..quant.spec import QuantConfig
 
-# decode batches up to this many rows stream the weights through kernels/skinny_gemm.py; larger
-# batches (and prefill) go to cuBLAS. Measured on the H100 (bench/microbench.py --skinny): at
-# M <= 16 the kernel streams faster than cuBLAS for every Llama-8B projection, at M = 64 it is
-# slower or equal, so it stops at 16. 0 turns the skinny path off.
+# decode batches up to this many rows stream the weights through kernels/gemv.py; larger batches
+# (and prefill) go to cuBLAS. Measured on the H100 (bench/microbench.py --skinny, bench/gemv_bench.py):
+# at M <= 16 the kernel streams faster than cuBLAS for every Llama-8B projection, at M = 64 it is
+# slower or equal, so it stops at 16. 0 turns the streaming path off.
 SKINNY_MAX_M = 16
 
 
@@ -60,7 +60,7 @@ class Linear(nn.Module):
             and x.dtype in (torch.bfloat16, torch.float16)
             and kernels.AVAILABLE
         ):
-            from ..kernels.skinny_gemm import skinny_gemm
+            from ..kernels.gemv import gemv
 
-            return skinny_gemm(x, self.weight, self.bias)
+            return gemv(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)

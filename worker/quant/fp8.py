@@ -9,7 +9,7 @@ shards concatenate along the output dim with nothing to reconcile.
 
 On CUDA (compute capability >= 8.9) large batches run W8A8 through `torch._scaled_mm` (cuBLASLt /
 CUTLASS row-wise scaling); decode batches of <= W8A16_MAX_M rows are bandwidth-bound and stream the
-FP8 weights through a Triton kernel that widens them to bf16 in registers (kernels/w8_gemm.py): the
+FP8 weights through a Triton kernel that widens them to bf16 in registers (kernels/gemv.py): the
 same bytes as W8A8, without rounding the activations. `fp8_linear_reference` is the same math in
 float32 on any device (CPU included), choosing per batch size exactly as the CUDA path does.
 """
@@ -159,9 +159,9 @@ class Fp8LinearMethod(LinearMethod):
             and m <= W8A16_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16)
         ):
-            from ..kernels.w8_gemm import w8_gemm
+            from ..kernels.gemv import gemv
 
-            y = w8_gemm(x2, w, s, b)
+            y = gemv(x2, w, s, b)
         elif x.is_cuda and scaled_mm_supported(layer.in_features, w.shape[0]):
             y = fp8_scaled_mm(x2, w, s, b)
         else:

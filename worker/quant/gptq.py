@@ -187,10 +187,14 @@ class GptqLinearMethod(LinearMethod):
         if layer.perm is not None:
             x2 = x2.index_select(1, layer.perm)
         if x.is_cuda and kernels.AVAILABLE and x.dtype in (torch.bfloat16, torch.float16):
-            from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm
+            from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream, stream_ok
 
             args = (layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k)
-            if x2.shape[0] <= FUSED_MAX_M:
+            if x2.shape[0] == 1 and stream_ok(layer.group_k, self.bits, layer.in_features):
+                y = gptq_stream(
+                    x2, layer.qweight_t, layer.scales_t, layer.zeros_t, self.bits, layer.group_k, layer.bias
+                )
+            elif x2.shape[0] <= FUSED_MAX_M:
                 y = gptq_gemm(x2, *args, bias=layer.bias)
             else:
                 y = F.linear(x2, gptq_dequant(*args, dtype=x.dtype), layer.bias)

@@ -6,7 +6,7 @@
 The scale factors out of the dot product, so the matmul runs on the integer codes widened to the
 activation dtype (exact: |q| <= 127 fits bf16's 8-bit significand) and the scale is one multiply per
 output. CUDA batches of up to FUSED_MAX_M rows stream the int8 weights through a Triton kernel
-(kernels/w8_gemm.py); prefill-sized batches, and CPU workers, widen the codes and call the GEMM.
+(kernels/gemv.py); prefill-sized batches, and CPU workers, widen the codes and call the GEMM.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ class Int8LinearMethod(LinearMethod):
             and x2.shape[0] <= FUSED_MAX_M
             and x.dtype in (torch.bfloat16, torch.float16)
         ):
-            from ..kernels.w8_gemm import w8_gemm
+            from ..kernels.gemv import gemv
 
-            y = w8_gemm(x2, layer.weight, layer.weight_scale, layer.bias)
+            y = gemv(x2, layer.weight, layer.weight_scale, layer.bias)
         else:
             y = int8_linear_reference(x2, layer.weight, layer.weight_scale, layer.bias)
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -1,0 +1,257 @@
+"""Decode projections as the decode step runs them: a dependent chain, in one CUDA graph.
+
+For each weight precision (bf16, fp8 e4m3 with row scales, GPTQ 4-bit group 128) this builds 32
+layers of Llama-3.1-8B projection weights (qkv, o, gate_up, down; distinct tensors, so nothing
+is served from L2) and chains them the way a decoder layer does, each kernel reading the previous
+one's output. It times graph replays of that chain for kernels/gemv.py's tensor-core path with the tiles of
+the kernels it replaced (skinny_gemm, w8_gemm) and kernels/gptq_gemm.py's gptq_gemm, then gemv's
+one-row path and gptq_stream without and with programmatic dependent launch, a sweep of tile
+configurations per shape, and cuBLAS for bf16. Every variant is first
+checked against a float32 reference on one layer. Prints a table last; --out writes JSON.
+
+    python bench/gemv_bench.py --out DIR [--rows 1] [--only bf16,fp8,gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from inferfleet.worker.kernels.gemv import gemv
+from inferfleet.worker.kernels.gptq_gemm import gptq_gemm, gptq_stream
+from torch.nn import functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = 32
+GROUP = 128
+DEV = torch.device("cuda")
+
+
+def make_layers(precision: str) -> list[dict[str, tuple]]:
+    layers = []
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for _ in range(LAYERS):
+        layer = {}
+        for name, (n, k) in SHAPES.items():
+            if precision == "bf16":
+                w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=g) * k**-0.5
+                layer[name] = (w,)
+            elif precision == "fp8":
+                w = (torch.randn(n, k, device=DEV, generator=g) * 64).to(torch.float8_e4m3fn)
+                s = torch.full((n,), k**-0.5 / 64, device=DEV)
+                layer[name] = (w, s)
+            else:
+                qw = torch.randint(
+                    -(2**31), 2**31 - 1, (n, k // 8), device=DEV, dtype=torch.int32, generator=g
+                )
+                sc = torch.full((n, k // GROUP), k**-0.5 / 4, device=DEV, dtype=torch.float16)
+                z = torch.full((n, k // GROUP), 8, device=DEV, dtype=torch.uint8)
+                layer[name] = (qw, sc, z)
+        layers.append(layer)
+    return layers
+
+
+def weight_bytes(layers: list[dict[str, tuple]], names=SHAPES) -> int:
+    return sum(t.numel() * t.element_size() for lay in layers for nm in names for t in lay[nm])
+
+
+def reference(precision: str, x: torch.Tensor, p: tuple) -> torch.Tensor:
+    if precision == "bf16":
+        w = p[0].float()
+    elif precision == "fp8":
+        w = p[0].float() * p[1][:, None]
+    else:
+        qw, sc, z = p
+        shifts = torch.arange(0, 32, 4, device=DEV, dtype=torch.int32)
+        codes = ((qw[:, :, None] >> shifts) & 0xF).reshape(qw.shape[0], -1).float()
+        w = (codes - z.float().repeat_interleave(GROUP, 1)) * sc.float().repeat_interleave(GROUP, 1)
+    return x.float() @ w.t()
+
+
+def variants(precision: str) -> dict[str, object]:
+    """name -> fn(x, params, shape_name) -> y"""
+    v: dict[str, object] = {}
+    if precision == "bf16":
+        v["cublas"] = lambda x, p, s: F.linear(x, p[0])
+        # the tensor-core path with the former skinny_gemm's tiles ([16, 256], 4 stages)
+        v["tensor cores"] = lambda x, p, s: gemv(x, p[0], fma=False, block_n=16, block_k=256, use_pdl=False)
+        v["new"] = lambda x, p, s, **kw: gemv(x, p[0], use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, s, **kw: gemv(x, p[0], use_pdl=True, **kw)
+    elif precision == "fp8":
+        # the tensor-core path with the former w8_gemm's tiles ([16, 512], 4 stages)
+        v["tensor cores"] = lambda x, p, s: gemv(
+            x, p[0], p[1], fma=False, block_n=16, block_k=512, use_pdl=False
+        )
+        v["new"] = lambda x, p, s, **kw: gemv(x, p[0], p[1], use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, s, **kw: gemv(x, p[0], p[1], use_pdl=True, **kw)
+    else:
+        g_idx = {k: torch.arange(k, device=DEV, dtype=torch.int32) // GROUP for _, k in SHAPES.values()}
+        v["gptq_gemm"] = lambda x, p, s: gptq_gemm(x, p[0], p[1], p[2], g_idx[x.shape[1]], 4, GROUP)
+        v["new"] = lambda x, p, s, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, s, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=True, **kw)
+    return v
+
+
+SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sweep1-*.json)
+    "bf16": [
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=True),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=False),
+        dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=False),
+        dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=True),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=5, prefetch=True),
+    ],
+    "fp8": [
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=True),
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=False),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=True),
+        dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=False),
+        dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=True),
+    ],
+    "gptq": [
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=3),
+        dict(block_n=8, block_k=2048, num_warps=4, num_stages=2),
+        dict(block_n=16, block_k=1024, num_warps=4, num_stages=3),
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4),
+        dict(block_n=4, block_k=2048, num_warps=4, num_stages=3),
+    ],
+}
+
+
+def time_graph(fn, reps: int = 20) -> float:
+    """ms per call of fn() replayed from a CUDA graph (median of reps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compile / warm up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def chain(fn, layers, x0, rows: int, names=SHAPES, cfg=None):
+    """One decode step's projections: qkv -> o -> gate_up -> down -> next layer's qkv."""
+    kw = cfg or {}
+
+    def run():
+        x = x0
+        for lay in layers:
+            if "qkv" in names:
+                x = fn(x, lay["qkv"], "qkv", **kw)[:, :4096]
+            if "o" in names:
+                x = fn(x, lay["o"], "o", **kw)
+            if "gate_up" in names:
+                x = fn(x, lay["gate_up"], "gate_up", **kw)[:, :14336]
+            if "down" in names:
+                x = fn(x, lay["down"], "down", **kw)
+        return x
+
+    return run
+
+
+def same_shape_chain(fn, layers, name, rows, cfg=None):
+    """32 launches of one projection shape (distinct weights), each reading the previous output
+    (down, whose output is narrower than its input, reads a fixed input instead)."""
+    n, k = SHAPES[name]
+    x0 = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
+    kw = cfg or {}
+
+    def run():
+        x = x0
+        for lay in layers:
+            y = fn(x, lay[name], name, **kw)
+            x = y[:, :k] if n >= k else x0
+        return y
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--only", default="bf16,fp8,gptq")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    rows = args.rows
+    result: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "torch": torch.__version__}
+    table = []
+    t_start = time.time()
+    for precision in args.only.split(","):
+        layers = make_layers(precision)
+        total = weight_bytes(layers)
+        vs = variants(precision)
+        res: dict = {"bytes": total, "check": {}, "chain_ms": {}, "per_shape": {}}
+        # correctness on one layer, every shape
+        x = torch.randn(rows, 14336, device=DEV, dtype=torch.bfloat16)
+        for vname, fn in vs.items():
+            worst = 0.0
+            for sname, (_n, k) in SHAPES.items():
+                ref = reference(precision, x[:, :k], layers[0][sname])
+                got = fn(x[:, :k].contiguous(), layers[0][sname], sname).float()
+                worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+            res["check"][vname] = worst
+            assert worst < 2e-2, (precision, vname, worst)
+        x0 = torch.randn(rows, 4096, device=DEV, dtype=torch.bfloat16)
+        for vname, fn in vs.items():
+            ms = time_graph(chain(fn, layers, x0, rows))
+            res["chain_ms"][vname] = ms
+            table.append((precision, "chain " + vname, ms, total / ms / 1e6))
+        if not args.no_sweep:
+            for sname in SHAPES:
+                sb = weight_bytes(layers, [sname])
+                shape_res = {}
+                for vname in [v for v in vs if not v.startswith("new")]:
+                    shape_res[vname] = time_graph(same_shape_chain(vs[vname], layers, sname, rows))
+                for pdl_name in ("new", "new+pdl"):
+                    for cfg in SWEEP[precision]:
+                        key = f"{pdl_name} " + ",".join(f"{v}" for v in cfg.values())
+                        try:
+                            shape_res[key] = time_graph(
+                                same_shape_chain(vs[pdl_name], layers, sname, rows, cfg)
+                            )
+                        except Exception as e:  # a config Triton cannot build (registers, shared memory)
+                            shape_res[key] = f"error: {type(e).__name__}: {str(e)[:120]}"
+                res["per_shape"][sname] = {"bytes": sb, "ms": shape_res}
+                print(
+                    precision,
+                    sname,
+                    {key: round(sb / v / 1e6) if isinstance(v, float) else v for key, v in shape_res.items()},
+                    flush=True,
+                )
+                best = min((v, k) for k, v in shape_res.items() if isinstance(v, float))
+                for vname in [v for v in vs if not v.startswith("new")]:
+                    ms = shape_res[vname]
+                    table.append((precision, f"{sname} x32 {vname}", ms, sb / ms / 1e6))
+                table.append((precision, f"{sname} x32 best: {best[1]}", best[0], sb / best[0] / 1e6))
+        result[precision] = res
+        del layers
+        torch.cuda.empty_cache()
+    result["seconds"] = time.time() - t_start
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"gemv_bench_m{rows}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{'precision':9} {'what':58} {'ms':>8} {'GB/s':>7}")
+    for p, w, ms, gbs in table:
+        print(f"{p:9} {w:58} {ms:8.3f} {gbs:7.0f}")
+    print("checks (max rel err):", {p: result[p]["check"] for p in args.only.split(",")})
+
+
+if __name__ == "__main__":
+    main()

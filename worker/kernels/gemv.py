@@ -1,0 +1,162 @@
+"""y = (x W^T) * s + b for few rows (decode batches): one weight-streaming kernel for 16-bit and
+8-bit (int8, float8_e4m3fn, per-row scale) weights.
+
+With a handful of rows a projection is one pass over the weight matrix, so its speed is the rate
+at which the weights stream. Each program owns BLOCK_N full rows of W (K contiguous, 16-byte
+loads) and walks K in BLOCK_K steps through a software pipeline:
+- one row (W3's batch 1, `fma=True`): the tile is widened to float32 and multiplied into a
+  [BLOCK_N, BLOCK_K] float32 accumulator on the CUDA cores; one reduction over K at the end. No
+  tensor cores, so no shared-memory staging of the widened tile.
+- more rows: the tile (widened to x's dtype in registers when 8-bit, exact for int8 and e4m3)
+  goes through the tensor cores against BLOCK_M rows of x (M padded to 16). Batches above 64 rows
+  tile M on the grid's fastest axis, so the programs that share a weight tile run together and
+  DRAM serves it once.
+The row scale factors out of the dot product and is applied once at the end.
+
+Under programmatic dependent launch (pdl.py) the first weight tile is loaded before the program
+waits for the kernel that produced x: a kernel's ramp overlaps its predecessor's tail.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import pdl
+
+MAX_M = 256  # 8-bit layers switch to widen + cuBLAS (or FP8 _scaled_mm) above this
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if PREFETCH:
+        # the first weight tile does not depend on the previous kernel: load it before waiting
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        k_start = BLOCK_K
+    else:
+        k_start = 0
+    pdl.wait(USE_PDL)
+    # only now may the next kernel's programs take free SM slots (earlier, kernels further down
+    # the chain would pile up on the SMs waiting, taking slots this one still needs)
+    pdl.launch_dependents(USE_PDL)
+    if FMA:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if PREFETCH:
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)  # [BN, BK] (BLOCK_M == 1 broadcasts)
+        for k0 in range(k_start, K, BLOCK_K):
+            ks = k0 + offs_k
+            w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if PREFETCH:
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        for k0 in range(k_start, K, BLOCK_K):
+            ks = k0 + offs_k
+            w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if HAS_SCALE:
+        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def default_config(m: int, n: int, k: int, weight_bytes: int) -> dict:
+    """Tile shape and pipeline depth by batch rows and weight width, from the H100 sweeps of
+    bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json).
+
+    One row: 8 weight rows of 1 KB per stage, 4 stages (bf16 [8, 512], 8-bit [8, 1024]); 8-bit
+    layers with many short rows (qkv, gate_up) do better with [8, 512] tiles 6 deep. More rows: the
+    former tensor-core kernels' tiles, about 8 KB of weights per stage."""
+    if m == 1:
+        if weight_bytes == 1 and k <= 4096 and n >= 6144:
+            return {
+                "block_n": 8,
+                "block_k": 512,
+                "num_warps": 4,
+                "num_stages": 6,
+                "fma": True,
+                "prefetch": True,
+            }
+        return {
+            "block_n": 8,
+            "block_k": 1024 // weight_bytes,
+            "num_warps": 4,
+            "num_stages": 4,
+            "fma": True,
+            "prefetch": True,
+        }
+    return {
+        "block_n": 16 if m <= 16 else (32 if m <= 64 else 64),
+        "block_k": 512 // weight_bytes if m <= 16 else 256,
+        "num_warps": 4,
+        "num_stages": 4,
+        "fma": False,
+        "prefetch": False,
+    }
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    fma: bool | None = None,
+    prefetch: bool | None = None,
+    use_pdl: bool | None = None,
+) -> torch.Tensor:
+    """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
+    float32; returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    assert (scale is None) == (weight.element_size() > 1), "8-bit weights need a row scale"
+    cfg = default_config(m, n, k, weight.element_size())
+    fma = cfg["fma"] if fma is None else (fma and m == 1)
+    block_n = block_n or (cfg["block_n"] if fma else max(16, cfg["block_n"]))  # tl.dot: N >= 16
+    block_k = block_k or cfg["block_k"]
+    # PDL pays on the one-row path only: chains of the tensor-core path ran slower with it (8 rows:
+    # 6.0 vs 5.3 ms for 32 layers, docs/bench/2026-11-25-h100-gemv-sweep2-m8.json)
+    use_pdl = (pdl.enabled() and fma) if use_pdl is None else use_pdl
+    block_m = 1 if fma else min(64, max(16, triton.next_power_of_2(m)))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
+        m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        USE_PDL=use_pdl, PREFETCH=cfg["prefetch"] if prefetch is None else prefetch,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        launch_pdl=use_pdl,
+    )  # fmt: skip
+    return y

@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (Hopper PDL) for the decode kernels.
+
+A batch-1 decode step is ~300 short kernels, each a pass over one weight matrix or a few KB of
+activations; between two of them the card idles while the first one's last programs drain and the
+next one's launch and first loads are in flight. With PDL a kernel is launched while its
+predecessor still runs: its programs start, compute addresses and load what does not depend on the
+predecessor (weights), then wait (`griddepcontrol.wait`) until the predecessor has finished and
+its writes are visible, and only then read activations and write outputs.
+
+Rules every kernel launched with `launch_pdl=True` follows here:
+- it calls `wait` in every program before it reads anything an earlier kernel wrote and before it
+  writes anything (an unconditional wait also makes the ordering transitive: a kernel that finished
+  had waited for its own predecessor);
+- it calls `launch_dependents` early, which only lets the next kernel's programs be scheduled on
+  free SM slots once all of this kernel's programs are resident; they wait for this one to finish.
+Kernels of torch (cuBLAS, elementwise) are launched normally and wait for full completion, so mixing
+is safe. `enabled()` is false unless the engine turns it on for a device that has it (compute
+capability 9.0+); the CPU interpreter never sees the PDL instructions (they sit behind a constexpr).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_enabled = False
+
+
+def supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def set_enabled(on: bool) -> None:
+    """Turn PDL launches on for every kernel in worker/kernels (off with INFERFLEET_PDL=0)."""
+    global _enabled
+    _enabled = bool(on) and os.environ.get("INFERFLEET_PDL", "1") != "0"
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@triton.jit
+def wait(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def launch_dependents(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
