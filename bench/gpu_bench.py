@@ -1,6 +1,7 @@
 """GPU benchmark: Llama-3.1-8B shape, bf16, one H100. Workloads of ANCHORS.md through LLM.generate.
 
     python bench/gpu_bench.py --out $OUT [--only w3,ttft,w1,w2_128,w2_1000,w2_2048,hfmix,hf] [--scale 1.0]
+                              [--kv-cache-dtype auto|fp8]
 
 Prints a table last and writes bench_results.json. Every number is measured in this process.
 """
@@ -182,6 +183,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF-mix requests run through transformers")
     ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the engine's KV cache")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     only = set(args.only.split(","))
@@ -190,6 +192,7 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "args": vars(args),
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     if not (Path(args.model_dir) / "config.json").exists():
         results["checkpoint"] = make_llama8b_checkpoint(args.model_dir)
@@ -205,6 +208,7 @@ def main() -> None:
         max_num_seqs=256,
         max_model_len=4096,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     llm.engine.warmup()
     results["startup"] = {
@@ -254,7 +258,7 @@ def main() -> None:
             )
         log.info("hfmix: %s", results["hfmix"])
     Path(args.out, "bench_results.json").write_text(json.dumps(results, indent=2))
-    print("\n=== results", results["device"], results["date"])
+    print("\n=== results", results["device"], results["date"], "KV cache", args.kv_cache_dtype)
     rows = [
         ("W3 decode ms/token (mean)", results.get("w3", {}).get("decode_ms_mean")),
         ("W3 e2e ms/token", results.get("w3", {}).get("e2e_ms_per_token")),

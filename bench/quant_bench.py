@@ -2,6 +2,7 @@
 shape, and each precision's error against bf16 on the same checkpoint (issue 6).
 
     python bench/quant_bench.py --out $OUT [--methods bf16,fp8,int8,gptq] [--only kernels,err,w3,w1,w2]
+                                [--kv-cache-dtype auto|fp8]
 
 - the checkpoint is bench/checkpoint.py's random bf16 8B (built if missing, ~25 s);
 - fp8 and int8 quantize it at load (per-output-channel scales), streamed one tensor at a time;
@@ -17,6 +18,9 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
 - kernels: each precision's matmul on the 8B projection shapes, block configurations at M = 1 and
   fused kernels vs widen/dequantize + cuBLAS (FP8: W8A16 vs W8A8) at M = 16, 64, 256: the data for
   the switch points SMALL_M / FUSED_MAX_M (quant/methods.py) and W8A16_MAX_M (quant/fp8.py).
+
+--kv-cache-dtype fp8 gives every engine (bf16 included) and the error measurement's scratch cache
+a float8_e4m3fn KV cache (docs/quantization.md, "FP8 KV cache"); the setting is in the JSON.
 
 Prints a table last; writes quant_bench.json into --out. Budget: ~6 minutes on one H100.
 """
@@ -68,17 +72,19 @@ def make_gptq_rtn(src: str, dst: str) -> dict[str, Any]:
 
 
 def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[torch.Tensor] | None,
-               prompts: list[list[int]], w1_scale: float, w2_scale: float) -> tuple[dict[str, Any], list[torch.Tensor] | None]:  # fmt: skip
+               prompts: list[list[int]], w1_scale: float, w2_scale: float,
+               kv_cache_dtype: str = "auto") -> tuple[dict[str, Any], list[torch.Tensor] | None]:  # fmt: skip
     quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gptq": "none"}[method]
     res: dict[str, Any] = {}
     t0 = time.perf_counter()
     llm = LLM(
         model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
-        max_num_batched_tokens=8192, quantization=quantization,
+        max_num_batched_tokens=8192, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     eng = llm.engine
     eng.warmup()
     res["quantization"] = eng.config.quantization
+    res["kv_cache_dtype"] = eng.config.kv_cache_dtype
     res["startup"] = {
         **eng.startup_seconds,
         "construct_and_warmup_s": time.perf_counter() - t0,
@@ -89,7 +95,7 @@ def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[tor
     generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels before timing
     logits = None
     if "err" in only:
-        logits = prompt_logits(eng.runner.model, prompts, last=32)
+        logits = prompt_logits(eng.runner.model, prompts, last=32, kv_dtype=eng.runner.kv_dtype)
         if ref_logits is not None:
             res["error_vs_bf16"] = logits_error(ref_logits, logits)
             log.info("%s error: %s", method, res["error_vs_bf16"])
@@ -192,7 +198,11 @@ def main() -> None:
     ap.add_argument("--only", default="kernels,err,w3,w1,w2")
     ap.add_argument("--w1-scale", type=float, default=1.0)
     ap.add_argument("--w2-scale", type=float, default=0.25)
+    ap.add_argument(
+        "--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="KV cache of every engine built"
+    )
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     only = set(args.only.split(","))
     methods = [m for m in args.methods.split(",") if m]
@@ -205,6 +215,7 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "args": vars(args),
+        "kv_cache_dtype": args.kv_cache_dtype,
         "methods": {},
     }
     if not (Path(args.model_dir) / "config.json").exists():
@@ -222,7 +233,9 @@ def main() -> None:
         methods = ["bf16", *methods]
     for m in methods:
         model_dir = args.gptq_dir if m == "gptq" else args.model_dir
-        res, logits = run_method(m, model_dir, only, ref_logits, prompts, args.w1_scale, args.w2_scale)
+        res, logits = run_method(
+            m, model_dir, only, ref_logits, prompts, args.w1_scale, args.w2_scale, args.kv_cache_dtype
+        )
         gc.collect()  # free this precision's engine, graphs and KV before the next one loads
         torch.cuda.empty_cache()
         if m == "bf16":
@@ -232,7 +245,9 @@ def main() -> None:
     results["total_seconds"] = time.perf_counter() - t_start
     Path(args.out, "quant_bench.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n=== quantization, Llama-3.1-8B shape, {results['device']}, {results['date']}")
+    print(
+        f"\n=== quantization, Llama-3.1-8B shape, {results['device']}, {results['date']}, KV cache {args.kv_cache_dtype}"
+    )
     print("gptq = round-to-nearest 4-bit (group 128) in the GPTQ layout, for speed; its error is RTN's")
     cols = [
         ("W3 ms/tok", lambda r: r.get("w3", {}).get("decode_ms_mean")),

@@ -53,6 +53,7 @@ MANAGED_FLAGS = (
     "block-size",
     "gpu-memory-utilization",
     "quantization",
+    "kv-cache-dtype",
     "enable-prefix-caching",
     "no-enable-prefix-caching",
 )
@@ -157,6 +158,14 @@ def _spec_schema() -> Schema:
         {
             "dtype": _string(16, enum=["auto", "float32", "bfloat16", "float16"], default="auto"),
             "quantization": _string(16, enum=["none", "fp8", "int8", "gptq"], default="none"),
+            "kvCacheDtype": _string(
+                16,
+                enum=["auto", "fp8"],
+                default="auto",
+                description="KV cache element type (--kv-cache-dtype): auto = the model dtype; fp8 = "
+                "float8_e4m3fn, scale 1.0, values clamped to +-448 (twice the KV capacity). fp8 needs "
+                "resources.gpus >= 1 (compute capability >= 8.9).",
+            ),
             "maxModelLen": _integer(16, 1048576, default=4096),
             "maxNumSeqs": _integer(1, 4096, default=256),
             "blockSize": _integer(1, 256, default=16),

@@ -149,6 +149,8 @@ def worker_args(s: ServiceSpec) -> list[str]:
         "--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}",
         "--quantization", e.quantization,
     ]  # fmt: skip
+    if e.kv_cache_dtype != "auto":  # only when set: specs without it keep their template hash
+        args += ["--kv-cache-dtype", e.kv_cache_dtype]
     if not e.prefix_caching:
         args.append("--no-enable-prefix-caching")
     args += ["--drain-timeout", str(s.drain_timeout_seconds)]

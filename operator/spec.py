@@ -62,6 +62,7 @@ class SecretRef:
 class Engine:
     dtype: str
     quantization: str
+    kv_cache_dtype: str
     max_model_len: int
     max_num_seqs: int
     block_size: int
@@ -150,6 +151,7 @@ class ServiceSpec:
             engine=Engine(
                 dtype=str(eng["dtype"]),
                 quantization=str(eng["quantization"]),
+                kv_cache_dtype=str(eng["kvCacheDtype"]),
                 max_model_len=int(eng["maxModelLen"]),
                 max_num_seqs=int(eng["maxNumSeqs"]),
                 block_size=int(eng["blockSize"]),
@@ -193,6 +195,27 @@ class ServiceSpec:
             raise SpecError("spec.warmPool", "must not exceed maxReplicas")
         if self.autoscaling.enabled and self.min_replicas == 0 and self.warm_pool == 0:
             raise SpecError("spec.minReplicas", "autoscaling from 0 needs warmPool >= 1")
+        if self.engine.kv_cache_dtype not in ("auto", "fp8"):
+            raise SpecError(
+                "spec.engine.kvCacheDtype", f"must be auto or fp8, got {self.engine.kv_cache_dtype!r}"
+            )
+        if self.engine.kv_cache_dtype == "fp8" and self.gpus == 0:
+            # each field is valid alone, so the CRD admits the pair; the CPU engine would even run it
+            # (torch converts), but an fp8 KV fleet is a GPU feature: a CPU worker asking for it is
+            # a spec mistake, reported as InvalidSpec like the other impossible combinations
+            raise SpecError(
+                "spec.engine.kvCacheDtype",
+                "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); "
+                "a CPU worker (gpus 0) must use auto",
+            )
+        if self.engine.quantization == "fp8" and self.gpus == 0:
+            # FP8 weights run on GPUs of compute capability >= 8.9 only; the worker refuses them on
+            # a CPU at startup, so the operator says so before a pod crash-loops
+            raise SpecError(
+                "spec.engine.quantization",
+                "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); "
+                "a CPU worker can use int8 or gptq",
+            )
         managed = re.compile(r"^--(" + "|".join(crd.MANAGED_FLAGS) + r")(=|$)")
         for arg in self.engine.extra_args:
             if managed.match(arg):

@@ -9,6 +9,12 @@ import sys
 import time
 
 API_KEY_ENV = "INFERFLEET_API_KEY"
+# config.KV_CACHE_DTYPES, repeated so `--help` needs no torch import
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_HELP = (
+    "KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn, scale 1.0, values clamped "
+    "to +-448 (half the KV bytes, twice the blocks; CUDA needs compute capability >= 8.9)"
+)
 
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +39,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +127,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-kv-blocks", type=_positive_int, default=None)
     p.add_argument("--quantization", choices=("none", "fp8", "int8", "gptq"), default="none")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
@@ -160,6 +168,7 @@ def _serve(args: argparse.Namespace, started_at: float) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager,
             quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             seed=args.seed,
             served_model_name=args.served_model_name,
         )
@@ -210,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         from .sampling_params import SamplingParams
 
         try:
-            llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+            llm = LLM(
+                model=args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache_dtype
+            )
             params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
             for prompt, out in zip(args.prompt, llm.generate(args.prompt, params)):
                 print(f"{prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")

@@ -24,6 +24,11 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+# KV cache element types: auto = the model dtype; fp8 = float8_e4m3fn with a fixed scale of 1.0
+# (values clamped to +-448 and rounded to nearest even on write; no calibration, as vLLM's
+# uncalibrated fp8_e4m3). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_FP8_MIN_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: skip CUDA graphs
     attention_backend: str = "auto"  # auto: triton on CUDA, torch (reference) elsewhere
     quantization: str = "none"
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn, scale 1.0 (KV_CACHE_DTYPES)
     seed: int = 0
     served_model_name: str | None = None
     model_config: ModelConfig = field(init=False, repr=False)
@@ -213,6 +219,22 @@ class EngineConfig:
                 param="quantization",
             )
         capability = torch.cuda.get_device_capability(self.device) if self.device != "cpu" else None
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
+                param="kv_cache_dtype",
+            )
+        if (
+            self.kv_cache_dtype == "fp8"
+            and capability is not None
+            and tuple(capability) < KV_FP8_MIN_CAPABILITY
+        ):
+            raise InvalidRequestError(
+                "kv_cache_dtype fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) for "
+                f"Triton's float8_e4m3 conversions; this one is {capability[0]}.{capability[1]}: "
+                "use kv_cache_dtype auto",
+                param="kv_cache_dtype",
+            )
         quant = resolve_quantization(
             self.quantization, self.model_config.quantization_config, self.device, capability, self.dtype
         )
@@ -257,6 +279,13 @@ class EngineConfig:
         import torch
 
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    @property
+    def kv_torch_dtype(self):
+        """The KV cache element type: the model dtype (auto) or torch.float8_e4m3fn (fp8)."""
+        import torch
+
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else self.torch_dtype
 
     @property
     def name(self) -> str:

@@ -123,6 +123,7 @@ class ModelRunner:
         self.mc = config.model_config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_torch_dtype  # the model dtype, or float8_e4m3fn (kv_cache_dtype fp8)
         self.block_size = config.block_size
         self.timings: dict[str, float] = {}
         self.backend = select_backend(self.device, config.attention_backend)
@@ -155,17 +156,18 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(self.mc.num_layers)
         ]
         log.info(
-            "KV cache: %d blocks of %d tokens = %d token slots (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens = %d token slots (%.2f GiB, %s)",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block() / 2**30,
+            str(self.kv_dtype).removeprefix("torch."),
         )
         self.graphs = None
         self.use_graphs = (
@@ -189,7 +191,7 @@ class ModelRunner:
             self.timings["cuda_graphs"] = self.graphs.capture()
 
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * self.mc.num_layers * self.block_size * self.mc.num_kv_heads * self.mc.head_dim * elem
 
     def _determine_num_blocks(self) -> int:
@@ -246,8 +248,8 @@ class ModelRunner:
         shape = (nb, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
         kv = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
             )
             for _ in range(self.mc.num_layers)
         ]

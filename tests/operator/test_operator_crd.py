@@ -109,6 +109,9 @@ GOOD = [
     make_isvc(model={"name": "m", "source": "oci://registry.example.com/models/llama:3.1@sha256:abc"}),
     make_isvc(model={"name": "meta-llama/Llama-3.1-8B", "source": "hf://meta-llama/Llama-3.1-8B-Instruct"}),
     make_isvc(engine={"quantization": "fp8", "extraArgs": ["--enforce-eager", "--seed=3"]}),
+    make_isvc(resources={"gpus": 1}, engine={"kvCacheDtype": "fp8"}),
+    # admitted by the API server (each field is valid alone); the operator reports InvalidSpec
+    make_isvc(engine={"kvCacheDtype": "fp8"}),
     make_isvc(name="a" * crd.MAX_NAME_LENGTH),
 ]
 
@@ -142,6 +145,7 @@ BAD_CEL = [
     (make_isvc(minReplicas=0, replicas=0, autoscaling={"enabled": True}), "needs warmPool >= 1"),
     (make_isvc(engine={"extraArgs": ["--port=9000"]}), "must not repeat a flag"),
     (make_isvc(engine={"extraArgs": ["--model", "/elsewhere"]}), "must not repeat a flag"),
+    (make_isvc(engine={"extraArgs": ["--kv-cache-dtype=fp8"]}), "must not repeat a flag"),
     (make_isvc(name="a" * (crd.MAX_NAME_LENGTH + 1)), "at most 50 characters"),
 ]
 
@@ -179,6 +183,7 @@ BAD_SCHEMA = [
     (_with("spec.model.source", "tiny://gpt2"), "spec.model.source"),
     (_with("spec.engine", {"dtype": "int4"}), "spec.engine.dtype"),
     (_with("spec.engine", {"quantization": "awq"}), "spec.engine.quantization"),
+    (_with("spec.engine", {"kvCacheDtype": "fp16"}), "spec.engine.kvCacheDtype"),
     (_with("spec.engine", {"gpuMemoryUtilization": 1.5}), "spec.engine.gpuMemoryUtilization"),
     (_with("spec.engine", {"extraArgs": ["--x"] * 33}), "spec.engine.extraArgs"),
     (_with("spec.resources", {"gpus": 17}), "spec.resources.gpus"),
@@ -216,6 +221,7 @@ def test_defaults_fill_nested_objects() -> None:
     defaulted = crd.apply_defaults(crd.openapi_schema(), make_isvc())
     spec = defaulted["spec"]
     assert spec["engine"]["blockSize"] == 16 and spec["engine"]["extraArgs"] == []
+    assert spec["engine"]["kvCacheDtype"] == "auto"
     assert spec["autoscaling"]["enabled"] is False  # given
     assert spec["autoscaling"]["targetInFlightPerReplica"] == 16  # defaulted next to it
     assert spec["prepull"] == {"enabled": True}

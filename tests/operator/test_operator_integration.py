@@ -262,3 +262,16 @@ async def test_an_invalid_name_is_reported_not_applied(operator: Emulator) -> No
     got = await eventually(lambda: degraded().get("status") == "True" and degraded(), what="InvalidSpec")
     assert got["reason"] == "InvalidSpec" and "metadata.name" in got["message"]
     assert operator.list("apps/v1/deployments", NS) == [] and operator.list("v1/services", NS) == []
+
+
+async def test_fp8_kv_cache_on_a_cpu_worker_is_reported_not_applied(operator: Emulator) -> None:
+    """engine.kvCacheDtype fp8 with resources.gpus 0 passes the CRD (each field is valid alone) and is
+    refused by the operator as InvalidSpec, like the other impossible combinations."""
+    operator.put(ISVC, make_isvc(engine={"kvCacheDtype": "fp8"}))
+    got = await eventually(
+        lambda: condition(operator, "Degraded").get("status") == "True" and condition(operator, "Degraded"),
+        what="InvalidSpec",
+    )
+    assert got["reason"] == "InvalidSpec" and "spec.engine.kvCacheDtype" in got["message"]
+    assert condition(operator, "Ready")["reason"] == "InvalidSpec"
+    assert operator.list("apps/v1/deployments", NS) == [] and operator.list("v1/services", NS) == []

@@ -99,6 +99,14 @@ TABLE: dict[str, tuple[dict[str, Any], list[str]]] = {
         make_isvc(replicas=0, minReplicas=0, warmPool=1, prepull={"enabled": False}),
         ["Deployment/llm", "Service/llm"],
     ),
+    "fp8-kv-cache": (
+        make_isvc(
+            resources={"gpus": 1},
+            engine={"dtype": "bfloat16", "kvCacheDtype": "fp8", "extraArgs": ["--enforce-eager"]},
+            prepull={"enabled": False},
+        ),
+        ["Deployment/llm", "Service/llm"],
+    ),
 }
 CASES = list(TABLE)
 
@@ -278,6 +286,18 @@ def test_engine_settings_become_worker_flags() -> None:
     assert args[-1] == "--enforce-eager"  # extraArgs go last
 
 
+def test_fp8_kv_cache_becomes_a_worker_flag() -> None:
+    args = worker(rendered("fp8-kv-cache"))["containers"][0]["args"]
+    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    assert args.index("--kv-cache-dtype") < args.index("--drain-timeout")  # a managed flag, before extraArgs
+    assert args[-1] == "--enforce-eager"
+    # auto (the default) adds no flag: the worker's default is the same, and existing templates keep their hash
+    for case in ("tiny-defaults", "gpu-warm-balloons", "quantized"):
+        assert "--kv-cache-dtype" not in worker(rendered(case))["containers"][0]["args"]
+    explicit_auto = make_isvc(resources={"gpus": 1}, engine={"kvCacheDtype": "auto"})
+    assert plan(explicit_auto) == plan(make_isvc(resources={"gpus": 1}))
+
+
 def test_prepull_daemonset() -> None:
     ds = by_ref(rendered("gpu-warm-balloons"))["DaemonSet/llm-prepull"]
     pod = ds["spec"]["template"]["spec"]
@@ -371,6 +391,12 @@ def test_plan_is_pure() -> None:
         (make_isvc(minReplicas=3, replicas=3, maxReplicas=2), "spec.minReplicas"),
         (make_isvc(warmPool=9), "spec.warmPool"),
         (make_isvc(engine={"extraArgs": ["--served-model-name=x"]}), "spec.engine.extraArgs"),
+        (make_isvc(engine={"extraArgs": ["--kv-cache-dtype=fp8"]}), "spec.engine.extraArgs"),
+        # fp8 KV on a CPU worker (make_isvc's default: gpus 0) is an impossible combination
+        (make_isvc(engine={"kvCacheDtype": "fp8"}), "spec.engine.kvCacheDtype"),
+        (make_isvc(resources={"gpus": 1}, engine={"kvCacheDtype": "int4"}), "spec.engine.kvCacheDtype"),
+        # FP8 weights on a CPU worker: the worker would refuse them at startup
+        (make_isvc(engine={"quantization": "fp8"}), "spec.engine.quantization"),
         (make_isvc(name="x" * 51), "metadata.name"),
         (make_isvc(name="Upper"), "metadata.name"),
         (

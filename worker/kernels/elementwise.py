@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rmsnorm_kernel(
@@ -29,7 +31,10 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     # rows are (outer, inner) pairs: inner > 1 normalizes each head of a [T, H, D] view in place
     r = tl.program_id(0).to(tl.int64)
     outer = r // n_inner
@@ -90,13 +95,19 @@ def rmsnorm(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        USE_PDL=pdl.enabled(),
         num_warps=min(max(block // 256, 1), 8),
+        launch_pdl=pdl.enabled(),
     )
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_inter, x_stride, out_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    x_ptr, out_ptr, n_inter, x_stride, out_stride, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter
@@ -115,7 +126,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty((t, inter), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0), BLOCK=block)
+    use_pdl = pdl.enabled()
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](
+        x, out, inter, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=use_pdl, launch_pdl=use_pdl
+    )
     return out
 
 
@@ -138,8 +152,13 @@ def _rope_cache_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    CLAMP_FP8: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     # one program per token: rotate q in place, rotate k and write k, v into their cache slot
+    # (cast to the cache's element type; an fp8 cache is clamped to +-448 first: scale 1.0)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t)
@@ -169,12 +188,21 @@ def _rope_cache_kernel(
         k1 = tl.load(kp, mask=km, other=0.0).to(tl.float32)
         k2 = tl.load(kp + half, mask=km, other=0.0).to(tl.float32)
         dst = kc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
-        tl.store(dst, (k1 * cq - k2 * sq).to(kc_ptr.dtype.element_ty), mask=km)
-        tl.store(dst + half, (k2 * cq + k1 * sq).to(kc_ptr.dtype.element_ty), mask=km)
+        kr1 = k1 * cq - k2 * sq
+        kr2 = k2 * cq + k1 * sq
         vp = row + (NUM_HEADS + NUM_KV) * HEAD_DIM + kh[:, None] * HEAD_DIM + d[None, :]
+        v1 = tl.load(vp, mask=km, other=0.0)
+        v2 = tl.load(vp + half, mask=km, other=0.0)
+        if CLAMP_FP8:
+            kr1 = tl.minimum(tl.maximum(kr1, -448.0), 448.0)
+            kr2 = tl.minimum(tl.maximum(kr2, -448.0), 448.0)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -448.0), 448.0)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -448.0), 448.0)
+        tl.store(dst, kr1.to(kc_ptr.dtype.element_ty), mask=km)
+        tl.store(dst + half, kr2.to(kc_ptr.dtype.element_ty), mask=km)
         vdst = vc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
-        tl.store(vdst, tl.load(vp, mask=km, other=0.0), mask=km)
-        tl.store(vdst + half, tl.load(vp + half, mask=km, other=0.0), mask=km)
+        tl.store(vdst, v1.to(vc_ptr.dtype.element_ty), mask=km)
+        tl.store(vdst + half, v2.to(vc_ptr.dtype.element_ty), mask=km)
 
 
 def rope_and_cache(
@@ -193,6 +221,7 @@ def rope_and_cache(
     if t == 0:
         return
     assert k_cache.stride(3) == 1 and qkv.stride(1) == 1
+    assert v_cache.dtype == k_cache.dtype and v_cache.stride() == k_cache.stride()
     _rope_cache_kernel[(t,)](
         qkv,
         positions,
@@ -211,5 +240,8 @@ def rope_and_cache(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        USE_PDL=pdl.enabled(),
+        CLAMP_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
+        launch_pdl=pdl.enabled(),
     )

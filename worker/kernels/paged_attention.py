@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -53,7 +55,10 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl.wait(USE_PDL)  # first, in every program: the early return below must not skip it
+    pdl.launch_dependents(USE_PDL)
     seq = tl.program_id(0)
     qt = tl.program_id(1)
     kvh = tl.program_id(2) // NUM_SPLITS
@@ -95,6 +100,7 @@ def _paged_attention_kernel(
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
         kv_off = page * kc_stride_blk + (n % PAGE) * kc_stride_slot + kvh * kc_stride_head
         k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
+        k = k.to(q.dtype)  # an fp8 cache (kv_cache_dtype fp8, scale 1.0) widens; else a no-op
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
         visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -104,6 +110,7 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -122,8 +129,11 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, ml_ptr, o_ptr, rows_per_split, o_stride_row, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr
-):
+    part_ptr, ml_ptr, o_ptr, rows_per_split, o_stride_row,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
     # one program per (token, head) row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M)
     r = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
@@ -169,6 +179,7 @@ def paged_attention(
         block_q, block_n = max(1, 64 // g), 64
     block_m = max(16, triton.next_power_of_2(block_q * g))
     grid = (b, triton.cdiv(max_query_len, block_q), kvh * num_splits)
+    use_pdl = pdl.enabled()
     if num_splits == 1:
         part, ml = out, out  # ml unused
         o_stride_split = 0
@@ -205,11 +216,16 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         # float32 models get exact float32 dots (the default would be tf32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=use_pdl,
         num_warps=4,
         num_stages=2,
+        launch_pdl=use_pdl,
     )
     if num_splits > 1:
-        _merge_kernel[(t * h,)](part, ml, out, t * h, d, HEAD_DIM=d, NUM_SPLITS=num_splits, num_warps=1)
+        _merge_kernel[(t * h,)](
+            part, ml, out, t * h, d, HEAD_DIM=d, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
+            num_warps=1, launch_pdl=use_pdl,
+        )  # fmt: skip
     return out
 
 

@@ -14,7 +14,9 @@ Rules every kernel launched with `launch_pdl=True` follows here:
 - it calls `launch_dependents` early, which only lets the next kernel's programs be scheduled on
   free SM slots once all of this kernel's programs are resident; they wait for this one to finish.
 Kernels of torch (cuBLAS, elementwise) are launched normally and wait for full completion, so mixing
-is safe. `enabled()` is false unless the engine turns it on for a device that has it (compute
+is safe. Who launches with PDL: the one-row GEMVs (gemv.py, gptq_gemm.gptq_stream) and the small
+kernels (norms, rotary + KV write, attention and its merge, SiLU) at every size; the tensor-core
+GEMV path does not (measured slower with it: bench/gemv_bench.py, docs/benchmarks.md). `enabled()` is false unless the engine turns it on for a device that has it (compute
 capability 9.0+); the CPU interpreter never sees the PDL instructions (they sit behind a constexpr).
 """
 

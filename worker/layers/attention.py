@@ -2,7 +2,7 @@
 
 KV cache layout, one pair per layer:
 
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]  (model dtype, or float8_e4m3fn)
     flat slot of token t of a sequence = block_table[t // block_size] * block_size + t % block_size
 
 A step's batch is "varlen": the new tokens of every scheduled sequence are concatenated, decodes
@@ -77,10 +77,24 @@ class AttentionBackend(Protocol):
         ...
 
 
+# kv_cache_dtype fp8: float8_e4m3fn with a fixed scale of 1.0. Values are clamped to +-448 (the
+# largest finite e4m3 value) before the cast, so an outlier saturates instead of becoming NaN, and
+# the cast rounds to nearest even.
+KV_FP8_DTYPE = torch.float8_e4m3fn
+KV_FP8_MAX = 448.0
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     kvh, d = k.shape[1], k.shape[2]
+    if k_cache.dtype == KV_FP8_DTYPE:
+        k = k.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8_DTYPE)
+        v = v.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8_DTYPE)
+        # index_copy_ has no float8 kernel on the CPU: copy the (same-sized) bytes instead
+        k_cache.view(torch.uint8).view(-1, kvh, d).index_copy_(0, slots, k.view(torch.uint8))
+        v_cache.view(torch.uint8).view(-1, kvh, d).index_copy_(0, slots, v.view(torch.uint8))
+        return
     k_cache.view(-1, kvh, d).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
@@ -132,6 +146,8 @@ class TorchAttentionBackend:
             blocks = torch.tensor(table[:nblk], dtype=torch.long, device=q.device)
             keys = k_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]  # [L, KVH, D]
             vals = v_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]
+            if keys.dtype != q.dtype:  # an fp8 cache: widen to the query dtype (exact) before the math
+                keys, vals = keys.to(q.dtype), vals.to(q.dtype)
             qs = q[start : start + qlen]  # [n, H, D]
             if group > 1:
                 keys = keys.repeat_interleave(group, dim=1)

@@ -36,12 +36,19 @@ ERROR_BOUNDS = {
 
 @torch.inference_mode()
 def prompt_logits(
-    model: Any, prompts: list[list[int]], last: int | None = None, block_size: int = 16
+    model: Any,
+    prompts: list[list[int]],
+    last: int | None = None,
+    block_size: int = 16,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """Logits [T, V] (float32, on the CPU) of each prompt's positions (the `last` ones if given)."""
+    """Logits [T, V] (float32, on the CPU) of each prompt's positions (the `last` ones if given).
+
+    `kv_dtype`: the scratch KV cache's element type (default: the model dtype; an engine's
+    `runner.kv_dtype` to measure with its kv_cache_dtype)."""
     cfg = model.config
     emb = model.model.embed_tokens.weight
-    dev, dtype = emb.device, emb.dtype
+    dev, dtype = emb.device, kv_dtype or emb.dtype
     out: list[torch.Tensor] = []
     for p in prompts:
         t = len(p)
