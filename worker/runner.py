@@ -139,6 +139,7 @@ class ModelRunner:
 
                 # programmatic dependent launch for the batch-1 weight-streaming kernels (Hopper+)
                 pdl.set_enabled(pdl.supported(self.device))
+                log.info("programmatic dependent launch: %s", "on" if pdl.enabled() else "off")
         t0 = time.perf_counter()
         with torch.device(self.device):
             prev = torch.get_default_dtype()
