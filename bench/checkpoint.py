@@ -65,3 +65,11 @@ def make_llama8b_checkpoint(
     (out / "generation_config.json").write_text(json.dumps(gen))
     t2 = time.perf_counter()
     return {"draw_s": t1 - t0, "write_s": t2 - t1, "bytes": float(nbytes)}
+
+
+def ensure_llama8b_checkpoint(out_dir: str | Path) -> dict[str, float] | None:
+    """make_llama8b_checkpoint(out_dir) unless it has a config.json already. Returns the timings
+    of the checkpoint it made, or None when it made none."""
+    if (Path(out_dir) / "config.json").exists():
+        return None
+    return make_llama8b_checkpoint(out_dir)

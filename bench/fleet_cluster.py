@@ -35,7 +35,7 @@ from typing import Any
 from fleet_params import FleetParams, StepModel
 from fleet_worker import Engine, Request
 from inferfleet.operator import pods as op_pods
-from inferfleet.operator.autoscaler import Decision, Policy, State, decide
+from inferfleet.operator.autoscaler import Decision, Policy, State, decide, policy_for
 from inferfleet.operator.spec import ServiceSpec
 
 INF = math.inf
@@ -50,14 +50,8 @@ class Scenario:
     note: str = ""
 
     def policy(self) -> Policy:
-        """Built exactly as operator/fleet.py `_autoscale` builds it."""
-        s = self.spec
-        return Policy(
-            min_replicas=s.min_replicas,
-            max_replicas=s.max_replicas,
-            target_per_replica=float(s.autoscaling.target_in_flight_per_replica),
-            scale_down_delay_s=float(s.autoscaling.scale_down_delay_seconds),
-        )
+        """The operator's own: operator/fleet.py `_autoscale` uses `policy_for` too."""
+        return policy_for(self.spec)
 
     @property
     def startup_probe_period_s(self) -> float:
@@ -152,7 +146,7 @@ class Fleet:
             pod = self._new_pod("worker", 0.0)
             node.pod, pod.node, pod.state = pod, node, "ready"
             pod.t_ready = 0.0
-            pod.engine = Engine(self.model, self.p.max_num_seqs, self.p.max_batched_tokens)
+            pod.engine = self._new_engine()
             self.endpoints.append(pod)
         for _ in range(s.balloons):
             node = self._new_node(0.0, up_at=0.0)
@@ -204,7 +198,7 @@ class Fleet:
         self.state = d.state
         self.replicas = d.replicas
         self._reconcile(now)
-        live = [p for p in self.pods if p.kind == "worker" and p.state in ("pending", "starting", "ready")]
+        live = self._live_workers()
         self.ticks.append(
             Tick(
                 now,
@@ -234,7 +228,7 @@ class Fleet:
         assert pod.node is not None
         pod.state, pod.t_ready = "ready", now
         pod.node.weights_cached = True
-        pod.engine = Engine(self.model, self.p.max_num_seqs, self.p.max_batched_tokens)
+        pod.engine = self._new_engine()
         self.cold_chains.append(now - pod.t_created)
         bisect.insort(self.endpoints, pod, key=lambda q: q.pid)
         self._release(now)
@@ -301,7 +295,7 @@ class Fleet:
     # -- the Deployment (ReplicaSet) and the scheduler -----------------------------------------
     def _reconcile(self, now: float) -> None:
         want = self.replicas + self.sc.spec.warm_pool
-        live = [p for p in self.pods if p.kind == "worker" and p.state in ("pending", "starting", "ready")]
+        live = self._live_workers()
         if len(live) < want:
             for _ in range(want - len(live)):
                 self._new_pod("worker", now)
@@ -412,6 +406,13 @@ class Fleet:
         pod = Pod(next(self._ids), kind, now)
         self.pods.append(pod)
         return pod
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, self.p.max_num_seqs, self.p.max_batched_tokens)
+
+    def _live_workers(self) -> list[Pod]:
+        """Worker pods the Deployment counts: pending, starting or ready (not draining or gone)."""
+        return [p for p in self.pods if p.kind == "worker" and p.state in ("pending", "starting", "ready")]
 
     # -- accounting ------------------------------------------------------------------------------
     def gpu_hours(self) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -57,9 +58,15 @@ def step_model() -> tuple[StepModel, list[dict[str, Any]]]:
     return model, check_points(model, points)
 
 
+@functools.cache
+def _example() -> dict[str, Any]:
+    """The example InferenceService, parsed once; spec_with copies what it changes."""
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
 def spec_with(**fields: Any) -> ServiceSpec:
     """The example InferenceService with some spec fields replaced, through the operator's parser."""
-    body = yaml.safe_load(EXAMPLE.read_text())
+    body = _example()
     spec = copy.deepcopy(body["spec"])
     prepull = fields.pop("prepull", None)
     spec.update(fields)

@@ -19,12 +19,14 @@ import json
 import time
 from pathlib import Path
 
+import microbench
 import torch
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.kernels.gptq_gemm import gptq_gemm, gptq_stream
 from torch.nn import functional as F
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# the decoder layer's projections: microbench's shapes without the LM head
+SHAPES = {name: shape for name, shape in microbench.SHAPES.items() if name != "lm_head"}
 LAYERS = 32
 GROUP = 128
 DEV = torch.device("cuda")

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import make_llama8b_checkpoint
+from checkpoint import ensure_llama8b_checkpoint
 from inferfleet.worker import LLM, SamplingParams
-from workloads import Request, fixed, hf_mix, random_prompt, w1
+from workloads import Request, fixed, hf_mix, random_prompt, scaled, w1
 
 log = logging.getLogger("bench")
 
@@ -194,9 +194,9 @@ def main() -> None:
         "args": vars(args),
         "kv_cache_dtype": args.kv_cache_dtype,
     }
-    if not (Path(args.model_dir) / "config.json").exists():
-        results["checkpoint"] = make_llama8b_checkpoint(args.model_dir)
-        log.info("checkpoint: %s", results["checkpoint"])
+    if (made := ensure_llama8b_checkpoint(args.model_dir)) is not None:
+        results["checkpoint"] = made
+        log.info("checkpoint: %s", made)
     if "hf" in only:
         results["hf_static_bs32"] = hf_static(args.model_dir, hf_mix()[: args.hf_requests])
         log.info("hf: %s", results["hf_static_bs32"])
@@ -219,10 +219,6 @@ def main() -> None:
     log.info("startup: %s", results["startup"])
     # compile the prefill-shaped kernels before timing anything
     generate(llm, fixed(300, 4, 8, seed=9))
-
-    def scaled(reqs: list[Request]) -> list[Request]:
-        return reqs[: max(1, int(len(reqs) * args.scale))]
-
     if "w3" in only:
         results["w3"] = decode_latency(llm)
         log.info("w3: %s", results["w3"])
@@ -236,19 +232,19 @@ def main() -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-            generate(llm, scaled(w1(seed=1)), temperature=0.6)
+            generate(llm, scaled(w1(seed=1), args.scale), temperature=0.6)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-        results["w1"] = generate(llm, scaled(w1()), temperature=0.6, track_kv=True)
+        results["w1"] = generate(llm, scaled(w1(), args.scale), temperature=0.6, track_kv=True)
         log.info("w1: %s", results["w1"])
     if "w2_128" in only:
-        results["w2_128_128"] = generate(llm, scaled(fixed(128, 128, 1000)))
+        results["w2_128_128"] = generate(llm, scaled(fixed(128, 128, 1000), args.scale))
         log.info("w2 128/128: %s", results["w2_128_128"])
     if "w2_2048" in only:
-        results["w2_2048_128"] = generate(llm, scaled(fixed(2048, 128, 500)))
+        results["w2_2048_128"] = generate(llm, scaled(fixed(2048, 128, 500), args.scale))
         log.info("w2 2048/128: %s", results["w2_2048_128"])
     if "w2_1000" in only:
-        results["w2_1000_1000"] = generate(llm, scaled(fixed(1000, 1000, 1000)))
+        results["w2_1000_1000"] = generate(llm, scaled(fixed(1000, 1000, 1000), args.scale))
         log.info("w2 1000/1000: %s", results["w2_1000_1000"])
     if "hfmix" in only:
         results["hfmix"] = generate(llm, hf_mix())

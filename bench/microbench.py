@@ -66,57 +66,7 @@ def attention_table() -> None:
         print(f"{b:5d} {ctx:6d} {splits:6d} {us:9.1f} {gbs:8.0f}")
 
 
-if __name__ == "__main__" and "--skinny" not in __import__("sys").argv:
+if __name__ == "__main__":
     print(torch.cuda.get_device_name())
     gemm_table()
     attention_table()
-
-
-def skinny_table() -> None:
-    from inferfleet.worker.kernels.gemv import gemv
-
-    configs = [
-        (16, 256, 4, 4),
-        (16, 512, 3, 4),
-        (8, 512, 4, 4),
-        (32, 256, 4, 4),
-        (16, 128, 6, 4),
-        (32, 512, 3, 8),
-    ]
-    print(
-        f"{'layer':10s} {'M':>4s} {'cublas GB/s':>11s} "
-        + " ".join(f"{'%d/%d/%d/%d' % c:>11s}" for c in configs)
-    )
-    for name, (n, k) in SHAPES.items():
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-        for m in (1, 16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            nbytes = n * k * 2
-            i = [0]
-
-            def cub() -> None:
-                i[0] = (i[0] + 1) % 3
-                torch.nn.functional.linear(x, ws[i[0]])
-
-            row = [nbytes / (triton.testing.do_bench(cub, warmup=10, rep=50, return_mode="median") * 1e6)]
-            ref = torch.nn.functional.linear(x, ws[0]).float()
-            for bn, bk, st, nw in configs:
-
-                def sk(bn: int = bn, bk: int = bk, st: int = st, nw: int = nw) -> None:
-                    i[0] = (i[0] + 1) % 3
-                    gemv(x, ws[i[0]], block_n=bn, block_k=bk, num_stages=st, num_warps=nw)
-
-                try:
-                    got = gemv(x, ws[0], block_n=bn, block_k=bk, num_stages=st, num_warps=nw).float()
-                except Exception:  # e.g. out of shared memory for this config
-                    row.append(float("nan"))
-                    continue
-                assert (got - ref).norm() / ref.norm() < 1e-2
-                row.append(
-                    nbytes / (triton.testing.do_bench(sk, warmup=10, rep=50, return_mode="median") * 1e6)
-                )
-            print(f"{name:10s} {m:4d} " + " ".join(f"{v:11.0f}" for v in row))
-
-
-if __name__ == "__main__" and "--skinny" in __import__("sys").argv:
-    skinny_table()

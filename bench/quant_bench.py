@@ -17,7 +17,7 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
   the rate is the full workload's; bf16's is in docs/benchmarks.md);
 - kernels: each precision's matmul on the 8B projection shapes, block configurations at M = 1 and
   fused kernels vs widen/dequantize + cuBLAS (FP8: W8A16 vs W8A8) at M = 16, 64, 256: the data for
-  the switch points SMALL_M / FUSED_MAX_M (quant/methods.py) and W8A16_MAX_M (quant/fp8.py).
+  the switch points FUSED_MAX_M (quant/methods.py, = kernels.MAX_M) and W8A16_MAX_M (quant/fp8.py).
 
 --kv-cache-dtype fp8 gives every engine (bf16 included) and the error measurement's scratch cache
 a float8_e4m3fn KV cache (docs/quantization.md, "FP8 KV cache"); the setting is in the JSON.
@@ -41,14 +41,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import make_llama8b_checkpoint
+from checkpoint import ensure_llama8b_checkpoint
 from gpu_bench import decode_latency, generate
 from inferfleet.worker import LLM
 from inferfleet.worker.quant import fp8 as qfp8
 from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
 from inferfleet.worker.quant.evaluate import logits_error, prompt_logits
 from microbench import SHAPES
-from workloads import fixed, random_prompt, w1
+from workloads import fixed, random_prompt, scaled, w1
 
 log = logging.getLogger("quant_bench")
 METHODS = ("bf16", "fp8", "int8", "gptq")
@@ -116,8 +116,7 @@ def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[tor
                 eng.runner.warmup()
             log.info("%s w3 (W8A8 decode): %s", method, res["w3_w8a8_decode"])
     if "w1" in only:
-        reqs = w1()
-        res["w1"] = generate(llm, reqs[: max(1, int(len(reqs) * w1_scale))], temperature=0.6)
+        res["w1"] = generate(llm, scaled(w1(), w1_scale), temperature=0.6)
         log.info("%s w1: %s", method, res["w1"])
     if "w2" in only and method == "fp8":  # bf16's W2 1000/1000 is in docs/benchmarks.md (6,831 tok/s)
         res["w2_1000_1000"] = generate(llm, fixed(1000, 1000, max(1, int(1000 * w2_scale))))
@@ -218,9 +217,9 @@ def main() -> None:
         "kv_cache_dtype": args.kv_cache_dtype,
         "methods": {},
     }
-    if not (Path(args.model_dir) / "config.json").exists():
-        results["checkpoint"] = make_llama8b_checkpoint(args.model_dir)
-        log.info("checkpoint: %s", results["checkpoint"])
+    if (made := ensure_llama8b_checkpoint(args.model_dir)) is not None:
+        results["checkpoint"] = made
+        log.info("checkpoint: %s", made)
     if "kernels" in only:
         results["kernels"] = kernel_table()
     if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():

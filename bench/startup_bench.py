@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint import make_llama8b_checkpoint
+from checkpoint import ensure_llama8b_checkpoint
 
 
 def drop_caches() -> bool:
@@ -124,8 +124,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    if not (Path(args.model_dir) / "config.json").exists():
-        res["checkpoint"] = make_llama8b_checkpoint(args.model_dir)
+    if (made := ensure_llama8b_checkpoint(args.model_dir)) is not None:
+        res["checkpoint"] = made
     files = sorted(Path(args.model_dir).glob("*.safetensors"))
     raw_read_gbs(files)  # into the page cache
     res["page_cache"] = {"raw_read_gbs": raw_read_gbs(files), "loader_gbs": loader_gbs(args.model_dir)}

@@ -33,6 +33,11 @@ def fixed(isl: int, osl: int, n: int, seed: int = 0) -> list[Request]:
     return [Request(random_prompt(rng, isl), osl) for _ in range(n)]
 
 
+def scaled(reqs: list[Request], fraction: float) -> list[Request]:
+    """The first `fraction` of `reqs` (at least one request)."""
+    return reqs[: max(1, int(len(reqs) * fraction))]
+
+
 def hf_mix(seed: int = 0, n: int = 128) -> list[Request]:
     """128 requests, prompt 64-1024, output 64-512 (the transformers side-by-side mix)."""
     rng = random.Random(seed)

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: the fleet simulator imports this module without the operator's
+    from inferfleet.operator.spec import ServiceSpec
 
 # Decision reasons (stable strings: they appear in status and events).
 SCALE_UP = "ScaleUp"
@@ -45,6 +49,16 @@ class Policy:
 
     def clamp(self, n: int) -> int:
         return max(self.min_replicas, min(self.max_replicas, n))
+
+
+def policy_for(s: ServiceSpec) -> Policy:
+    """The policy an InferenceService's spec sets (replica bounds and spec.autoscaling)."""
+    return Policy(
+        min_replicas=s.min_replicas,
+        max_replicas=s.max_replicas,
+        target_per_replica=float(s.autoscaling.target_in_flight_per_replica),
+        scale_down_delay_s=float(s.autoscaling.scale_down_delay_seconds),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

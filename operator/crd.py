@@ -57,6 +57,9 @@ MANAGED_FLAGS = (
     "enable-prefix-caching",
     "no-enable-prefix-caching",
 )
+# An extraArgs entry that sets one of them (`--flag` or `--flag=value`): the CRD's CEL rule and
+# the operator's own check (spec.py) both match with this.
+MANAGED_FLAG_PATTERN = r"^--(" + "|".join(MANAGED_FLAGS) + r")(=|$)"
 
 Schema = dict[str, Any]
 
@@ -153,7 +156,6 @@ def _spec_schema() -> Schema:
         },
         default={},
     )
-    managed = "|".join(MANAGED_FLAGS)
     engine = _object(
         {
             "dtype": _string(16, enum=["auto", "float32", "bfloat16", "float16"], default="auto"),
@@ -183,7 +185,7 @@ def _spec_schema() -> Schema:
         **{
             "x-kubernetes-validations": [
                 _rule(
-                    f"!self.extraArgs.exists(a, a.matches('^--({managed})(=|$)'))",
+                    f"!self.extraArgs.exists(a, a.matches('{MANAGED_FLAG_PATTERN}'))",
                     message="engine.extraArgs must not repeat a flag the operator sets from the spec",
                 )
             ]
@@ -391,21 +393,25 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
 
     Defaults apply to absent properties of present objects; a defaulted object is then
     defaulted itself (so `engine: {}` gains every engine default). `render` uses this so it
-    prints what the cluster would run.
+    prints what the cluster would run. Neither `schema` nor `value` is modified, and the result
+    shares no object with either: each part is copied once, on the way through.
     """
     if not isinstance(value, dict) or schema.get("type") != "object":
         return copy.deepcopy(value)
-    out = copy.deepcopy(value)
-    for key, sub in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    out = {
+        key: apply_defaults(properties[key], v) if key in properties else copy.deepcopy(v)
+        for key, v in value.items()
+    }
+    for key, sub in properties.items():
         if key not in out and "default" in sub:
-            out[key] = copy.deepcopy(sub["default"])
-        if key in out:
-            out[key] = apply_defaults(sub, out[key])
+            out[key] = apply_defaults(sub, sub["default"])
     return out
 
 
 def spec_schema() -> Schema:
-    return openapi_schema()["properties"]["spec"]
+    """The schema of `spec` (openapi_schema()'s properties.spec), a fresh copy each call."""
+    return _spec_schema()
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import aiohttp
 import kopf
 from inferfleet.operator import autoscaler, labels
 from inferfleet.operator.config import OperatorConfig
-from inferfleet.operator.kube import DAEMONSETS, DEPLOYMENTS, ISVCS, PODS, ApiError, KubeClient
-from inferfleet.operator.plan import build_worker_deployment
-from inferfleet.operator.reconcile import read_children, restore_drifted
+from inferfleet.operator.kube import ISVCS, PODS, ApiError, KubeClient
+from inferfleet.operator.plan import ChildRef, Obj, balloon_ref, plan_spec, prepull_ref, worker_ref
+from inferfleet.operator.reconcile import read_child, read_children, restore_drifted
 from inferfleet.operator.scraper import LoadSample, scrape
 from inferfleet.operator.spec import ServiceSpec, SpecError
-from inferfleet.operator.status import Observed, build_status, condition, ready_pods
+from inferfleet.operator.status import Observed, build_status, invalid_status, ready_pods
 
 
 @dataclasses.dataclass
@@ -107,23 +107,23 @@ class Fleet:
             except SpecError as e:
                 await self._write_invalid(isvc, previous, str(e), now)
                 return self.config.status_interval_s
+            desired = plan_spec(s)
             pods = await self.kube.list(PODS, namespace, labels.selector_string(name, labels.WORKER))
-            observed = Observed(
-                pods=pods,
-                prepull=await self.kube.get(DAEMONSETS, namespace, f"{name}-prepull")
-                if s.prepull_enabled
-                else None,
-                balloon=await self.kube.get(DEPLOYMENTS, namespace, f"{name}-balloon")
-                if s.balloons
-                else None,
-            )
+            # The children status reports on: read on every refresh, and reused by the drift check.
+            read: dict[ChildRef, dict[str, Any] | None] = {}
+            if s.prepull_enabled:
+                read[prepull_ref(s)] = await read_child(self.kube, namespace, prepull_ref(s))
+            if s.balloons:
+                read[balloon_ref(s)] = await read_child(self.kube, namespace, balloon_ref(s))
+            observed = Observed(pods=pods, prepull=read.get(prepull_ref(s)), balloon=read.get(balloon_ref(s)))
             scaler_status = None
             interval = float(s.autoscaling.interval_seconds)
             if s.autoscaling.enabled and _due(rt.last_autoscale, interval, now):
                 scaler_status = await self._autoscale(rt, isvc, s, pods, now, logger)
                 rt.last_autoscale = now
             if rt.applied_generation is not None and _due(rt.last_resync, self.config.resync_interval_s, now):
-                restored = await restore_drifted(self.kube, s, await read_children(self.kube, s))
+                live = await read_children(self.kube, s, desired, known=read)
+                restored = await restore_drifted(self.kube, desired, live)
                 if restored:
                     logger.info(f"restored drifted children: {', '.join(r.name for r in restored)}")
                 rt.last_resync = now
@@ -131,7 +131,7 @@ class Fleet:
                 s,
                 previous,
                 observed,
-                template_hash=_template_hash(s),
+                template_hash=_template_hash(s, desired),
                 observed_generation=rt.applied_generation,
                 apply_error=rt.apply_error,
                 autoscaler=scaler_status,
@@ -166,12 +166,7 @@ class Fleet:
             if ready
             else LoadSample(None, False, {}, {})
         )
-        policy = autoscaler.Policy(
-            min_replicas=s.min_replicas,
-            max_replicas=s.max_replicas,
-            target_per_replica=float(s.autoscaling.target_in_flight_per_replica),
-            scale_down_delay_s=float(s.autoscaling.scale_down_delay_seconds),
-        )
+        policy = autoscaler.policy_for(s)
         d = autoscaler.decide(policy, sample.load, sample.complete, s.replicas, rt.scale_state, now)
         rt.scale_state = d.state
         load = "unknown" if d.load is None else f"{d.load:g}"
@@ -201,24 +196,16 @@ class Fleet:
     async def _write_invalid(
         self, isvc: Mapping[str, Any], previous: Mapping[str, Any], error: str, now: float
     ) -> None:
-        gen = int(isvc["metadata"].get("generation") or 1)
-        prev = list(previous.get("conditions") or [])
-        when = _dt(now)
-        status = {
-            "conditions": [
-                condition("Ready", False, "InvalidSpec", error, prev, when, gen),
-                condition("Progressing", False, "InvalidSpec", error, prev, when, gen),
-                condition("Degraded", True, "InvalidSpec", error, prev, when, gen),
-            ]
-        }
+        status = invalid_status(error, previous, _dt(now), int(isvc["metadata"].get("generation") or 1))
         if _differs(status, previous):
             meta = isvc["metadata"]
             await self.kube.patch_status(ISVCS, meta["namespace"], meta["name"], status)
 
 
-def _template_hash(s: ServiceSpec) -> str:
-    template = build_worker_deployment(s)["spec"]["template"]
-    return str(template["metadata"]["annotations"][labels.SPEC_HASH])
+def _template_hash(s: ServiceSpec, desired: list[Obj]) -> str:
+    """The spec-hash of the worker pod template in the plan `desired`."""
+    worker = next(obj for obj in desired if ChildRef.of(obj) == worker_ref(s))
+    return str(worker["spec"]["template"]["metadata"]["annotations"][labels.SPEC_HASH])
 
 
 def _due(last: float | None, interval: float, now: float) -> bool:

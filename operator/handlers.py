@@ -11,7 +11,6 @@ restart the operator in one process with different settings and no shared module
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any
@@ -33,7 +32,7 @@ from inferfleet.operator.kube import (
     Resource,
 )
 from inferfleet.operator.plan import ChildRef, plan_spec
-from inferfleet.operator.reconcile import apply_children, essence, is_subset, owner_name
+from inferfleet.operator.reconcile import apply_children, essence, owner_name, restore_one
 from inferfleet.operator.spec import ServiceSpec, SpecError
 
 CHILD_RESOURCES = (DEPLOYMENTS, DAEMONSETS, SERVICES, PDBS)
@@ -61,10 +60,8 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) 
     settings.posting.level = logging.WARNING  # handler chatter stays in logs; failures become events
     # Server-side filters: watch only our children and worker pods, not every Deployment.
     for r in CHILD_RESOURCES:
-        settings.watching.label_selectors[_selector(r)] = f"{labels.MANAGED_BY}={labels.MANAGER}"
-    settings.watching.label_selectors["v1", "pods"] = ",".join(
-        f"{k}={v}" for k, v in sorted(WORKER_PODS.items())
-    )
+        settings.watching.label_selectors[_selector(r)] = labels.match_string(MANAGED)
+    settings.watching.label_selectors["v1", "pods"] = labels.match_string(WORKER_PODS)
 
 
 @dataclasses.dataclass
@@ -116,7 +113,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def reconcile(body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
         rt = fleet.runtime(namespace, name)
         try:
-            s = ServiceSpec.from_body(copy.deepcopy(dict(body)))
+            s = ServiceSpec.from_body(body)  # from_body copies what it keeps
         except SpecError as e:
             rt.apply_error = str(e)
             rt.wake.set()
@@ -185,8 +182,7 @@ def _register_drift(
             want = {ChildRef.of(obj): obj for obj in plan_spec(s)}.get(ref)
             if want is None:
                 return  # not wanted; pruning is the reconcile handler's job
-            if deleted or not is_subset(want, dict(body)):
-                await kube.apply(want)
+            if await restore_one(kube, want, None if deleted else dict(body)):
                 logger.info(f"restored {resource.kind} {name} ({'deleted' if deleted else 'edited'})")
             else:
                 fleet.checked[key] = seen

@@ -6,6 +6,8 @@ app.kubernetes.io/* keys are also written by Helm, Argo CD and kustomize.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 SERVICE = "inferfleet.io/service"
 COMPONENT = "inferfleet.io/component"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -21,8 +23,13 @@ def selector(name: str, component: str) -> dict[str, str]:
     return {SERVICE: name, COMPONENT: component}
 
 
+def match_string(match_labels: Mapping[str, str]) -> str:
+    """A label selector string requiring each of `match_labels` (`k1=v1,k2=v2`, keys sorted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
+
+
 def selector_string(name: str, component: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(selector(name, component).items()))
+    return match_string(selector(name, component))
 
 
 def labels(name: str, component: str) -> dict[str, str]:

@@ -37,6 +37,28 @@ class ChildRef:
         return cls(obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
 
 
+# Each child's identity, named once: the plan builds from these and pruning, status and the
+# drift checks look children up by them.
+def worker_ref(s: ServiceSpec) -> ChildRef:
+    return ChildRef("apps/v1", "Deployment", s.name)
+
+
+def service_ref(s: ServiceSpec) -> ChildRef:
+    return ChildRef("v1", "Service", s.name)
+
+
+def pdb_ref(s: ServiceSpec) -> ChildRef:
+    return ChildRef("policy/v1", "PodDisruptionBudget", s.name)
+
+
+def prepull_ref(s: ServiceSpec) -> ChildRef:
+    return ChildRef("apps/v1", "DaemonSet", f"{s.name}-prepull")
+
+
+def balloon_ref(s: ServiceSpec) -> ChildRef:
+    return ChildRef("apps/v1", "Deployment", f"{s.name}-balloon")
+
+
 def spec_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
@@ -55,6 +77,11 @@ def _metadata(s: ServiceSpec, name: str, component: str) -> Obj:
             }
         ]
     return meta
+
+
+def _head(s: ServiceSpec, ref: ChildRef, component: str) -> Obj:
+    """apiVersion, kind and metadata of the child `ref`."""
+    return {"apiVersion": ref.api_version, "kind": ref.kind, "metadata": _metadata(s, ref.name, component)}
 
 
 def _with_hash(obj: Obj) -> Obj:
@@ -80,9 +107,7 @@ def build_worker_deployment(s: ServiceSpec) -> Obj:
     template["metadata"]["annotations"][labels.SPEC_HASH] = spec_hash(template)
     return _with_hash(
         {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": _metadata(s, s.name, labels.WORKER),
+            **_head(s, worker_ref(s), labels.WORKER),
             "spec": {
                 "replicas": s.worker_pods,
                 "selector": {"matchLabels": labels.selector(s.name, labels.WORKER)},
@@ -99,9 +124,7 @@ def build_worker_deployment(s: ServiceSpec) -> Obj:
 def build_service(s: ServiceSpec) -> Obj:
     return _with_hash(
         {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _metadata(s, s.name, labels.WORKER),
+            **_head(s, service_ref(s), labels.WORKER),
             "spec": {
                 "type": "ClusterIP",
                 "selector": labels.selector(s.name, labels.WORKER),
@@ -123,9 +146,7 @@ def build_pdb(s: ServiceSpec) -> Obj | None:
         return None  # a budget over one pod would only ever block node drains
     return _with_hash(
         {
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": _metadata(s, s.name, labels.WORKER),
+            **_head(s, pdb_ref(s), labels.WORKER),
             "spec": {
                 "maxUnavailable": 1,
                 "selector": {"matchLabels": labels.selector(s.name, labels.WORKER)},
@@ -136,30 +157,53 @@ def build_pdb(s: ServiceSpec) -> Obj | None:
     )
 
 
-def build_prepull_daemonset(s: ServiceSpec) -> Obj | None:
-    if not s.prepull_enabled:
-        return None
-    name = f"{s.name}-prepull"
+def _pause_pod_spec(
+    s: ServiceSpec,
+    *,
+    grace_seconds: int,
+    resources: Obj,
+    scheduling: Obj,
+    priority_class: str = "",
+    node_selector: Mapping[str, str] | None = None,
+) -> Obj:
+    """A pod of one pause container that pulls the worker image (and pins an oci:// model image)
+    on its node: the pre-pull DaemonSet's and the balloons' pods."""
     volumes, mounts = pods.model_image_volume(s)
-    tiny = {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "16Mi"}}
     pod: Obj = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 1,
-        "securityContext": pods.pod_security(pods.PAUSE_UID),
-        **pods.scheduling_fields(s, node_affinity_only=True),
-        "initContainers": [pods.pull_worker_image(s)],
-        "containers": [pods.pause_container(tiny, mounts)],
+        "terminationGracePeriodSeconds": grace_seconds,
     }
-    if s.prepull_node_selector:
-        pod["nodeSelector"] = dict(s.prepull_node_selector)
+    if priority_class:
+        pod["priorityClassName"] = priority_class
+    pod.update(
+        {
+            "securityContext": pods.pod_security(pods.PAUSE_UID),
+            **scheduling,
+            "initContainers": [pods.pull_worker_image(s)],
+            "containers": [pods.pause_container(resources, mounts)],
+        }
+    )
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
     if volumes:
         pod["volumes"] = volumes
+    return pod
+
+
+def build_prepull_daemonset(s: ServiceSpec) -> Obj | None:
+    if not s.prepull_enabled:
+        return None
+    pod = _pause_pod_spec(
+        s,
+        grace_seconds=1,
+        resources={"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "16Mi"}},
+        scheduling=pods.scheduling_fields(s, node_affinity_only=True),
+        node_selector=s.prepull_node_selector,
+    )
     return _with_hash(
         {
-            "apiVersion": "apps/v1",
-            "kind": "DaemonSet",
-            "metadata": _metadata(s, name, labels.PREPULL),
+            **_head(s, prepull_ref(s), labels.PREPULL),
             "spec": {
                 "selector": {"matchLabels": labels.selector(s.name, labels.PREPULL)},
                 # Pods here serve nothing: pull the new image everywhere at once.
@@ -173,26 +217,17 @@ def build_prepull_daemonset(s: ServiceSpec) -> Obj | None:
 def build_balloon_deployment(s: ServiceSpec) -> Obj | None:
     if s.balloons == 0:
         return None
-    volumes, mounts = pods.model_image_volume(s)
-    worker = pods.worker_resources(s)
-    pod: Obj = {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
+    pod = _pause_pod_spec(
+        s,
         # Preempted balloons must vanish at once so the worker that needs the node starts.
-        "terminationGracePeriodSeconds": 0,
-        "priorityClassName": contract.BALLOON_PRIORITY_CLASS,
-        "securityContext": pods.pod_security(pods.PAUSE_UID),
-        **pods.scheduling_fields(s),
-        "initContainers": [pods.pull_worker_image(s)],
-        "containers": [pods.pause_container(worker, mounts)],
-    }
-    if volumes:
-        pod["volumes"] = volumes
+        grace_seconds=0,
+        resources=pods.worker_resources(s),
+        scheduling=pods.scheduling_fields(s),
+        priority_class=contract.BALLOON_PRIORITY_CLASS,
+    )
     return _with_hash(
         {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": _metadata(s, f"{s.name}-balloon", labels.BALLOON),
+            **_head(s, balloon_ref(s), labels.BALLOON),
             "spec": {
                 "replicas": s.balloons,
                 "selector": {"matchLabels": labels.selector(s.name, labels.BALLOON)},
@@ -205,13 +240,7 @@ def build_balloon_deployment(s: ServiceSpec) -> Obj | None:
 
 def all_child_refs(s: ServiceSpec) -> list[ChildRef]:
     """Every child an InferenceService can own, wanted now or not (for pruning)."""
-    return [
-        ChildRef("apps/v1", "Deployment", s.name),
-        ChildRef("v1", "Service", s.name),
-        ChildRef("policy/v1", "PodDisruptionBudget", s.name),
-        ChildRef("apps/v1", "DaemonSet", f"{s.name}-prepull"),
-        ChildRef("apps/v1", "Deployment", f"{s.name}-balloon"),
-    ]
+    return [worker_ref(s), service_ref(s), pdb_ref(s), prepull_ref(s), balloon_ref(s)]
 
 
 def plan_spec(s: ServiceSpec) -> list[Obj]:

@@ -76,26 +76,45 @@ async def prune(kube: KubeClient, s: ServiceSpec, ref: ChildRef) -> bool:
     return await kube.delete(resource, s.namespace, ref.name, uid=live["metadata"].get("uid"))
 
 
+async def restore_one(kube: KubeClient, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> bool:
+    """Re-apply the wanted child `want` if its live copy `have` is missing (None) or no longer
+    contains it; returns whether it did."""
+    if have is not None and is_subset(want, have):
+        return False
+    await kube.apply(want)
+    return True
+
+
 async def restore_drifted(
-    kube: KubeClient, s: ServiceSpec, live: Sequence[Mapping[str, Any]]
+    kube: KubeClient, desired: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]
 ) -> list[ChildRef]:
-    """Re-apply each wanted child that is missing from `live` or no longer contains the plan."""
+    """Re-apply each child of `desired` (the plan) that is missing from `live` or no longer contains it."""
     by_ref = {ChildRef.of(obj): obj for obj in live}
     restored: list[ChildRef] = []
-    for obj in plan_spec(s):
+    for obj in desired:
         ref = ChildRef.of(obj)
-        have = by_ref.get(ref)
-        if have is None or not is_subset(obj, have):
-            await kube.apply(obj)
+        if await restore_one(kube, obj, by_ref.get(ref)):
             restored.append(ref)
     return restored
 
 
-async def read_children(kube: KubeClient, s: ServiceSpec) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for obj in plan_spec(s):
+async def read_child(kube: KubeClient, namespace: str, ref: ChildRef) -> dict[str, Any] | None:
+    return await kube.get(resource_of(ref.api_version, ref.kind), namespace, ref.name)
+
+
+async def read_children(
+    kube: KubeClient,
+    s: ServiceSpec,
+    desired: Sequence[Mapping[str, Any]],
+    known: Mapping[ChildRef, Mapping[str, Any] | None] | None = None,
+) -> list[Mapping[str, Any]]:
+    """The live copy of each child of `desired` that exists. Children in `known`, already read
+    (None: found missing), are taken from there rather than read again."""
+    known = known or {}
+    out: list[Mapping[str, Any]] = []
+    for obj in desired:
         ref = ChildRef.of(obj)
-        live = await kube.get(resource_of(ref.api_version, ref.kind), s.namespace, ref.name)
+        live = known[ref] if ref in known else await read_child(kube, s.namespace, ref)
         if live is not None:
             out.append(live)
     return out

@@ -17,6 +17,9 @@ from inferfleet.operator import crd
 SourceScheme = Literal["pvc", "oci", "hf", "tiny"]
 _SOURCE_RE = re.compile(crd.SOURCE_PATTERN)
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_MANAGED_FLAG_RE = re.compile(crd.MANAGED_FLAG_PATTERN)
+# Built once: apply_defaults only reads it (and copies the defaults it takes from it).
+_SPEC_SCHEMA = crd.spec_schema()
 
 
 class SpecError(ValueError):
@@ -129,7 +132,7 @@ class ServiceSpec:
             raise SpecError("metadata.name", f"{name!r} is not a DNS-1035 label of <= {crd.MAX_NAME_LENGTH}")
         if body.get("spec") is None:
             raise SpecError("spec", "is required")
-        spec = crd.apply_defaults(crd.spec_schema(), dict(body["spec"]))
+        spec = crd.apply_defaults(_SPEC_SCHEMA, dict(body["spec"]))
         for required in ("model", "image"):
             if required not in spec:
                 raise SpecError(f"spec.{required}", "is required")
@@ -216,7 +219,6 @@ class ServiceSpec:
                 "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); "
                 "a CPU worker can use int8 or gptq",
             )
-        managed = re.compile(r"^--(" + "|".join(crd.MANAGED_FLAGS) + r")(=|$)")
         for arg in self.engine.extra_args:
-            if managed.match(arg):
+            if _MANAGED_FLAG_RE.match(arg):
                 raise SpecError("spec.engine.extraArgs", f"{arg!r} is set by the operator")

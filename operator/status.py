@@ -91,6 +91,19 @@ def condition(
     }
 
 
+def invalid_status(error: str, previous: Mapping[str, Any], now: datetime.datetime, generation: int) -> Obj:
+    """The status of an InferenceService whose spec the operator cannot use: its conditions only,
+    each with reason InvalidSpec and `error` as the message; every other field keeps its value."""
+    prev = list(previous.get("conditions") or [])
+    return {
+        "conditions": [
+            condition("Ready", False, "InvalidSpec", error, prev, now, generation),
+            condition("Progressing", False, "InvalidSpec", error, prev, now, generation),
+            condition("Degraded", True, "InvalidSpec", error, prev, now, generation),
+        ]
+    }
+
+
 def build_status(
     s: ServiceSpec,
     previous: Mapping[str, Any],

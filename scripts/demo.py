@@ -30,7 +30,7 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == "\n" else "·" for ch in text)
 
 
-def offline(model_dir: Path, arch: str) -> None:
+def offline(model_dir: Path) -> None:
     from inferfleet.worker import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), device="cpu", dtype="float32")
@@ -156,7 +156,7 @@ def main() -> None:
 
     model_dir = make_tiny_model(Path(args.dir) / f"tiny-{args.arch}", arch=args.arch, seed=0)
     print(f"== tiny {args.arch} checkpoint in {model_dir}")
-    offline(model_dir, args.arch)
+    offline(model_dir)
     served(model_dir, Path(args.dir) / "server.log")
     render_fleet()
 

@@ -325,8 +325,6 @@ class AsyncEngine:
             num_waiting=engine.num_waiting,
             num_running=engine.num_running,
             kv_cache_usage=engine.kv_cache_usage(),
-            num_free_blocks=bm.num_free_blocks,
-            num_blocks=bm.num_blocks,
             prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens,
             preemptions=st.preemptions,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
+from typing import Any, TypeVar
+
+from .config import DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig  # config imports no torch
 
 API_KEY_ENV = "INFERFLEET_API_KEY"
-# config.KV_CACHE_DTYPES, repeated so `--help` needs no torch import
-KV_CACHE_DTYPES = ("auto", "fp8")
 KV_CACHE_DTYPE_HELP = (
     "KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn, scale 1.0, values clamped "
     "to +-448 (half the KV bytes, twice the blocks; CUDA needs compute capability >= 8.9)"
@@ -27,7 +29,7 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=ARCHES, default="llama")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="number of safetensors shards (index file when > 1)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +120,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (it is logged)")
     p.add_argument("--served-model-name", default=None, help="the model id of the API (default: dir name)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=256)
@@ -126,7 +128,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=_positive_int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-kv-blocks", type=_positive_int, default=None)
-    p.add_argument("--quantization", choices=("none", "fp8", "int8", "gptq"), default="none")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")
@@ -149,42 +151,32 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
 
 
+_T = TypeVar("_T")
+
+
+def _from_args(cls: type[_T], args: argparse.Namespace, **overrides: Any) -> _T:
+    """`cls(...)` from the flags named like its fields (--max-num-seqs -> max_num_seqs); fields
+    without a flag keep their defaults; `overrides` set fields whose flag differs or falls back."""
+    kw = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init and hasattr(args, f.name)
+    }
+    return cls(**(kw | overrides))
+
+
 def _serve(args: argparse.Namespace, started_at: float) -> int:
-    from .config import EngineConfig
     from .errors import InferfleetError
     from .server import ServerConfig, run
 
     try:
-        engine_config = EngineConfig(
-            model=args.model,
-            dtype=args.dtype,
-            device=args.device,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            enable_prefix_caching=not args.no_enable_prefix_caching,
-            num_kv_blocks=args.num_kv_blocks,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=args.enforce_eager,
-            quantization=args.quantization,
-            kv_cache_dtype=args.kv_cache_dtype,
-            seed=args.seed,
-            served_model_name=args.served_model_name,
+        engine_config = _from_args(
+            EngineConfig, args, enable_prefix_caching=not args.no_enable_prefix_caching
         )
     except InferfleetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        drain_timeout=args.drain_timeout,
-        max_queued_requests=args.max_queued_requests,
-        max_queued_tokens=args.max_queued_tokens,
-        max_body_bytes=args.max_body_bytes,
-        debug_load_delay=args.debug_load_delay,
-    )
+    config = _from_args(ServerConfig, args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     return run(engine_config, config, started_at=started_at)
 
 

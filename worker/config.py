@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from .quant.spec import METHODS as QUANTIZATIONS
 from .quant.spec import QuantConfig, resolve_quantization
+
+if TYPE_CHECKING:
+    import torch
 
 # architectures -> the switches of our single decoder implementation (models/llama.py)
 SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -29,6 +32,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 # uncalibrated fp8_e4m3). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_FP8_MIN_CAPABILITY = (8, 9)
+
+
+def to_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a DTYPES name (KeyError for others). torch is imported here, not at module
+    level: importing this module must not import torch."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @dataclass(frozen=True)
@@ -276,9 +287,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return to_torch_dtype(self.dtype)
 
     @property
     def kv_torch_dtype(self):

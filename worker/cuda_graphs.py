@@ -17,6 +17,7 @@ import torch
 
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
+from .runner import Feed, apply_feed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        num_sms: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -60,7 +62,7 @@ class DecodeGraphs:
         self.sizes = batch_size_ladder(max_batch)
         self.max_batch = self.sizes[-1]
         cfg = model.config
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.num_sms = num_sms  # the device's multiprocessor count (decode_splits)
         n = self.max_batch
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -96,7 +98,6 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs],
             max_query_len=1,
-            max_seq_len=0,
             query_lens_host=[],
             seq_lens_host=[],
             block_tables_host=[],
@@ -151,7 +152,7 @@ class DecodeGraphs:
         slots: np.ndarray,
         seq_lens: np.ndarray,
         tables: list[np.ndarray],
-        feed: tuple[list[int], list[int], torch.Tensor] | None = None,
+        feed: Feed | None = None,
     ) -> torch.Tensor:
         """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
         n = len(ids)
@@ -176,8 +177,6 @@ class DecodeGraphs:
         self.seq_lens[:bs].copy_(h_lens[:bs], non_blocking=True)
         self.block_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
         if feed is not None:
-            from .runner import apply_feed
-
             apply_feed(self.input_ids, feed)
         g, logits = self.graphs[bs]
         g.replay()

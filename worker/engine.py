@@ -155,8 +155,7 @@ class LLMEngine:
     ) -> Sequence:
         """Validate and queue a request. Raises InvalidRequestError naming the parameter."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self._check_request_id(request_id)
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise InvalidRequestError("a prompt (string) or prompt_token_ids is required", param="prompt")
@@ -164,6 +163,23 @@ class LLMEngine:
         else:
             prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids, params)
+        return self._enqueue(request_id, prompt_token_ids, params, arrival_time, stream)
+
+    def _check_request_id(self, request_id: str) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+
+    def _enqueue(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        stream: bool = True,
+    ) -> Sequence:
+        """Queue a request whose prompt has passed validate_prompt; the engine keeps (does not copy)
+        `prompt_token_ids`. Raises InvalidRequestError if the request id is in use."""
+        self._check_request_id(request_id)
         seq = Sequence(request_id, prompt_token_ids, params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
@@ -235,7 +251,7 @@ class LLMEngine:
         that finished, and for every streaming request that produced a token (offline requests
         report only their end)."""
         sched = self.scheduler.schedule()
-        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.preemptions += len(sched.preempted)
         launched = self._launch(sched) if not sched.is_empty else None
         outputs = self._resolve(self._inflight) if self._inflight is not None else []
         self._inflight = launched
@@ -288,7 +304,6 @@ class LLMEngine:
             return outputs
         token_ids = step.tokens_host.tolist()
         logprobs = unpack_logprobs(step.lp_host, [r.sampler for r in step.reqs], token_ids)
-        now = time.monotonic()
         for r, pos, tok, lp in zip(step.reqs, step.positions, token_ids, logprobs):
             seq = r.seq
             if self.requests.get(seq.request_id) is not r:
@@ -297,8 +312,8 @@ class LLMEngine:
             if seq.pending_row >= 0 and pos == len(seq.token_ids) - 1:
                 seq.pending_row = -1
             self.block_manager.register_full_blocks(seq)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
+            if not seq.has_first_token:
+                seq.has_first_token = True
                 self.stats.prompt_tokens += seq.num_prompt_tokens
             self.stats.generation_tokens += 1
             new_lp = [lp] if lp is not None else []

@@ -68,9 +68,6 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self._free)
-
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Extend the block table to hold `num_new_tokens` more tokens. All or nothing."""
         need = self.blocks_needed(seq, num_new_tokens)

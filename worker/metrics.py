@@ -64,8 +64,6 @@ class EngineSnapshot:
     num_waiting: int = 0
     num_running: int = 0
     kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     preemptions: int = 0

@@ -122,25 +122,23 @@ class SamplingOptions:
     logprobs: int | None = None  # alternatives per token; None: no logprobs
 
     def params(self, max_tokens: int, index: int = 0) -> SamplingParams:
-        """Engine params for choice `index`: distinct choices draw from distinct seeds."""
+        """Engine params for choice `index`: distinct choices draw from distinct seeds.
+
+        Raises InvalidRequestError; its param says "max_tokens" even when the user set
+        max_completion_tokens (the caller renames it, see serving.OpenAIServing._plan)."""
         seed = None if self.seed is None else (self.seed + index) % 2**63
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=float(self.temperature),
-                top_p=float(self.top_p),
-                top_k=self.top_k,
-                seed=seed,
-                stop=list(self.stop),
-                stop_token_ids=list(self.stop_token_ids),
-                ignore_eos=self.ignore_eos,
-                logprobs=self.logprobs,
-                min_tokens=self.min_tokens,
-            )
-        except InvalidRequestError as e:
-            if e.param == "max_tokens":
-                e.param = self.max_tokens_param
-            raise
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            top_k=self.top_k,
+            seed=seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+            min_tokens=self.min_tokens,
+        )
 
 
 @dataclass
@@ -155,7 +153,6 @@ class GenerateRequest:
     sampling: SamplingOptions
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
     messages: list[dict[str, str]] = field(default_factory=list)  # chat, contents joined
-    top_logprobs: int | None = None  # chat: logprobs=true -> top_logprobs (0 if not given)
 
     @property
     def num_prompts(self) -> int:
@@ -228,9 +225,8 @@ def parse_chat(body: dict[str, Any], schema: dict[str, Any] = CHAT_REQUEST) -> G
         role = "system" if m["role"] == "developer" else m["role"]
         req.messages.append({"role": role, "content": content})
     top = body.get("top_logprobs")
-    if body.get("logprobs"):
-        req.top_logprobs = top or 0
-        req.sampling.logprobs = req.top_logprobs
+    if body.get("logprobs"):  # chat: logprobs=true -> top_logprobs alternatives (0 if not given)
+        req.sampling.logprobs = top or 0
     elif top is not None:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     return req

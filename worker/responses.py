@@ -28,10 +28,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
-def finish_reason(out: RequestOutput) -> str | None:
-    return out.finish_reason if out.finished else None
-
-
 def _lp(x: float) -> float:
     return x if x > _MIN_LOGPROB else _MIN_LOGPROB
 
@@ -51,20 +47,25 @@ def chat_logprobs(lps: list[TokenLogprobs], text: TokenText) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(lps: list[TokenLogprobs], text: TokenText, offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    lps: list[TokenLogprobs], text: TokenText, offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """The logprobs object (text offsets from `offset` on) and the offset after its tokens, where
+    the next chunk's offsets start."""
     tokens = [text(t.token_id) for t in lps]
     offsets = []
     for s in tokens:
         offsets.append(offset)
         offset += len(s)
-    return {
+    lp = {
         "tokens": tokens,
         "token_logprobs": [_lp(t.logprob) for t in lps],
         "top_logprobs": [
-            {text(t.token_id): _lp(t.logprob)} | {text(i): _lp(v) for i, v in t.top} for t in lps
+            {s: _lp(t.logprob)} | {text(i): _lp(v) for i, v in t.top} for s, t in zip(tokens, lps)
         ],
         "text_offset": offsets,
     }
+    return lp, offset
 
 
 @dataclass
@@ -76,16 +77,13 @@ class ResponseHeader:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def _envelope(h: ResponseHeader, obj: str, choices: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
+    """What every response and chunk starts with, then `rest` (in the order given)."""
+    return {"id": h.id, "object": obj, "created": h.created, "model": h.model, "choices": choices, **rest}
+
+
 def chat_response(h: ResponseHeader, choices: list[dict[str, Any]], usage_: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "object": "chat.completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": choices,
-        "usage": usage_,
-        "system_fingerprint": None,
-    }
+    return _envelope(h, "chat.completion", choices, usage=usage_, system_fingerprint=None)
 
 
 def chat_choice(index: int, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,15 +98,7 @@ def chat_choice(index: int, out: RequestOutput, logprobs: dict[str, Any] | None)
 def completion_response(
     h: ResponseHeader, choices: list[dict[str, Any]], usage_: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "object": "text_completion",
-        "created": h.created,
-        "model": h.model,
-        "choices": choices,
-        "usage": usage_,
-        "system_fingerprint": None,
-    }
+    return _envelope(h, "text_completion", choices, usage=usage_, system_fingerprint=None)
 
 
 def completion_choice(
@@ -118,16 +108,8 @@ def completion_choice(
 
 
 def _chunk(h: ResponseHeader, obj: str, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": h.id,
-        "object": obj,
-        "created": h.created,
-        "model": h.model,
-        "choices": [choice],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    # with include_usage every chunk carries "usage": null; the last one (usage_chunk) the counts
+    return _envelope(h, obj, [choice], **({"usage": None} if include_usage else {}))
 
 
 def chat_chunk(
@@ -157,7 +139,7 @@ def completion_chunk(
 
 def usage_chunk(h: ResponseHeader, kind: str, usage_: dict[str, Any]) -> dict[str, Any]:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": h.id, "object": obj, "created": h.created, "model": h.model, "choices": [], "usage": usage_}
+    return _envelope(h, obj, [], usage=usage_)
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:

@@ -25,6 +25,7 @@ from .layers.attention import (
 )
 from .loader import load_model_weights
 from .models import DecoderModel
+from .sampling import to_device_index
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,8 @@ Feed = tuple[list[int], list[int], torch.Tensor]
 def apply_feed(ids: torch.Tensor, feed: Feed) -> None:
     """ids[dst] = source[src] on the device (placeholder inputs from the previous step)."""
     dst, src, source = feed
-    dev = ids.device
-    d = torch.tensor(dst, dtype=torch.long)
-    s = torch.tensor(src, dtype=torch.long)
-    if dev.type == "cuda":
-        d = d.pin_memory().to(dev, non_blocking=True)
-        s = s.pin_memory().to(dev, non_blocking=True)
+    d = to_device_index(dst, ids.device)
+    s = to_device_index(src, ids.device)
     ids.index_copy_(0, d, source.index_select(0, s))
 
 
@@ -149,19 +146,10 @@ class ModelRunner:
             finally:
                 torch.set_default_dtype(prev)
         self.model.eval()
-        load_model_weights(self.model, config.model, self.dtype)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        load_model_weights(self.model, config.model, self.dtype)  # returns after a CUDA synchronize
         self.timings["load_weights"] = time.perf_counter() - t0
         self.num_blocks = self._determine_num_blocks()
-        shape = (self.num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-            )
-            for _ in range(self.mc.num_layers)
-        ]
+        self.kv_caches = self._alloc_kv(self.num_blocks)
         log.info(
             "KV cache: %d blocks of %d tokens = %d token slots (%.2f GiB, %s)",
             self.num_blocks,
@@ -187,9 +175,25 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, self.config.max_num_seqs, self.max_blocks_per_seq, self.device
+                self.model,
+                self.kv_caches,
+                self.config.max_num_seqs,
+                self.max_blocks_per_seq,
+                self.device,
+                self.num_sms,
             )
             self.timings["cuda_graphs"] = self.graphs.capture()
+
+    def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (K, V) caches of `num_blocks` blocks for every layer."""
+        shape = (num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+            )
+            for _ in range(self.mc.num_layers)
+        ]
 
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
@@ -237,7 +241,6 @@ class ModelRunner:
             peak / 2**30,
             budget / 2**30,
         )
-        self.activation_peak_bytes = peak
         return max(budget, 0)
 
     def profile_run(self) -> None:
@@ -246,14 +249,7 @@ class ModelRunner:
         assert cfg.max_num_batched_tokens is not None and cfg.max_model_len is not None
         t = min(cfg.max_num_batched_tokens, cfg.max_model_len)
         nb = -(-t // self.block_size)
-        shape = (nb, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
-        kv = [
-            (
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-            )
-            for _ in range(self.mc.num_layers)
-        ]
+        kv = self._alloc_kv(nb)
         meta = self._metadata([t], [t], [list(range(nb))], torch.arange(t, device=self.device))
         ids = torch.zeros(t, dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -288,7 +284,6 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(bt).to(dev, non_blocking=True),
             max_query_len=max_q,
-            max_seq_len=max(seq_lens),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
             block_tables_host=tables,

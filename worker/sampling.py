@@ -39,11 +39,11 @@ def filter_batch(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     dev = logits.device
     vals, idx = logits.sort(dim=-1, descending=True)
     if need_k:
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
+        k = to_device_index([k if 0 < k < vocab else vocab for k in top_k], dev)
         vals = vals.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
     if need_p:
         probs = torch.softmax(vals, dim=-1)
-        p = torch.tensor(top_p, device=dev, dtype=probs.dtype)
+        p = _values(top_p, dev, probs.dtype)
         drop = (probs.cumsum(-1) - probs) >= p[:, None]
         drop[:, 0] = False
         vals = vals.masked_fill(drop, float("-inf"))
@@ -62,16 +62,16 @@ def sample_device(
     """
     n = logits.shape[0]
     assert n == len(requests)
+    dev = logits.device
     if any(r.banned_token_ids for r in requests):
         logits = logits.clone()
         for i, r in enumerate(requests):
             if r.banned_token_ids:
-                logits[i, r.banned_token_ids] = float("-inf")
+                logits[i, to_device_index(r.banned_token_ids, dev)] = float("-inf")
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-    dev = logits.device
     if random_rows:
-        rr = _index(random_rows, dev)
+        rr = to_device_index(random_rows, dev)
         temps = _values([requests[i].params.temperature for i in random_rows], dev)
         scaled = filter_batch(
             logits[rr] / temps[:, None],
@@ -88,7 +88,7 @@ def sample_device(
                 part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
                     1.0, generator=generator
                 )
-                noise[_index(shared, dev)] = part
+                noise[to_device_index(shared, dev)] = part
         for j, i in enumerate(random_rows):
             g = requests[i].generator
             if g is not None:
@@ -97,7 +97,7 @@ def sample_device(
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not want:
         return tokens, None
-    w = _index(want, dev)
+    w = to_device_index(want, dev)
     lp = torch.log_softmax(logits[w], dim=-1)
     chosen = lp.gather(1, tokens[w][:, None])[:, 0]
     k = max(max(requests[i].params.logprobs or 0 for i in want), 1)
@@ -105,13 +105,14 @@ def sample_device(
     return tokens, (chosen, top_v, top_i)
 
 
-def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+def to_device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of `rows` on `device`; on CUDA a pinned, non-blocking copy (no host sync)."""
     t = torch.tensor(rows, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _values(vals: list[float], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(vals, dtype=torch.float32)
+def _values(vals: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    t = torch.tensor(vals, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 

@@ -62,7 +62,6 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.num_preemptions = 0
         # (head of the queue, free_epoch, budget) of an admission that did not fit
         self._blocked: tuple[Sequence, int, int] | None = None
 
@@ -123,8 +122,6 @@ class Scheduler:
         # recompute later: free everything; cached full blocks may still be revived at readmission
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def advance(self, out: SchedulerOutput) -> None:

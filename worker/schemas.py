@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .sampling_params import MAX_LOGPROBS
+from .sampling_params import MAX_STOP_STRING_LEN as MAX_STOP_LEN
+from .sampling_params import MAX_STOP_STRINGS as MAX_STOP
+
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 32  # prompts in one /v1/completions batch
 MAX_CHOICES = 64  # n x prompts
 MAX_MESSAGES = 1024
 MAX_CONTENT_PARTS = 256
-MAX_STOP = 16  # = sampling_params.MAX_STOP_STRINGS
-MAX_STOP_LEN = 256  # = sampling_params.MAX_STOP_STRING_LEN
-MAX_LOGPROBS = 20  # = sampling_params.MAX_LOGPROBS
 MAX_STOP_TOKEN_IDS = 64
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 ROLES = ("system", "developer", "user", "assistant")
@@ -60,7 +61,7 @@ _STOP: Schema = {
             "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
         },
     ],
-    "description": "up to 16 strings; generation stops before the first one that appears",
+    "description": f"up to {MAX_STOP} strings; generation stops before the first one that appears",
 }
 
 _STREAM_OPTIONS: Schema = {

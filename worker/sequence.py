@@ -35,8 +35,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    num_preemptions: int = 0
+    has_first_token: bool = False  # its first sampled token has resolved (prompt tokens counted)
     # row of this sequence's placeholder in the launched step's sampled tensor, -1 when none
     pending_row: int = -1
     # its last placeholder reaches max_tokens / max_model_len: finished once it resolves
@@ -73,7 +72,3 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED

@@ -73,10 +73,10 @@ class WorkerServer:
         started_at: float | None = None,
     ) -> None:
         self.config = config = config or ServerConfig()
-        self.engine_config = engine_config
         self.model_name = engine_config.name
-        self.max_model_len: int = engine_config.max_model_len or 0
-        self.context_limit = self.max_model_len
+        # the one context bound (EngineConfig resolves it): the runner refuses to start with a KV
+        # cache smaller than one max_model_len sequence, so the cache never imposes a lower one
+        self.max_model_len: int = engine_config.max_model_len  # type: ignore[assignment]
         vocab = engine_config.model_config.vocab_size
         # token ids (prompts, stop_token_ids) are checked against the vocabulary: an id beyond it
         # would index past the logits inside the engine step
@@ -84,6 +84,9 @@ class WorkerServer:
             "chat": schemas.for_model(schemas.CHAT_REQUEST, vocab),
             "completion": schemas.for_model(schemas.COMPLETION_REQUEST, vocab),
         }
+        self._openapi_doc = openapi_document(
+            self.model_name, self.schemas["chat"], self.schemas["completion"]
+        )
         self.phase = "loading"
         self.load_error: BaseException | None = None
         self._started_at = time.perf_counter() if started_at is None else started_at
@@ -128,14 +131,6 @@ class WorkerServer:
             assert engine is not None
             self.tokenizer = engine.tokenizer
             self._validate = engine.validate_prompt  # reads only immutable config: thread-safe
-            capacity = engine.block_manager.num_blocks * engine.config.block_size
-            if capacity < self.max_model_len:
-                log.warning(
-                    "the KV cache holds %d tokens, less than max_model_len %d: longer requests are refused",
-                    capacity,
-                    self.max_model_len,
-                )
-            self.context_limit = min(self.max_model_len, capacity)
             self._total_startup = time.perf_counter() - self._started_at
             log.info("ready: %s (startup %.2fs)", self.model_name, self._total_startup)
         if phase == "dead":
@@ -156,13 +151,6 @@ class WorkerServer:
     def validate_prompt(self, ids: list[int], params: SamplingParams, param: str) -> None:
         assert self._validate is not None
         self._validate(ids, params, param)
-        if len(ids) + params.max_tokens > self.context_limit:  # the KV cache is the smaller bound
-            raise InvalidRequestError(
-                f"This server can hold {self.context_limit} tokens per request (KV cache); you "
-                f"requested {len(ids) + params.max_tokens}.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
 
     # -- app -----------------------------------------------------------------------------------
 
@@ -185,10 +173,9 @@ class WorkerServer:
     async def _errors_mw(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except ApiError as e:
-            return json_response(e.body(), e.status, e.headers)
-        except InvalidRequestError as e:
-            return json_response(error_body(e.message, "invalid_request_error", e.param, e.code), 400)
+        except (ApiError, InvalidRequestError) as e:
+            err = e if isinstance(e, ApiError) else ApiError.from_invalid(e)
+            return json_response(err.body(), err.status, err.headers)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -272,12 +259,10 @@ class WorkerServer:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        return json_response(
-            openapi_document(self.model_name, self.schemas["chat"], self.schemas["completion"])
-        )
+        return json_response(self._openapi_doc)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return json_response(models_list(self.model_name, self._created, self.context_limit))
+        return json_response(models_list(self.model_name, self._created, self.max_model_len))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -89,6 +89,15 @@ def _dead_error(e: EngineDeadError) -> ApiError:
     )
 
 
+def _usage(
+    req: GenerateRequest, prompts: list[list[int]], completion_tokens: list[int], cached: list[int]
+) -> dict[str, Any]:
+    """The usage object from per-choice counts; a prompt's cached tokens count once (its first
+    choice's), as its prompt tokens do."""
+    prompt_cached = sum(cached[p * req.n] for p in range(len(prompts)))
+    return responses.usage(sum(map(len, prompts)), sum(completion_tokens), prompt_cached)
+
+
 class OpenAIServing:
     def __init__(self, server: WorkerServer) -> None:
         self.server = server
@@ -125,7 +134,8 @@ class OpenAIServing:
         try:
             loop = asyncio.get_running_loop()
             prompts = await loop.run_in_executor(self._pool, self._tokenize, req)
-            engine_requests = self._plan(req, prompts)
+            base = uuid.uuid4().hex
+            engine_requests = self._plan(req, prompts, base)
             if not ticket.resize([len(ids) for ids in prompts for _ in range(req.n)]):
                 raise self._queue_full()
             try:
@@ -134,8 +144,7 @@ class OpenAIServing:
                 raise _dead_error(e) from None
             srv.streams.add(stream)
             header = ResponseHeader(
-                id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + engine_requests[0][0].split("-")[0],
-                model=srv.model_name,
+                id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + base, model=srv.model_name
             )
             if req.stream:
                 return await self._stream(request, req, header, prompts, stream, ticket)
@@ -164,13 +173,14 @@ class OpenAIServing:
         return [list(p) if isinstance(p, list) else (tok.encode(p) if p else []) for p in req.prompts]
 
     def _plan(
-        self, req: GenerateRequest, prompts: list[list[int]]
+        self, req: GenerateRequest, prompts: list[list[int]], base: str
     ) -> list[tuple[str, list[int], SamplingParams]]:
-        """Check every prompt against the context and build one engine request per choice."""
+        """Check every prompt against the context and build one engine request per choice
+        (ids `{base}-{i}`). The choices of a prompt differ only in their seed, which never fails a
+        check: the prompt is validated once, with its first choice's params."""
         srv = self.server
-        limit = srv.context_limit
+        limit = srv.max_model_len
         param = "messages" if req.kind == "chat" else "prompt"
-        base = uuid.uuid4().hex
         out: list[tuple[str, list[int], SamplingParams]] = []
         opts = req.sampling
         for p, ids in enumerate(prompts):
@@ -182,15 +192,15 @@ class OpenAIServing:
                     code="context_length_exceeded",
                 )
             max_tokens = opts.max_tokens if opts.max_tokens is not None else limit - len(ids)
-            for j in range(req.n):
-                try:
-                    params = opts.params(max_tokens, index=j)
-                    srv.validate_prompt(ids, params, param)
-                except InvalidRequestError as e:
-                    if e.param == "max_tokens":
-                        e.param = opts.max_tokens_param
-                    raise ApiError.from_invalid(e) from None
-                out.append((f"{base}-{p * req.n + j}", ids, params))
+            try:
+                first = opts.params(max_tokens)
+                srv.validate_prompt(ids, first, param)
+                choices = [first, *(opts.params(max_tokens, index=j) for j in range(1, req.n))]
+            except InvalidRequestError as e:
+                if e.param == "max_tokens":  # name the field the user set
+                    e.param = opts.max_tokens_param
+                raise ApiError.from_invalid(e) from None
+            out += [(f"{base}-{p * req.n + j}", ids, params) for j, params in enumerate(choices)]
         return out
 
     # -- responses -----------------------------------------------------------------------------
@@ -224,13 +234,12 @@ class OpenAIServing:
                 choices.append(responses.chat_choice(idx, o, lp))
             else:
                 lp = (
-                    responses.completion_logprobs(o.logprobs, self._token_text)
+                    responses.completion_logprobs(o.logprobs, self._token_text)[0]
                     if o.logprobs is not None
                     else None
                 )
                 choices.append(responses.completion_choice(idx, o.text, lp, o.finish_reason))
-        cached = sum(done[p * req.n].num_cached_tokens for p in range(len(prompts)))
-        usage = responses.usage(sum(map(len, prompts)), sum(len(o.token_ids) for o in done), cached)
+        usage = _usage(req, prompts, [len(o.token_ids) for o in done], [o.num_cached_tokens for o in done])
         build = responses.chat_response if req.kind == "chat" else responses.completion_response
         return json_response(build(h, choices, usage), headers={"X-Request-Id": h.id})
 
@@ -267,7 +276,7 @@ class OpenAIServing:
                 ticket.release_part(idx)
                 if out.finish_reason == "abort":
                     raise _Aborted
-                reason = responses.finish_reason(out)
+                reason = out.finish_reason  # None until the choice finishes
                 if not (out.new_text or out.new_logprobs or reason):
                     continue  # text held back (partial UTF-8 or a possible stop string)
                 completion_tokens[idx] = out.num_output_tokens
@@ -282,15 +291,15 @@ class OpenAIServing:
                     )
                 else:
                     if req.sampling.logprobs is not None:
-                        lp = responses.completion_logprobs(out.new_logprobs, self._token_text, offsets[idx])
-                        offsets[idx] += sum(len(t) for t in lp["tokens"])
+                        lp, offsets[idx] = responses.completion_logprobs(
+                            out.new_logprobs, self._token_text, offsets[idx]
+                        )
                     chunk = responses.completion_chunk(
                         h, idx, out.new_text, logprobs=lp, reason=reason, include_usage=usage_on
                     )
                 await resp.write(responses.sse(chunk))
             if usage_on:
-                prompt_cached = sum(cached[p * req.n] for p in range(len(prompts)))
-                usage = responses.usage(sum(map(len, prompts)), sum(completion_tokens), prompt_cached)
+                usage = _usage(req, prompts, completion_tokens, cached)
                 await resp.write(responses.sse(responses.usage_chunk(h, req.kind, usage)))
             await resp.write(responses.SSE_DONE)
         except ConnectionResetError:

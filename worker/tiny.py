@@ -267,7 +267,7 @@ def save_safetensors(tensors: dict[str, Any], out: Path, shards: int = 1) -> Non
 def make_tiny_model(
     out_dir: str | Path, arch: str = "llama", seed: int = 0, shards: int = 1, dtype: str = "float32"
 ) -> Path:
-    import torch
+    from .config import to_torch_dtype
 
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
@@ -279,7 +279,7 @@ def make_tiny_model(
     cfg = tiny_config(arch, vocab_size, tok)
     cfg["torch_dtype"] = dtype
     tensors = random_weights(cfg, seed)
-    td = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    td = to_torch_dtype(dtype)
     tensors = {k: x.to(td) for k, x in tensors.items()}
     save_safetensors(tensors, out, shards)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -43,7 +43,6 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         self.chat_template: str | None = template
         self._compiled_template: Any = None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -51,9 +50,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -110,7 +106,7 @@ class IncrementalDetokenizer:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        self.output_ids: list[int] = []
+        self._num_output = 0  # generated tokens added so far
         self.text = ""  # everything decoded so far (after a stop string matched: cut before it)
         self._emitted = 0  # characters of self.text already returned
         n = len(self.prompt_token_ids)
@@ -123,34 +119,36 @@ class IncrementalDetokenizer:
         # stop strings do not end the request before this many output tokens exist (min_tokens)
         self.min_tokens_for_stop = 0
 
-    def _all_ids(self) -> list[int]:
-        return self._ids
-
     def add_tokens(self, token_ids: list[int], decode: bool = True) -> None:
         """Append generated tokens; sets `stopped_by` when a stop string appears in the text.
 
         decode=False only records them (offline requests without stop strings decode once, in finish()).
         """
-        self.output_ids.extend(token_ids)
+        self._num_output += len(token_ids)
         self._ids.extend(token_ids)
         if not decode:
             return
-        ids = self._all_ids()
-        dec = self.tokenizer.decode
-        prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
-        new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
+        prefix_text, new_text = self._decode_window()
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return  # an incomplete UTF-8 sequence (or nothing printable yet): wait for more tokens
         before = len(self.text)
         self.text += new_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
-        self._read_offset = len(ids)
+        self._read_offset = len(self._ids)
         self._check_stop(before)
+
+    def _decode_window(self) -> tuple[str, str]:
+        """(text of the already-read tokens from the prefix offset on, text of those plus the unread)."""
+        ids = self._ids
+        dec = self.tokenizer.decode
+        prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
+        return prefix_text, new_text
 
     def _check_stop(self, before: int) -> None:
         if not self.stop or self.stopped_by is not None:
             return
-        if len(self.output_ids) < self.min_tokens_for_stop:
+        if self._num_output < self.min_tokens_for_stop:
             return
         start = max(0, before - self._hold)
         best: tuple[int, str] | None = None
@@ -164,14 +162,11 @@ class IncrementalDetokenizer:
 
     def finish(self) -> None:
         """Flush tokens still held back waiting for more bytes (the request is over)."""
-        ids = self._all_ids()
-        if self.stopped_by is None and self._read_offset < len(ids):
-            dec = self.tokenizer.decode
-            prefix_text = dec(ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
-            new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
+        if self.stopped_by is None and self._read_offset < len(self._ids):
+            prefix_text, new_text = self._decode_window()
             before = len(self.text)
             self.text += new_text[len(prefix_text) :]
-            self._read_offset = len(ids)
+            self._read_offset = len(self._ids)
             self._check_stop(before)
 
     @property

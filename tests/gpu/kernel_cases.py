@@ -72,7 +72,6 @@ def make_batch(query_lens: list[int], ctx_lens: list[int], page: int, num_blocks
             [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEV
         ),
         max_query_len=max(query_lens),
-        max_seq_len=max(ctx_lens),
         query_lens_host=query_lens,
         seq_lens_host=ctx_lens,
         block_tables_host=tables,

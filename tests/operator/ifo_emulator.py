@@ -188,15 +188,11 @@ class Emulator(kmock.KubernetesEmulator):
         return copy.deepcopy(obj) if obj is not None else None
 
     def list(self, resource: str, namespace: str | None = None, selector: str | None = None) -> list[Obj]:
-        res = parse_resource(resource)
         match = label_matcher(selector)
-        return [
-            copy.deepcopy(obj)
-            for (r, ns, _), obj in self.store.items()
-            if r == res
-            and (namespace is None or ns == namespace)
-            and match(obj["metadata"].get("labels") or {})
-        ]
+        selected = self._select(
+            parse_resource(resource), namespace, lambda meta: match(meta.get("labels") or {})
+        )
+        return [copy.deepcopy(obj) for obj in selected]
 
     def patch(
         self, resource: str, namespace: str | None, name: str, patch: Obj, *, status: bool = False
@@ -460,6 +456,14 @@ class Emulator(kmock.KubernetesEmulator):
             self._resync_owner_of(obj)
         return obj
 
+    def _select(self, res: Res, ns: str | None, match: Any) -> list[Obj]:
+        """Stored objects of `res` in namespace `ns` (None: all) whose metadata `match` accepts."""
+        return [
+            obj
+            for (r, n, _), obj in self.store.items()
+            if r == res and (ns is None or n == ns) and match(obj["metadata"])
+        ]
+
     def _read(self, key: Key, sub: str | None) -> Obj:
         obj = self._require(key)
         if sub == "scale":
@@ -467,12 +471,7 @@ class Emulator(kmock.KubernetesEmulator):
         return obj
 
     def _list(self, res: Res, ns: str | None, params: Mapping[str, str]) -> Obj:
-        match = self._matcher(params)
-        items = [
-            obj
-            for (r, n, _), obj in self.store.items()
-            if r == res and (ns is None or n == ns) and match(obj["metadata"])
-        ]
+        items = self._select(res, ns, self._matcher(params))
         kind = self._info(res).kind
         return {
             "apiVersion": api_version(res),
@@ -504,11 +503,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if rv > int(since) and self._event_matches(r, e["object"], res, ns, match)
             ]
         else:
-            backlog = [
-                {"type": "ADDED", "object": copy.deepcopy(o)}
-                for (r, n, _), o in self.store.items()
-                if r == res and (ns is None or n == ns) and match(o["metadata"])
-            ]
+            backlog = [{"type": "ADDED", "object": copy.deepcopy(o)} for o in self._select(res, ns, match)]
         watcher = (res, ns, match, queue)
         self._watchers.append(watcher)
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})

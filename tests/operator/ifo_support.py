@@ -26,6 +26,7 @@ MANIFESTS = REPO / "manifests"
 T = TypeVar("T")
 
 ISVC = "inferfleet.io/v1alpha1/inferenceservices"
+K8S_VERSIONS = ("1.30", "1.33")  # what kubernetes-validate checks objects against (tests/ship too)
 
 
 def load_yaml_docs(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -10,10 +10,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from ifo_schema import admit, cel_failures, rules, schema_errors
-from ifo_support import MANIFESTS, REPO, load_yaml_docs, make_isvc
+from ifo_support import K8S_VERSIONS, MANIFESTS, REPO, load_yaml_docs, make_isvc
 from inferfleet.operator import crd
-
-K8S_VERSIONS = ("1.30", "1.33")
 
 
 def test_checked_in_crd_matches_the_schema_source() -> None:

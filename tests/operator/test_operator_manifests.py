@@ -7,10 +7,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from ifo_support import MANIFESTS, REPO, load_yaml_docs
+from ifo_support import K8S_VERSIONS, MANIFESTS, REPO, load_yaml_docs
 from inferfleet.operator.plan import plan
-
-K8S_VERSIONS = ("1.30", "1.33")
 
 
 def install_docs() -> list[dict[str, Any]]:

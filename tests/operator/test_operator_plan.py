@@ -9,12 +9,11 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from ifo_support import make_isvc
+from ifo_support import K8S_VERSIONS, make_isvc
 from inferfleet.operator import contract, labels
 from inferfleet.operator.plan import all_child_refs, plan, spec_hash
 from inferfleet.operator.spec import ServiceSpec, SpecError
 
-K8S_VERSIONS = ("1.30", "1.33")
 GPU_SCHED = {
     "nodeSelector": {"nvidia.com/gpu.present": "true"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

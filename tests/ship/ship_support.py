@@ -29,13 +29,13 @@ MANIFESTS = REPO / "manifests"
 CRDS = REPO / "crds"
 E2E = REPO / "e2e"
 HELM_DRIVER = pathlib.Path(__file__).with_name("helm_driver.py")
-K8S_VERSIONS = ("1.30", "1.33")
 NAMESPACE = "inferfleet-system"  # the kustomize base's namespace; the chart installs into it too
 RELEASE = "inferfleet"  # with this release name the chart names objects as manifests/ does
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the emulator lives with the operator tests
 from ifo_emulator import Emulator  # noqa: E402
+from ifo_support import K8S_VERSIONS as K8S_VERSIONS  # noqa: E402  (re-exported: one list for all tests)
 
 Obj = dict[str, Any]
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.fp8 import FP8_DTYPE, FP8_MAX
 from . import pdl
 
 
@@ -154,11 +155,12 @@ def _rope_cache_kernel(
     BLOCK_KV: tl.constexpr,
     USE_PDL: tl.constexpr,
     CLAMP_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
     # one program per token: rotate q in place, rotate k and write k, v into their cache slot
-    # (cast to the cache's element type; an fp8 cache is clamped to +-448 first: scale 1.0)
+    # (cast to the cache's element type; an fp8 cache is clamped to +-FP8_MAX (448) first: scale 1.0)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t)
@@ -194,10 +196,10 @@ def _rope_cache_kernel(
         v1 = tl.load(vp, mask=km, other=0.0)
         v2 = tl.load(vp + half, mask=km, other=0.0)
         if CLAMP_FP8:
-            kr1 = tl.minimum(tl.maximum(kr1, -448.0), 448.0)
-            kr2 = tl.minimum(tl.maximum(kr2, -448.0), 448.0)
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -448.0), 448.0)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -448.0), 448.0)
+            kr1 = tl.minimum(tl.maximum(kr1, -FP8_MAX), FP8_MAX)
+            kr2 = tl.minimum(tl.maximum(kr2, -FP8_MAX), FP8_MAX)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -FP8_MAX), FP8_MAX)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -FP8_MAX), FP8_MAX)
         tl.store(dst, kr1.to(kc_ptr.dtype.element_ty), mask=km)
         tl.store(dst + half, kr2.to(kc_ptr.dtype.element_ty), mask=km)
         vdst = vc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
@@ -241,7 +243,8 @@ def rope_and_cache(
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         USE_PDL=pdl.enabled(),
-        CLAMP_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        CLAMP_FP8=k_cache.dtype == FP8_DTYPE,
+        FP8_MAX=FP8_MAX,
         num_warps=4,
         launch_pdl=pdl.enabled(),
     )

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import MAX_M, pdl
 
-MAX_M = 256  # 8-bit layers switch to widen + cuBLAS (or FP8 _scaled_mm) above this
+NUM_WARPS = 4  # every default configuration (callers may pass num_warps)
 
 
 @triton.jit
@@ -85,39 +85,40 @@ def _gemv_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def default_config(m: int, n: int, k: int, weight_bytes: int) -> dict:
-    """Tile shape and pipeline depth by batch rows and weight width, from the H100 sweeps of
-    bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json).
+def tc_block_m(m: int) -> int:
+    """Rows of x per program on the tensor-core path (tl.dot needs M >= 16; batches above 64 rows
+    tile M on the grid)."""
+    return min(64, max(16, triton.next_power_of_2(m)))
+
+
+def tc_block_n(m: int) -> int:
+    """Weight rows per program on the tensor-core path: wider tiles as the batch grows."""
+    return 16 if m <= 16 else (32 if m <= 64 else 64)
+
+
+def row_path(m: int, fma: bool | None, use_pdl: bool | None) -> tuple[bool, bool, int]:
+    """(fma, use_pdl, block_m) of a launch: the one-row CUDA-core path for m == 1 (unless the caller
+    passes fma=False), else the tensor-core path over tc_block_m(m) rows. PDL pays on the one-row
+    path only: chains of the tensor-core path ran slower with it (8 rows: 6.0 vs 5.3 ms for 32
+    layers, docs/bench/2026-11-25-h100-gemv-sweep2-m8.json)."""
+    fma = (m == 1) if fma is None else (fma and m == 1)
+    use_pdl = (pdl.enabled() and fma) if use_pdl is None else use_pdl
+    return fma, use_pdl, 1 if fma else tc_block_m(m)
+
+
+def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_stages) by batch rows and weight width, from the H100 sweeps of
+    bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json); always NUM_WARPS warps, and
+    one row takes the CUDA-core path with the first tile prefetched (see `row_path`).
 
     One row: 8 weight rows of 1 KB per stage, 4 stages (bf16 [8, 512], 8-bit [8, 1024]); 8-bit
     layers with many short rows (qkv, gate_up) do better with [8, 512] tiles 6 deep. More rows: the
     former tensor-core kernels' tiles, about 8 KB of weights per stage."""
     if m == 1:
         if weight_bytes == 1 and k <= 4096 and n >= 6144:
-            return {
-                "block_n": 8,
-                "block_k": 512,
-                "num_warps": 4,
-                "num_stages": 6,
-                "fma": True,
-                "prefetch": True,
-            }
-        return {
-            "block_n": 8,
-            "block_k": 1024 // weight_bytes,
-            "num_warps": 4,
-            "num_stages": 4,
-            "fma": True,
-            "prefetch": True,
-        }
-    return {
-        "block_n": 16 if m <= 16 else (32 if m <= 64 else 64),
-        "block_k": 512 // weight_bytes if m <= 16 else 256,
-        "num_warps": 4,
-        "num_stages": 4,
-        "fma": False,
-        "prefetch": False,
-    }
+            return 8, 512, 6
+        return 8, 1024 // weight_bytes, 4
+    return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4
 
 
 def gemv(
@@ -140,14 +141,11 @@ def gemv(
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     assert (scale is None) == (weight.element_size() > 1), "8-bit weights need a row scale"
-    cfg = default_config(m, n, k, weight.element_size())
-    fma = cfg["fma"] if fma is None else (fma and m == 1)
-    block_n = block_n or (cfg["block_n"] if fma else max(16, cfg["block_n"]))  # tl.dot: N >= 16
-    block_k = block_k or cfg["block_k"]
-    # PDL pays on the one-row path only: chains of the tensor-core path ran slower with it (8 rows:
-    # 6.0 vs 5.3 ms for 32 layers, docs/bench/2026-11-25-h100-gemv-sweep2-m8.json)
-    use_pdl = (pdl.enabled() and fma) if use_pdl is None else use_pdl
-    block_m = 1 if fma else min(64, max(16, triton.next_power_of_2(m)))
+    cfg_n, cfg_k, cfg_stages = default_config(m, n, k, weight.element_size())
+    fma, use_pdl, block_m = row_path(m, fma, use_pdl)
+    block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16
+    block_k = block_k or cfg_k
+    prefetch = (m == 1) if prefetch is None else prefetch
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
@@ -155,8 +153,8 @@ def gemv(
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=use_pdl, PREFETCH=cfg["prefetch"] if prefetch is None else prefetch,
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+        USE_PDL=use_pdl, PREFETCH=prefetch,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,
         launch_pdl=use_pdl,
     )  # fmt: skip
     return y

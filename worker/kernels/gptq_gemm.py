@@ -7,8 +7,8 @@ Weight layout (quant/gptq.py rewrites the checkpoint into it at load):
     scales_t  fp16  [N, G]       zeros_t uint8 [N, G]      g_idx int32 [K] (group of column k)
     W[n, k] = scales_t[n, g] * (q - zeros_t[n, g]),  g = g_idx[k]
 
-`gptq_gemm` (decode batches, M <= MAX_M): each program streams BLOCK_N rows of packed codes along
-K, like skinny_gemm.py at 1/4 of the bytes (4-bit), against BLOCK_M rows of x; M blocks are the
+`gptq_gemm` (decode batches, M <= kernels.MAX_M): each program streams BLOCK_N rows of packed codes along
+K, like gemv.py's tensor-core path at 1/4 of the bytes (4-bit), against BLOCK_M rows of x; M blocks are the
 grid's fastest axis, so programs sharing a weight tile run together and DRAM serves it once. A
 [BLOCK_N, BLOCK_K / p] tile of words is loaded once and split in registers into [BLOCK_N, BLOCK_K]
 codes (shift, mask, reshape). When groups are contiguous and a K block lies inside one group
@@ -28,8 +28,22 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .gemv import row_path, tc_block_m, tc_block_n
 
-MAX_M = 256  # above this the layer dequantizes for cuBLAS (quant/methods.FUSED_MAX_M)
+# gptq_gemm's launch (its tile sizes are arguments); gptq_dequant's tile
+GEMM_NUM_STAGES = 4
+GEMM_NUM_WARPS = 4
+DEQUANT_BLOCK_N = 64
+DEQUANT_BLOCK_K = 128
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr):
+    """Split int32 words [R, C] into their 32 / BITS codes: [R, C, 32 / BITS], code j of a word in
+    bits [BITS * j, BITS * (j + 1))."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    return (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
 
 
 @triton.jit
@@ -41,7 +55,6 @@ def _gptq_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -66,8 +79,7 @@ def _gptq_gemm_kernel(
         words = tl.load(
             qw_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w * PACK < k_hi)[None, :], other=0
         )
-        q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+        q = tl.reshape(_unpack(words, BITS), (BLOCK_N, BLOCK_K))
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         if PER_BLOCK_SCALE:
             g = k0 // group_k
@@ -99,14 +111,12 @@ def _stream_tile(
 ):  # fmt: skip
     """Load and dequantize the [BLOCK_N, BLOCK_K] weight tile at column k0 (float32)."""
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     GPB: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per K block
     GW: tl.constexpr = BLOCK_K // GPB  # columns per group inside the block
     offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     words = tl.load(qw_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w * PACK < K)[None, :], other=0)
     # codes as floats without an int->float conversion: the bits of 2^23 + q are 0x4B000000 | q
-    q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
-    qf = tl.reshape((q | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, GPB, GW))
+    qf = tl.reshape((_unpack(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, GPB, GW))
     offs_g = k0 // GROUP + tl.arange(0, GPB)
     sz_ok = n_ok[:, None] & (offs_g < G)[None, :]
     s = tl.load(s_ptr + rows64[:, None] * G + offs_g[None, :], mask=sz_ok, other=0.0).to(tl.float32)
@@ -192,9 +202,7 @@ def gptq_stream(
     assert group_k > 0 and x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
     block_k = min(block_k, triton.next_power_of_2(k)) if block_k else stream_block_k(m, k)
     assert block_k % group_k == 0 or group_k % block_k == 0, (block_k, group_k)
-    fma = (m == 1) if fma is None else (fma and m == 1)
-    use_pdl = (pdl.enabled() and fma) if use_pdl is None else use_pdl  # as kernels/gemv.py
-    block_m = 1 if fma else min(64, max(16, triton.next_power_of_2(m)))
+    fma, use_pdl, block_m = row_path(m, fma, use_pdl)  # as kernels/gemv.py
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gptq_stream_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
@@ -214,7 +222,6 @@ def _gptq_dequant_kernel(
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_w = tl.program_id(1) * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
@@ -222,8 +229,7 @@ def _gptq_dequant_kernel(
     ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w_ok = (offs_n < N)[:, None] & (offs_w * PACK < K)[None, :]
     words = tl.load(qw_ptr + rows64 * (K // PACK) + offs_w[None, :], mask=w_ok, other=0)
-    q = (words[:, :, None] >> (tl.arange(0, PACK) * BITS)[None, None, :]) & MASK
-    q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+    q = tl.reshape(_unpack(words, BITS), (BLOCK_N, BLOCK_K))
     g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
     s = tl.load(s_ptr + rows64 * G + g[None, :], mask=ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows64 * G + g[None, :], mask=ok, other=0).to(tl.int32)
@@ -257,8 +263,6 @@ def gptq_gemm(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
-    num_stages: int = 4,
-    num_warps: int = 4,
 ) -> torch.Tensor:
     """x [M, K] (columns already in the layer's K order) -> y [M, N] in x's dtype.
 
@@ -266,9 +270,9 @@ def gptq_gemm(
     m, k = x.shape
     n, g = scales_t.shape
     assert x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_m = tc_block_m(m)
     if block_n is None:
-        block_n = 16 if m <= 16 else (32 if m <= 64 else 64)
+        block_n = tc_block_n(m)
     if block_k is None:
         block_k = 128 if group_k <= 0 or group_k % 128 == 0 or g == 1 else 32
     per_block = group_k > 0 and (g == 1 or group_k % block_k == 0)
@@ -286,7 +290,7 @@ def gptq_gemm(
         x.stride(0), y.stride(0),
         BITS=bits, PER_BLOCK_SCALE=per_block, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=GEMM_NUM_WARPS, num_stages=GEMM_NUM_STAGES,
     )  # fmt: skip
     return y.to(x.dtype) if split_k > 1 else y
 
@@ -299,15 +303,13 @@ def gptq_dequant(
     bits: int,
     group_k: int,
     dtype: torch.dtype,
-    block_n: int = 64,
-    block_k: int = 128,
 ) -> torch.Tensor:
-    """The layer's W [N, K] in `dtype` (for cuBLAS on batches above MAX_M rows)."""
+    """The layer's W [N, K] in `dtype` (for cuBLAS on batches above kernels.MAX_M rows)."""
     n, g = scales_t.shape
     k = g_idx.shape[0]
     w = torch.empty((n, k), dtype=dtype, device=qweight_t.device)
-    _gptq_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    _gptq_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
         qweight_t, scales_t, zeros_t, g_idx, w, n, k, g,
-        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
+        BITS=bits, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K,
     )  # fmt: skip
     return w

@@ -18,6 +18,12 @@ from typing import Protocol
 
 import torch
 
+# kv_cache_dtype fp8: float8_e4m3fn (quant/fp8.py's FP8_DTYPE) with a fixed scale of 1.0. Values are
+# clamped to +-448 (FP8_MAX, the largest finite e4m3 value) before the cast, so an outlier saturates
+# instead of becoming NaN, and the cast rounds to nearest even.
+from ..quant.fp8 import FP8_DTYPE as KV_FP8_DTYPE
+from ..quant.fp8 import FP8_MAX as KV_FP8_MAX
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,7 +32,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: context length including the new tokens
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     max_query_len: int
-    max_seq_len: int
     # host copies, so the reference path never syncs with the device
     query_lens_host: list[int]
     seq_lens_host: list[int]
@@ -34,14 +39,6 @@ class AttentionMetadata:
     # split-KV decode (CUDA backend): number of context splits and its float32 workspace
     num_splits: int = 1
     split_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_host)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
 
 
 class AttentionLayer(Protocol):
@@ -77,11 +74,18 @@ class AttentionBackend(Protocol):
         ...
 
 
-# kv_cache_dtype fp8: float8_e4m3fn with a fixed scale of 1.0. Values are clamped to +-448 (the
-# largest finite e4m3 value) before the cast, so an outlier saturates instead of becoming NaN, and
-# the cast rounds to nearest even.
-KV_FP8_DTYPE = torch.float8_e4m3fn
-KV_FP8_MAX = 448.0
+def qkv_heads(
+    layer: AttentionLayer, positions: torch.Tensor, qkv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection's output [T, (H + 2 KVH) * D] -> q [T, H, D], k and v [T, KVH, D]
+    (views), with the q/k norm (models that have one) and rotary embedding applied to q and k."""
+    t, h, kvh, d = qkv.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+    if layer.q_norm is not None and layer.k_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    q, k = layer.rotary(positions, q, k)
+    return q, k, v
 
 
 def write_kv(
@@ -116,13 +120,9 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t, h, kvh, d = qkv.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
-        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-        q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
-        if layer.q_norm is not None and layer.k_norm is not None:
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q, k = layer.rotary(positions, q, k)
-        return self.attend(q, k, v, k_cache, v_cache, meta, layer.scale).reshape(t, h * d)
+        q, k, v = qkv_heads(layer, positions, qkv)
+        out = self.attend(q, k, v, k_cache, v_cache, meta, layer.scale)
+        return out.reshape(qkv.shape[0], layer.num_heads * layer.head_dim)
 
     def attend(
         self,
@@ -141,9 +141,9 @@ class TorchAttentionBackend:
         bs = k_cache.shape[1]
         out = torch.empty_like(q)
         start = 0
-        for qlen, ctx, table in zip(meta.query_lens_host, meta.seq_lens_host, meta.block_tables_host):
+        for i, (qlen, ctx) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
             nblk = -(-ctx // bs)
-            blocks = torch.tensor(table[:nblk], dtype=torch.long, device=q.device)
+            blocks = meta.block_tables[i, :nblk].long()
             keys = k_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]  # [L, KVH, D]
             vals = v_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]
             if keys.dtype != q.dtype:  # an fp8 cache: widen to the query dtype (exact) before the math

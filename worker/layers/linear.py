@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from ..quant.spec import QuantConfig
 
 # decode batches up to this many rows stream the weights through kernels/gemv.py; larger batches
-# (and prefill) go to cuBLAS. Measured on the H100 (bench/microbench.py --skinny, bench/gemv_bench.py):
-# at M <= 16 the kernel streams faster than cuBLAS for every Llama-8B projection, at M = 64 it is
-# slower or equal, so it stops at 16. 0 turns the streaming path off.
+# (and prefill) go to cuBLAS. Measured on the H100: timed alone (the first session's tile sweep,
+# since replaced by bench/gemv_bench.py), the kernel beat cuBLAS at M <= 16 on every Llama-8B
+# projection and lost or tied at M = 64; chained in a graph at 8 rows (bench/gemv_bench.py --rows 8)
+# the two are even (5.26 vs 5.24 ms for 32 layers), at one row it wins (4.85 vs 5.17 ms). 0 turns
+# the streaming path off.
 SKINNY_MAX_M = 16
 
 
@@ -51,15 +53,10 @@ class Linear(nn.Module):
         return start, start + self.output_sizes[shard]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.method is not None:
-            return self.method.apply(self, x)
-        if (
-            x.is_cuda
-            and x.dim() == 2
-            and x.shape[0] <= SKINNY_MAX_M
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and kernels.AVAILABLE
-        ):
+        if self.method is not None:  # methods take [M, K]: leading dims flattened here, once
+            y = self.method.apply(self, x.reshape(-1, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M and kernels.triton_ok(x):
             from ..kernels.gemv import gemv
 
             return gemv(x, self.weight, bias=self.bias)

@@ -152,10 +152,12 @@ class DecoderModel(nn.Module):
             # transformers ties lm_head to the embedding and ignores any stored lm_head copy
             self.lm_head.weight = self.model.embed_tokens.weight
             params = dict(self.named_parameters())
-        quantized: dict[str, Linear] = {}  # linear layers whose tensors their quant method loads
+        # linear layers whose tensors their quant method loads (Linear.method is set at construction)
+        quantized: dict[str, Linear] = {}
+        owners: dict[str, nn.Module] = {}  # module name -> module, for every parameter's owner
         for name in params:
             owner_name, _, pname = name.rpartition(".")
-            owner = self.get_submodule(owner_name)
+            owner = owners[owner_name] = self.get_submodule(owner_name)
             if isinstance(owner, Linear) and owner.method is not None:
                 quantized[owner_name] = owner
                 if pname in owner.method.optional_params:
@@ -176,14 +178,14 @@ class DecoderModel(nn.Module):
             param = params[target]
             owner_name, _, pname = target.rpartition(".")
             qlayer = quantized.get(owner_name)
-            if qlayer is not None and qlayer.method is not None and pname != "bias":
+            if qlayer is not None and pname != "bias":
                 for written in qlayer.method.load(qlayer, pname, shard or 0, tensor, ck_name):
                     pending.get(f"{owner_name}.{written}", set()).discard(shard or 0)
                 continue
             if shard is None:
                 dest, shard_id = param.data, 0
             else:
-                owner = self.get_submodule(target.rsplit(".", 1)[0])
+                owner = owners[owner_name]
                 assert isinstance(owner, Linear)
                 lo, hi = owner.shard_range(shard)
                 dest, shard_id = param.data[lo:hi], shard
@@ -198,8 +200,7 @@ class DecoderModel(nn.Module):
         if missing:
             raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}")
         for layer in quantized.values():
-            if layer.method is not None:
-                layer.method.process_after_loading(layer)
+            layer.method.process_after_loading(layer)
         if self.config.quant is not None:
             log.info("quantized projections: %s", self.config.quant.describe())
 

@@ -31,7 +31,9 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..errors import InvalidRequestError
-from ..loader import SafetensorsFile, iter_weights, load_model_weights, safetensors_files
+from ..layers.attention import qkv_heads
+from ..loader import SafetensorsFile, iter_weights, safetensors_files
+from .evaluate import build_model
 from .gptq import pack_int32
 from .gptq_quantizer import QuantResult, gptq_quantize, reconstruction_error, rtn_quantize
 
@@ -111,11 +113,7 @@ def _attend(attn: Any, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     """Causal self-attention of [S, T, (H + 2 KVH) D] -> [S, T, H D], as the engine computes it."""
     s, t = qkv.shape[:2]
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-    q, k, v = q.reshape(s * t, h, d), k.reshape(s * t, kvh, d), v.reshape(s * t, kvh, d)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = attn.rotary(positions.repeat(s), q, k)
+    q, k, v = qkv_heads(attn, positions.repeat(s), qkv.reshape(s * t, -1))
     q, k, v = (z.reshape(s, t, -1, d).transpose(1, 2) for z in (q, k, v))  # [S, heads, T, D]
     if h != kvh:
         k, v = k.repeat_interleave(h // kvh, dim=1), v.repeat_interleave(h // kvh, dim=1)
@@ -123,7 +121,8 @@ def _attend(attn: Any, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     return o.transpose(1, 2).reshape(s, t, h * d)
 
 
-_STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "out")
+# the inputs layer_forward stops at: each quantized module in forward order, then the layer's output
+_STAGES = (*_SPLITS, "out")
 
 
 def layer_forward(layer: Any, h: torch.Tensor, positions: torch.Tensor, upto: str) -> torch.Tensor:
@@ -158,23 +157,11 @@ def dense_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _load_dense_model(model_dir: str | Path, device: torch.device, max_position: int) -> Any:
-    from ..layers.attention import TorchAttentionBackend
-    from ..models import DecoderModel
-
-    mc = ModelConfig.from_pretrained(model_dir)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        with torch.device(device):
-            model = DecoderModel(mc, TorchAttentionBackend(), max_position=max_position)
-    finally:
-        torch.set_default_dtype(prev)
-    model.eval()
-    load_model_weights(model, model_dir, torch.float32)
-    return model
+    return build_model(model_dir, None, device, torch.float32, max_position=max_position)
 
 
-ResultSink = Callable[[str, QuantResult], None]
+# (module name, its result, the module's output_sizes: the checkpoint tensors stacked in it)
+ResultSink = Callable[[str, QuantResult, list[int]], None]
 
 
 def gptq_model(
@@ -224,7 +211,7 @@ def _gptq_layers(
                 res, err = rtn, rtn_err
             name = f"model.layers.{li}.{stage}"
             if sink is not None:
-                sink(name, res)
+                sink(name, res, linear.output_sizes)
             else:
                 results[name] = res
             reports.append(LayerReport(name, err, rtn_err, ntok))
@@ -342,17 +329,11 @@ def quantize_checkpoint(
         seqlen = min(spec.seqlen, mc.max_position_embeddings)
         samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
         tensors = _original_tensors(model_dir)
-        sizes = {
-            "self_attn.qkv_proj": [mc.num_heads * mc.head_dim] + [mc.num_kv_heads * mc.head_dim] * 2,
-            "self_attn.o_proj": [mc.hidden_size],
-            "mlp.gate_up_proj": [mc.intermediate_size] * 2,
-            "mlp.down_proj": [mc.hidden_size],
-        }
 
-        def write(name: str, res: QuantResult) -> None:  # packed on the CPU as each matrix is done
+        # packed on the CPU as each matrix is done, split into the checkpoint tensors stacked in it
+        def write(name: str, res: QuantResult, sizes: list[int]) -> None:
             prefix, block, proj = name.rsplit(".", 2)  # model.layers.3, self_attn, qkv_proj
-            stage = f"{block}.{proj}"
-            for part, sub in zip(_SPLITS[stage], _split(res, sizes[stage])):
+            for part, sub in zip(_SPLITS[f"{block}.{proj}"], _split(res, sizes)):
                 module = f"{prefix}.{part}"
                 del tensors[f"{module}.weight"]
                 for key, value in gptq_tensors(sub, spec.bits).items():

@@ -12,10 +12,10 @@ in tests, the benchmark and docs/quantization.md:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from ..layers.attention import AttentionMetadata
 from .methods import FUSED_MAX_M
@@ -65,7 +65,6 @@ def prompt_logits(
             seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
             block_tables=torch.tensor([table], dtype=torch.int32, device=dev),
             max_query_len=t,
-            max_seq_len=t,
             query_lens_host=[t],
             seq_lens_host=[t],
             block_tables_host=[table],
@@ -86,10 +85,15 @@ def logits_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, 
 
 
 def build_model(
-    model_dir: str, quant: Any = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+    model_dir: str | Path,
+    quant: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_position: int | None = None,
 ) -> Any:
     """A loaded DecoderModel with the torch attention backend, bypassing EngineConfig's device checks:
-    the CPU reference of FP8 (which no CPU worker may serve) runs through this."""
+    the CPU reference of FP8 (which no CPU worker may serve) runs through this. Its rotary table
+    covers `max_position` positions (default: the model's, at most 4096)."""
     from dataclasses import replace
 
     from ..config import ModelConfig
@@ -98,13 +102,13 @@ def build_model(
     from ..models import DecoderModel
 
     mc = replace(ModelConfig.from_pretrained(model_dir), quant=quant)
+    if max_position is None:
+        max_position = min(mc.max_position_embeddings, 4096)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = DecoderModel(
-                mc, TorchAttentionBackend(), max_position=min(mc.max_position_embeddings, 4096)
-            )
+            model = DecoderModel(mc, TorchAttentionBackend(), max_position=max_position)
     finally:
         torch.set_default_dtype(prev)
     model.eval()
@@ -114,7 +118,8 @@ def build_model(
 
 class _KernelNumerics:
     """Wraps a loaded layer's INT8 / GPTQ method: batches of <= max_m rows computed as the CUDA
-    kernels compute them (see `use_kernel_numerics`), larger ones by the method itself."""
+    kernels compute them (the method's `kernel_reference`, see `use_kernel_numerics`), larger ones
+    by the method itself."""
 
     def __init__(self, inner: Any, max_m: int) -> None:
         self.inner, self.max_m = inner, max_m
@@ -123,33 +128,23 @@ class _KernelNumerics:
         return getattr(self.inner, name)
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > self.max_m:
+        if x.shape[0] > self.max_m:
             return self.inner.apply(layer, x)
-        bias = layer.bias.float() if layer.bias is not None else None
-        if self.inner.quant.method == "int8":  # w8_gemm: (x . q) * s + b in float32
-            y = F.linear(x2.float(), layer.weight.float()) * layer.weight_scale.float()
-            y = y + bias if bias is not None else y
-        else:  # gptq_gemm (per-block scales): x . W with W = s * (q - z) exact, float32
-            if layer.perm is not None:
-                x2 = x2.index_select(1, layer.perm)
-            y = F.linear(x2.float(), self.inner.dequantize(layer), bias)
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return self.inner.kernel_reference(layer, x)
 
 
 def use_kernel_numerics(model: Any, max_m: int = FUSED_MAX_M) -> Any:
     """Make a loaded (CPU reference) model's INT8 and GPTQ projections round where the CUDA kernels
     round, for batches of <= max_m rows: the float32 product of the activations and the exact
-    dequantized weights, plus bias, rounded once to the activation dtype (kernels/w8_gemm.py,
-    kernels/gptq_gemm.py's per-block-scale path). The torch path rounds x . q (INT8) or the dequantized
-    W (GPTQ) to the model dtype first: in bfloat16 that alone moves the tiny models' logits by ~1e-2
-    (docs/quantization.md), as much as the kernels' own rounding differences. Batches above max_m keep
-    the torch path, which is what CUDA runs there (widen / dequantize, then cuBLAS). FP8's reference
-    (quant/fp8.py) already computes in float32 and rounds once. Returns the model, changed in place."""
+    dequantized weights, plus bias, rounded once to the activation dtype (each method's
+    `kernel_reference`: kernels/gemv.py, kernels/gptq_gemm.py's per-block-scale path). The torch
+    path rounds x . q (INT8) or the dequantized W (GPTQ) to the model dtype first: in bfloat16 that
+    alone moves the tiny models' logits by ~1e-2 (docs/quantization.md), as much as the kernels' own
+    rounding differences. Batches above max_m keep the torch path, which is what CUDA runs there
+    (widen / dequantize, then cuBLAS). FP8's reference (quant/fp8.py) already computes in float32
+    and rounds once, and has no `kernel_reference`. Returns the model, changed in place."""
     for mod in model.modules():
         method = getattr(mod, "method", None)
-        quant = getattr(method, "quant", None)
-        if quant is not None and quant.method in ("int8", "gptq") and not isinstance(method, _KernelNumerics):
+        if hasattr(method, "kernel_reference") and not isinstance(method, _KernelNumerics):
             mod.method = _KernelNumerics(method, max_m)
     return model

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from .. import kernels
 from ..errors import ModelLoadError
-from .methods import SMALL_M, LinearMethod, check_shape, new_param
+from .methods import RowScaledMethod, check_shape, dequantize_rows, row_scale
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -32,20 +32,19 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # activation scales never go below this (as vLLM): an all-zero row quantizes to zeros, not NaNs
 MIN_ACT_SCALE = 1.0 / (FP8_MAX * 512.0)
-# decode batches up to this many rows keep bf16 activations (see the module docstring); 0 = W8A8 always
-W8A16_MAX_M = SMALL_M
+# decode batches up to this many rows keep bf16 activations (see the module docstring); 0 = W8A8 always.
+# Read at every forward (tests and benchmarks set it).
+W8A16_MAX_M = 64
 
 
 def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (any float dtype, any device) -> (Wq [N, K] float8_e4m3fn, scale [N] float32)."""
-    amax = w.abs().amax(dim=1).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = row_scale(w, FP8_MAX)
     q = (w.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float().reshape(-1, 1)
+dequantize_fp8 = dequantize_rows
 
 
 def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +110,16 @@ def fp8_scaled_mm(
     return y.to(x.dtype)
 
 
-class Fp8LinearMethod(LinearMethod):
+class Fp8LinearMethod(RowScaledMethod):
     """Parameters: weight [N, K] float8_e4m3fn, weight_scale [N] float32 (compressed-tensors names)."""
 
-    def create_weights(self, layer: Linear) -> None:
-        n, k = sum(layer.output_sizes), layer.in_features
-        new_param(layer, "weight", (n, k), FP8_DTYPE)
-        new_param(layer, "weight_scale", (n,), torch.float32)
+    weight_dtype = FP8_DTYPE
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight_fp8(w)
+
+    def gemv_max_m(self) -> int:
+        return W8A16_MAX_M
 
     def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
         lo, hi = layer.shard_range(shard)
@@ -130,10 +132,7 @@ class Fp8LinearMethod(LinearMethod):
                 raise ModelLoadError(
                     f"{ck_name}: an FP8 layer takes float8_e4m3fn or 16/32-bit float weights"
                 )
-            q, s = quantize_weight_fp8(tensor)  # streamed: one checkpoint tensor at a time
-            layer.weight.data[lo:hi].copy_(q)
-            layer.weight_scale.data[lo:hi].copy_(s)
-            return ["weight", "weight_scale"]
+            return self._load_float(layer, lo, hi, tensor)
         if name == "weight_scale":
             dest = layer.weight_scale.data[lo:hi]
             if tensor.numel() == 1:  # per-tensor scale: the same for every row of this shard
@@ -148,22 +147,8 @@ class Fp8LinearMethod(LinearMethod):
             return ["weight_scale"]
         raise ModelLoadError(f"{ck_name}: FP8 layers take weight and weight_scale tensors only")
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        m = x2.shape[0]
+    def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w, s, b = layer.weight, layer.weight_scale, layer.bias
-        if (
-            x.is_cuda
-            and kernels.AVAILABLE
-            and m <= W8A16_MAX_M
-            and x.dtype in (torch.bfloat16, torch.float16)
-        ):
-            from ..kernels.gemv import gemv
-
-            y = gemv(x2, w, s, b)
-        elif x.is_cuda and scaled_mm_supported(layer.in_features, w.shape[0]):
-            y = fp8_scaled_mm(x2, w, s, b)
-        else:
-            y = fp8_linear_reference(x2, w, s, b, quantize_input=m > W8A16_MAX_M)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        if x.is_cuda and scaled_mm_supported(layer.in_features, w.shape[0]):
+            return fp8_scaled_mm(x, w, s, b)
+        return fp8_linear_reference(x, w, s, b, quantize_input=x.shape[0] > W8A16_MAX_M)

@@ -174,6 +174,12 @@ class GptqLinearMethod(LinearMethod):
         layer.register_buffer("perm", perm, persistent=False)
         # contiguous groups of `group_k` channels let the kernel load one scale row per K block
         layer.group_k = (k if groups == 1 else gs) if contiguous else 0
+        # whether one-row CUDA batches take gptq_stream: it depends on this layout only, decided once
+        layer.gptq_stream_ok = False
+        if kernels.AVAILABLE:
+            from ..kernels.gptq_gemm import stream_ok
+
+            layer.gptq_stream_ok = stream_ok(layer.group_k, bits, k)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         """The processed layer's W [N, K] in float32, in the layer's (possibly permuted) K order."""
@@ -181,23 +187,39 @@ class GptqLinearMethod(LinearMethod):
             layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits
         )
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def _torch_apply(
+        self, layer: Linear, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] (the layer's input order) -> x . W^T + bias, x and the dequantized W in `dtype`."""
         if layer.perm is not None:
-            x2 = x2.index_select(1, layer.perm)
-        if x.is_cuda and kernels.AVAILABLE and x.dtype in (torch.bfloat16, torch.float16):
-            from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream, stream_ok
+            x = x.index_select(1, layer.perm)
+        return F.linear(x.to(dtype), self.dequantize(layer).to(dtype), bias)
 
-            args = (layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k)
-            if x2.shape[0] == 1 and stream_ok(layer.group_k, self.bits, layer.in_features):
-                y = gptq_stream(
-                    x2, layer.qweight_t, layer.scales_t, layer.zeros_t, self.bits, layer.group_k, layer.bias
-                )
-            elif x2.shape[0] <= FUSED_MAX_M:
-                y = gptq_gemm(x2, *args, bias=layer.bias)
-            else:
-                y = F.linear(x2, gptq_dequant(*args, dtype=x.dtype), layer.bias)
-        else:
-            y = F.linear(x2, self.dequantize(layer).to(x.dtype), layer.bias)
-        return y.reshape(*shape[:-1], y.shape[-1])
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if not kernels.triton_ok(x):
+            return self._torch_apply(layer, x, x.dtype, layer.bias)
+        from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream
+
+        m = x.shape[0]
+        if layer.perm is not None:
+            x = x.index_select(1, layer.perm)
+        if m == 1 and layer.gptq_stream_ok:
+            return gptq_stream(
+                x, layer.qweight_t, layer.scales_t, layer.zeros_t, self.bits, layer.group_k, layer.bias
+            )
+        if m <= FUSED_MAX_M:
+            return gptq_gemm(
+                x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k,
+                bias=layer.bias,
+            )  # fmt: skip
+        w = gptq_dequant(
+            layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k,
+            dtype=x.dtype,
+        )  # fmt: skip
+        return F.linear(x, w, layer.bias)
+
+    def kernel_reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What kernels/gptq_gemm.py's per-block-scale path computes for x [M, K]: x . W + b in
+        float32 with the exact W, rounded once to x's dtype (the torch path rounds W first)."""
+        bias = layer.bias.float() if layer.bias is not None else None
+        return self._torch_apply(layer, x, torch.float32, bias).to(x.dtype)

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from .. import kernels
 from ..errors import ModelLoadError
-from .methods import FUSED_MAX_M, LinearMethod, check_shape, new_param
+from .methods import FUSED_MAX_M, RowScaledMethod, check_shape, dequantize_rows, row_scale
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -28,14 +27,12 @@ INT8_MAX = 127
 
 def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (Wq [N, K] int8, scale [N] float32), round to nearest, symmetric."""
-    amax = w.abs().amax(dim=1).float()
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    scale = row_scale(w, INT8_MAX)
     q = torch.round(w.float() / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float().reshape(-1, 1)
+dequantize_int8 = dequantize_rows
 
 
 def int8_linear_reference(
@@ -46,36 +43,29 @@ def int8_linear_reference(
     return y + bias if bias is not None else y
 
 
-class Int8LinearMethod(LinearMethod):
+class Int8LinearMethod(RowScaledMethod):
     """Parameters: weight [N, K] int8, weight_scale [N] float32; filled from a float checkpoint."""
 
-    def create_weights(self, layer: Linear) -> None:
-        n, k = sum(layer.output_sizes), layer.in_features
-        new_param(layer, "weight", (n, k), torch.int8)
-        new_param(layer, "weight_scale", (n,), torch.float32)
+    weight_dtype = torch.int8
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weight_int8(w)
+
+    def gemv_max_m(self) -> int:
+        return FUSED_MAX_M
 
     def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
         if name != "weight" or not tensor.is_floating_point():
             raise ModelLoadError(f"{ck_name}: quantization int8 quantizes float weights at load; got {name}")
         lo, hi = layer.shard_range(shard)
         check_shape(ck_name, tensor, (hi - lo, layer.in_features))
-        q, s = quantize_weight_int8(tensor)
-        layer.weight.data[lo:hi].copy_(q)
-        layer.weight_scale.data[lo:hi].copy_(s)
-        return ["weight", "weight_scale"]
+        return self._load_float(layer, lo, hi, tensor)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if (
-            x.is_cuda
-            and kernels.AVAILABLE
-            and x2.shape[0] <= FUSED_MAX_M
-            and x.dtype in (torch.bfloat16, torch.float16)
-        ):
-            from ..kernels.gemv import gemv
+    def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias)
 
-            y = gemv(x2, layer.weight, layer.weight_scale, layer.bias)
-        else:
-            y = int8_linear_reference(x2, layer.weight, layer.weight_scale, layer.bias)
-        return y.reshape(*shape[:-1], y.shape[-1])
+    def kernel_reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What kernels/gemv.py computes for x [M, K]: (x . q) * s + b in float32, rounded once to
+        x's dtype (the torch path above rounds x . q first)."""
+        bias = layer.bias.float() if layer.bias is not None else None
+        return int8_linear_reference(x.float(), layer.weight, layer.weight_scale, bias).to(x.dtype)

@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import ModelLoadError
 from .spec import QuantConfig
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
 
-# On CUDA, batches up to SMALL_M rows (decode) stream the weights through the Triton kernels.
-# FP8 runs W8A8 through torch._scaled_mm above that; the weight-only methods (INT8, GPTQ) keep the
-# fused kernels, tiled over M, up to FUSED_MAX_M rows (decode batches of W1-like loads), and only
+# On CUDA, decode batches stream the weights through the Triton kernels. FP8 runs W8A8 through
+# torch._scaled_mm above fp8.W8A16_MAX_M rows; the weight-only methods (INT8, GPTQ) keep the fused
+# kernels, tiled over M, up to FUSED_MAX_M rows (decode batches of W1-like loads), and only
 # prefill-sized batches pay for widening the whole matrix for cuBLAS.
-SMALL_M = 64
-FUSED_MAX_M = 256
+FUSED_MAX_M = kernels.MAX_M
 
 
 class LinearMethod:
@@ -46,6 +46,7 @@ class LinearMethod:
         """Turn the checkpoint layout into the kernels' layout (once, after every shard is loaded)."""
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (Linear.forward flattens the leading dims) -> y [M, N] in x's dtype."""
         raise NotImplementedError
 
 
@@ -76,3 +77,51 @@ def check_shape(ck_name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -
             f"{ck_name}: checkpoint shape {tuple(tensor.shape)} does not match {tuple(expected)} "
             "implied by config.json and quantization_config"
         )
+
+
+def row_scale(w: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Symmetric per-row scales of w [N, K]: max|W[n, :]| / qmax in float32 (1 for an all-zero row)."""
+    amax = w.abs().amax(dim=1).float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Row-scaled codes q [N, K] -> W [N, K] float32."""
+    return q.float() * scale.float().reshape(-1, 1)
+
+
+class RowScaledMethod(LinearMethod):
+    """8-bit weights with one float32 scale per output row (INT8, FP8). Parameters: weight [N, K]
+    `weight_dtype`, weight_scale [N] float32. CUDA batches of up to `gemv_max_m()` rows (with
+    16-bit activations) stream the codes through kernels/gemv.py; other batches take `fallback`."""
+
+    weight_dtype: torch.dtype
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float weight [N, K] -> (codes [N, K] `weight_dtype`, scales [N] float32)."""
+        raise NotImplementedError
+
+    def gemv_max_m(self) -> int:
+        raise NotImplementedError
+
+    def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def create_weights(self, layer: Linear) -> None:
+        n, k = sum(layer.output_sizes), layer.in_features
+        new_param(layer, "weight", (n, k), self.weight_dtype)
+        new_param(layer, "weight_scale", (n,), torch.float32)
+
+    def _load_float(self, layer: Linear, lo: int, hi: int, tensor: torch.Tensor) -> list[str]:
+        """Quantize a float checkpoint weight (shape already checked) into rows lo:hi."""
+        q, s = self.quantize(tensor)  # streamed: one checkpoint tensor at a time
+        layer.weight.data[lo:hi].copy_(q)
+        layer.weight_scale.data[lo:hi].copy_(s)
+        return ["weight", "weight_scale"]
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if kernels.triton_ok(x) and x.shape[0] <= self.gemv_max_m():
+            from ..kernels.gemv import gemv
+
+            return gemv(x, layer.weight, layer.weight_scale, layer.bias)
+        return self.fallback(layer, x)
