@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the engine's KV cache")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     only = set(args.only.split(","))
     results: dict = {

@@ -22,6 +22,7 @@ from .layers.attention import (
     AttentionMetadata,
     TorchAttentionBackend,
     TritonAttentionBackend,
+    alloc_kv_cache,
 )
 from .loader import load_model_weights
 from .models import DecoderModel
@@ -186,13 +187,12 @@ class ModelRunner:
 
     def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) caches of `num_blocks` blocks for every layer."""
-        shape = (num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
+        mc = self.mc
         return [
-            (
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+            alloc_kv_cache(
+                num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device
             )
-            for _ in range(self.mc.num_layers)
+            for _ in range(mc.num_layers)
         ]
 
     def bytes_per_block(self) -> int:

@@ -36,6 +36,7 @@ from inferfleet.worker.layers.attention import (  # noqa: E402
     KV_FP8_MAX,
     AttentionMetadata,
     TorchAttentionBackend,
+    alloc_kv_cache,
     write_kv,
 )
 from inferfleet.worker.layers.norm import RMSNorm  # noqa: E402
@@ -169,22 +170,32 @@ def test_rope_and_cache_kernel_matches_rotary_and_write() -> None:
 FP8_CASES = [CASES[0], CASES[1], CASES[4]]  # decodes, mixed prefill/decode, split-KV decode
 
 
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values stored [block, kv head, slot, channel], viewed [block, slot, kv head, channel]
+    (alloc_kv_cache's layout)."""
+    return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("layout", ["slot", "head"])
 @pytest.mark.parametrize(("h", "kvh", "d", "page", "qlens", "ctx", "splits"), FP8_CASES)
-def test_paged_attention_reads_an_fp8_cache(h, kvh, d, page, qlens, ctx, splits) -> None:
-    """kv_cache_dtype fp8: the kernel widens float8_e4m3fn K/V to the query dtype before its dots.
-    Reference: the torch backend over the same fp8 cache converted up to float32 (exact)."""
+def test_paged_attention_reads_an_fp8_cache(h, kvh, d, page, qlens, ctx, splits, layout) -> None:
+    """kv_cache_dtype fp8: the kernel widens float8_e4m3fn K/V before its dots, over a cache stored
+    slot-major or head-major (the engine's). Reference: the torch backend over the same fp8 cache
+    converted up to float32 (exact)."""
     torch.manual_seed(0)
     nb = 64
     meta = make_batch(qlens, ctx, page, nb, seed=1)
     t = sum(qlens)
     k_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV).to(KV_FP8_DTYPE)
     v_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV).to(KV_FP8_DTYPE)
+    if layout == "head":
+        k_cache, v_cache = head_major(k_cache), head_major(v_cache)
     q = torch.randn(t, h, d, dtype=DT, device=DEV)
     k = torch.randn(t, kvh, d, dtype=DT, device=DEV)
     v = torch.randn(t, kvh, d, dtype=DT, device=DEV)
     scale = d**-0.5
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # the new tokens, clamped and cast
-    kc_up, vc_up = k_cache.to(DT), v_cache.to(DT)
+    kc_up, vc_up = k_cache.to(DT).contiguous(), v_cache.to(DT).contiguous()
     slots = meta.slot_mapping
     k_up, v_up = kc_up.view(-1, kvh, d)[slots], vc_up.view(-1, kvh, d)[slots]
     ref = TorchAttentionBackend().attend(q, k_up, v_up, kc_up.clone(), vc_up.clone(), meta, scale)
@@ -193,6 +204,13 @@ def test_paged_attention_reads_an_fp8_cache(h, kvh, d, page, qlens, ctx, splits)
     # the torch backend's own fp8 read path (gather, widen to q's dtype) gives the same result
     torch_out = TorchAttentionBackend().attend(q, k, v, k_cache.clone(), v_cache.clone(), meta, scale)
     assert rel(torch_out, ref) < 1e-6
+    # a bf16 model: the kernel runs its dots in fp16 over the fp8 cache (e4m3 -> f16 is exact; q and
+    # the probabilities round to fp16's 11 bits, finer than bf16's 8)
+    q16 = q.to(torch.bfloat16)
+    ref16 = TorchAttentionBackend().attend(q16.float(), k_up, v_up, kc_up.clone(), vc_up.clone(), meta, scale)
+    out16 = run_paged_attention(q16, k_cache, v_cache, meta, scale, splits)
+    assert out16.dtype == torch.bfloat16
+    assert rel(out16, ref16) < 4e-3
 
 
 def e4m3_step(x: torch.Tensor) -> torch.Tensor:
@@ -251,12 +269,12 @@ def test_rope_and_cache_writes_an_fp8_cache() -> None:
     q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
     q_ref, k_ref = rot(positions, q.reshape(t, h, d), k.reshape(t, kvh, d))
     v_ref = v.reshape(t, kvh, d)
-    kc = torch.zeros(8, page, kvh, d, device=DEV, dtype=KV_FP8_DTYPE)
-    vc = torch.zeros(8, page, kvh, d, device=DEV, dtype=KV_FP8_DTYPE)
+    kc, vc = alloc_kv_cache(8, page, kvh, d, KV_FP8_DTYPE, torch.device(DEV))
+    assert kc.stride(2) == page * d  # head-major storage: the kernel writes through the strides
     work = qkv.clone()
     rope_and_cache(work, positions, rot.cos, rot.sin, kc, vc, slots, h, kvh, d)
     assert rel(work[:, : h * d].reshape(t, h, d), q_ref) < 1e-6  # q is rotated in place as before
-    flat_k, flat_v = kc.view(-1, kvh, d), vc.view(-1, kvh, d)
+    flat_k, flat_v = kc.reshape(-1, kvh, d), vc.reshape(-1, kvh, d)
     written = [(i, s) for i, s in enumerate(slots.tolist()) if s >= 0]
     rows = torch.tensor([i for i, _ in written])
     at = torch.tensor([s for _, s in written])

@@ -19,6 +19,7 @@ NUM_SPLITS programs whose partial results are merged by a second kernel (flash-d
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -55,14 +56,21 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    Q_F16: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl.wait(USE_PDL)  # first, in every program: the early return below must not skip it
     pdl.launch_dependents(USE_PDL)
-    seq = tl.program_id(0)
+    if HEADS_FAST:  # grid (heads x splits, q tiles, sequences): one sequence's heads run side by side
+        seq = tl.program_id(2)
+        kvh = tl.program_id(0) // NUM_SPLITS
+        split = tl.program_id(0) % NUM_SPLITS
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(2) // NUM_SPLITS
+        split = tl.program_id(2) % NUM_SPLITS
     qt = tl.program_id(1)
-    kvh = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(qsl_ptr + seq)
     qlen = tl.load(qsl_ptr + seq + 1) - q_start
     if qt * BLOCK_Q >= qlen:
@@ -80,6 +88,10 @@ def _paged_attention_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
+    if Q_F16:
+        # an fp8 cache under a bf16 model: dots in fp16, where e4m3 -> f16 is one conversion per two
+        # elements (K and V are exact in fp16; q and p keep more mantissa than in bf16)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     qpos = ctx - qlen + tok
 
     last_tok = tl.minimum(qt * BLOCK_Q + BLOCK_Q, qlen) - 1
@@ -151,12 +163,23 @@ def _merge_kernel(
 
 
 LOG2E = 1.0 / math.log(2.0)
+# launch choices, from bench/attention_bench.py on the H100 (docs/benchmarks.md has the table): an
+# fp8 cache streams half the bytes per tile, so its decode tiles are twice as long, three deep
+DEFAULT_TUNING: dict[str, Any] = {
+    "decode_block_n": 64,
+    "decode_block_n_fp8": 128,
+    "num_warps": 4,
+    "num_stages": 2,
+    "num_stages_fp8": 3,
+    "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
+    "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
+}
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D] (any token/head strides, D contiguous)
-    k_cache: torch.Tensor,  # [NB, PAGE, KVH, D]
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor,  # [NB, PAGE, KVH, D] (any block/slot/head strides, D contiguous)
+    v_cache: torch.Tensor,  # the same shape and strides
     out: torch.Tensor,  # [T, H, D] contiguous
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32
@@ -165,20 +188,28 @@ def paged_attention(
     scale: float,
     num_splits: int = 1,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tuning: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Grid sizes depend only on (B, max_query_len, num_splits), never on context lengths, so a
-    decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts."""
+    decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts.
+
+    `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
     kvh = k_cache.shape[2]
     g = h // kvh
     b = seq_lens.shape[0]
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.is_contiguous()
+    assert v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
+    fp8_cache = k_cache.dtype == torch.float8_e4m3fn
+    tune = {**DEFAULT_TUNING, **(tuning or {})}
     if max_query_len == 1:
-        block_q, block_n = 1, 64
+        block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
     else:
         block_q, block_n = max(1, 64 // g), 64
     block_m = max(16, triton.next_power_of_2(block_q * g))
-    grid = (b, triton.cdiv(max_query_len, block_q), kvh * num_splits)
+    qtiles = triton.cdiv(max_query_len, block_q)
+    heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
+    grid = (kvh * num_splits, qtiles, b) if heads_fast else (b, qtiles, kvh * num_splits)
     use_pdl = pdl.enabled()
     if num_splits == 1:
         part, ml = out, out  # ml unused
@@ -216,9 +247,11 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         # float32 models get exact float32 dots (the default would be tf32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        Q_F16=fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"]),
+        HEADS_FAST=heads_fast,
         USE_PDL=use_pdl,
-        num_warps=4,
-        num_stages=2,
+        num_warps=tune["num_warps"],
+        num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
         launch_pdl=use_pdl,
     )
     if num_splits > 1:

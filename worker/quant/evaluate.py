@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..layers.attention import AttentionMetadata
+from ..layers.attention import AttentionMetadata, alloc_kv_cache
 from .methods import FUSED_MAX_M
 
 # method -> (max relative logits error, min top-1 agreement) per architecture, on the tiny models'
@@ -53,9 +53,8 @@ def prompt_logits(
     for p in prompts:
         t = len(p)
         nb = math.ceil(t / block_size)
-        shape = (nb, block_size, cfg.num_kv_heads, cfg.head_dim)
         kv = [
-            (torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+            alloc_kv_cache(nb, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, dev)
             for _ in range(cfg.num_layers)
         ]
         table = list(range(nb))
