@@ -23,6 +23,7 @@ import microbench
 import torch
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.kernels.gptq_gemm import gptq_gemm, gptq_stream
+from inferfleet.worker.quant.gptq import dequantize_kernel_layout
 from torch.nn import functional as F
 
 # the decoder layer's projections: microbench's shapes without the LM head
@@ -67,33 +68,32 @@ def reference(precision: str, x: torch.Tensor, p: tuple) -> torch.Tensor:
         w = p[0].float() * p[1][:, None]
     else:
         qw, sc, z = p
-        shifts = torch.arange(0, 32, 4, device=DEV, dtype=torch.int32)
-        codes = ((qw[:, :, None] >> shifts) & 0xF).reshape(qw.shape[0], -1).float()
-        w = (codes - z.float().repeat_interleave(GROUP, 1)) * sc.float().repeat_interleave(GROUP, 1)
+        g_idx = torch.arange(qw.shape[1] * 8, device=qw.device, dtype=torch.int32) // GROUP
+        w = dequantize_kernel_layout(qw, sc, z, g_idx, 4)
     return x.float() @ w.t()
 
 
 def variants(precision: str) -> dict[str, object]:
-    """name -> fn(x, params, shape_name) -> y"""
+    """name -> fn(x, params, **launch) -> y"""
     v: dict[str, object] = {}
     if precision == "bf16":
-        v["cublas"] = lambda x, p, s: F.linear(x, p[0])
+        v["cublas"] = lambda x, p: F.linear(x, p[0])
         # the tensor-core path with the former skinny_gemm's tiles ([16, 256], 4 stages)
-        v["tensor cores"] = lambda x, p, s: gemv(x, p[0], fma=False, block_n=16, block_k=256, use_pdl=False)
-        v["new"] = lambda x, p, s, **kw: gemv(x, p[0], use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, s, **kw: gemv(x, p[0], use_pdl=True, **kw)
+        v["tensor cores"] = lambda x, p: gemv(x, p[0], fma=False, block_n=16, block_k=256, use_pdl=False)
+        v["new"] = lambda x, p, **kw: gemv(x, p[0], use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, **kw: gemv(x, p[0], use_pdl=True, **kw)
     elif precision == "fp8":
         # the tensor-core path with the former w8_gemm's tiles ([16, 512], 4 stages)
-        v["tensor cores"] = lambda x, p, s: gemv(
+        v["tensor cores"] = lambda x, p: gemv(
             x, p[0], p[1], fma=False, block_n=16, block_k=512, use_pdl=False
         )
-        v["new"] = lambda x, p, s, **kw: gemv(x, p[0], p[1], use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, s, **kw: gemv(x, p[0], p[1], use_pdl=True, **kw)
+        v["new"] = lambda x, p, **kw: gemv(x, p[0], p[1], use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, **kw: gemv(x, p[0], p[1], use_pdl=True, **kw)
     else:
         g_idx = {k: torch.arange(k, device=DEV, dtype=torch.int32) // GROUP for _, k in SHAPES.values()}
-        v["gptq_gemm"] = lambda x, p, s: gptq_gemm(x, p[0], p[1], p[2], g_idx[x.shape[1]], 4, GROUP)
-        v["new"] = lambda x, p, s, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, s, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=True, **kw)
+        v["gptq_gemm"] = lambda x, p: gptq_gemm(x, p[0], p[1], p[2], g_idx[x.shape[1]], 4, GROUP)
+        v["new"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=False, **kw)
+        v["new+pdl"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=True, **kw)
     return v
 
 
@@ -147,21 +147,16 @@ def time_graph(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def chain(fn, layers, x0, rows: int, names=SHAPES, cfg=None):
+def chain(fn, layers, x0):
     """One decode step's projections: qkv -> o -> gate_up -> down -> next layer's qkv."""
-    kw = cfg or {}
 
     def run():
         x = x0
         for lay in layers:
-            if "qkv" in names:
-                x = fn(x, lay["qkv"], "qkv", **kw)[:, :4096]
-            if "o" in names:
-                x = fn(x, lay["o"], "o", **kw)
-            if "gate_up" in names:
-                x = fn(x, lay["gate_up"], "gate_up", **kw)[:, :14336]
-            if "down" in names:
-                x = fn(x, lay["down"], "down", **kw)
+            x = fn(x, lay["qkv"])[:, :4096]
+            x = fn(x, lay["o"])
+            x = fn(x, lay["gate_up"])[:, :14336]
+            x = fn(x, lay["down"])
         return x
 
     return run
@@ -177,7 +172,7 @@ def same_shape_chain(fn, layers, name, rows, cfg=None):
     def run():
         x = x0
         for lay in layers:
-            y = fn(x, lay[name], name, **kw)
+            y = fn(x, lay[name], **kw)
             x = y[:, :k] if n >= k else x0
         return y
 
@@ -206,13 +201,13 @@ def main() -> None:
             worst = 0.0
             for sname, (_n, k) in SHAPES.items():
                 ref = reference(precision, x[:, :k], layers[0][sname])
-                got = fn(x[:, :k].contiguous(), layers[0][sname], sname).float()
+                got = fn(x[:, :k].contiguous(), layers[0][sname]).float()
                 worst = max(worst, ((got - ref).norm() / ref.norm()).item())
             res["check"][vname] = worst
             assert worst < 2e-2, (precision, vname, worst)
         x0 = torch.randn(rows, 4096, device=DEV, dtype=torch.bfloat16)
         for vname, fn in vs.items():
-            ms = time_graph(chain(fn, layers, x0, rows))
+            ms = time_graph(chain(fn, layers, x0))
             res["chain_ms"][vname] = ms
             table.append((precision, "chain " + vname, ms, total / ms / 1e6))
         if not args.no_sweep:

@@ -21,7 +21,7 @@ import kopf
 from inferfleet.operator import autoscaler, labels
 from inferfleet.operator.config import OperatorConfig
 from inferfleet.operator.kube import ISVCS, PODS, ApiError, KubeClient
-from inferfleet.operator.plan import ChildRef, Obj, balloon_ref, plan_spec, prepull_ref, worker_ref
+from inferfleet.operator.plan import ChildRef, balloon_ref, build_worker_deployment, plan_spec, prepull_ref
 from inferfleet.operator.reconcile import read_child, read_children, restore_drifted
 from inferfleet.operator.scraper import LoadSample, scrape
 from inferfleet.operator.spec import ServiceSpec, SpecError
@@ -107,22 +107,23 @@ class Fleet:
             except SpecError as e:
                 await self._write_invalid(isvc, previous, str(e), now)
                 return self.config.status_interval_s
-            desired = plan_spec(s)
             pods = await self.kube.list(PODS, namespace, labels.selector_string(name, labels.WORKER))
             # The children status reports on: read on every refresh, and reused by the drift check.
             read: dict[ChildRef, dict[str, Any] | None] = {}
+            prepull, balloon = prepull_ref(s), balloon_ref(s)
             if s.prepull_enabled:
-                read[prepull_ref(s)] = await read_child(self.kube, namespace, prepull_ref(s))
+                read[prepull] = await read_child(self.kube, namespace, prepull)
             if s.balloons:
-                read[balloon_ref(s)] = await read_child(self.kube, namespace, balloon_ref(s))
-            observed = Observed(pods=pods, prepull=read.get(prepull_ref(s)), balloon=read.get(balloon_ref(s)))
+                read[balloon] = await read_child(self.kube, namespace, balloon)
+            observed = Observed(pods=pods, prepull=read.get(prepull), balloon=read.get(balloon))
             scaler_status = None
             interval = float(s.autoscaling.interval_seconds)
             if s.autoscaling.enabled and _due(rt.last_autoscale, interval, now):
                 scaler_status = await self._autoscale(rt, isvc, s, pods, now, logger)
                 rt.last_autoscale = now
             if rt.applied_generation is not None and _due(rt.last_resync, self.config.resync_interval_s, now):
-                live = await read_children(self.kube, s, desired, known=read)
+                desired = plan_spec(s)  # the whole plan only when due: status needs the worker's hash alone
+                live = await read_children(self.kube, namespace, desired, known=read)
                 restored = await restore_drifted(self.kube, desired, live)
                 if restored:
                     logger.info(f"restored drifted children: {', '.join(r.name for r in restored)}")
@@ -131,7 +132,7 @@ class Fleet:
                 s,
                 previous,
                 observed,
-                template_hash=_template_hash(s, desired),
+                template_hash=_template_hash(s),
                 observed_generation=rt.applied_generation,
                 apply_error=rt.apply_error,
                 autoscaler=scaler_status,
@@ -202,9 +203,9 @@ class Fleet:
             await self.kube.patch_status(ISVCS, meta["namespace"], meta["name"], status)
 
 
-def _template_hash(s: ServiceSpec, desired: list[Obj]) -> str:
-    """The spec-hash of the worker pod template in the plan `desired`."""
-    worker = next(obj for obj in desired if ChildRef.of(obj) == worker_ref(s))
+def _template_hash(s: ServiceSpec) -> str:
+    """The spec-hash of the worker pod template the plan gives `s`."""
+    worker = build_worker_deployment(s)
     return str(worker["spec"]["template"]["metadata"]["annotations"][labels.SPEC_HASH])
 
 

@@ -86,14 +86,16 @@ async def restore_one(kube: KubeClient, want: Mapping[str, Any], have: Mapping[s
 
 
 async def restore_drifted(
-    kube: KubeClient, desired: Sequence[Mapping[str, Any]], live: Sequence[Mapping[str, Any]]
+    kube: KubeClient,
+    desired: Sequence[Mapping[str, Any]],
+    live: Mapping[ChildRef, Mapping[str, Any] | None],
 ) -> list[ChildRef]:
-    """Re-apply each child of `desired` (the plan) that is missing from `live` or no longer contains it."""
-    by_ref = {ChildRef.of(obj): obj for obj in live}
+    """Re-apply each child of `desired` (the plan) that is missing from `live` (absent or None) or
+    no longer contains it."""
     restored: list[ChildRef] = []
     for obj in desired:
         ref = ChildRef.of(obj)
-        if await restore_one(kube, obj, by_ref.get(ref)):
+        if await restore_one(kube, obj, live.get(ref)):
             restored.append(ref)
     return restored
 
@@ -104,17 +106,14 @@ async def read_child(kube: KubeClient, namespace: str, ref: ChildRef) -> dict[st
 
 async def read_children(
     kube: KubeClient,
-    s: ServiceSpec,
+    namespace: str,
     desired: Sequence[Mapping[str, Any]],
-    known: Mapping[ChildRef, Mapping[str, Any] | None] | None = None,
-) -> list[Mapping[str, Any]]:
-    """The live copy of each child of `desired` that exists. Children in `known`, already read
-    (None: found missing), are taken from there rather than read again."""
-    known = known or {}
-    out: list[Mapping[str, Any]] = []
+    known: Mapping[ChildRef, Mapping[str, Any] | None],
+) -> dict[ChildRef, Mapping[str, Any] | None]:
+    """The live copy of each child of `desired` (None: missing), all read before anything is
+    applied. Children in `known`, already read, are taken from there rather than read again."""
+    out: dict[ChildRef, Mapping[str, Any] | None] = {}
     for obj in desired:
         ref = ChildRef.of(obj)
-        live = known[ref] if ref in known else await read_child(kube, s.namespace, ref)
-        if live is not None:
-            out.append(live)
+        out[ref] = known[ref] if ref in known else await read_child(kube, namespace, ref)
     return out

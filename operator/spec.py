@@ -20,6 +20,7 @@ _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MANAGED_FLAG_RE = re.compile(crd.MANAGED_FLAG_PATTERN)
 # Built once: apply_defaults only reads it (and copies the defaults it takes from it).
 _SPEC_SCHEMA = crd.spec_schema()
+_KV_CACHE_DTYPES: list[str] = _SPEC_SCHEMA["properties"]["engine"]["properties"]["kvCacheDtype"]["enum"]
 
 
 class SpecError(ValueError):
@@ -198,9 +199,10 @@ class ServiceSpec:
             raise SpecError("spec.warmPool", "must not exceed maxReplicas")
         if self.autoscaling.enabled and self.min_replicas == 0 and self.warm_pool == 0:
             raise SpecError("spec.minReplicas", "autoscaling from 0 needs warmPool >= 1")
-        if self.engine.kv_cache_dtype not in ("auto", "fp8"):
+        if self.engine.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise SpecError(
-                "spec.engine.kvCacheDtype", f"must be auto or fp8, got {self.engine.kv_cache_dtype!r}"
+                "spec.engine.kvCacheDtype",
+                f"must be {' or '.join(_KV_CACHE_DTYPES)}, got {self.engine.kv_cache_dtype!r}",
             )
         if self.engine.kv_cache_dtype == "fp8" and self.gpus == 0:
             # each field is valid alone, so the CRD admits the pair; the CPU engine would even run it

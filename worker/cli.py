@@ -69,18 +69,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .quant.calibrate import QuantizeSpec, quantize_checkpoint
 
     try:
-        spec = QuantizeSpec(
-            method=args.method,
-            bits=args.bits,
-            group_size=args.group_size,
-            act_order=args.act_order,
-            sym=not args.asym,
-            damp=args.damp,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        spec = _from_args(QuantizeSpec, args, sym=not args.asym)
         text = None
         if args.calibration is not None:
             try:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from .quant.spec import FP8_MIN_CAPABILITY, QuantConfig, resolve_quantization
 from .quant.spec import METHODS as QUANTIZATIONS
-from .quant.spec import QuantConfig, resolve_quantization
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # (values clamped to +-448 and rounded to nearest even on write; no calibration, as vLLM's
 # uncalibrated fp8_e4m3). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
 KV_CACHE_DTYPES = ("auto", "fp8")
-KV_FP8_MIN_CAPABILITY = (8, 9)
 
 
 def to_torch_dtype(name: str) -> torch.dtype:
@@ -235,11 +234,7 @@ class EngineConfig:
                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
                 param="kv_cache_dtype",
             )
-        if (
-            self.kv_cache_dtype == "fp8"
-            and capability is not None
-            and tuple(capability) < KV_FP8_MIN_CAPABILITY
-        ):
+        if self.kv_cache_dtype == "fp8" and capability is not None and tuple(capability) < FP8_MIN_CAPABILITY:
             raise InvalidRequestError(
                 "kv_cache_dtype fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) for "
                 f"Triton's float8_e4m3 conversions; this one is {capability[0]}.{capability[1]}: "

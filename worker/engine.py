@@ -190,8 +190,9 @@ class LLMEngine:
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
         banned = sorted(stop_ids) if params.min_tokens > 0 else []
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop_strings)
-        detok.min_tokens_for_stop = params.min_tokens
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params.stop_strings, min_tokens=params.min_tokens
+        )
         self.requests[request_id] = _Request(
             seq=seq,
             detok=detok,

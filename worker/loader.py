@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -106,10 +107,7 @@ class SafetensorsFile:
                 )
             if not (0 <= b <= e <= size - base):
                 raise ModelLoadError(f"{path.name}: tensor {name} lies outside the file")
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            if numel * torch.empty((), dtype=dt).element_size() != e - b:
+            if math.prod(shape) * dt.itemsize != e - b:
                 raise ModelLoadError(f"{path.name}: tensor {name}: {e - b} bytes do not match shape {shape}")
             self.entries.append(TensorEntry(name, dt, shape, base + b, e - b))
         self.entries.sort(key=lambda t: t.start)  # read in file order

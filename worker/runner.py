@@ -196,7 +196,7 @@ class ModelRunner:
         ]
 
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        elem = self.kv_dtype.itemsize
         return 2 * self.mc.num_layers * self.block_size * self.mc.num_kv_heads * self.mc.head_dim * elem
 
     def _determine_num_blocks(self) -> int:

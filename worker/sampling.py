@@ -64,10 +64,10 @@ def sample_device(
     assert n == len(requests)
     dev = logits.device
     if any(r.banned_token_ids for r in requests):
-        logits = logits.clone()
-        for i, r in enumerate(requests):
-            if r.banned_token_ids:
-                logits[i, to_device_index(r.banned_token_ids, dev)] = float("-inf")
+        logits = logits.clone()  # every banned (row, token) pair in one indexed write
+        rows = [i for i, r in enumerate(requests) for _ in r.banned_token_ids]
+        cols = [t for r in requests for t in r.banned_token_ids]
+        logits[to_device_index(rows, dev), to_device_index(cols, dev)] = float("-inf")
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
@@ -107,11 +107,12 @@ def sample_device(
 
 def to_device_index(rows: list[int], device: torch.device) -> torch.Tensor:
     """int64 tensor of `rows` on `device`; on CUDA a pinned, non-blocking copy (no host sync)."""
-    t = torch.tensor(rows, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return _values(rows, device, torch.long)
 
 
-def _values(vals: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _values(
+    vals: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     t = torch.tensor(vals, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 

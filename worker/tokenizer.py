@@ -104,27 +104,25 @@ class IncrementalDetokenizer:
     prompt_token_ids: list[int]
     stop: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
+    min_tokens: int = 0  # stop strings do not end the request before this many output tokens exist
 
     def __post_init__(self) -> None:
-        self._num_output = 0  # generated tokens added so far
         self.text = ""  # everything decoded so far (after a stop string matched: cut before it)
         self._emitted = 0  # characters of self.text already returned
-        n = len(self.prompt_token_ids)
-        self._prefix_offset = max(n - _PREFIX_WINDOW, 0)
-        self._read_offset = n
+        # the prompt's last _PREFIX_WINDOW tokens (the decoding context of the first output token),
+        # then the output, extended in place: the prompt itself is never copied
+        self._ids = list(self.prompt_token_ids[-_PREFIX_WINDOW:])
+        self._num_context = len(self._ids)
+        self._prefix_offset = 0
+        self._read_offset = self._num_context
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped_by: str | None = None
-        # prompt + output, built once and extended (never rebuilt per token)
-        self._ids = list(self.prompt_token_ids)
-        # stop strings do not end the request before this many output tokens exist (min_tokens)
-        self.min_tokens_for_stop = 0
 
     def add_tokens(self, token_ids: list[int], decode: bool = True) -> None:
         """Append generated tokens; sets `stopped_by` when a stop string appears in the text.
 
         decode=False only records them (offline requests without stop strings decode once, in finish()).
         """
-        self._num_output += len(token_ids)
         self._ids.extend(token_ids)
         if not decode:
             return
@@ -148,7 +146,7 @@ class IncrementalDetokenizer:
     def _check_stop(self, before: int) -> None:
         if not self.stop or self.stopped_by is not None:
             return
-        if self._num_output < self.min_tokens_for_stop:
+        if len(self._ids) - self._num_context < self.min_tokens:
             return
         start = max(0, before - self._hold)
         best: tuple[int, str] | None = None

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
+from engine_helpers import common_prefix, greedy_rows
+from inferfleet.worker import EngineConfig, LLMEngine
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -72,19 +73,9 @@ def run_rows(model: Path, ps: list[list[int]], max_tokens: int, **kw: object) ->
     """Like run(), but keeps every step's logits row of every request (prefill, then decodes)."""
     eng = LLMEngine(EngineConfig(model=str(model), **kw))  # type: ignore[arg-type]
     eng.warmup()
-    rows: dict[str, list[torch.Tensor]] = {}
-
-    def grab(ids: list[str], logits: torch.Tensor) -> None:
-        for rid, row in zip(ids, logits):
-            rows.setdefault(rid, []).append(row.float().cpu().clone())
-
-    eng.on_logits = grab
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    for i, p in enumerate(ps):
-        eng.add_request(str(i), params=params, prompt_token_ids=p)
-    final = eng.generate_all([str(i) for i in range(len(ps))])
+    tokens, rows = greedy_rows(eng, ps, max_tokens)
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    return [final[str(i)].token_ids for i in range(len(ps))], [rows[str(i)] for i in range(len(ps))], eng
+    return tokens, rows, eng
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -110,9 +101,7 @@ def test_fp8_kv_cache_logits_close_to_cpu_fp8_kv_cache(arch: str, tiny_models: d
     assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in eng.runner.kv_caches)
     errs = []
     for a, b, xa, xb in zip(ref_tokens, tokens, ref_rows, rows):
-        k = 0
-        while k < len(a) and a[k] == b[k]:
-            k += 1
+        k = common_prefix(a, b)
         for i in range(min(k + 1, len(a))):
             errs.append(float((xb[i] - xa[i]).norm() / xa[i].norm()))
     print(f"\n{arch}: fp8 KV, CUDA vs CPU (bf16): {len(errs)} rows, rel error max {max(errs):.4f}")

@@ -44,7 +44,8 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
+from engine_helpers import greedy_rows
+from inferfleet.worker import EngineConfig, LLMEngine
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.linear import Linear
 from inferfleet.worker.quant import fp8 as qfp8
@@ -118,19 +119,7 @@ def decode_run(
     eng: LLMEngine, ps: list[list[int]], max_tokens: int
 ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """Generate greedily for all prompts at once; every step's logits row per request."""
-    rows: dict[str, list[torch.Tensor]] = {str(i): [] for i in range(len(ps))}
-
-    def grab(ids: list[str], logits: torch.Tensor) -> None:
-        for rid, row in zip(ids, logits):
-            rows[rid].append(row.float().cpu().clone())
-
-    eng.on_logits = grab
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    for i, p in enumerate(ps):
-        eng.add_request(str(i), params=params, prompt_token_ids=p)
-    final = eng.generate_all([str(i) for i in range(len(ps))])
-    eng.on_logits = None
-    return [final[str(i)].token_ids for i in range(len(ps))], [rows[str(i)] for i in range(len(ps))]
+    return greedy_rows(eng, ps, max_tokens)
 
 
 def check_rows(label: str, pairs: list[tuple[torch.Tensor, torch.Tensor, Tol, Any]]) -> None:

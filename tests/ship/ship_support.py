@@ -34,7 +34,7 @@ RELEASE = "inferfleet"  # with this release name the chart names objects as mani
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the emulator lives with the operator tests
-from ifo_emulator import Emulator  # noqa: E402
+from ifo_emulator import Emulator, merge_patch  # noqa: E402
 from ifo_support import K8S_VERSIONS as K8S_VERSIONS  # noqa: E402  (re-exported: one list for all tests)
 
 Obj = dict[str, Any]
@@ -75,18 +75,14 @@ def kustomize(path: pathlib.Path) -> list[Obj]:
     return load_yaml_docs(out.stdout)
 
 
-def deep_merge(base: Any, override: Any) -> Any:
-    """Helm's coalescing of a user values file over values.yaml: maps merge, null deletes a key,
-    anything else replaces."""
-    if not (isinstance(base, Mapping) and isinstance(override, Mapping)):
-        return copy.deepcopy(override)
-    out = dict(copy.deepcopy(base))
-    for k, v in override.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = deep_merge(out.get(k), v)
-    return out
+# Helm's coalescing of a user values file over values.yaml is a JSON merge patch (maps merge, null
+# deletes a key, anything else replaces): the emulator's RFC 7386 merge serves both
+deep_merge = merge_patch
+
+
+def key(obj: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """An object's identity in a rendered set: (kind, name, namespace)."""
+    return obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace")
 
 
 @functools.cache
@@ -94,6 +90,7 @@ def default_values() -> Obj:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
+@functools.cache
 def example_values() -> dict[str, Obj]:
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CHART / "examples").glob("*.yaml"))}
 

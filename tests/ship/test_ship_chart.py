@@ -5,6 +5,7 @@ operator's own sources (CRDs, RBAC, command line, worker labels)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.parse
 from typing import Any
@@ -33,6 +34,7 @@ from ship_support import (
     example_values,
     helm_install,
     helm_lint,
+    key,
     load_yaml_docs,
     without_server_fields,
 )
@@ -41,21 +43,25 @@ INSTALLS = install_names()
 INFO, WARNING, ERROR = 1, 2, 3  # Helm's lint severities
 
 
-def key(obj: dict[str, Any]) -> tuple[str, str, str | None]:
-    return obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace")
-
-
 def rule_dict(rule: rbac.Rule) -> dict[str, Any]:
     return {"apiGroups": [rule.group], "resources": list(rule.resources), "verbs": list(rule.verbs)}
+
+
+@functools.cache
+def emulated_scopes() -> dict[tuple[str, str], bool]:
+    """(group, plural) -> namespaced, for every resource the emulator serves (read once)."""
+    scopes: dict[tuple[str, str], bool] = {}
+    for k, info in HelmEmulator().resources.items():
+        scopes.setdefault((k.group, k.plural), bool(info.namespaced))
+    return scopes
 
 
 def is_namespaced(group: str, resource: str) -> bool:
     if group == crd.GROUP:
         return crd.crd()["spec"]["scope"] == "Namespaced"
     plural = resource.split("/")[0]
-    infos = [info for k, info in HelmEmulator().resources.items() if (k.group, k.plural) == (group, plural)]
-    assert infos, f"unknown resource {group}/{plural}"
-    return bool(infos[0].namespaced)
+    assert (group, plural) in emulated_scopes(), f"unknown resource {group}/{plural}"
+    return emulated_scopes()[(group, plural)]
 
 
 CLUSTER_RULES = [r for r in rbac.RULES if not all(is_namespaced(r.group, res) for res in r.resources)]

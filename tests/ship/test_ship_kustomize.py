@@ -10,15 +10,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from ship_installs import installed
-from ship_support import K8S_VERSIONS, MANIFESTS, NAMESPACE, kustomize, load_yaml_docs, tool
+from ship_support import K8S_VERSIONS, MANIFESTS, NAMESPACE, key, kustomize, load_yaml_docs, tool
 
 # The one intentional difference: Helm installs into an existing namespace (or --create-namespace),
 # so the chart has no Namespace object; README.md says to create and label it first.
 ONLY_IN_KUSTOMIZE = {("Namespace", NAMESPACE, None)}
-
-
-def key(obj: dict[str, Any]) -> tuple[str, str, str | None]:
-    return obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace")
 
 
 Objects = dict[tuple[str, str, str | None], dict[str, Any]]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams, cli
+from engine_helpers import common_prefix, greedy_rows
+from inferfleet.worker import EngineConfig, LLMEngine, cli
 from inferfleet.worker.config import KV_CACHE_DTYPES
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.attention import KV_FP8_MAX, write_kv
@@ -47,19 +48,9 @@ def run(model: Path, kv_cache_dtype: str, ps: list[list[int]], **kw: object) -> 
     eng = LLMEngine(
         EngineConfig(model=str(model), device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype, **kw)  # type: ignore[arg-type]
     )
-    rows: dict[str, list[torch.Tensor]] = {}
-
-    def grab(ids: list[str], logits: torch.Tensor) -> None:
-        for rid, row in zip(ids, logits):
-            rows.setdefault(rid, []).append(row.float().clone())
-
-    eng.on_logits = grab
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(ps):
-        eng.add_request(str(i), params=params, prompt_token_ids=p)
-    final = eng.generate_all([str(i) for i in range(len(ps))])
+    tokens, rows = greedy_rows(eng, ps, MAX_TOKENS)
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    return [final[str(i)].token_ids for i in range(len(ps))], [rows[str(i)] for i in range(len(ps))], eng
+    return tokens, rows, eng
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +100,7 @@ def _compared_rows(runs: dict):  # type: ignore[no-untyped-def]
     (ta, la, _), (tf, lf, _) = runs["auto"], runs["fp8"]
     for a, b, xa, xb in zip(ta, tf, la, lf):
         assert len(xa) == len(xb) == MAX_TOKENS  # one sampled row per generated token
-        k = 0
-        while k < len(a) and a[k] == b[k]:
-            k += 1
+        k = common_prefix(a, b)
         for i in range(min(k + 1, len(a))):  # the contexts agree up to and including step k
             yield xa[i], xb[i], a[i], b[i]
 
@@ -130,9 +119,7 @@ def test_greedy_tokens_mostly_agree(runs: dict) -> None:
     (ta, la, _), (tf, _, _) = runs["auto"], runs["fp8"]
     common, whole, margins = 0, 0, []
     for a, b, xa in zip(ta, tf, la):
-        k = 0
-        while k < len(a) and a[k] == b[k]:
-            k += 1
+        k = common_prefix(a, b)
         common += k
         whole += k == len(a)
         if k < len(a):
@@ -206,8 +193,6 @@ def test_server_with_fp8_kv_cache(tiny_llama: Path, tmp_path: Path) -> None:
             and 0.0 <= m["inferfleet_kv_cache_usage_ratio"] <= 1.0
         )
     finally:
-        srv.terminate()
-        srv.wait(30)
         srv.stop()
 
 

@@ -12,26 +12,10 @@ from inferfleet.worker import cli
 from inferfleet.worker.config import QUANTIZATIONS, EngineConfig
 from inferfleet.worker.errors import InvalidRequestError, UnsupportedModelError
 from inferfleet.worker.quant.spec import QuantConfig, checkpoint_quantization, resolve_quantization
+from quant_helpers import fp8_quantization_config
 
 GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True}
-FP8_QC = {
-    "quant_method": "compressed-tensors",
-    "format": "float-quantized",
-    "ignore": ["lm_head"],
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {
-                "type": "float",
-                "num_bits": 8,
-                "strategy": "channel",
-                "symmetric": True,
-                "dynamic": False,
-            },
-            "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
-        }
-    },
-}
+FP8_QC = fp8_quantization_config()
 H100 = (9, 0)
 
 

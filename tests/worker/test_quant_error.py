@@ -38,15 +38,18 @@ ARCHES = ("llama", "qwen2", "qwen3", "mistral")
 CALIBRATION = "\n".join(_CORPUS.splitlines()[:8])
 HELD_OUT = _CORPUS.splitlines()[8:]
 
-# method -> (max relative logits error, min top-1 agreement), per architecture
-BOUNDS = ERROR_BOUNDS
-
 
 def engine_logits(
-    model: Path, prompts: list[list[int]], quantization: str = "none", dtype: str = "float32"
+    model: Path,
+    prompts: list[list[int]],
+    quantization: str = "none",
+    dtype: str = "float32",
+    runs: str | None = None,
 ) -> list[Any]:
+    """Logits of the CPU engine; `runs`: the quantization it must resolve to (default: as asked;
+    a GPTQ checkpoint with quantization "none" runs gptq)."""
     eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype=dtype, quantization=quantization))
-    assert eng.config.quantization == ("gptq" if "gptq" in str(model) else quantization)
+    assert eng.config.quantization == (runs or quantization)
     return prompt_logits(eng.runner.model, prompts)
 
 
@@ -85,20 +88,20 @@ def errors(
             ("gptq 4-bit g32 act-order", "gptq", True),
             ("rtn 4-bit g32", "rtn", False),
         ):
-            out = root / f"{arch}-{method}-{int(act)}-gptq"
+            out = root / f"{arch}-{method}-{int(act)}"
             spec = QuantizeSpec(method=method, group_size=32, act_order=act, nsamples=64, seqlen=64)
             quantize_checkpoint(src, out, spec, calibration_text=CALIBRATION, device="cpu")
-            row[name] = logits_error(ref, engine_logits(out, prompts))
-            bf16[name] = logits_error(ref16, engine_logits(out, prompts, dtype="bfloat16"))
+            row[name] = logits_error(ref, engine_logits(out, prompts, runs="gptq"))
+            bf16[name] = logits_error(ref16, engine_logits(out, prompts, dtype="bfloat16", runs="gptq"))
         row["bf16"] = bf16
         table[arch] = row
     print("\nrelative logits error / top-1 agreement vs float32, held-out prompts (tiny random models)")
     print(f"{'method':26s}" + "".join(f"{a:>16s}" for a in ARCHES))
-    for m in BOUNDS:
+    for m in ERROR_BOUNDS:
         cells = "".join(f"{table[a][m]['rel_err']:9.4f} /{table[a][m]['top1']:5.2f}" for a in ARCHES)
         print(f"{m:26s}{cells}")
     print("the same, quantized bf16 vs unquantized bf16")
-    for m in BOUNDS:
+    for m in ERROR_BOUNDS:
         cells = "".join(
             f"{table[a]['bf16'][m]['rel_err']:9.4f} /{table[a]['bf16'][m]['top1']:5.2f}" for a in ARCHES
         )
@@ -106,19 +109,19 @@ def errors(
     return table
 
 
-@pytest.mark.parametrize("method", list(BOUNDS))
+@pytest.mark.parametrize("method", list(ERROR_BOUNDS))
 def test_error_is_bounded(errors: dict[str, dict[str, Any]], method: str) -> None:
-    max_err, min_top1 = BOUNDS[method]
+    max_err, min_top1 = ERROR_BOUNDS[method]
     for arch in ARCHES:
         e = errors[arch][method]
         assert e["rel_err"] < max_err and e["top1"] >= min_top1, (arch, method, e)
 
 
-@pytest.mark.parametrize("method", list(BOUNDS))
+@pytest.mark.parametrize("method", list(ERROR_BOUNDS))
 def test_error_is_bounded_in_bfloat16(errors: dict[str, dict[str, Any]], method: str) -> None:
     """bf16 rounding adds ~1e-2 to neither side's advantage: the float32 bounds hold unchanged (the
     bounds tests/gpu/test_quant_cuda.py applies to the GPU's bf16 engines)."""
-    max_err, min_top1 = BOUNDS[method]
+    max_err, min_top1 = ERROR_BOUNDS[method]
     for arch in ARCHES:
         e = errors[arch]["bf16"][method]
         assert e["rel_err"] < max_err and e["top1"] >= min_top1, (arch, method, e)

@@ -28,6 +28,7 @@ from inferfleet.worker.quant.gptq import pack_int32, unpack_int32
 from inferfleet.worker.quant.int8 import dequantize_int8, quantize_weight_int8
 from inferfleet.worker.quant.spec import QuantConfig
 from inferfleet.worker.tiny import save_safetensors
+from quant_helpers import fp8_quantization_config
 from safetensors.torch import load_file
 
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -269,23 +270,7 @@ def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool) -> Path:
             q, s = qfp8.quantize_weight_fp8(w)
             tensors[name[: -len("weight")] + "weight_scale"] = s.to(torch.bfloat16).reshape(-1, 1)
         tensors[name] = q
-    qc = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {
-                    "type": "float",
-                    "num_bits": 8,
-                    "strategy": "tensor" if per_tensor else "channel",
-                },
-                "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
-            }
-        },
-        "ignore": ["lm_head"],
-    }
-    return copy_with(src, dst, tensors, qc)
+    return copy_with(src, dst, tensors, fp8_quantization_config("tensor" if per_tensor else "channel"))
 
 
 def test_fp8_compressed_tensors_checkpoint_loads_directly(tiny_llama: Path, tmp_path: Path) -> None:

@@ -37,6 +37,4 @@ def test_quantized_server_streams_a_completion(
         expected = "int8 (quantized at load)" if case == "int8" else "gptq 4-bit, group 32"
         assert f"quantized projections: {expected}" in srv.log()
     finally:
-        srv.terminate()
-        srv.wait(30)
         srv.stop()

@@ -8,11 +8,11 @@ prefill chunk, and two prompts that share a long prefix.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import greedy_rows
 from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 ARCHES = ("llama", "qwen2", "qwen3", "mistral")
@@ -64,20 +64,10 @@ def hf_reference(tiny_models: dict[str, Path]) -> dict[str, list[tuple[list[int]
 
 def run_engine(
     model_dir: Path, prompts: list[list[int]], **cfg: object
-) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]], LLMEngine]:
+) -> tuple[list[list[int]], list[list[torch.Tensor]], LLMEngine]:
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", **cfg))  # type: ignore[arg-type]
-    logits: dict[int, list[torch.Tensor]] = defaultdict(list)
-
-    def capture(request_ids: list[str], rows: torch.Tensor) -> None:
-        for rid, row in zip(request_ids, rows):
-            logits[int(rid)].append(row.clone())
-
-    engine.on_logits = capture
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), params=params, prompt_token_ids=p)
-    final = engine.generate_all([str(i) for i in range(len(prompts))])
-    return {int(k): v.token_ids for k, v in final.items()}, logits, engine
+    tokens, logits = greedy_rows(engine, prompts, NEW_TOKENS)
+    return tokens, logits, engine
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -201,7 +201,7 @@ def paged_attention(
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.is_contiguous()
     assert v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
     fp8_cache = k_cache.dtype == torch.float8_e4m3fn
-    tune = {**DEFAULT_TUNING, **(tuning or {})}
+    tune = DEFAULT_TUNING if tuning is None else {**DEFAULT_TUNING, **tuning}
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
     else:

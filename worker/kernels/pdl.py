@@ -11,8 +11,9 @@ Rules every kernel launched with `launch_pdl=True` follows here:
 - it calls `wait` in every program before it reads anything an earlier kernel wrote and before it
   writes anything (an unconditional wait also makes the ordering transitive: a kernel that finished
   had waited for its own predecessor);
-- it calls `launch_dependents` early, which only lets the next kernel's programs be scheduled on
-  free SM slots once all of this kernel's programs are resident; they wait for this one to finish.
+- it calls `launch_dependents` right after that wait (not before: issued at kernel start it let
+  kernels further down the chain pile onto the SMs, waiting, and the chain ran slower); it lets the
+  next kernel's programs be scheduled on free SM slots, where they wait for this one to finish.
 Kernels of torch (cuBLAS, elementwise) are launched normally and wait for full completion, so mixing
 is safe. Who launches with PDL: the one-row GEMVs (gemv.py, gptq_gemm.gptq_stream) and the small
 kernels (norms, rotary + KV write, attention and its merge, SiLU) at every size; the tensor-core

@@ -1,0 +1,42 @@
+"""Helpers shared by the engine tests on CPU and CUDA (imported by this unique name: tests/ is on
+sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from inferfleet.worker import SamplingParams
+
+
+def greedy_rows(
+    eng: Any, prompts: list[list[int]], max_tokens: int
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Generate greedily (EOS ignored) for every prompt at once through the engine `eng`: each
+    request's tokens, and each request's logits rows of every step (float32, on the CPU: the
+    prefill's row, then one per decode step), in prompt order."""
+    ids = [str(i) for i in range(len(prompts))]
+    rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in ids}
+
+    def grab(request_ids: list[str], logits: torch.Tensor) -> None:
+        for rid, row in zip(request_ids, logits):
+            rows[rid].append(row.float().cpu().clone())
+
+    eng.on_logits = grab
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        for rid, p in zip(ids, prompts):
+            eng.add_request(rid, params=params, prompt_token_ids=p)
+        final = eng.generate_all(ids)
+    finally:
+        eng.on_logits = None
+    return [final[rid].token_ids for rid in ids], [rows[rid] for rid in ids]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two generations share."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
