@@ -5,7 +5,8 @@ layers of Llama-3.1-8B projection weights (qkv, o, gate_up, down; distinct tenso
 is served from L2) and chains them the way a decoder layer does, each kernel reading the previous
 one's output. It times graph replays of that chain for kernels/gemv.py's tensor-core path with the tiles of
 the kernels it replaced (skinny_gemm, w8_gemm) and kernels/gptq_gemm.py's gptq_gemm, then gemv's
-one-row path and gptq_stream without and with programmatic dependent launch, a sweep of tile
+one-row path and gptq_stream (the per-word Gluon kernel for 4-bit codes) without and with programmatic
+dependent launch, a sweep of tile
 configurations per shape, and cuBLAS for bf16. Every variant is first
 checked against a float32 reference on one layer. Prints a table last; --out writes JSON.
 
@@ -92,6 +93,8 @@ def variants(precision: str) -> dict[str, object]:
     else:
         g_idx = {k: torch.arange(k, device=DEV, dtype=torch.int32) // GROUP for _, k in SHAPES.values()}
         v["gptq_gemm"] = lambda x, p: gptq_gemm(x, p[0], p[1], p[2], g_idx[x.shape[1]], 4, GROUP)
+        # the Triton one-row kernel the per-word Gluon kernel replaced (session 3's measured path)
+        v["triton stream+pdl"] = lambda x, p: gptq_stream(x, *p, 4, GROUP, use_pdl=True, row4=False)
         v["new"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=False, **kw)
         v["new+pdl"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=True, **kw)
     return v
@@ -112,12 +115,14 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=False),
         dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=True),
     ],
-    "gptq": [
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=3),
-        dict(block_n=8, block_k=2048, num_warps=4, num_stages=2),
-        dict(block_n=16, block_k=1024, num_warps=4, num_stages=3),
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4),
-        dict(block_n=4, block_k=2048, num_warps=4, num_stages=3),
+    "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, chains)
+        dict(row4_config=(4, 2, 2, 2, 1)),
+        dict(row4_config=(4, 2, 2, 2, 2)),
+        dict(row4_config=(4, 2, 4, 2, 1)),
+        dict(row4_config=(4, 2, 4, 2, 2)),
+        dict(row4_config=(4, 2, 1, 4, 1)),
+        dict(row4_config=(4, 2, 1, 4, 2)),
+        dict(row4_config=(4, 2, 4, 1, 2)),
     ],
 }
 

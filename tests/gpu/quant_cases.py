@@ -3,8 +3,9 @@
 On CPU this file runs with TRITON_INTERPRET=1 in the subprocess test_kernels.py starts (float32
 activations); on a CUDA machine, `pytest tests/gpu/quant_cases.py` runs the same cases natively in
 bf16. References: kernels/gemv.py (8-bit weights) against the widened-codes matmul, kernels/fp8.py against
-quant/fp8.py's torch per-token quantization, kernels/gptq_gemm.py against quant/gptq.py's
-dequantization of the same (processed) layer.
+quant/fp8.py's torch per-token quantization, kernels/gptq_gemm.py and kernels/gptq_row4.py against
+quant/gptq.py's dequantization of the same (processed) layer. The Gluon kernel of gptq_row4.py runs
+on CUDA only (Gluon has no interpreter): its cases are skipped under TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -190,6 +191,45 @@ def test_gptq_stream_matches_dequantized_reference(m, k, sizes, bits, group, act
     assert got.dtype == DT and rel(got.float(), ref) < TOL
     if m == 1:  # the layer's forward takes this kernel for one row on CUDA
         assert rel(layer(x).float(), ref - bias.float()) < TOL
+
+
+ROW4_CASES = [
+    # (K, output shards, group, act-order, x dtype, launch (rows, words, warps_n, warps_k, chains) or None)
+    (4096, [64, 32], 128, False, torch.bfloat16, None),  # default launch, no masks (whole tiles)
+    (4096, [40, 8], 128, True, torch.bfloat16, (2, 4, 4, 1, 2)),  # N not a multiple of the tile: masked
+    (2176, [32], 128, False, torch.bfloat16, (4, 4, 2, 2, 1)),  # K not a multiple of the tile: masked tail
+    (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 2)),  # fp16 activations
+    (512, [16], 16, True, torch.bfloat16, None),  # groups of 16: two words per thread run
+    (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 1)),  # groups of 8: one word per run
+]
+
+
+@pytest.mark.skipif(
+    DEV != "cuda", reason="Gluon kernels have no CPU interpreter (the Triton path runs there)"
+)
+@pytest.mark.parametrize(("k", "sizes", "group", "act", "dtype", "cfg"), ROW4_CASES)
+def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cfg) -> None:  # type: ignore[no-untyped-def]
+    layer, w_ref = _gptq_layer(k, sizes, 4, group, act, seed=k + group)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, k, generator=g).to(DEV, dtype)
+    bias = torch.randn(sum(sizes), generator=g).to(DEV, dtype)
+    ref = x.float() @ w_ref.t() + bias.float()
+    xp = x.index_select(1, layer.perm) if layer.perm is not None else x
+    got = gptq_stream(
+        xp, layer.qweight_t, layer.scales_t, layer.zeros_t, 4, layer.group_k, bias, row4=True, row4_config=cfg
+    )
+    old = gptq_stream(xp, layer.qweight_t, layer.scales_t, layer.zeros_t, 4, layer.group_k, bias, row4=False)
+    assert got.dtype == dtype and rel(got.float(), ref) < TOL
+    # the per-word kernel computes in float32 with the exact weights, like the Triton path it replaces
+    assert rel(got.float(), old.float()) < 5e-3
+    # x at an odd element offset cannot be read as 32-bit pairs in place: copied first, same result
+    buf = torch.zeros(1, k + 1, device=DEV, dtype=dtype)
+    buf[:, 1:] = xp
+    odd = gptq_stream(
+        buf[:, 1:], layer.qweight_t, layer.scales_t, layer.zeros_t, 4, layer.group_k, bias, row4=True
+    )
+    assert rel(odd.float(), ref) < TOL
+    assert rel(layer(x).float(), ref - bias.float()) < TOL  # the layer's forward takes it for one row
 
 
 def test_gptq_stream_refuses_uneven_groups() -> None:

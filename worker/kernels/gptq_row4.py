@@ -1,0 +1,253 @@
+"""GPTQ 4-bit decode for one row of activations (W3's batch 1): a Gluon kernel, one packed word at
+a time.
+
+kernels/gptq_gemm.py's Triton one-row kernel spent ~18 instructions per code in its loop (scale
+and zero gathered per element, an int->float conversion per zero) and streamed 1.2 TB/s of packed
+weights. Here the layout is explicit (Gluon) so that every thread owns ROWS weight rows x a run of
+WPT consecutive words inside one group, and the work per word is fixed in PTX (`_WORD_DOT_ASM`):
+- the 8 codes of a word become four fp16 pairs by one lop3 each with the exponent of 1024 (Marlin's
+  magic number: the bits 0x6400 | q are the half 1024 + q; codes in bits 4-7 give 1024 + 16 q,
+  scaled by 1/16 in the same fma that subtracts 64 + z), and one sub or fma per pair gives q - z
+  exactly;
+- each code is widened once (cvt.f32.f16) and multiplied into a float32 dot with x, so the word's
+  partial sum sum_j (q_j - z) x_j is exact up to float32 rounding, and the group scale multiplies it
+  once per word: the weights are the exact s (q - z), as in the Triton path.
+The scale and zero are loaded once per thread run (one group), x once per thread for all its rows
+(16-bit pairs as one 32-bit load, bf16 widened by shifts). Fewer instructions alone (~4.5-5 per
+code in SASS) did not pay: each tile then waited on its scales and zeros (streamed from DRAM with
+the weights) and on x. So everything of the next tile is loaded before the current one is
+computed, the per-thread footprint is small enough for many resident warps, and under PDL the first
+tile's weights are loaded before the wait. H100 sweeps and numbers: docs/benchmarks.md.
+
+Codes, scales and zeros are in gptq_gemm.py's layout: qweight_t int32 [N, K / 8] (code of W[n, k] in
+bits 4 (k % 8) of word k // 8), scales_t fp16 [N, G], zeros_t uint8 [N, G], contiguous groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+def default_config(n: int) -> tuple[int, int, int, int, int]:
+    """The launch (rows per thread, words per thread run, warps along N, warps along K, product
+    chains per word) by output rows, from the H100 sweeps of bench/gemv_bench.py
+    (docs/bench/2026-11-25-h100-s4-gemv-gptq-*.json): layers with few rows (o, down: 4,096) do
+    better with 8 warps over [16 rows, 4,096 columns] tiles; the wider ones (qkv, gate_up) with 4
+    warps over [8, 2,048] and two product chains per word."""
+    return (4, 2, 4, 2, 1) if n <= 4096 else (4, 2, 2, 2, 2)
+
+
+# one 4-bit word -> sum_j (q_j - z) * x_j over its 8 codes, in float32:
+# codes land in fp16 halves as 1024 + q (bits 0-3) or 1024 + 16 q (bits 4-7) by one lop3 each
+# (Marlin's magic-number trick); one sub / fma per pair gives q - z exactly; cvt + fma per code.
+_WORD_DOT_ASM = gl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3, w8, c16;
+.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 w8, $1, 8;
+lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 c16, 0x2C002C00;
+sub.f16x2 t0, t0, $2;
+sub.f16x2 t2, t2, $2;
+fma.rn.f16x2 t1, t1, c16, $3;
+fma.rn.f16x2 t3, t3, c16, $3;
+mov.b32 {h0, h4}, t0;
+mov.b32 {h1, h5}, t1;
+mov.b32 {h2, h6}, t2;
+mov.b32 {h3, h7}, t3;
+cvt.f32.f16 f0, h0;
+cvt.f32.f16 f1, h1;
+cvt.f32.f16 f2, h2;
+cvt.f32.f16 f3, h3;
+cvt.f32.f16 f4, h4;
+cvt.f32.f16 f5, h5;
+cvt.f32.f16 f6, h6;
+cvt.f32.f16 f7, h7;
+mul.f32 $0, f0, $4;
+fma.rn.f32 $0, f1, $5, $0;
+fma.rn.f32 $0, f2, $6, $0;
+fma.rn.f32 $0, f3, $7, $0;
+fma.rn.f32 $0, f4, $8, $0;
+fma.rn.f32 $0, f5, $9, $0;
+fma.rn.f32 $0, f6, $10, $0;
+fma.rn.f32 $0, f7, $11, $0;
+}
+""")
+# the same with the eight products in two independent chains of four (half the dependent latency)
+_WORD_DOT2_ASM = gl.constexpr(
+    _WORD_DOT_ASM.value.replace(
+        """fma.rn.f32 $0, f4, $8, $0;
+fma.rn.f32 $0, f5, $9, $0;
+fma.rn.f32 $0, f6, $10, $0;
+fma.rn.f32 $0, f7, $11, $0;""",
+        """mul.f32 f0, f4, $8;
+fma.rn.f32 f0, f5, $9, f0;
+fma.rn.f32 f0, f6, $10, f0;
+fma.rn.f32 f0, f7, $11, f0;
+add.f32 $0, $0, f0;""",
+    )
+)
+
+
+@gluon.jit
+def _word_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, CHAINS: gl.constexpr):
+    """sum_j (q_j - z) * x_j over the 8 codes of each int32 word, in float32 (see _WORD_DOT_ASM)."""
+    zi = z.to(gl.int32)
+    zz = (zi | 0x6400) * 0x10001  # 1024 + z in both fp16 halves
+    zz16 = (0xD400 | (zi << 4)) * 0x10001  # -(64 + z) in both halves
+    return gl.inline_asm_elementwise(
+        _WORD_DOT2_ASM if CHAINS == 2 else _WORD_DOT_ASM, "=f,r,r,r,f,f,f,f,f,f,f,f",
+        [words, zz, zz16, x0, x1, x2, x3, x4, x5, x6, x7],
+        dtype=gl.float32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _row4_fetch_w(
+    qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w,
+    GROUP: gl.constexpr, MASKED: gl.constexpr,
+):  # fmt: skip
+    """The weight side of the tile at K column k0, as loaded (nothing here waits for the data):
+    words [BLOCK_N, CW, WPT] (wcol: word index inside the tile) and the scale and zero of each
+    thread run [BLOCK_N, CW] (cstart: the run's first column; a run lies inside one group)."""
+    w = k0 // 8 + wcol
+    qw = gl.expand_dims(qw_ptr + rows64 * stride_w, 2) + w
+    g = (k0 + cstart) // GROUP  # [1, CW]
+    sz = rows64 * G + g  # [BLOCK_N, CW]
+    if MASKED:
+        g_ok = n_ok & (g < G)
+        words = gl.load(qw, mask=gl.expand_dims(n_ok, 2) & (w < KW), other=0)
+        s = gl.load(s_ptr + sz, mask=g_ok, other=0.0)
+        z = gl.load(z_ptr + sz, mask=g_ok, other=0)
+    else:
+        words = gl.load(qw)
+        s = gl.load(s_ptr + sz)
+        z = gl.load(z_ptr + sz)
+    return words, s, z
+
+
+@gluon.jit
+def _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED: gl.constexpr):
+    """x at the tile's codes as loaded: four tensors [1, CW, WPT] of int32, pair j of each word being
+    x[8 w + 2 j] (low half) and x[8 w + 2 j + 1] (high half)."""
+    p = xw_ptr + (k0 // 8 + wcol) * 4
+    if MASKED:
+        ok = k0 // 8 + wcol < KW
+        return (
+            gl.load(p, mask=ok, other=0),
+            gl.load(p + 1, mask=ok, other=0),
+            gl.load(p + 2, mask=ok, other=0),
+            gl.load(p + 3, mask=ok, other=0),
+        )
+    else:
+        return gl.load(p), gl.load(p + 1), gl.load(p + 2), gl.load(p + 3)
+
+
+@gluon.jit
+def _row4_widen(p, X_BF16: gl.constexpr):
+    """One int32 pair of 16-bit x values -> (low, high) in float32."""
+    if X_BF16:  # a bf16 is the top half of its float32
+        return (p << 16).to(gl.float32, bitcast=True), (p & -65536).to(gl.float32, bitcast=True)
+    else:
+        lo = (p & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        hi = (p >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        return lo, hi
+
+
+@gluon.jit
+def _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16: gl.constexpr, CHAINS: gl.constexpr):
+    """acc += s * sum over each word's 8 codes of (q - z) * x."""
+    x0, x1 = _row4_widen(p0, X_BF16)
+    x2, x3 = _row4_widen(p1, X_BF16)
+    x4, x5 = _row4_widen(p2, X_BF16)
+    x6, x7 = _row4_widen(p3, X_BF16)
+    part = _word_dot(words, gl.expand_dims(z, 2), x0, x1, x2, x3, x4, x5, x6, x7, CHAINS)
+    return acc + part * gl.expand_dims(s.to(gl.float32), 2)
+
+
+@gluon.jit
+def _gptq_row4_kernel(
+    xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, K, KW, G, stride_w,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, MASKED: gl.constexpr, X_BF16: gl.constexpr,
+    ROWS: gl.constexpr, WPT: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
+    CHAINS: gl.constexpr, USE_PDL: gl.constexpr,
+):  # fmt: skip
+    """One row of x against 4-bit codes in contiguous groups (see the module docstring)."""
+    BLOCK_N: gl.constexpr = ROWS * WARPS_N
+    CW: gl.constexpr = 32 * WARPS_K  # runs of WPT words across the tile
+    BLOCK_K: gl.constexpr = CW * WPT * 8
+    L3: gl.constexpr = gl.BlockedLayout([ROWS, 1, WPT], [1, 32, 1], [WARPS_N, WARPS_K, 1], [2, 1, 0])
+    L2: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, CW]: scales and zeros
+    offs_n = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L2))
+    rows64 = gl.expand_dims(offs_n, 1).to(gl.int64)  # [BLOCK_N, 1]
+    n_ok = gl.expand_dims(offs_n, 1) < N
+    cstart = gl.expand_dims(gl.arange(0, CW, layout=gl.SliceLayout(0, L2)), 0) * (WPT * 8)  # [1, CW]
+    wi = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    wcol = gl.expand_dims(cstart // 8, 2) + gl.expand_dims(gl.expand_dims(wi, 0), 1)  # [1, CW, WPT]
+    # everything of the next tile (weights, scales, zeros, x) is in flight while one tile is
+    # computed; the first tile's weights do not depend on the previous kernel and are loaded before
+    # the PDL wait, its x after
+    words, s, z = _row4_fetch_w(
+        qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, 0, KW, G, stride_w, GROUP, MASKED
+    )
+    if USE_PDL:
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
+    p0, p1, p2, p3 = _row4_fetch_x(xw_ptr, wcol, 0, KW, MASKED)
+    acc = gl.zeros([BLOCK_N, CW, WPT], gl.float32, L3)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        nw, ns, nz = _row4_fetch_w(
+            qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w, GROUP, MASKED
+        )
+        n0, n1, n2, n3 = _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED)
+        acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
+        words, s, z, p0, p1, p2, p3 = nw, ns, nz, n0, n1, n2, n3
+    acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
+    y = gl.sum(gl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+    gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def gptq_row4(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
+    group_k: int,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    use_pdl: bool,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """y [1, N] = x [1, K] . W^T (+ bias) for 4-bit codes in contiguous groups of `group_k` (a
+    multiple of 8); the layout is kernels/gptq_gemm.py's."""
+    n, g = scales_t.shape
+    k = x.shape[1]
+    rows, wpt, warps_n, warps_k, chains = config or default_config(n)
+    wpt = max(w for w in (wpt, 2, 1) if w <= wpt and group_k % (8 * w) == 0)
+    block_n, block_k = rows * warps_n, 32 * warps_k * wpt * 8
+    xr = x[0]
+    if xr.storage_offset() % 2:  # x is read as pairs of 16-bit values: one 32-bit load each
+        xr = xr.clone()
+    _gptq_row4_kernel[(triton.cdiv(n, block_n),)](
+        xr.view(torch.int32), qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
+        n, k, k // 8, g, qweight_t.stride(0),
+        GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
+        X_BF16=x.dtype == torch.bfloat16,
+        ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, USE_PDL=use_pdl,
+        num_warps=warps_n * warps_k, launch_pdl=use_pdl,
+    )  # fmt: skip
+    return y
