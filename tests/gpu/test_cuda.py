@@ -107,3 +107,20 @@ def test_fp8_kv_cache_logits_close_to_cpu_fp8_kv_cache(arch: str, tiny_models: d
     print(f"\n{arch}: fp8 KV, CUDA vs CPU (bf16): {len(errs)} rows, rel error max {max(errs):.4f}")
     assert len(errs) >= len(ps)  # at least every prefill row
     assert max(errs) < 3.5e-2
+
+
+def test_greedy_two_pass_argmax_on_cuda() -> None:
+    """Decode batches of a few rows take sampling.argmax_rows's two passes on CUDA: same ids."""
+    from inferfleet.worker.sampling import argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(5, 128256, device="cuda", generator=g)
+    logits[1, 90000] = logits[1, 7] = 50.0  # tie across slices
+    logits[2, 1001] = logits[2, 1000] = 50.0  # tie inside one slice (slices of 1002)
+    logits[3] = 0.25
+    logits[4, 64000] = float("nan")
+    assert (
+        argmax_rows(logits).tolist()
+        == logits.argmax(dim=-1).tolist()
+        == [logits[0].argmax().item(), 7, 1000, 0, 64000]
+    )

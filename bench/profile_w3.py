@@ -1,0 +1,161 @@
+"""Where a W3 decode step's time goes: a kernel timeline of batch-1 decode steps per precision.
+
+    python bench/profile_w3.py --out $OUT [--methods bf16,fp8,gptq] [--steps 32]
+
+For each precision it builds the engine as bench/quant_bench.py does (Llama-3.1-8B shape, random
+weights; gptq = round-to-nearest 4-bit g128 in the GPTQ layout), starts one 128-token request and
+records `--steps` decode steps (CUDA graph replays, as served) with torch.profiler. Kernels of one
+step overlap under programmatic dependent launch, so summed kernel durations overstate the step;
+instead each kernel is charged the wall time it adds to the step's timeline: its end minus the
+latest end of the kernels that started before it (never negative). What no kernel covers is
+charged to "gaps" (idle GPU between kernels). A step runs from one LM head to the next (the
+engine keeps the GPU busy across steps). Classes: projections (weight-streaming kernels), the LM
+head, attention (with its split-KV merge), and the small kernels by name. Prints a table last; --out writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint import ensure_llama8b_checkpoint
+from inferfleet.worker import LLM, SamplingParams
+from quant_bench import make_gptq_rtn
+from workloads import random_prompt
+
+PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weight-streaming kernels
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if any(p in n for p in PROJ):
+        return "projection"
+    for key, cls in (
+        ("attention", "attention"),
+        ("merge", "attention"),
+        ("norm", "norm"),
+        ("rope", "rotary+kv write"),
+        ("rotary", "rotary+kv write"),
+        ("silu", "silu"),
+        ("quant", "act quant"),
+    ):
+        if key in n:
+            return cls
+    return "other: " + name[:48]
+
+
+def split_steps(kernels: list[tuple[str, float, float]]) -> list[list[tuple[str, float, float]]]:
+    """kernels (name, start us, duration us) sorted by start -> one list per decode step, each
+    starting at its LM head (the engine runs steps back to back, so idle time cannot separate
+    them): the LM head is the longest weight-streaming kernel by far (1 GB in bf16)."""
+    proj = [d for n, _, d in kernels if classify(n) == "projection"]
+    heads = [i for i, (n, _, d) in enumerate(kernels) if classify(n) == "projection" and d >= 0.5 * max(proj)]
+    return [kernels[a:b] for a, b in itertools.pairwise(heads)]
+
+
+def charge(step: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Wall time (us) each class adds to the step's timeline (the step's first kernel is its LM
+    head), plus the gaps no kernel covers."""
+    out: dict[str, float] = defaultdict(float)
+    covered = step[0][1]
+    for i, (name, start, dur) in enumerate(step):
+        cls = "lm_head" if i == 0 else classify(name)
+        if start > covered:
+            out["gaps"] += start - covered
+        out[cls] += max(0.0, start + dur - max(start, covered))
+        covered = max(covered, start + dur)
+    out["step"] = covered - step[0][1]
+    out["kernels"] = len(step)
+    return out
+
+
+def profile_method(method: str, model_dir: str, steps: int) -> dict:
+    quantization = {"bf16": "none", "fp8": "fp8", "gptq": "none"}[method]
+    llm = LLM(model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
+              max_num_batched_tokens=8192, quantization=quantization)  # fmt: skip
+    eng = llm.engine
+    eng.warmup()
+    rng = random.Random(3)
+    eng.add_request("p", params=SamplingParams(max_tokens=steps + 40, ignore_eos=True),
+                    prompt_token_ids=random_prompt(rng, 128))  # fmt: skip
+    for _ in range(20):  # prefill and the first decode steps, unprofiled
+        eng.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    kernels = sorted(
+        ((e.name, e.time_range.start, e.time_range.elapsed_us())
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
+        and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+        key=lambda k: k[1],
+    )  # fmt: skip
+    charged = [charge(s) for s in split_steps([(n, float(t), float(d)) for n, t, d in kernels])]
+    keys = sorted(
+        {k for c in charged for k in c}, key=lambda k: -statistics.median(c.get(k, 0) for c in charged)
+    )
+    res = {
+        "steps_profiled": len(charged),
+        "median_us": {k: statistics.median(c.get(k, 0.0) for c in charged) for k in keys},
+        "kernel_names": sorted({n for n, _, _ in kernels}),
+        # the first 340 kernels (one step and a few more): name, start (us from the first), duration
+        "raw": [
+            (n[:40], round(float(t) - float(kernels[0][1]), 2), round(float(d), 2))
+            for n, t, d in kernels[:340]
+        ],
+    }
+    del llm, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default="/tmp/llama8b")
+    ap.add_argument("--gptq-dir", default="/tmp/llama8b-gptq-rtn")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", default="bf16,fp8,gptq")
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args()
+    t0 = time.time()
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"), "methods": {}}  # fmt: skip
+    ensure_llama8b_checkpoint(args.model_dir)
+    methods = args.methods.split(",")
+    if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():
+        make_gptq_rtn(args.model_dir, args.gptq_dir)
+    for m in methods:
+        result["methods"][m] = profile_method(m, args.gptq_dir if m == "gptq" else args.model_dir, args.steps)
+        print(m, json.dumps(result["methods"][m]["median_us"]), flush=True)
+    result["seconds"] = time.time() - t0
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile_w3.json").write_text(json.dumps(result, separators=(",", ":")))
+    keys = sorted({k for r in result["methods"].values() for k in r["median_us"]},
+                  key=lambda k: -max(r["median_us"].get(k, 0) for r in result["methods"].values()))  # fmt: skip
+    print(f"\nW3 decode step, median us per step ({result['device']}, {result['date']})")
+    print(f"{'':28s}" + "".join(f"{m:>10s}" for m in methods))
+    for k in keys:
+        print(
+            f"{k[:28]:28s}" + "".join(f"{result['methods'][m]['median_us'].get(k, 0):10.1f}" for m in methods)
+        )
+
+
+if __name__ == "__main__":
+    main()
