@@ -10,7 +10,9 @@ instead each kernel is charged the wall time it adds to the step's timeline: its
 latest end of the kernels that started before it (never negative). What no kernel covers is
 charged to "gaps" (idle GPU between kernels). A step runs from one LM head to the next (the
 engine keeps the GPU busy across steps). Classes: projections (weight-streaming kernels), the LM
-head, attention (with its split-KV merge), and the small kernels by name. Prints a table last; --out writes JSON.
+head, attention (with its split-KV merge), the small kernels by name, and copies (memcpy/memset:
+the step's inputs staged host-to-device, the sampled ids back; recorded since the fourth
+session's run, whose table counted them under gaps). Prints a table last; --out writes JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weig
 
 def classify(name: str) -> str:
     n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "copies"  # the step's host-to-device inputs, the sampled ids back to the host
     if any(p in n for p in PROJ):
         return "projection"
     for key, cls in (
@@ -56,27 +60,27 @@ def classify(name: str) -> str:
 
 
 def split_steps(kernels: list[tuple[str, float, float]]) -> list[list[tuple[str, float, float]]]:
-    """kernels (name, start us, duration us) sorted by start -> one list per decode step, each
-    starting at its LM head (the engine runs steps back to back, so idle time cannot separate
-    them): the LM head is the longest weight-streaming kernel by far (1 GB in bf16)."""
+    """kernels (name, start us, duration us) sorted by start -> one list per decode step, from its
+    LM head to the next step's LM head included (the engine runs steps back to back, so idle time
+    cannot separate them): the LM head is the longest weight-streaming kernel by far (1 GB in bf16)."""
     proj = [d for n, _, d in kernels if classify(n) == "projection"]
     heads = [i for i, (n, _, d) in enumerate(kernels) if classify(n) == "projection" and d >= 0.5 * max(proj)]
-    return [kernels[a:b] for a, b in itertools.pairwise(heads)]
+    return [kernels[a : b + 1] for a, b in itertools.pairwise(heads)]
 
 
 def charge(step: list[tuple[str, float, float]]) -> dict[str, float]:
-    """Wall time (us) each class adds to the step's timeline (the step's first kernel is its LM
-    head), plus the gaps no kernel covers."""
+    """Wall time (us) each class adds to the step's timeline, plus the gaps no kernel covers; the
+    step runs from its LM head (first element) to the next one's start (last element)."""
     out: dict[str, float] = defaultdict(float)
     covered = step[0][1]
-    for i, (name, start, dur) in enumerate(step):
+    for i, (name, start, dur) in enumerate(step[:-1]):
         cls = "lm_head" if i == 0 else classify(name)
         if start > covered:
             out["gaps"] += start - covered
         out[cls] += max(0.0, start + dur - max(start, covered))
         covered = max(covered, start + dur)
-    out["step"] = covered - step[0][1]
-    out["kernels"] = len(step)
+    out["gaps"] += max(0.0, step[-1][1] - covered)
+    out["step"] = step[-1][1] - step[0][1]
     return out
 
 
@@ -99,18 +103,21 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
     while eng.has_unfinished_requests():
         eng.step()
     kernels = sorted(
-        ((e.name, e.time_range.start, e.time_range.elapsed_us())
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
-        and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+        (
+            (e.name, e.time_range.start, e.time_range.elapsed_us())
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
+        ),
         key=lambda k: k[1],
-    )  # fmt: skip
-    charged = [charge(s) for s in split_steps([(n, float(t), float(d)) for n, t, d in kernels])]
+    )
+    steps_found = split_steps([(n, float(t), float(d)) for n, t, d in kernels])
+    charged = [charge(s) for s in steps_found]
     keys = sorted(
         {k for c in charged for k in c}, key=lambda k: -statistics.median(c.get(k, 0) for c in charged)
     )
     res = {
         "steps_profiled": len(charged),
+        "kernels_per_step": statistics.median(len(s) - 1 for s in steps_found),
         "median_us": {k: statistics.median(c.get(k, 0.0) for c in charged) for k in keys},
         "kernel_names": sorted({n for n, _, _ in kernels}),
         # the first 340 kernels (one step and a few more): name, start (us from the first), duration

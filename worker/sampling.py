@@ -106,7 +106,8 @@ def sample_device(
 
 
 # a few rows of a wide vocabulary: row-wise argmax in two passes (one pass gives a single row's
-# 128k-wide reduction to a handful of blocks: 28 us per decode step on the H100, bench/profile_w3.py)
+# 128k-wide reduction to a handful of blocks: 28 us per decode step on the H100, two passes ~15 us;
+# docs/bench/2026-11-25-h100-s4-profile-w3*.json)
 TWO_PASS_MAX_ROWS = 16
 TWO_PASS_CHUNKS = 128
 
@@ -125,7 +126,7 @@ def argmax_two_pass(logits: torch.Tensor, chunks: int) -> torch.Tensor:
     torch.argmax: the first index wins, NaN counts as the largest value)."""
     n, v = logits.shape
     width = v // chunks
-    vals, idx = logits.view(n, chunks, width).max(dim=-1)
+    vals, idx = logits.reshape(n, chunks, width).max(dim=-1)
     best = vals.argmax(dim=-1, keepdim=True)
     return (best * width + idx.gather(1, best))[:, 0]
 

@@ -196,7 +196,7 @@ def test_gptq_stream_matches_dequantized_reference(m, k, sizes, bits, group, act
 ROW4_CASES = [
     # (K, output shards, group, act-order, x dtype, launch (rows, words, warps_n, warps_k, chains) or None)
     (4096, [64, 32], 128, False, torch.bfloat16, None),  # default launch, no masks (whole tiles)
-    (4096, [40, 8], 128, True, torch.bfloat16, (2, 4, 4, 1, 2)),  # N not a multiple of the tile: masked
+    (4096, [32, 8], 128, True, torch.bfloat16, (4, 2, 4, 1, 2)),  # N = 40, tiles of 16 rows: masked
     (2176, [32], 128, False, torch.bfloat16, (4, 4, 2, 2, 1)),  # K not a multiple of the tile: masked tail
     (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 2)),  # fp16 activations
     (512, [16], 16, True, torch.bfloat16, None),  # groups of 16: two words per thread run

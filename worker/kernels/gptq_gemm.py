@@ -184,7 +184,13 @@ def stream_ok(group_k: int, bits: int, k: int, m: int = 1) -> bool:
 def row4_ok(bits: int, group_k: int, x: torch.Tensor) -> bool:
     """Whether one row takes kernels/gptq_row4.py: 4-bit codes, groups of whole words, CUDA (Gluon
     has no CPU interpreter: there the Triton kernel above runs) and a Triton that has Gluon."""
-    return bits == 4 and group_k % 8 == 0 and x.is_cuda and _has_gluon()
+    return (
+        bits == 4
+        and group_k % 8 == 0
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and _has_gluon()
+    )
 
 
 @functools.cache

@@ -35,8 +35,9 @@ def default_config(n: int) -> tuple[int, int, int, int, int]:
     """The launch (rows per thread, words per thread run, warps along N, warps along K, product
     chains per word) by output rows, from the H100 sweeps of bench/gemv_bench.py
     (docs/bench/2026-11-25-h100-s4-gemv-gptq-*.json): layers with few rows (o, down: 4,096) do
-    better with 8 warps over [16 rows, 4,096 columns] tiles; the wider ones (qkv, gate_up) with 4
-    warps over [8, 2,048] and two product chains per word."""
+    better with 8 warps over [16 rows, 1,024 columns] tiles; the wider ones (qkv, gate_up) with 4
+    warps over [8, 1,024] and two product chains per word (gate_up 2,098 GB/s; qkv measured 1,672
+    with one chain against 1,509 with two, left as swept: the chain was timed with this choice)."""
     return (4, 2, 4, 2, 1) if n <= 4096 else (4, 2, 2, 2, 2)
 
 
@@ -236,6 +237,8 @@ def gptq_row4(
     multiple of 8); the layout is kernels/gptq_gemm.py's."""
     n, g = scales_t.shape
     k = x.shape[1]
+    assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
+    assert group_k % 8 == 0 and k % 8 == 0, f"groups of whole packed words (group_k {group_k}, K {k})"
     rows, wpt, warps_n, warps_k, chains = config or default_config(n)
     wpt = max(w for w in (wpt, 2, 1) if w <= wpt and group_k % (8 * w) == 0)
     block_n, block_k = rows * warps_n, 32 * warps_k * wpt * 8
