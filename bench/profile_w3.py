@@ -1,6 +1,7 @@
 """Where a W3 decode step's time goes: a kernel timeline of batch-1 decode steps per precision.
 
     python bench/profile_w3.py --out $OUT [--methods bf16,fp8,gptq] [--steps 32]
+    python bench/profile_w3.py --out $OUT --workload w1 [--w1-scale 1.0] [--methods bf16]
 
 For each precision it builds the engine as bench/quant_bench.py does (Llama-3.1-8B shape, random
 weights; gptq = round-to-nearest 4-bit g128 in the GPTQ layout), starts one 128-token request and
@@ -12,7 +13,11 @@ charged to "gaps" (idle GPU between kernels). A step runs from one LM head to th
 engine keeps the GPU busy across steps). Classes: projections (weight-streaming kernels), the LM
 head, attention (with its split-KV merge), the small kernels by name, and copies (memcpy/memset:
 the step's inputs staged host-to-device, the sampled ids back; recorded since the fourth
-session's run, whose table counted them under gaps). Prints a table last; --out writes JSON.
+session's run, whose table counted them under gaps).
+
+--workload w1 profiles a whole W1 run instead (steps of every shape, so no per-step split): the
+same accounting over the run's GPU timeline, by class and for the 25 kernels charged most
+(cuBLAS GEMMs count as projections), with the run's output rate. Prints a table last; --out writes JSON.
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
+from gpu_bench import generate
 from inferfleet.worker import LLM, SamplingParams
 from quant_bench import make_gptq_rtn
-from workloads import random_prompt
+from workloads import fixed, random_prompt, scaled, w1
 
 PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weight-streaming kernels
 
@@ -68,28 +76,67 @@ def split_steps(kernels: list[tuple[str, float, float]]) -> list[list[tuple[str,
     return [kernels[a : b + 1] for a, b in itertools.pairwise(heads)]
 
 
+def _charge(
+    kernels: list[tuple[str, float, float]], label: Callable[[int, str], str]
+) -> tuple[dict[str, float], float]:
+    """Charge each kernel, under label(index, name), the wall time it adds to the timeline (its end
+    minus the latest end before it, never negative); "gaps" is what no kernel covers. Returns the
+    charges and the timeline's end."""
+    out: dict[str, float] = defaultdict(float)
+    covered = kernels[0][1]
+    for i, (name, start, dur) in enumerate(kernels):
+        if start > covered:
+            out["gaps"] += start - covered
+        out[label(i, name)] += max(0.0, start + dur - max(start, covered))
+        covered = max(covered, start + dur)
+    return out, covered
+
+
 def charge(step: list[tuple[str, float, float]]) -> dict[str, float]:
     """Wall time (us) each class adds to the step's timeline, plus the gaps no kernel covers; the
     step runs from its LM head (first element) to the next one's start (last element)."""
-    out: dict[str, float] = defaultdict(float)
-    covered = step[0][1]
-    for i, (name, start, dur) in enumerate(step[:-1]):
-        cls = "lm_head" if i == 0 else classify(name)
-        if start > covered:
-            out["gaps"] += start - covered
-        out[cls] += max(0.0, start + dur - max(start, covered))
-        covered = max(covered, start + dur)
+    out, covered = _charge(step[:-1], lambda i, name: "lm_head" if i == 0 else classify(name))
     out["gaps"] += max(0.0, step[-1][1] - covered)
     out["step"] = step[-1][1] - step[0][1]
     return out
 
 
-def profile_method(method: str, model_dir: str, steps: int) -> dict:
+def charge_window(kernels: list[tuple[str, float, float]], top: int = 25) -> dict[str, Any]:
+    """A whole run (W1: steps of every shape): ms per class and for the `top` kernel names, and the
+    window's wall time, under the same accounting."""
+    by_class, end = _charge(kernels, lambda i, name: classify(name))
+    by_name, _ = _charge(kernels, lambda i, name: name[:80])
+    names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "window_ms": (end - kernels[0][1]) / 1e3,
+        "ms_by_class": {k: v / 1e3 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        "ms_by_kernel": {k: v / 1e3 for k, v in names},
+    }
+
+
+def _engine(method: str, model_dir: str) -> LLM:
     quantization = {"bf16": "none", "fp8": "fp8", "gptq": "none"}[method]
     llm = LLM(model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
               max_num_batched_tokens=8192, quantization=quantization)  # fmt: skip
+    llm.engine.warmup()
+    return llm
+
+
+def _kernels(prof: torch.profiler.profile) -> list[tuple[str, float, float]]:
+    """Every GPU activity (kernels, memcpy, memset) as (name, start us, duration us), by start."""
+    return sorted(
+        (
+            (e.name, float(e.time_range.start), float(e.time_range.elapsed_us()))
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
+        ),
+        key=lambda k: k[1],
+    )
+
+
+def profile_method(method: str, model_dir: str, steps: int) -> dict:
+    llm = _engine(method, model_dir)
     eng = llm.engine
-    eng.warmup()
     rng = random.Random(3)
     eng.add_request("p", params=SamplingParams(max_tokens=steps + 40, ignore_eos=True),
                     prompt_token_ids=random_prompt(rng, 128))  # fmt: skip
@@ -102,15 +149,8 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
         torch.cuda.synchronize()
     while eng.has_unfinished_requests():
         eng.step()
-    kernels = sorted(
-        (
-            (e.name, e.time_range.start, e.time_range.elapsed_us())
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
-        ),
-        key=lambda k: k[1],
-    )
-    steps_found = split_steps([(n, float(t), float(d)) for n, t, d in kernels])
+    kernels = _kernels(prof)
+    steps_found = split_steps(kernels)
     charged = [charge(s) for s in steps_found]
     keys = sorted(
         {k for c in charged for k in c}, key=lambda k: -statistics.median(c.get(k, 0) for c in charged)
@@ -121,12 +161,22 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
         "median_us": {k: statistics.median(c.get(k, 0.0) for c in charged) for k in keys},
         "kernel_names": sorted({n for n, _, _ in kernels}),
         # the first 340 kernels (one step and a few more): name, start (us from the first), duration
-        "raw": [
-            (n[:40], round(float(t) - float(kernels[0][1]), 2), round(float(d), 2))
-            for n, t, d in kernels[:340]
-        ],
+        "raw": [(n[:40], round(t - kernels[0][1], 2), round(d, 2)) for n, t, d in kernels[:340]],
     }
     del llm, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def profile_w1(method: str, model_dir: str, scale: float) -> dict:
+    """W1 (bench/workloads.py) under the profiler: where the run's GPU time goes, by class and kernel."""
+    llm = _engine(method, model_dir)
+    generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels first
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run = generate(llm, scaled(w1(), scale), temperature=0.6)
+    res = {"w1": run, **charge_window(_kernels(prof))}
+    del llm
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -139,6 +189,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--methods", default="bf16,fp8,gptq")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--workload", choices=("w3", "w1"), default="w3")
+    ap.add_argument("--w1-scale", type=float, default=1.0, help="W1: fraction of its 256 requests")
     args = ap.parse_args()
     t0 = time.time()
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -147,6 +199,22 @@ def main() -> None:
     methods = args.methods.split(",")
     if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():
         make_gptq_rtn(args.model_dir, args.gptq_dir)
+    if args.workload == "w1":
+        for m in methods:
+            result["methods"][m] = profile_w1(
+                m, args.gptq_dir if m == "gptq" else args.model_dir, args.w1_scale
+            )
+            print(m, json.dumps(result["methods"][m]), flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "profile_w1.json").write_text(json.dumps(result, indent=1))
+        print(f"\nW1 ({args.w1_scale:g} of the requests), ms of GPU timeline by class ({result['device']})")
+        for m in methods:
+            r = result["methods"][m]
+            print(f"{m}: {r['w1'].get('output_tok_s', 0):.0f} out tok/s, window {r['window_ms']:.0f} ms")
+            for k, v in r["ms_by_class"].items():
+                print(f"  {k[:48]:48s} {v:10.1f}")
+        return
     for m in methods:
         result["methods"][m] = profile_method(m, args.gptq_dir if m == "gptq" else args.model_dir, args.steps)
         print(m, json.dumps(result["methods"][m]["median_us"]), flush=True)
