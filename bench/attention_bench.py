@@ -78,7 +78,6 @@ def make_case(b: int, lo: int, hi: int, kv_dtype: torch.dtype, seed: int) -> dic
         "qsl": torch.arange(b + 1, device="cuda", dtype=torch.int32),
         "sl": torch.tensor(ctx, device="cuda", dtype=torch.int32),
         "bytes": 2 * sum(ctx) * KVH * D * kc.element_size(),
-        "ctx_mean": sum(ctx) / b,
     }
 
 

@@ -5,8 +5,7 @@ layers of Llama-3.1-8B projection weights (qkv, o, gate_up, down; distinct tenso
 is served from L2) and chains them the way a decoder layer does, each kernel reading the previous
 one's output. It times graph replays of that chain for kernels/gemv.py's tensor-core path with the tiles of
 the kernels it replaced (skinny_gemm, w8_gemm) and kernels/gptq_gemm.py's gptq_gemm, then gemv's
-one-row path and gptq_stream (the per-word Gluon kernel for 4-bit codes) without and with programmatic
-dependent launch, a sweep of tile
+one-row path and kernels/gptq_row4.py (GPTQ, Gluon) without and with programmatic dependent launch, a sweep of tile
 configurations per shape, and cuBLAS for bf16. Every variant is first
 checked against a float32 reference on one layer. Prints a table last; --out writes JSON.
 
@@ -16,6 +15,7 @@ checked against a float32 reference on one layer. Prints a table last; --out wri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import microbench
 import torch
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.kernels.gptq_gemm import gptq_gemm, gptq_stream
+from inferfleet.worker.kernels.gptq_row4 import gptq_row4
 from inferfleet.worker.quant.gptq import dequantize_kernel_layout
 from torch.nn import functional as F
 
@@ -75,28 +76,28 @@ def reference(precision: str, x: torch.Tensor, p: tuple) -> torch.Tensor:
 
 
 def variants(precision: str) -> dict[str, object]:
-    """name -> fn(x, params, **launch) -> y"""
+    """name -> fn(x, params, **launch) -> y; "new" and "new+pdl" are the current one-row kernel
+    without and with programmatic dependent launch (the sweep passes its launch options to them)."""
     v: dict[str, object] = {}
     if precision == "bf16":
         v["cublas"] = lambda x, p: F.linear(x, p[0])
         # the tensor-core path with the former skinny_gemm's tiles ([16, 256], 4 stages)
         v["tensor cores"] = lambda x, p: gemv(x, p[0], fma=False, block_n=16, block_k=256, use_pdl=False)
-        v["new"] = lambda x, p, **kw: gemv(x, p[0], use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, **kw: gemv(x, p[0], use_pdl=True, **kw)
+        current = lambda x, p, **kw: gemv(x, p[0], **kw)  # noqa: E731
     elif precision == "fp8":
         # the tensor-core path with the former w8_gemm's tiles ([16, 512], 4 stages)
         v["tensor cores"] = lambda x, p: gemv(
             x, p[0], p[1], fma=False, block_n=16, block_k=512, use_pdl=False
         )
-        v["new"] = lambda x, p, **kw: gemv(x, p[0], p[1], use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, **kw: gemv(x, p[0], p[1], use_pdl=True, **kw)
+        current = lambda x, p, **kw: gemv(x, p[0], p[1], **kw)  # noqa: E731
     else:
         g_idx = {k: torch.arange(k, device=DEV, dtype=torch.int32) // GROUP for _, k in SHAPES.values()}
         v["gptq_gemm"] = lambda x, p: gptq_gemm(x, p[0], p[1], p[2], g_idx[x.shape[1]], 4, GROUP)
-        # the Triton one-row kernel the per-word Gluon kernel replaced (session 3's measured path)
-        v["triton stream+pdl"] = lambda x, p: gptq_stream(x, *p, 4, GROUP, use_pdl=True, row4=False)
-        v["new"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=False, **kw)
-        v["new+pdl"] = lambda x, p, **kw: gptq_stream(x, *p, 4, GROUP, use_pdl=True, **kw)
+        # the Triton one-row kernel the Gluon kernel replaced (the third session's measured path)
+        v["triton stream+pdl"] = lambda x, p: gptq_stream(x, *p, 4, GROUP, use_pdl=True)
+        current = lambda x, p, **kw: gptq_row4(x, *p, GROUP, **kw)  # noqa: E731
+    v["new"] = functools.partial(current, use_pdl=False)
+    v["new+pdl"] = functools.partial(current, use_pdl=True)
     return v
 
 
@@ -116,13 +117,13 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=True),
     ],
     "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, chains)
-        dict(row4_config=(4, 2, 2, 2, 1)),
-        dict(row4_config=(4, 2, 2, 2, 2)),
-        dict(row4_config=(4, 2, 4, 2, 1)),
-        dict(row4_config=(4, 2, 4, 2, 2)),
-        dict(row4_config=(4, 2, 1, 4, 1)),
-        dict(row4_config=(4, 2, 1, 4, 2)),
-        dict(row4_config=(4, 2, 4, 1, 2)),
+        dict(config=(4, 2, 2, 2, 1)),
+        dict(config=(4, 2, 2, 2, 2)),
+        dict(config=(4, 2, 4, 2, 1)),
+        dict(config=(4, 2, 4, 2, 2)),
+        dict(config=(4, 2, 1, 4, 1)),
+        dict(config=(4, 2, 1, 4, 2)),
+        dict(config=(4, 2, 4, 1, 2)),
     ],
 }
 
@@ -216,10 +217,11 @@ def main() -> None:
             res["chain_ms"][vname] = ms
             table.append((precision, "chain " + vname, ms, total / ms / 1e6))
         if not args.no_sweep:
+            baselines = [v for v in vs if not v.startswith("new")]  # timed once per shape, not swept
             for sname in SHAPES:
                 sb = weight_bytes(layers, [sname])
                 shape_res = {}
-                for vname in [v for v in vs if not v.startswith("new")]:
+                for vname in baselines:
                     shape_res[vname] = time_graph(same_shape_chain(vs[vname], layers, sname, rows))
                 for pdl_name in ("new", "new+pdl"):
                     for cfg in SWEEP[precision]:
@@ -238,7 +240,7 @@ def main() -> None:
                     flush=True,
                 )
                 best = min((v, k) for k, v in shape_res.items() if isinstance(v, float))
-                for vname in [v for v in vs if not v.startswith("new")]:
+                for vname in baselines:
                     ms = shape_res[vname]
                     table.append((precision, f"{sname} x32 {vname}", ms, sb / ms / 1e6))
                 table.append((precision, f"{sname} x32 best: {best[1]}", best[0], sb / best[0] / 1e6))

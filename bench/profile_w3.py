@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
 from gpu_bench import generate
-from inferfleet.worker import LLM, SamplingParams
-from quant_bench import make_gptq_rtn
+from inferfleet.worker import SamplingParams
+from quant_bench import add_model_args, build_llm, ensure_gptq_rtn, model_dir_for
 from workloads import fixed, random_prompt, scaled, w1
 
 PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weight-streaming kernels
@@ -114,14 +114,6 @@ def charge_window(kernels: list[tuple[str, float, float]], top: int = 25) -> dic
     }
 
 
-def _engine(method: str, model_dir: str) -> LLM:
-    quantization = {"bf16": "none", "fp8": "fp8", "gptq": "none"}[method]
-    llm = LLM(model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
-              max_num_batched_tokens=8192, quantization=quantization)  # fmt: skip
-    llm.engine.warmup()
-    return llm
-
-
 def _kernels(prof: torch.profiler.profile) -> list[tuple[str, float, float]]:
     """Every GPU activity (kernels, memcpy, memset) as (name, start us, duration us), by start."""
     return sorted(
@@ -135,7 +127,7 @@ def _kernels(prof: torch.profiler.profile) -> list[tuple[str, float, float]]:
 
 
 def profile_method(method: str, model_dir: str, steps: int) -> dict:
-    llm = _engine(method, model_dir)
+    llm = build_llm(method, model_dir)
     eng = llm.engine
     rng = random.Random(3)
     eng.add_request("p", params=SamplingParams(max_tokens=steps + 40, ignore_eos=True),
@@ -171,7 +163,7 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
 
 def profile_w1(method: str, model_dir: str, scale: float) -> dict:
     """W1 (bench/workloads.py) under the profiler: where the run's GPU time goes, by class and kernel."""
-    llm = _engine(method, model_dir)
+    llm = build_llm(method, model_dir)
     generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels first
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run = generate(llm, scaled(w1(), scale), temperature=0.6)
@@ -184,30 +176,31 @@ def profile_w1(method: str, model_dir: str, scale: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default="/tmp/llama8b")
-    ap.add_argument("--gptq-dir", default="/tmp/llama8b-gptq-rtn")
+    add_model_args(ap, "bf16,fp8,gptq")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--methods", default="bf16,fp8,gptq")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--workload", choices=("w3", "w1"), default="w3")
     ap.add_argument("--w1-scale", type=float, default=1.0, help="W1: fraction of its 256 requests")
     args = ap.parse_args()
     t0 = time.time()
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%d"), "methods": {}}  # fmt: skip
+                    "date": time.strftime("%Y-%m-%d"), "workload": args.workload, "methods": {}}  # fmt: skip
     ensure_llama8b_checkpoint(args.model_dir)
     methods = args.methods.split(",")
-    if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():
-        make_gptq_rtn(args.model_dir, args.gptq_dir)
+    if "gptq" in methods:
+        ensure_gptq_rtn(args.model_dir, args.gptq_dir)
+    for m in methods:
+        if args.workload == "w1":
+            result["methods"][m] = profile_w1(m, model_dir_for(m, args), args.w1_scale)
+        else:
+            result["methods"][m] = profile_method(m, model_dir_for(m, args), args.steps)
+        print(m, json.dumps(result["methods"][m].get("median_us", result["methods"][m])), flush=True)
+    result["seconds"] = time.time() - t0
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        out = Path(args.out) / f"profile_{args.workload}.json"
+        out.write_text(json.dumps(result, separators=(",", ":")))
     if args.workload == "w1":
-        for m in methods:
-            result["methods"][m] = profile_w1(
-                m, args.gptq_dir if m == "gptq" else args.model_dir, args.w1_scale
-            )
-            print(m, json.dumps(result["methods"][m]), flush=True)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "profile_w1.json").write_text(json.dumps(result, indent=1))
         print(f"\nW1 ({args.w1_scale:g} of the requests), ms of GPU timeline by class ({result['device']})")
         for m in methods:
             r = result["methods"][m]
@@ -215,13 +208,6 @@ def main() -> None:
             for k, v in r["ms_by_class"].items():
                 print(f"  {k[:48]:48s} {v:10.1f}")
         return
-    for m in methods:
-        result["methods"][m] = profile_method(m, args.gptq_dir if m == "gptq" else args.model_dir, args.steps)
-        print(m, json.dumps(result["methods"][m]["median_us"]), flush=True)
-    result["seconds"] = time.time() - t0
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_w3.json").write_text(json.dumps(result, separators=(",", ":")))
     keys = sorted({k for r in result["methods"].values() for k in r["median_us"]},
                   key=lambda k: -max(r["median_us"].get(k, 0) for r in result["methods"].values()))  # fmt: skip
     print(f"\nW3 decode step, median us per step ({result['device']}, {result['date']})")

@@ -64,25 +64,46 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return n
 
 
-def make_gptq_rtn(src: str, dst: str) -> dict[str, Any]:
+def ensure_gptq_rtn(src: str, dst: str) -> dict[str, Any] | None:
+    """The gptq method's checkpoint at `dst`, made from `src` unless there; what making it took."""
+    if (Path(dst) / "config.json").exists():
+        return None
     t0 = time.perf_counter()
     quantize_checkpoint(src, dst, QuantizeSpec(method="rtn", bits=4, group_size=128), device="cuda")
     torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - t0, "note": "round-to-nearest packed in the GPTQ layout"}
 
 
-def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[torch.Tensor] | None,
-               prompts: list[list[int]], w1_scale: float, w2_scale: float,
-               kv_cache_dtype: str = "auto") -> tuple[dict[str, Any], list[torch.Tensor] | None]:  # fmt: skip
+def add_model_args(ap: argparse.ArgumentParser, methods: str) -> None:
+    """The checkpoint options every per-precision bench takes."""
+    ap.add_argument("--model-dir", default="/tmp/llama8b")
+    ap.add_argument("--gptq-dir", default="/tmp/llama8b-gptq-rtn")
+    ap.add_argument("--methods", default=methods)
+
+
+def model_dir_for(method: str, args: argparse.Namespace) -> str:
+    return args.gptq_dir if method == "gptq" else args.model_dir
+
+
+def build_llm(method: str, model_dir: str, kv_cache_dtype: str = "auto") -> LLM:
+    """The engine every per-precision bench measures (the gptq method's checkpoint is already
+    quantized, so it loads with quantization none), warmed up."""
     quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gptq": "none"}[method]
-    res: dict[str, Any] = {}
-    t0 = time.perf_counter()
     llm = LLM(
         model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
         max_num_batched_tokens=8192, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
+    llm.engine.warmup()
+    return llm
+
+
+def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[torch.Tensor] | None,
+               prompts: list[list[int]], w1_scale: float, w2_scale: float,
+               kv_cache_dtype: str = "auto") -> tuple[dict[str, Any], list[torch.Tensor] | None]:  # fmt: skip
+    res: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    llm = build_llm(method, model_dir, kv_cache_dtype)
     eng = llm.engine
-    eng.warmup()
     res["quantization"] = eng.config.quantization
     res["kv_cache_dtype"] = eng.config.kv_cache_dtype
     res["startup"] = {
@@ -132,6 +153,7 @@ def kernel_table() -> list[dict[str, Any]]:
     import triton
     from inferfleet.worker.kernels.gemv import gemv
     from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream
+    from inferfleet.worker.kernels.gptq_row4 import gptq_row4
     from inferfleet.worker.quant.gptq import pack_int32
     from inferfleet.worker.quant.int8 import int8_linear_reference
 
@@ -167,7 +189,8 @@ def kernel_table() -> list[dict[str, Any]]:
                 cases["bf16 gemv"] = (lambda j: gemv(x, bf[j]), 2.0)
                 cases["bf16 gemv tensor cores"] = (lambda j: gemv(x, bf[j], fma=False), 2.0)
                 cases["fp8 gemv tensor cores"] = (lambda j: gemv(x, f8[j], scale, fma=False), 1.0)
-                cases["gptq stream"] = (lambda j: gptq_stream(x, q4[j], s4, z4, 4, 128), b4)
+                cases["gptq stream (Triton)"] = (lambda j: gptq_stream(x, q4[j], s4, z4, 4, 128), b4)
+                cases["gptq row4 (Gluon)"] = (lambda j: gptq_row4(x, q4[j], s4, z4, 128), b4)
                 for bn, bk, sk in ((16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
                     cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (
                         lambda j, bn=bn, bk=bk, sk=sk: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, block_n=bn, block_k=bk, split_k=sk),
@@ -190,10 +213,8 @@ def kernel_table() -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default="/tmp/llama8b")
-    ap.add_argument("--gptq-dir", default="/tmp/llama8b-gptq-rtn")
+    add_model_args(ap, ",".join(METHODS))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--only", default="kernels,err,w3,w1,w2")
     ap.add_argument("--w1-scale", type=float, default=1.0)
     ap.add_argument("--w2-scale", type=float, default=0.25)
@@ -222,18 +243,24 @@ def main() -> None:
         log.info("checkpoint: %s", made)
     if "kernels" in only:
         results["kernels"] = kernel_table()
-    if "gptq" in methods and not (Path(args.gptq_dir) / "config.json").exists():
-        results["gptq_checkpoint"] = make_gptq_rtn(args.model_dir, args.gptq_dir)
-        log.info("gptq (rtn) checkpoint: %s", results["gptq_checkpoint"])
+    if "gptq" in methods and (made := ensure_gptq_rtn(args.model_dir, args.gptq_dir)) is not None:
+        results["gptq_checkpoint"] = made
+        log.info("gptq (rtn) checkpoint: %s", made)
     rng = random.Random(11)
     prompts = [random_prompt(rng, 160) for _ in range(4)]
     ref_logits = None
     if "err" in only and methods[0] != "bf16":
         methods = ["bf16", *methods]
     for m in methods:
-        model_dir = args.gptq_dir if m == "gptq" else args.model_dir
         res, logits = run_method(
-            m, model_dir, only, ref_logits, prompts, args.w1_scale, args.w2_scale, args.kv_cache_dtype
+            m,
+            model_dir_for(m, args),
+            only,
+            ref_logits,
+            prompts,
+            args.w1_scale,
+            args.w2_scale,
+            args.kv_cache_dtype,
         )
         gc.collect()  # free this precision's engine, graphs and KV before the next one loads
         torch.cuda.empty_cache()

@@ -21,7 +21,14 @@ import kopf
 from inferfleet.operator import autoscaler, labels
 from inferfleet.operator.config import OperatorConfig
 from inferfleet.operator.kube import ISVCS, PODS, ApiError, KubeClient
-from inferfleet.operator.plan import ChildRef, balloon_ref, build_worker_deployment, plan_spec, prepull_ref
+from inferfleet.operator.plan import (
+    ChildRef,
+    balloon_ref,
+    build_worker_deployment,
+    plan_spec,
+    prepull_ref,
+    worker_ref,
+)
 from inferfleet.operator.reconcile import read_child, read_children, restore_drifted
 from inferfleet.operator.scraper import LoadSample, scrape
 from inferfleet.operator.spec import ServiceSpec, SpecError
@@ -121,8 +128,10 @@ class Fleet:
             if s.autoscaling.enabled and _due(rt.last_autoscale, interval, now):
                 scaler_status = await self._autoscale(rt, isvc, s, pods, now, logger)
                 rt.last_autoscale = now
+            worker = None  # the worker Deployment as planned: its template hash goes into status
             if rt.applied_generation is not None and _due(rt.last_resync, self.config.resync_interval_s, now):
                 desired = plan_spec(s)  # the whole plan only when due: status needs the worker's hash alone
+                worker = next(o for o in desired if ChildRef.of(o) == worker_ref(s))
                 live = await read_children(self.kube, namespace, desired, known=read)
                 restored = await restore_drifted(self.kube, desired, live)
                 if restored:
@@ -132,7 +141,7 @@ class Fleet:
                 s,
                 previous,
                 observed,
-                template_hash=_template_hash(s),
+                template_hash=_template_hash(worker or build_worker_deployment(s)),
                 observed_generation=rt.applied_generation,
                 apply_error=rt.apply_error,
                 autoscaler=scaler_status,
@@ -203,9 +212,8 @@ class Fleet:
             await self.kube.patch_status(ISVCS, meta["namespace"], meta["name"], status)
 
 
-def _template_hash(s: ServiceSpec) -> str:
-    """The spec-hash of the worker pod template the plan gives `s`."""
-    worker = build_worker_deployment(s)
+def _template_hash(worker: Mapping[str, Any]) -> str:
+    """The spec-hash of a planned worker Deployment's pod template."""
     return str(worker["spec"]["template"]["metadata"]["annotations"][labels.SPEC_HASH])
 
 

@@ -69,10 +69,10 @@ async def apply_children(kube: KubeClient, s: ServiceSpec) -> Applied:
 
 
 async def prune(kube: KubeClient, s: ServiceSpec, ref: ChildRef) -> bool:
-    resource = resource_of(ref.api_version, ref.kind)
-    live = await kube.get(resource, s.namespace, ref.name)
+    live = await read_child(kube, s.namespace, ref)
     if live is None or not owned_by(live, s.uid):
         return False  # gone already, or someone else's object that happens to share the name
+    resource = resource_of(ref.api_version, ref.kind)
     return await kube.delete(resource, s.namespace, ref.name, uid=live["metadata"].get("uid"))
 
 

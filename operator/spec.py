@@ -204,23 +204,19 @@ class ServiceSpec:
                 "spec.engine.kvCacheDtype",
                 f"must be {' or '.join(_KV_CACHE_DTYPES)}, got {self.engine.kv_cache_dtype!r}",
             )
-        if self.engine.kv_cache_dtype == "fp8" and self.gpus == 0:
-            # each field is valid alone, so the CRD admits the pair; the CPU engine would even run it
-            # (torch converts), but an fp8 KV fleet is a GPU feature: a CPU worker asking for it is
-            # a spec mistake, reported as InvalidSpec like the other impossible combinations
-            raise SpecError(
-                "spec.engine.kvCacheDtype",
-                "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); "
-                "a CPU worker (gpus 0) must use auto",
-            )
-        if self.engine.quantization == "fp8" and self.gpus == 0:
-            # FP8 weights run on GPUs of compute capability >= 8.9 only; the worker refuses them on
-            # a CPU at startup, so the operator says so before a pod crash-loops
-            raise SpecError(
-                "spec.engine.quantization",
-                "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); "
-                "a CPU worker can use int8 or gptq",
-            )
+        # Each field is valid alone, so the CRD admits fp8 with gpus 0. FP8 weights run on GPUs of
+        # compute capability >= 8.9 only (the worker refuses them on a CPU at startup: said here
+        # before a pod crash-loops); an fp8 KV cache would even run on a CPU (torch converts), but
+        # it is a GPU feature: a CPU worker asking for either is an InvalidSpec.
+        for field, value, instead in (
+            ("spec.engine.kvCacheDtype", self.engine.kv_cache_dtype, "a CPU worker (gpus 0) must use auto"),
+            ("spec.engine.quantization", self.engine.quantization, "a CPU worker can use int8 or gptq"),
+        ):
+            if value == "fp8" and self.gpus == 0:
+                raise SpecError(
+                    field,
+                    "fp8 needs a GPU worker (resources.gpus >= 1, compute capability >= 8.9); " + instead,
+                )
         for arg in self.engine.extra_args:
             if _MANAGED_FLAG_RE.match(arg):
                 raise SpecError("spec.engine.extraArgs", f"{arg!r} is set by the operator")

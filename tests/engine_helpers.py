@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from inferfleet.worker import SamplingParams
+from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 
 def greedy_rows(
@@ -32,6 +32,19 @@ def greedy_rows(
     finally:
         eng.on_logits = None
     return [final[rid].token_ids for rid in ids], [rows[rid] for rid in ids]
+
+
+def greedy_run(
+    model: Any, prompts: list[list[int]], max_tokens: int, *, warmup: bool = False, **config: Any
+) -> tuple[list[list[int]], list[list[torch.Tensor]], LLMEngine]:
+    """A fresh engine on `model` (EngineConfig fields in `config`; warmed up first if asked) runs
+    greedy_rows; every KV block must be free again afterwards. Returns tokens, rows, the engine."""
+    eng = LLMEngine(EngineConfig(model=str(model), **config))
+    if warmup:
+        eng.warmup()
+    tokens, rows = greedy_rows(eng, prompts, max_tokens)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    return tokens, rows, eng
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -163,7 +163,8 @@ class AsyncEngine:
         requests: list[tuple[str, list[int], SamplingParams]],
         arrival: float,
     ) -> GenerationStream:
-        """Queue (request_id, prompt_token_ids, params) triples as one stream. Call on the loop."""
+        """Queue (request_id, prompt_token_ids, params) triples as one stream; each prompt must have
+        passed the engine's validate_prompt. Call on the loop."""
         stream = GenerationStream(self, [r[0] for r in requests], arrival, self._metrics)
         with self._lock:
             if self._dead is not None or self._stopped:
@@ -293,8 +294,9 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, stream, rid, ids, params, arrival = cmd
                 try:
-                    seq = engine.add_request(rid, params=params, prompt_token_ids=ids, arrival_time=arrival)
-                except InferfleetError as e:  # the server validated first; this is a backstop
+                    # the server validated the prompt (serving._plan); the engine thread only queues it
+                    seq = engine.enqueue(rid, ids, params, arrival)
+                except InferfleetError as e:  # a request id already in use
                     self._notify(stream._fail, e)
                     continue
                 live[rid] = _Live(stream, seq)

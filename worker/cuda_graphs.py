@@ -100,7 +100,6 @@ class DecodeGraphs:
             max_query_len=1,
             query_lens_host=[],
             seq_lens_host=[],
-            block_tables_host=[],
             num_splits=splits,
             split_workspace=self._split_ws(splits, bs),
         )

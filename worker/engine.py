@@ -163,13 +163,13 @@ class LLMEngine:
         else:
             prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids, params)
-        return self._enqueue(request_id, prompt_token_ids, params, arrival_time, stream)
+        return self.enqueue(request_id, prompt_token_ids, params, arrival_time, stream)
 
     def _check_request_id(self, request_id: str) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
 
-    def _enqueue(
+    def enqueue(
         self,
         request_id: str,
         prompt_token_ids: list[int],
@@ -177,8 +177,9 @@ class LLMEngine:
         arrival_time: float | None = None,
         stream: bool = True,
     ) -> Sequence:
-        """Queue a request whose prompt has passed validate_prompt; the engine keeps (does not copy)
-        `prompt_token_ids`. Raises InvalidRequestError if the request id is in use."""
+        """Queue a request whose prompt has passed validate_prompt (LLM.generate and the server
+        validate first, once per prompt); the engine keeps (does not copy) `prompt_token_ids`, so
+        the choices of one prompt may share it. Raises InvalidRequestError if the request id is in use."""
         self._check_request_id(request_id)
         seq = Sequence(request_id, prompt_token_ids, params)
         if arrival_time is not None:

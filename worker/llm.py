@@ -74,6 +74,6 @@ class LLM:
             self.engine.validate_prompt(toks, p)
         ids = [f"gen-{next(self._ids)}" for _ in range(n)]
         for rid, toks, p in zip(ids, token_lists, params):
-            self.engine._enqueue(rid, toks, p, stream=False)
+            self.engine.enqueue(rid, toks, p, stream=False)
         final = self.engine.generate_all(ids)
         return [final[rid] for rid in ids]

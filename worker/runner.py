@@ -286,7 +286,6 @@ class ModelRunner:
             max_query_len=max_q,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
-            block_tables_host=tables,
             num_splits=splits,
         )
 

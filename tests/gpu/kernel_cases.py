@@ -75,7 +75,6 @@ def make_batch(query_lens: list[int], ctx_lens: list[int], page: int, num_blocks
         max_query_len=max(query_lens),
         query_lens_host=query_lens,
         seq_lens_host=ctx_lens,
-        block_tables_host=tables,
     )
     return meta
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_rows
-from inferfleet.worker import EngineConfig, LLMEngine
+from engine_helpers import common_prefix, greedy_run
+from inferfleet.worker import LLMEngine
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -71,11 +71,7 @@ def test_bf16_logits_close_to_float32_reference(arch: str, tiny_models: dict[str
 
 def run_rows(model: Path, ps: list[list[int]], max_tokens: int, **kw: object) -> tuple[list[list[int]], list[list[torch.Tensor]], LLMEngine]:  # fmt: skip
     """Like run(), but keeps every step's logits row of every request (prefill, then decodes)."""
-    eng = LLMEngine(EngineConfig(model=str(model), **kw))  # type: ignore[arg-type]
-    eng.warmup()
-    tokens, rows = greedy_rows(eng, ps, max_tokens)
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    return tokens, rows, eng
+    return greedy_run(model, ps, max_tokens, warmup=True, **kw)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -60,6 +60,7 @@ from inferfleet.worker.quant.evaluate import (
 from inferfleet.worker.quant.spec import QuantConfig
 from inferfleet.worker.tiny import _CORPUS, save_safetensors
 from inferfleet.worker.tokenizer import Tokenizer
+from quant_helpers import fp8_quantization_config
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -115,13 +116,6 @@ def cpu_reference(model: Path, quantization: str, fp8_from_checkpoint: bool = Fa
     return use_kernel_numerics(eng.runner.model)
 
 
-def decode_run(
-    eng: LLMEngine, ps: list[list[int]], max_tokens: int
-) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-    """Generate greedily for all prompts at once; every step's logits row per request."""
-    return greedy_rows(eng, ps, max_tokens)
-
-
 def check_rows(label: str, pairs: list[tuple[torch.Tensor, torch.Tensor, Tol, Any]]) -> None:
     """pairs: (got, want, tolerance, where); each within its row tolerance, all together within the
     loosest `all` tolerance among them. Prints the measurement first."""
@@ -143,7 +137,7 @@ def check_against_reference(
     ref = prompt_logits(ref_model, ps)
     check_rows(f"{label} prefill", [(a, b, tol, ("prompt", len(p))) for a, b, p in zip(got, ref, ps)])
     # decode (graph replays): teacher-force the reference on what the GPU generated
-    toks, steps = decode_run(eng, ps, tokens)
+    toks, steps = greedy_rows(eng, ps, tokens)
     full = prompt_logits(ref_model, [p + t[:-1] for p, t in zip(ps, toks)])
     pairs = []
     for p, t, step_rows, r in zip(ps, toks, steps, full):
@@ -221,7 +215,7 @@ def test_fp8_cuda_matches_cpu_reference(
         # prefill only, each prompt alone on both sides (W8A16 up to 64 tokens, W8A8 above)
         got, want = prompt_logits(eng.runner.model, ps), prompt_logits(ref, ps)
         check_rows(f"{label} prefill", [(a, b, served_tol(len(p)), len(p)) for a, b, p in zip(got, want, ps)])
-        _, steps = decode_run(eng, wide_batch(6), 4)  # batches above 64 rows replay _scaled_mm in graphs
+        _, steps = greedy_rows(eng, wide_batch(6), 4)  # batches above 64 rows replay _scaled_mm in graphs
         assert all(bool(torch.isfinite(r).all()) for rows in steps for r in rows)
         return
     tol = WEIGHT_ONLY if regime == "w8a16" else W8A8
@@ -248,18 +242,7 @@ def fp8_checkpoint(src: Path, dst: Path) -> Path:
     save_safetensors(tensors, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"
-    cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True},
-                "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True},
-            }
-        },
-        "ignore": ["lm_head"],
-    }
+    cfg["quantization_config"] = fp8_quantization_config()
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 

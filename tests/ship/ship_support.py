@@ -75,9 +75,11 @@ def kustomize(path: pathlib.Path) -> list[Obj]:
     return load_yaml_docs(out.stdout)
 
 
-# Helm's coalescing of a user values file over values.yaml is a JSON merge patch (maps merge, null
-# deletes a key, anything else replaces): the emulator's RFC 7386 merge serves both
-deep_merge = merge_patch
+def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> Obj:
+    """Helm's coalescing of a user values file over values.yaml: a JSON merge patch (maps merge,
+    null deletes a key, anything else replaces), the emulator's RFC 7386 merge, on a copy of the
+    (cached, shared) base so that no caller can change it through the result."""
+    return merge_patch(copy.deepcopy(base), patch)
 
 
 def key(obj: Mapping[str, Any]) -> tuple[str, str, str | None]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_rows
+from engine_helpers import common_prefix, greedy_run
 from inferfleet.worker import EngineConfig, LLMEngine, cli
 from inferfleet.worker.config import KV_CACHE_DTYPES
 from inferfleet.worker.errors import InvalidRequestError
@@ -45,12 +45,9 @@ def prompts(seed: int = 0, n: int = 12) -> list[list[int]]:
 
 
 def run(model: Path, kv_cache_dtype: str, ps: list[list[int]], **kw: object) -> tuple[list[list[int]], list[list[torch.Tensor]], LLMEngine]:  # fmt: skip
-    eng = LLMEngine(
-        EngineConfig(model=str(model), device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype, **kw)  # type: ignore[arg-type]
+    return greedy_run(
+        model, ps, MAX_TOKENS, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype, **kw
     )
-    tokens, rows = greedy_rows(eng, ps, MAX_TOKENS)
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    return tokens, rows, eng
 
 
 @pytest.fixture(scope="module")

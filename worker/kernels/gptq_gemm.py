@@ -181,16 +181,10 @@ def stream_ok(group_k: int, bits: int, k: int, m: int = 1) -> bool:
     return group_k > 0 and bits in (2, 4, 8) and (bk % group_k == 0 or group_k % bk == 0)
 
 
-def row4_ok(bits: int, group_k: int, x: torch.Tensor) -> bool:
-    """Whether one row takes kernels/gptq_row4.py: 4-bit codes, groups of whole words, CUDA (Gluon
-    has no CPU interpreter: there the Triton kernel above runs) and a Triton that has Gluon."""
-    return (
-        bits == 4
-        and group_k % 8 == 0
-        and x.is_cuda
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and _has_gluon()
-    )
+def row4_ok(bits: int, group_k: int) -> bool:
+    """Whether kernels/gptq_row4.py (Gluon, CUDA only: there is no interpreter) can take one row of
+    this layout: 4-bit codes in groups of whole words, and a Triton that has Gluon."""
+    return bits == 4 and group_k > 0 and group_k % 8 == 0 and _has_gluon()
 
 
 @functools.cache
@@ -213,8 +207,6 @@ def gptq_stream(
     num_stages: int = 3,
     fma: bool | None = None,
     use_pdl: bool | None = None,
-    row4: bool | None = None,
-    row4_config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Decode-batch path for contiguous groups (`group_k` > 0): x [M, K] -> y [M, N] in x's dtype."""
     m, k = x.shape
@@ -224,12 +216,6 @@ def gptq_stream(
     assert block_k % group_k == 0 or group_k % block_k == 0, (block_k, group_k)
     fma, use_pdl, block_m = row_path(m, fma, use_pdl)  # as kernels/gemv.py
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if row4 is None:
-        row4 = fma and row4_ok(bits, group_k, x)
-    if row4:
-        from .gptq_row4 import gptq_row4
-
-        return gptq_row4(x, qweight_t, scales_t, zeros_t, group_k, bias, y, use_pdl, row4_config)
     _gptq_stream_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
         m, n, k, g,

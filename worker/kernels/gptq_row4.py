@@ -30,6 +30,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from . import pdl
+
 
 def default_config(n: int) -> tuple[int, int, int, int, int]:
     """The launch (rows per thread, words per thread run, warps along N, warps along K, product
@@ -228,13 +230,14 @@ def gptq_row4(
     scales_t: torch.Tensor,
     zeros_t: torch.Tensor,
     group_k: int,
-    bias: torch.Tensor | None,
-    y: torch.Tensor,
-    use_pdl: bool,
+    bias: torch.Tensor | None = None,
+    *,
+    use_pdl: bool | None = None,
     config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """y [1, N] = x [1, K] . W^T (+ bias) for 4-bit codes in contiguous groups of `group_k` (a
-    multiple of 8); the layout is kernels/gptq_gemm.py's."""
+    """y [1, N] = x [1, K] . W^T (+ bias) in x's dtype, for 4-bit codes in contiguous groups of
+    `group_k` (a multiple of 8); the layout is kernels/gptq_gemm.py's. PDL as the engine set it
+    (kernels/pdl.py) unless `use_pdl` says otherwise."""
     n, g = scales_t.shape
     k = x.shape[1]
     assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
@@ -242,6 +245,8 @@ def gptq_row4(
     rows, wpt, warps_n, warps_k, chains = config or default_config(n)
     wpt = max(w for w in (wpt, 2, 1) if w <= wpt and group_k % (8 * w) == 0)
     block_n, block_k = rows * warps_n, 32 * warps_k * wpt * 8
+    use_pdl = pdl.enabled() if use_pdl is None else use_pdl
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     xr = x[0]
     if xr.storage_offset() % 2:  # x is read as pairs of 16-bit values: one 32-bit load each
         xr = xr.clone()

@@ -36,7 +36,6 @@ class AttentionMetadata:
     # host copies, so the reference path never syncs with the device
     query_lens_host: list[int]
     seq_lens_host: list[int]
-    block_tables_host: list[list[int]]
     # split-KV decode (CUDA backend): number of context splits and its float32 workspace
     num_splits: int = 1
     split_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -167,20 +166,20 @@ class TorchAttentionBackend:
             blocks = meta.block_tables[i, :nblk].long()
             keys = k_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]  # [L, KVH, D]
             vals = v_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]
-            if keys.dtype != q.dtype:  # an fp8 cache: widen to the query dtype (exact) before the math
-                keys, vals = keys.to(q.dtype), vals.to(q.dtype)
+            # the math is float32: widen once (exact from bf16/fp16 and from an fp8 cache)
+            keys, vals = keys.float(), vals.float()
             qs = q[start : start + qlen]  # [n, H, D]
             if group > 1:
                 keys = keys.repeat_interleave(group, dim=1)
                 vals = vals.repeat_interleave(group, dim=1)
-            scores = torch.einsum("nhd,lhd->hnl", qs.float(), keys.float()) * scale  # [H, n, L]
+            scores = torch.einsum("nhd,lhd->hnl", qs.float(), keys) * scale  # [H, n, L]
             if qlen > 1:
                 # query j sits at absolute position ctx - qlen + j and sees keys 0..that position
                 qpos = torch.arange(ctx - qlen, ctx, device=q.device).unsqueeze(1)
                 kpos = torch.arange(ctx, device=q.device).unsqueeze(0)
                 scores = scores.masked_fill(kpos > qpos, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-            out[start : start + qlen] = torch.einsum("hnl,lhd->nhd", probs, vals.float()).to(q.dtype)
+            out[start : start + qlen] = torch.einsum("hnl,lhd->nhd", probs, vals).to(q.dtype)
             start += qlen
         return out
 

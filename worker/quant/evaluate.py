@@ -66,7 +66,6 @@ def prompt_logits(
             max_query_len=t,
             query_lens_host=[t],
             seq_lens_host=[t],
-            block_tables_host=[table],
         )
         ids = torch.tensor(p, dtype=torch.long, device=dev)
         hidden = model(ids, torch.arange(t, device=dev), kv, meta)

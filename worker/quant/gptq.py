@@ -174,12 +174,14 @@ class GptqLinearMethod(LinearMethod):
         layer.register_buffer("perm", perm, persistent=False)
         # contiguous groups of `group_k` channels let the kernel load one scale row per K block
         layer.group_k = (k if groups == 1 else gs) if contiguous else 0
-        # whether one-row CUDA batches take gptq_stream: it depends on this layout only, decided once
-        layer.gptq_stream_ok = False
+        # the kernel of one-row CUDA batches depends on this layout only, decided once: the Gluon
+        # kernel (4-bit, groups of whole words), else the Triton one, else none (gptq_gemm)
+        layer.gptq_one_row = None
         if kernels.AVAILABLE:
-            from ..kernels.gptq_gemm import stream_ok
+            from ..kernels.gptq_gemm import row4_ok, stream_ok
 
-            layer.gptq_stream_ok = stream_ok(layer.group_k, bits, k)
+            if stream_ok(layer.group_k, bits, k):
+                layer.gptq_one_row = "row4" if row4_ok(bits, layer.group_k) else "stream"
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         """The processed layer's W [N, K] in float32, in the layer's (possibly permuted) K order."""
@@ -203,20 +205,18 @@ class GptqLinearMethod(LinearMethod):
         m = x.shape[0]
         if layer.perm is not None:
             x = x.index_select(1, layer.perm)
-        if m == 1 and layer.gptq_stream_ok:
+        if m == 1 and layer.gptq_one_row == "row4":
+            from ..kernels.gptq_row4 import gptq_row4
+
+            return gptq_row4(x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, layer.bias)
+        if m == 1 and layer.gptq_one_row == "stream":
             return gptq_stream(
                 x, layer.qweight_t, layer.scales_t, layer.zeros_t, self.bits, layer.group_k, layer.bias
             )
+        packed = (layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k)
         if m <= FUSED_MAX_M:
-            return gptq_gemm(
-                x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k,
-                bias=layer.bias,
-            )  # fmt: skip
-        w = gptq_dequant(
-            layer.qweight_t, layer.scales_t, layer.zeros_t, layer.g_idx_k, self.bits, layer.group_k,
-            dtype=x.dtype,
-        )  # fmt: skip
-        return F.linear(x, w, layer.bias)
+            return gptq_gemm(x, *packed, bias=layer.bias)
+        return F.linear(x, gptq_dequant(*packed, dtype=x.dtype), layer.bias)
 
     def kernel_reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """What kernels/gptq_gemm.py's per-block-scale path computes for x [M, K]: x . W + b in

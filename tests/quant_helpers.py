@@ -1,4 +1,5 @@
-"""Helpers shared by the quantization tests (imported by this unique name, like server_helpers)."""
+"""Helpers shared by the quantization tests in tests/worker and tests/gpu (imported by this unique
+name, like engine_helpers)."""
 
 from __future__ import annotations
 
