@@ -98,6 +98,9 @@ def variants(precision: str) -> dict[str, object]:
         current = lambda x, p, **kw: gptq_row4(x, *p, GROUP, **kw)  # noqa: E731
     v["new"] = functools.partial(current, use_pdl=False)
     v["new+pdl"] = functools.partial(current, use_pdl=True)
+    if precision != "gptq":  # gemv.py: more weight tiles loaded before the PDL wait (default 1)
+        for tiles in (2, 3):
+            v[f"pdl, prefetch {tiles}"] = functools.partial(current, use_pdl=True, prefetch=tiles)
     return v
 
 
@@ -108,6 +111,8 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=False),
         dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=True),
         dict(block_n=8, block_k=512, num_warps=4, num_stages=5, prefetch=True),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=2),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=3),
     ],
     "fp8": [
         dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=True),
@@ -115,6 +120,10 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=True),
         dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=False),
         dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=True),
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=2),
+        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=3),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=2),
+        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=3),
     ],
     "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, chains)
         dict(config=(4, 2, 2, 2, 1)),

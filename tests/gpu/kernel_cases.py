@@ -30,7 +30,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from inferfleet.worker.config import RopeConfig  # noqa: E402
 from inferfleet.worker.kernels.elementwise import rmsnorm, rope_and_cache, silu_and_mul  # noqa: E402
-from inferfleet.worker.kernels.paged_attention import paged_attention  # noqa: E402
+from inferfleet.worker.kernels.paged_attention import NewKV, paged_attention  # noqa: E402
 from inferfleet.worker.layers.attention import (  # noqa: E402
     KV_FP8_DTYPE,
     KV_FP8_MAX,
@@ -290,6 +290,76 @@ def test_rope_and_cache_writes_an_fp8_cache() -> None:
     assert flat_v[41:77].float().abs().sum() == 0
 
 
+FUSED_CASES = [
+    # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype)
+    (4, 2, 16, 16, [1, 17, 40], 1, DT),
+    (8, 2, 32, 16, [100, 7, 0], 4, DT),  # split-KV; the new key's split is not the first
+    (4, 2, 16, 16, [1, 3, 65, 0], 8, DT),  # more splits than tiles; a one-token context
+    (4, 1, 16, 8, [33, 64, 5], 2, DT),  # GQA 4, page 8; the new token opens a page (33)
+    (8, 2, 32, 16, [100, 7, 0], 4, KV_FP8_DTYPE),
+    (4, 2, 16, 16, [1, 17, 40], 1, KV_FP8_DTYPE),
+]
+
+
+@pytest.mark.parametrize(("h", "kvh", "d", "page", "ctx", "splits", "cache_dtype"), FUSED_CASES)
+def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, cache_dtype) -> None:
+    """A decode step through paged_attention(new_kv=...) (rotary, cache write and attention in one
+    kernel) against rope_and_cache followed by paged_attention: the same cache afterwards and the
+    same output; q is left unrotated; padding rows (context 0, slot -1) write nothing and give 0."""
+    torch.manual_seed(0)
+    nb = 64
+    rope = RopeConfig(theta=10000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=32)
+    rot = RotaryEmbedding(rope, d, 256).to(DEV)
+    live = [c for c in ctx if c > 0]
+    meta = make_batch([1] * len(live), live, page, nb, seed=2)
+    b = len(ctx)
+    pad = b - len(live)  # padding rows as DecodeGraphs fills them: qlen 1, context 0, slot -1
+    meta.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+    meta.seq_lens = torch.tensor(ctx, dtype=torch.int32, device=DEV)
+    meta.slot_mapping = torch.cat([meta.slot_mapping, torch.full((pad,), -1, device=DEV)])
+    meta.block_tables = torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables[:pad])])
+    positions = torch.tensor([max(c - 1, 0) for c in ctx], device=DEV)
+    scale = d**-0.5
+    kc, vc = alloc_kv_cache(nb, page, kvh, d, cache_dtype, torch.device(DEV))
+    kc.copy_(torch.randn(nb, page, kvh, d, device=DEV).to(cache_dtype))
+    vc.copy_(torch.randn(nb, page, kvh, d, device=DEV).to(cache_dtype))
+    qkv = torch.randn(b, (h + 2 * kvh) * d, device=DEV) * 2
+
+    work, kc_ref, vc_ref = qkv.clone(), kc.clone(), vc.clone()
+    rope_and_cache(work, positions, rot.cos, rot.sin, kc_ref, vc_ref, meta.slot_mapping, h, kvh, d)
+    q_rot = work[:, : h * d].view(b, h, d)
+    want = run_paged_attention(q_rot, kc_ref, vc_ref, meta, scale, splits)
+
+    fused = qkv.clone()
+    q = fused[:, : h * d].view(b, h, d)
+    k = fused[:, h * d : (h + kvh) * d].view(b, kvh, d)
+    v = fused[:, (h + kvh) * d :].view(b, kvh, d)
+    out = torch.full_like(q_rot, float("nan"))
+    new_kv = NewKV(k, v, positions, rot.cos, rot.sin, meta.slot_mapping)
+    paged_attention(
+        q, kc, vc, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1, scale,
+        num_splits=splits, new_kv=new_kv,
+    )  # fmt: skip
+    assert torch.equal(fused, qkv)  # nothing rotated in place
+    assert not out.isnan().any()
+    assert rel(out, want) < (1e-5 if cache_dtype == DT else 1e-3)
+    assert out[len(live) :].abs().sum() == 0  # padding rows
+    # the caches: equal everywhere but the new slots, where K was rotated by another float32
+    # expression (last-bit differences; one e4m3 step at most in an fp8 cache); V is only cast
+    slots = meta.slot_mapping[: len(live)]
+    flat = [c.reshape(-1, kvh, d) for c in (kc, vc, kc_ref, vc_ref)]
+    untouched = torch.ones(flat[0].shape[0], dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert torch.equal(flat[0][untouched].float(), flat[2][untouched].float())
+    assert torch.equal(flat[1][untouched].float(), flat[3][untouched].float())
+    if cache_dtype == DT:
+        assert rel(flat[0][slots], flat[2][slots]) < 1e-6
+        assert torch.equal(flat[1][slots], flat[3][slots])
+    else:
+        assert_e4m3_close(flat[0][slots], flat[2][slots], "K", one_step=True)
+        assert_e4m3_close(flat[1][slots], flat[3][slots], "V", one_step=False)
+
+
 def test_rmsnorm_kernel_per_head_in_place() -> None:
     torch.manual_seed(0)
     t, h, d = 3, 4, 16
@@ -330,6 +400,9 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
     if (
         m == 1
     ):  # the one-row path (CUDA-core FMAs, PDL where the engine turned it on) and the tensor-core path
-        for kw in ({"fma": False}, {"use_pdl": DEV == "cuda"}, {"prefetch": False}):
+        # prefetch: weight tiles loaded before the PDL wait, past K too (k=64: one tile of 64 on CPU)
+        variants = ({"fma": False}, {"use_pdl": DEV == "cuda"}, {"prefetch": 0}, {"prefetch": 2},
+                    {"prefetch": 3, "use_pdl": DEV == "cuda"}, {"prefetch": 3, "fma": False})  # fmt: skip
+        for kw in variants:
             got = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None, **kw)
             assert rel(got.float(), ref) < tol, kw

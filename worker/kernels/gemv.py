@@ -13,8 +13,9 @@ loads) and walks K in BLOCK_K steps through a software pipeline:
   DRAM serves it once.
 The row scale factors out of the dot product and is applied once at the end.
 
-Under programmatic dependent launch (pdl.py) the first weight tile is loaded before the program
-waits for the kernel that produced x: a kernel's ramp overlaps its predecessor's tail.
+Under programmatic dependent launch (pdl.py) the first weight tiles (two for one row) are loaded
+before the program waits for the kernel that produced x: a kernel's ramp overlaps its predecessor's
+tail.
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ import triton.language as tl
 from . import MAX_M, pdl
 
 NUM_WARPS = 4  # every default configuration (callers may pass num_warps)
+
+
+@triton.jit
+def _w_tile(w_rows, ks, n_ok, K):
+    return tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _fma_tile(acc2, w, x_rows, ks, m_ok, K):
+    """One row: the tile widened to float32 into the [BLOCK_N, BLOCK_K] accumulator (x broadcasts)."""
+    x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+    return acc2 + w.to(tl.float32) * x.to(tl.float32)
+
+
+@triton.jit
+def _dot_tile(acc, w, x_rows, ks, m_ok, K):
+    """More rows: the tile, widened to x's dtype in registers, through the tensor cores."""
+    x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
 
 @triton.jit
@@ -46,37 +66,39 @@ def _gemv_kernel(
     m_ok = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if PREFETCH:
-        # the first weight tile does not depend on the previous kernel: load it before waiting
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        k_start = BLOCK_K
-    else:
-        k_start = 0
+    # the first PREFETCH weight tiles do not depend on the previous kernel: load them before waiting
+    # (under PDL the previous kernel's tail then overlaps this one's first DRAM round trips)
+    if PREFETCH >= 1:
+        w0 = _w_tile(w_rows, offs_k, n_ok, K)
+    if PREFETCH >= 2:
+        w1 = _w_tile(w_rows, BLOCK_K + offs_k, n_ok, K)
+    if PREFETCH >= 3:
+        w2 = _w_tile(w_rows, 2 * BLOCK_K + offs_k, n_ok, K)
     pdl.wait(USE_PDL)
     # only now may the next kernel's programs take free SM slots (earlier, kernels further down
     # the chain would pile up on the SMs waiting, taking slots this one still needs)
     pdl.launch_dependents(USE_PDL)
     if FMA:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if PREFETCH:
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * x.to(tl.float32)  # [BN, BK] (BLOCK_M == 1 broadcasts)
-        for k0 in range(k_start, K, BLOCK_K):
-            ks = k0 + offs_k
-            w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
-            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * x.to(tl.float32)
+        if PREFETCH >= 1:
+            acc2 = _fma_tile(acc2, w0, x_rows, offs_k, m_ok, K)
+        if PREFETCH >= 2:
+            acc2 = _fma_tile(acc2, w1, x_rows, BLOCK_K + offs_k, m_ok, K)
+        if PREFETCH >= 3:
+            acc2 = _fma_tile(acc2, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K)
+        for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+            acc2 = _fma_tile(acc2, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K)
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PREFETCH:
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        for k0 in range(k_start, K, BLOCK_K):
-            ks = k0 + offs_k
-            w = tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
-            x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if PREFETCH >= 1:
+            acc = _dot_tile(acc, w0, x_rows, offs_k, m_ok, K)
+        if PREFETCH >= 2:
+            acc = _dot_tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K)
+        if PREFETCH >= 3:
+            acc = _dot_tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K)
+        for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+            acc = _dot_tile(acc, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K)
     if HAS_SCALE:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -106,19 +128,21 @@ def row_path(m: int, fma: bool | None, use_pdl: bool | None) -> tuple[bool, bool
     return fma, use_pdl, 1 if fma else tc_block_m(m)
 
 
-def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int, int]:
-    """(block_n, block_k, num_stages) by batch rows and weight width, from the H100 sweeps of
-    bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json); always NUM_WARPS warps, and
-    one row takes the CUDA-core path with the first tile prefetched (see `row_path`).
+def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_stages, prefetch) by batch rows and weight width, from the H100 sweeps
+    of bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json, ...-s5-gemv-prefetch.json);
+    always NUM_WARPS warps, and one row takes the CUDA-core path (see `row_path`).
 
     One row: 8 weight rows of 1 KB per stage, 4 stages (bf16 [8, 512], 8-bit [8, 1024]); 8-bit
-    layers with many short rows (qkv, gate_up) do better with [8, 512] tiles 6 deep. More rows: the
-    former tensor-core kernels' tiles, about 8 KB of weights per stage."""
+    layers of 6-16K short rows (qkv) do better with [8, 512] tiles 6 deep. Two weight tiles are
+    loaded before the PDL wait (fifth session: the 32-layer chain 2.655 -> 2.614 ms in fp8, 4.864 ->
+    4.836 in bf16; three tiles were slower in the chain). More rows: the former tensor-core
+    kernels' tiles, about 8 KB of weights per stage, nothing loaded before the wait."""
     if m == 1:
-        if weight_bytes == 1 and k <= 4096 and n >= 6144:
-            return 8, 512, 6
-        return 8, 1024 // weight_bytes, 4
-    return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4
+        if weight_bytes == 1 and k <= 4096 and 6144 <= n <= 16384:
+            return 8, 512, 6, 2
+        return 8, 1024 // weight_bytes, 4, 2
+    return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4, 0
 
 
 def gemv(
@@ -132,7 +156,7 @@ def gemv(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fma: bool | None = None,
-    prefetch: bool | None = None,
+    prefetch: int | None = None,
     use_pdl: bool | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
@@ -141,11 +165,12 @@ def gemv(
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     assert (scale is None) == (weight.element_size() > 1), "8-bit weights need a row scale"
-    cfg_n, cfg_k, cfg_stages = default_config(m, n, k, weight.element_size())
+    cfg_n, cfg_k, cfg_stages, cfg_prefetch = default_config(m, n, k, weight.element_size())
     fma, use_pdl, block_m = row_path(m, fma, use_pdl)
     block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16
     block_k = block_k or cfg_k
-    prefetch = (m == 1) if prefetch is None else prefetch
+    prefetch = cfg_prefetch if prefetch is None else int(prefetch)
+    assert 0 <= prefetch <= 3, "prefetch: 0-3 weight tiles loaded before the PDL wait"
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,

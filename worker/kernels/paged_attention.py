@@ -14,18 +14,66 @@ Online softmax in float32 with exp2.
 
 For long contexts with few sequences (batch-1 decode of a long prompt) the context is split over
 NUM_SPLITS programs whose partial results are merged by a second kernel (flash-decoding).
+
+Decode steps (one new token per sequence) can also take the new token's rotary embedding and cache
+write (`new_kv`, FUSE_NEW): every program rotates its query rows in registers from the projection's
+output; the program whose key range holds the new position rotates the new key, writes K and V
+into their cache slot for later steps and folds that key into its online softmax from registers.
+No program of the launch reads the new slot (key loops stop one short of the context), so the write
+needs no ordering against the reads. This replaces elementwise.rope_and_cache's launch per layer
+(a couple of microseconds in a batch-1 decode step's chain of dependent kernels).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..quant.fp8 import FP8_DTYPE, FP8_MAX
 from . import pdl
+
+
+@triton.jit
+def _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk, kc_stride_slot, kc_stride_head,
+             PAGE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Keys [D, N] and values [N, D] of positions start .. start + BLOCK_N (masked at kv_hi), as stored."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < kv_hi
+    page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    kv_off = page * kc_stride_blk + (n % PAGE) * kc_stride_slot + kvh * kc_stride_head
+    k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)
+    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    return k, v, n, n_ok
+
+
+@triton.jit
+def _dot_dtype(q, Q_F16: tl.constexpr):
+    if Q_F16:
+        # an fp8 cache under a bf16 model: dots in fp16, where e4m3 -> f16 is one conversion per two
+        # elements (K and V are exact in fp16; q and p keep more mantissa than in bf16)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    """One key tile into the online softmax (log2 domain, float32): returns the new (m_i, l_i, acc)."""
+    k = k.to(q.dtype)  # an fp8 cache (kv_cache_dtype fp8, scale 1.0) widens; else a no-op
+    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
+    visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -38,8 +86,16 @@ def _paged_attention_kernel(
     qsl_ptr,
     seqlen_ptr,
     bt_ptr,
+    kn_ptr,
+    vn_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
     q_stride_t,
     q_stride_h,
+    kn_stride_t,
+    vn_stride_t,
     o_stride_t,
     o_stride_h,
     o_stride_split,
@@ -59,9 +115,15 @@ def _paged_attention_kernel(
     Q_F16: tl.constexpr,
     HEADS_FAST: tl.constexpr,
     USE_PDL: tl.constexpr,
+    FUSE_NEW: tl.constexpr,
+    CLAMP_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
-    pdl.wait(USE_PDL)  # first, in every program: the early return below must not skip it
-    pdl.launch_dependents(USE_PDL)
+    if not FUSE_NEW:
+        # the new tokens' K/V come from rope_and_cache, the kernel before this one: wait first, in
+        # every program (the early return below must not skip it)
+        pdl.wait(USE_PDL)
+        pdl.launch_dependents(USE_PDL)
     if HEADS_FAST:  # grid (heads x splits, q tiles, sequences): one sequence's heads run side by side
         seq = tl.program_id(2)
         kvh = tl.program_id(0) // NUM_SPLITS
@@ -74,6 +136,9 @@ def _paged_attention_kernel(
     q_start = tl.load(qsl_ptr + seq)
     qlen = tl.load(qsl_ptr + seq + 1) - q_start
     if qt * BLOCK_Q >= qlen:
+        if FUSE_NEW:
+            pdl.wait(USE_PDL)
+            pdl.launch_dependents(USE_PDL)
         return
     ctx = tl.load(seqlen_ptr + seq)
 
@@ -83,15 +148,7 @@ def _paged_attention_kernel(
     row_ok = (tok < qlen) & (m < BLOCK_Q * G)
     d = tl.arange(0, HEAD_DIM)
     q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * q_stride_t + head[:, None] * q_stride_h + d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    if Q_F16:
-        # an fp8 cache under a bf16 model: dots in fp16, where e4m3 -> f16 is one conversion per two
-        # elements (K and V are exact in fp16; q and p keep more mantissa than in bf16)
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q_at = q_ptr + q_rows[:, None] * q_stride_t + head[:, None] * q_stride_h
     qpos = ctx - qlen + tok
 
     last_tok = tl.minimum(qt * BLOCK_Q + BLOCK_Q, qlen) - 1
@@ -101,29 +158,70 @@ def _paged_attention_kernel(
     per_split = tl.cdiv(tiles, NUM_SPLITS)
     kv_lo = split * per_split * BLOCK_N
     kv_hi = tl.minimum(kv_lo + per_split * BLOCK_N, kv_end)
-
+    bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < kv_hi
-        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        kv_off = page * kc_stride_blk + (n % PAGE) * kc_stride_slot + kvh * kc_stride_head
-        k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
-        k = k.to(q.dtype)  # an fp8 cache (kv_cache_dtype fp8, scale 1.0) widens; else a no-op
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
-        visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if FUSE_NEW:
+        # Decode with the new token fused in. Everything the previous kernel (the QKV projection)
+        # did not write is read before waiting for it: the step's inputs, cos/sin, and the first
+        # key tile of the cached context (written by earlier steps). The new key (position ctx - 1)
+        # comes from registers, so the key range stops one short of it.
+        owner = (kv_lo <= ctx - 1) & (ctx - 1 < kv_hi)
+        kv_hi = tl.minimum(kv_hi, ctx - 1)
+        half: tl.constexpr = HEAD_DIM // 2
+        t_new = q_start.to(tl.int64)  # the sequence's one new token
+        pos = tl.load(pos_ptr + t_new)
+        slot = tl.load(slot_ptr + t_new)
+        partner = (d + half) % HEAD_DIM
+        # rotate half: channel c < D/2 gets x[c] cos - x[c + D/2] sin, channel c >= D/2 gets
+        # x[c] cos + x[c - D/2] sin; cos/sin rounded to the activations' dtype first, as
+        # elementwise.rope_and_cache and transformers do
+        act = q_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + pos * half + d % half).to(act).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * half + d % half).to(act).to(tl.float32)
+        sin = tl.where(d < half, -sin, sin)
+        k0, v0, n0, ok0 = _kv_tile(kc_ptr, vc_ptr, bt_row, kv_lo, kv_hi, kvh, d, kc_stride_blk,
+                                   kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
+        pdl.wait(USE_PDL)
+        pdl.launch_dependents(USE_PDL)
+        q = tl.load(q_at + d[None, :], mask=row_ok[:, None], other=0.0)
+        q_sw = tl.load(q_at + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = (q.to(tl.float32) * cos[None, :] + q_sw * sin[None, :]).to(act)
+        # the new key and value of this program's KV head, rounded to the cache's element type
+        kn_row = kn_ptr + t_new * kn_stride_t + kvh * HEAD_DIM
+        k_new = tl.load(kn_row + d).to(tl.float32) * cos + tl.load(kn_row + partner).to(tl.float32) * sin
+        v_new = tl.load(vn_ptr + t_new * vn_stride_t + kvh * HEAD_DIM + d).to(tl.float32)
+        if CLAMP_FP8:
+            k_new = tl.minimum(tl.maximum(k_new, -FP8_MAX), FP8_MAX)
+            v_new = tl.minimum(tl.maximum(v_new, -FP8_MAX), FP8_MAX)
+        k_new = k_new.to(kc_ptr.dtype.element_ty)
+        v_new = v_new.to(vc_ptr.dtype.element_ty)
+        if owner & (slot >= 0):
+            kv_at = (slot // PAGE) * kc_stride_blk + (slot % PAGE) * kc_stride_slot + kvh * kc_stride_head + d
+            tl.store(kc_ptr + kv_at, k_new)
+            tl.store(vc_ptr + kv_at, v_new)
+        q = _dot_dtype(q, Q_F16)
+        m_i, l_i, acc = _attend_tile(q, k0, v0, n0, ok0, qpos, m_i, l_i, acc, scale_log2, PRECISION)
+        first = kv_lo + BLOCK_N
+    else:
+        q = _dot_dtype(tl.load(q_at + d[None, :], mask=row_ok[:, None], other=0.0), Q_F16)
+        first = kv_lo
+    for start in range(first, kv_hi, BLOCK_N):
+        k, v, n, n_ok = _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk,
+                                 kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
+        m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION)
+    if FUSE_NEW:
+        # fold the new key in like one more key tile (masked off unless this program owns it)
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], axis=1) * scale_log2
+        s_new = tl.where(owner, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s_new - m_safe)
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
-        v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + p
+        pv = p.to(q.dtype).to(tl.float32)[:, None] * v_new.to(q.dtype).to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     o_rows = q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
@@ -176,6 +274,18 @@ DEFAULT_TUNING: dict[str, Any] = {
 }
 
 
+class NewKV(NamedTuple):
+    """A decode step's new tokens for `paged_attention(new_kv=...)`: K and V as the QKV projection
+    wrote them (not rotated), and what elementwise.rope_and_cache would take to place them."""
+
+    k: torch.Tensor  # [T, KVH, D] (any token stride, heads packed, D contiguous)
+    v: torch.Tensor  # [T, KVH, D] (likewise)
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor  # [P, D/2] float32
+    sin: torch.Tensor  # [P, D/2] float32
+    slot_mapping: torch.Tensor  # [T]; negative = padding, not written
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D] (any token/head strides, D contiguous)
     k_cache: torch.Tensor,  # [NB, PAGE, KVH, D] (any block/slot/head strides, D contiguous)
@@ -189,9 +299,14 @@ def paged_attention(
     num_splits: int = 1,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     tuning: dict[str, Any] | None = None,
+    new_kv: NewKV | None = None,
 ) -> torch.Tensor:
     """Grid sizes depend only on (B, max_query_len, num_splits), never on context lengths, so a
     decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts.
+
+    `new_kv` (decode only): q is not rotated yet and the new tokens are not in the cache; the kernel
+    rotates q and K, writes K and V into their slots and attends over them (module docstring); q is
+    left as it was. Without it the caller has run rope_and_cache first.
 
     `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
@@ -200,7 +315,7 @@ def paged_attention(
     b = seq_lens.shape[0]
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.is_contiguous()
     assert v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
-    fp8_cache = k_cache.dtype == torch.float8_e4m3fn
+    fp8_cache = k_cache.dtype == FP8_DTYPE
     tune = DEFAULT_TUNING if tuning is None else {**DEFAULT_TUNING, **tuning}
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
@@ -211,6 +326,13 @@ def paged_attention(
     heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
     grid = (kvh * num_splits, qtiles, b) if heads_fast else (b, qtiles, kvh * num_splits)
     use_pdl = pdl.enabled()
+    if new_kv is not None:
+        assert max_query_len == 1, "new_kv is for decode batches"
+        for x in (new_kv.k, new_kv.v):
+            assert x.shape == (t, kvh, d) and x.stride(1) == d and x.stride(2) == 1
+        nk = new_kv
+    else:
+        nk = NewKV(q, q, seq_lens, q, q, seq_lens)  # unused (FUSE_NEW off)
     if num_splits == 1:
         part, ml = out, out  # ml unused
         o_stride_split = 0
@@ -228,8 +350,16 @@ def paged_attention(
         query_start_loc,
         seq_lens,
         block_tables,
+        nk.k,
+        nk.v,
+        nk.positions,
+        nk.cos,
+        nk.sin,
+        nk.slot_mapping,
         q.stride(0),
         q.stride(1),
+        nk.k.stride(0),
+        nk.v.stride(0),
         h * d,
         d,
         o_stride_split,
@@ -250,6 +380,9 @@ def paged_attention(
         Q_F16=fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"]),
         HEADS_FAST=heads_fast,
         USE_PDL=use_pdl,
+        FUSE_NEW=new_kv is not None,
+        CLAMP_FP8=fp8_cache,
+        FP8_MAX=FP8_MAX,
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
         launch_pdl=use_pdl,

@@ -8,14 +8,18 @@ predecessor (weights), then wait (`griddepcontrol.wait`) until the predecessor h
 its writes are visible, and only then read activations and write outputs.
 
 Rules every kernel launched with `launch_pdl=True` follows here:
-- it calls `wait` in every program before it reads anything an earlier kernel wrote and before it
-  writes anything (an unconditional wait also makes the ordering transitive: a kernel that finished
+- it calls `wait` in every program before it reads anything the kernel just before it may have
+  written and before it writes anything (an unconditional wait also makes the ordering transitive: a kernel that finished
   had waited for its own predecessor);
 - it calls `launch_dependents` right after that wait (not before: issued at kernel start it let
   kernels further down the chain pile onto the SMs, waiting, and the chain ran slower); it lets the
-  next kernel's programs be scheduled on free SM slots, where they wait for this one to finish.
+  next kernel's programs be scheduled on free SM slots, where they wait for this one to finish;
+- what it reads before the wait was written by a kernel at least two launches back, or by host
+  copies before the step: a kernel starts only once its predecessor has passed its own wait, so
+  everything before the predecessor has finished (the decode attention kernel reads the step's
+  inputs and the cached context this way while the QKV projection still runs).
 Kernels of torch (cuBLAS, elementwise) are launched normally and wait for full completion, so mixing
-is safe. Who launches with PDL: the one-row GEMVs (gemv.py, gptq_gemm.gptq_stream) and the small
+is safe. Who launches with PDL: the one-row GEMVs (gemv.py, gptq_row4.py, gptq_gemm.gptq_stream) and the small
 kernels (norms, rotary + KV write, attention and its merge, SiLU) at every size; the tensor-core
 GEMV path does not (measured slower with it: bench/gemv_bench.py, docs/benchmarks.md). `enabled()` is false unless the engine turns it on for a device that has it (compute
 capability 9.0+); the CPU interpreter never sees the PDL instructions (they sit behind a constexpr).

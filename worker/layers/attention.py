@@ -185,7 +185,9 @@ class TorchAttentionBackend:
 
 
 class TritonAttentionBackend:
-    """CUDA: q/k norm in place, one fused rotary + cache-write kernel, one paged-attention kernel."""
+    """CUDA: q/k norm in place, then one paged-attention kernel that also rotates q and K and writes
+    the new K/V into the cache for decode steps, or one fused rotary + cache-write kernel before it
+    for steps with prefill chunks."""
 
     name = "triton"
 
@@ -199,16 +201,23 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         from ..kernels.elementwise import rmsnorm, rope_and_cache
-        from ..kernels.paged_attention import paged_attention
+        from ..kernels.paged_attention import NewKV, paged_attention
 
         t, h, kvh, d = qkv.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = qkv[:, : h * d].view(t, h, d)
+        k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
         if layer.q_norm is not None and layer.k_norm is not None:
-            k = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
             rmsnorm(q, layer.q_norm.weight, layer.q_norm.eps, out=q)
             rmsnorm(k, layer.k_norm.weight, layer.k_norm.eps, out=k)
         rotary = layer.rotary
-        rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d)
+        new_kv = None
+        if meta.max_query_len == 1:
+            v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+            new_kv = NewKV(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping)
+        else:
+            rope_and_cache(
+                qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d
+            )
         out = torch.empty((t, h, d), dtype=qkv.dtype, device=qkv.device)
         paged_attention(
             q,
@@ -222,5 +231,6 @@ class TritonAttentionBackend:
             layer.scale,
             num_splits=meta.num_splits,
             workspace=meta.split_workspace,
+            new_kv=new_kv,
         )
         return out.view(t, h * d)
