@@ -36,11 +36,14 @@ from . import pdl
 def default_config(n: int) -> tuple[int, int, int, int, int]:
     """The launch (rows per thread, words per thread run, warps along N, warps along K, product
     chains per word) by output rows, from the H100 sweeps of bench/gemv_bench.py
-    (docs/bench/2026-11-25-h100-s4-gemv-gptq-*.json): layers with few rows (o, down: 4,096) do
-    better with 8 warps over [16 rows, 1,024 columns] tiles; the wider ones (qkv, gate_up) with 4
-    warps over [8, 1,024] and two product chains per word (gate_up 2,098 GB/s; qkv measured 1,672
-    with one chain against 1,509 with two, left as swept: the chain was timed with this choice)."""
-    return (4, 2, 4, 2, 1) if n <= 4096 else (4, 2, 2, 2, 2)
+    (docs/bench/2026-11-25-h100-s4-gemv-gptq-*.json, ...-s5-gemv-gptq-prefetch2.json): up to 8,192
+    rows (o and down: 4,096; qkv: 6,144) 8 warps over [16 rows, 1,024 columns] tiles, with two
+    product chains per word for qkv (1,693 and 1,741 GB/s on two machines against 1,509 and 1,533
+    for the 4-warp launch it had before); the widest layers (gate_up) 4 warps over [8, 1,024] and
+    two chains (2,098 GB/s)."""
+    if n <= 4096:
+        return 4, 2, 4, 2, 1
+    return (4, 2, 4, 2, 2) if n <= 8192 else (4, 2, 2, 2, 2)
 
 
 # one 4-bit word -> sum_j (q_j - z) * x_j over its 8 codes, in float32:
