@@ -4,7 +4,9 @@ A decode step's kernels take every varying quantity (tokens, positions, cache sl
 lengths, block tables) from device buffers, and its grid sizes depend only on the batch size, so
 one capture per padded batch size serves every later step. Padding rows have slot -1 (the cache
 write skips them) and context length 0 (attention writes zeros), so they never touch real state.
-The logits projection is captured too; sampling runs after the replay.
+The logits projection is captured too; sampling runs after the replay. Between two replays the
+stream carries two host->device copies (the step's per-row inputs, packed in one buffer, and the
+block-table rows in use) and the feed of the previous step's sampled ids (two kernels).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
-from .runner import Feed, apply_feed
+from .runner import Feed
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,28 @@ def decode_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
     return 1 << (want.bit_length() - 1)  # a power of two (the merge kernel's arange needs one)
 
 
+# DecodeGraphs' per-row step inputs, in this order: (name, dtype) of max_batch entries each
+_FIELDS = (
+    ("input_ids", torch.int64),
+    ("positions", torch.int64),
+    ("slots", torch.int64),
+    ("feed_dst", torch.int64),
+    ("feed_src", torch.int64),
+    ("seq_lens", torch.int32),
+)
+_STEP_BYTES_PER_ROW = sum(dt.itemsize for _, dt in _FIELDS)
+
+
+def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Typed views of a byte buffer laid out as _FIELDS (every field starts 8-byte aligned: the
+    int32 field comes last)."""
+    views, at = [], 0
+    for _, dt in _FIELDS:
+        views.append(buf[at : at + n * dt.itemsize].view(dt))
+        at += n * dt.itemsize
+    return tuple(views)
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -64,10 +88,14 @@ class DecodeGraphs:
         cfg = model.config
         self.num_sms = num_sms  # the device's multiprocessor count (decode_splits)
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        # a step's per-row inputs live in one byte buffer, so one host->device copy moves them all:
+        # five int64 fields (token ids, positions, cache slots, and the feed's destination and
+        # source rows) then the int32 context lengths, max_batch entries each (_FIELDS)
+        self._inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slots, self.feed_dst, self.feed_src, self.seq_lens = _fields(
+            self._inputs, n
+        )
+        self.slots.fill_(-1)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         max_splits = decode_splits(1, cfg.num_kv_heads, self.num_sms)
@@ -75,17 +103,16 @@ class DecodeGraphs:
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
         )
-        # pinned staging for one host->device copy per buffer, two sets: the engine prepares step
-        # N+1 while step N's copies may still be queued behind step N-1 on the stream, and a set
-        # is rewritten only after the step that used it has finished (the engine waits for it)
-        self._staging = [
-            (
-                torch.zeros((3, n), dtype=torch.long).pin_memory(),
-                torch.zeros(n, dtype=torch.int32).pin_memory(),
-                torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory(),
-            )
-            for _ in range(2)
-        ]
+        # pinned staging, two sets: the engine prepares step N+1 while step N's copies may still be
+        # queued behind step N-1 on the stream, and a set is rewritten only after the step that
+        # used it has finished (the engine waits for it). Per step: one copy of the row inputs, one
+        # of the block-table rows in use.
+        self._staging = []
+        for _ in range(2):
+            h_inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8).pin_memory()
+            h_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory()
+            views = tuple(t.numpy() for t in _fields(h_inputs, n))  # numpy views of the pinned bytes
+            self._staging.append((h_inputs, h_tables, views, h_tables.numpy()))
         self._flip = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -156,27 +183,23 @@ class DecodeGraphs:
         """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        h, h_lens, h_tables = self._staging[self._flip]
+        h_inputs, h_tables, views, ht = self._staging[self._flip]
         self._flip ^= 1
-        h[0, :n] = torch.from_numpy(ids)
-        h[1, :n] = torch.from_numpy(positions)
-        h[2, :n] = torch.from_numpy(slots)
-        h[0, n:bs] = 0
-        h[1, n:bs] = 0
-        h[2, n:bs] = -1
-        h_lens[:n] = torch.from_numpy(seq_lens)
-        h_lens[n:bs] = 0
+        h_ids, h_pos, h_slots, h_dst, h_src, h_lens = views
+        h_ids[:n], h_pos[:n], h_slots[:n], h_lens[:n] = ids, positions, slots, seq_lens
+        h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
+        if feed is not None:
+            dst, src, source = feed
+            h_dst[: len(dst)], h_src[: len(src)] = dst, src
         width = max(len(t) for t in tables)
-        ht = h_tables.numpy()
         for i, t in enumerate(tables):
             ht[i, : len(t)] = t
-        self.input_ids[:bs].copy_(h[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(h[1, :bs], non_blocking=True)
-        self.slots[:bs].copy_(h[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(h_lens[:bs], non_blocking=True)
+        self._inputs.copy_(h_inputs, non_blocking=True)
         self.block_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
         if feed is not None:
-            apply_feed(self.input_ids, feed)
+            # ids[dst] = source[src]: placeholder inputs from the previous step's sampled ids
+            k = len(feed[0])
+            self.input_ids.index_copy_(0, self.feed_dst[:k], source.index_select(0, self.feed_src[:k]))
         g, logits = self.graphs[bs]
         g.replay()
         return logits[:n]

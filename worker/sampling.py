@@ -105,30 +105,25 @@ def sample_device(
     return tokens, (chosen, top_v, top_i)
 
 
-# a few rows of a wide vocabulary: row-wise argmax in two passes (one pass gives a single row's
-# 128k-wide reduction to a handful of blocks: 28 us per decode step on the H100, two passes ~15 us;
-# docs/bench/2026-11-25-h100-s4-profile-w3*.json)
-TWO_PASS_MAX_ROWS = 16
-TWO_PASS_CHUNKS = 128
+# greedy rows of a decode step up to this many take one argmax launch, a program per row: torch's
+# one-pass argmax gives a single 128k-wide row to a handful of blocks (28 us per decode step on the
+# H100, docs/bench/2026-11-25-h100-s4-profile-w3-before-argmax.json), and the two-pass torch form
+# that replaced it took five launches (~25 us at the step boundary, ...-s5-profile-w3-fused-attn.json)
+ONE_LAUNCH_MAX_ROWS = 16
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """logits [N, V] -> the index of each row's first maximum [N] (as torch.argmax)."""
-    n, v = logits.shape
-    if logits.is_cuda and n <= TWO_PASS_MAX_ROWS and v % TWO_PASS_CHUNKS == 0 and v >= 32 * TWO_PASS_CHUNKS:
-        return argmax_two_pass(logits, TWO_PASS_CHUNKS)
+    """logits [N, V] -> the index of each row's first maximum [N] (as torch.argmax); a few rows on
+    CUDA take one Triton launch (kernels/elementwise.argmax_rows)."""
+    n = logits.shape[0]
+    if logits.is_cuda and n <= ONE_LAUNCH_MAX_ROWS and logits.stride(-1) == 1:
+        from . import kernels
+
+        if kernels.AVAILABLE:
+            from .kernels.elementwise import argmax_rows as argmax_kernel
+
+            return argmax_kernel(logits)
     return logits.argmax(dim=-1)
-
-
-def argmax_two_pass(logits: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Row-wise argmax over `chunks` equal slices of each row, then over the slices' maxima: the
-    first slice holding the row's maximum, and the first maximum inside it (ties and NaN as
-    torch.argmax: the first index wins, NaN counts as the largest value)."""
-    n, v = logits.shape
-    width = v // chunks
-    vals, idx = logits.reshape(n, chunks, width).max(dim=-1)
-    best = vals.argmax(dim=-1, keepdim=True)
-    return (best * width + idx.gather(1, best))[:, 0]
 
 
 def to_device_index(rows: list[int], device: torch.device) -> torch.Tensor:

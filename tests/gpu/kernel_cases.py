@@ -29,7 +29,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interp._patch_lang_tensor = _patch_tensor
 
 from inferfleet.worker.config import RopeConfig  # noqa: E402
-from inferfleet.worker.kernels.elementwise import rmsnorm, rope_and_cache, silu_and_mul  # noqa: E402
+from inferfleet.worker.kernels.elementwise import argmax_rows, rmsnorm, rope_and_cache, silu_and_mul  # noqa: E402
 from inferfleet.worker.kernels.paged_attention import NewKV, paged_attention  # noqa: E402
 from inferfleet.worker.layers.attention import (  # noqa: E402
     KV_FP8_DTYPE,
@@ -358,6 +358,32 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
     else:
         assert_e4m3_close(flat[0][slots], flat[2][slots], "K", one_step=True)
         assert_e4m3_close(flat[1][slots], flat[3][slots], "V", one_step=False)
+
+
+@pytest.mark.parametrize(("v", "block"), [(1000, 256), (1000, 1024), (4096, 512), (37, 64)])
+def test_argmax_rows_kernel_matches_torch(v: int, block: int) -> None:
+    """One program per row, lanes over chunks of `block`: ties (across lanes, chunks and inside
+    one lane), whole-row ties, NaN (the first one wins, as torch.argmax has it), +-inf rows, and
+    rows shorter than one chunk (v = 37)."""
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(10, v, generator=g)
+    x[1, v - 1] = x[1, 3] = 9.0  # tie across chunks: the first index wins
+    x[2, 5] = x[2, 5 + min(block, v - 6)] = 9.0  # the same lane in two chunks (or a late lane)
+    x[3] = 1.5  # the whole row tied
+    x[4, v // 2] = float("nan")
+    x[4, v // 3] = float("nan")  # two NaN: the first
+    x[4, 0] = float("inf")
+    x[5, -1] = float("inf")
+    x[6] = float("-inf")  # every value -inf: index 0
+    x[7, :] = float("-inf")
+    x[7, v - 2] = -1e30
+    x[8, 0] = float("nan")  # NaN at the very first element
+    x[9, 1::2] = 7.0  # many lanes tie, the first at index 1
+    want = x.argmax(dim=-1)
+    got = argmax_rows(x.to(DEV), block=block, num_warps=4)
+    assert got.dtype == torch.int64
+    assert got.tolist() == want.tolist()
+    assert got.tolist()[1:10] == [3, 5, 0, v // 3, v - 1, 0, v - 2, 0, 1]
 
 
 def test_rmsnorm_kernel_per_head_in_place() -> None:

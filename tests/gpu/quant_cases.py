@@ -201,6 +201,7 @@ ROW4_CASES = [
     (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 2)),  # fp16 activations
     (512, [16], 16, True, torch.bfloat16, None),  # groups of 16: two words per thread run
     (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 1)),  # groups of 8: one word per run
+    (4096, [48, 16], 128, False, torch.bfloat16, (4, 2, 4, 2, 2)),  # the launch of qkv-sized layers
 ]
 
 

@@ -105,14 +105,15 @@ def test_fp8_kv_cache_logits_close_to_cpu_fp8_kv_cache(arch: str, tiny_models: d
     assert max(errs) < 3.5e-2
 
 
-def test_greedy_two_pass_argmax_on_cuda() -> None:
-    """Decode batches of a few rows take sampling.argmax_rows's two passes on CUDA: same ids."""
+def test_greedy_one_launch_argmax_on_cuda() -> None:
+    """Decode batches of a few rows take sampling.argmax_rows's one-launch kernel on CUDA: same ids
+    as torch.argmax over a Llama-3 vocabulary, for float32 and bf16 logits; 17 rows take torch's."""
     from inferfleet.worker.sampling import argmax_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(5, 128256, device="cuda", generator=g)
     logits[1, 90000] = logits[1, 7] = 50.0  # tie across slices
-    logits[2, 1001] = logits[2, 1000] = 50.0  # tie inside one slice (slices of 1002)
+    logits[2, 1001] = logits[2, 1000] = 50.0  # tie between neighbours
     logits[3] = 0.25
     logits[4, 64000] = float("nan")
     assert (
@@ -120,3 +121,7 @@ def test_greedy_two_pass_argmax_on_cuda() -> None:
         == logits.argmax(dim=-1).tolist()
         == [logits[0].argmax().item(), 7, 1000, 0, 64000]
     )
+    small = logits[:4].to(torch.bfloat16)
+    assert argmax_rows(small).tolist() == small.argmax(dim=-1).tolist()
+    many = torch.randn(17, 128256, device="cuda", generator=g)
+    assert argmax_rows(many).tolist() == many.argmax(dim=-1).tolist()

@@ -248,3 +248,46 @@ def rope_and_cache(
         num_warps=4,
         launch_pdl=pdl.enabled(),
     )
+
+
+_NO_INDEX = 2**31 - 1
+
+
+@triton.jit
+def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr):
+    # one program per row; each lane keeps the first maximum it saw (strict >, chunks in order) and
+    # the first NaN it saw; then the row's first NaN if any, else the smallest index holding the max
+    r = tl.program_id(0).to(tl.int64)
+    row = x_ptr + r * stride
+    offs = tl.arange(0, BLOCK)
+    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], NO_INDEX, tl.int32)
+    nan_i = tl.full([BLOCK], NO_INDEX, tl.int32)
+    for start in range(0, V, BLOCK):
+        i = start + offs
+        ok = i < V
+        v = tl.load(row + i, mask=ok, other=float("-inf")).to(tl.float32)
+        take = (v > best_v) | ((best_i == NO_INDEX) & ok)  # the lane's first element seeds it (-inf rows)
+        best_v = tl.where(take, v, best_v)
+        best_i = tl.where(take, i, best_i)
+        nan_i = tl.minimum(nan_i, tl.where(v != v, i, NO_INDEX))
+    first_nan = tl.min(nan_i, axis=0)
+    top = tl.max(best_v, axis=0)
+    at_top = tl.min(tl.where(best_v == top, best_i, NO_INDEX), axis=0)
+    tl.store(out_ptr + r, tl.where(first_nan < NO_INDEX, first_nan, at_top).to(tl.int64))
+
+
+def argmax_rows(x: torch.Tensor, block: int = 8192, num_warps: int = 16) -> torch.Tensor:
+    """x [N, V] (V contiguous) -> each row's first maximum [N] int64, NaN counting as the largest
+    value (torch.argmax's rule), in one launch of one program per row: greedy sampling of a few
+    decode rows, where torch's argmax (one pass) or a torch two-pass argmax (five launches) cost
+    more than reading the row (the logits were just written, so they come from L2)."""
+    n, v = x.shape
+    assert x.stride(1) == 1 and v < _NO_INDEX
+    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    if n:
+        _argmax_rows_kernel[(n,)](
+            x, out, v, x.stride(0), BLOCK=min(block, triton.next_power_of_2(v)), NO_INDEX=_NO_INDEX,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return out

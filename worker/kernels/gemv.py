@@ -35,17 +35,15 @@ def _w_tile(w_rows, ks, n_ok, K):
 
 
 @triton.jit
-def _fma_tile(acc2, w, x_rows, ks, m_ok, K):
-    """One row: the tile widened to float32 into the [BLOCK_N, BLOCK_K] accumulator (x broadcasts)."""
+def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr):
+    """One weight tile into the accumulator: one row (FMA) widens it to float32 into a
+    [BLOCK_N, BLOCK_K] accumulator (x broadcasts); more rows widen it to x's dtype in registers
+    and go through the tensor cores into [BLOCK_M, BLOCK_N]."""
     x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-    return acc2 + w.to(tl.float32) * x.to(tl.float32)
-
-
-@triton.jit
-def _dot_tile(acc, w, x_rows, ks, m_ok, K):
-    """More rows: the tile, widened to x's dtype in registers, through the tensor cores."""
-    x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if FMA:
+        return acc + w.to(tl.float32) * x.to(tl.float32)
+    else:
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
 
 @triton.jit
@@ -79,26 +77,19 @@ def _gemv_kernel(
     # the chain would pile up on the SMs waiting, taking slots this one still needs)
     pdl.launch_dependents(USE_PDL)
     if FMA:
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if PREFETCH >= 1:
-            acc2 = _fma_tile(acc2, w0, x_rows, offs_k, m_ok, K)
-        if PREFETCH >= 2:
-            acc2 = _fma_tile(acc2, w1, x_rows, BLOCK_K + offs_k, m_ok, K)
-        if PREFETCH >= 3:
-            acc2 = _fma_tile(acc2, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K)
-        for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
-            acc2 = _fma_tile(acc2, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K)
-        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BN]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PREFETCH >= 1:
-            acc = _dot_tile(acc, w0, x_rows, offs_k, m_ok, K)
-        if PREFETCH >= 2:
-            acc = _dot_tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K)
-        if PREFETCH >= 3:
-            acc = _dot_tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K)
-        for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
-            acc = _dot_tile(acc, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K)
+    if PREFETCH >= 1:
+        acc = _tile(acc, w0, x_rows, offs_k, m_ok, K, FMA)
+    if PREFETCH >= 2:
+        acc = _tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K, FMA)
+    if PREFETCH >= 3:
+        acc = _tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K, FMA)
+    for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+        acc = _tile(acc, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K, FMA)
+    if FMA:
+        acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     if HAS_SCALE:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
