@@ -98,8 +98,8 @@ def variants(precision: str) -> dict[str, object]:
         current = lambda x, p, **kw: gptq_row4(x, *p, GROUP, **kw)  # noqa: E731
     v["new"] = functools.partial(current, use_pdl=False)
     v["new+pdl"] = functools.partial(current, use_pdl=True)
-    if precision != "gptq":  # gemv.py: more weight tiles loaded before the PDL wait (default 1)
-        for tiles in (2, 3):
+    if precision != "gptq":  # gemv.py: weight tiles loaded before the PDL wait (the default is 2)
+        for tiles in (1, 3):
             v[f"pdl, prefetch {tiles}"] = functools.partial(current, use_pdl=True, prefetch=tiles)
     return v
 

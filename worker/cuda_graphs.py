@@ -19,7 +19,7 @@ import torch
 
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
-from .runner import Feed
+from .runner import Feed, apply_feed
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ class DecodeGraphs:
         self._inputs.copy_(h_inputs, non_blocking=True)
         self.block_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
         if feed is not None:
-            # ids[dst] = source[src]: placeholder inputs from the previous step's sampled ids
-            k = len(feed[0])
-            self.input_ids.index_copy_(0, self.feed_dst[:k], source.index_select(0, self.feed_src[:k]))
+            apply_feed(self.input_ids, self.feed_dst[: len(dst)], self.feed_src[: len(src)], source)
         g, logits = self.graphs[bs]
         g.replay()
         return logits[:n]

@@ -35,12 +35,10 @@ log = logging.getLogger(__name__)
 Feed = tuple[list[int], list[int], torch.Tensor]
 
 
-def apply_feed(ids: torch.Tensor, feed: Feed) -> None:
-    """ids[dst] = source[src] on the device (placeholder inputs from the previous step)."""
-    dst, src, source = feed
-    d = to_device_index(dst, ids.device)
-    s = to_device_index(src, ids.device)
-    ids.index_copy_(0, d, source.index_select(0, s))
+def apply_feed(ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, source: torch.Tensor) -> None:
+    """ids[dst] = source[src] on the device (placeholder inputs from the previous step's sampled
+    ids); dst and src are int64 index tensors on ids' device."""
+    ids.index_copy_(0, dst, source.index_select(0, src))
 
 
 @dataclass
@@ -307,7 +305,8 @@ class ModelRunner:
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
         ids = torch.from_numpy(hb.ids).to(dev, non_blocking=True)
         if feed is not None:
-            apply_feed(ids, feed)
+            dst, src, source = feed
+            apply_feed(ids, to_device_index(dst, dev), to_device_index(src, dev), source)
         hidden = self.model(
             ids,
             torch.from_numpy(hb.positions).to(dev, non_blocking=True),

@@ -290,19 +290,27 @@ def test_rope_and_cache_writes_an_fp8_cache() -> None:
     assert flat_v[41:77].float().abs().sum() == 0
 
 
+BF16 = torch.bfloat16
+ON_CUDA = pytest.mark.skipif(DEV != "cuda", reason="bf16 dots: Triton's interpreter gets them wrong")
 FUSED_CASES = [
-    # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype)
-    (4, 2, 16, 16, [1, 17, 40], 1, DT),
-    (8, 2, 32, 16, [100, 7, 0], 4, DT),  # split-KV; the new key's split is not the first
-    (4, 2, 16, 16, [1, 3, 65, 0], 8, DT),  # more splits than tiles; a one-token context
-    (4, 1, 16, 8, [33, 64, 5], 2, DT),  # GQA 4, page 8; the new token opens a page (33)
-    (8, 2, 32, 16, [100, 7, 0], 4, KV_FP8_DTYPE),
-    (4, 2, 16, 16, [1, 17, 40], 1, KV_FP8_DTYPE),
+    # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype,
+    # activation dtype); contexts stay below the test's 256 rotary positions
+    (4, 2, 16, 16, [1, 17, 40], 1, DT, DT),
+    (8, 2, 32, 16, [100, 7, 0], 4, DT, DT),  # split-KV; the new key's split is not the first
+    (4, 2, 16, 16, [1, 3, 65, 0], 8, DT, DT),  # more splits than tiles; a one-token context
+    (4, 1, 16, 8, [33, 64, 5], 2, DT, DT),  # GQA 4, page 8; the new token opens a page (33)
+    (4, 2, 16, 16, [200, 130, 1, 0], 1, DT, DT),  # several key tiles after the early one
+    (4, 2, 16, 16, [200, 130, 1, 0], 2, DT, DT),
+    (8, 2, 32, 16, [100, 7, 0], 4, KV_FP8_DTYPE, DT),
+    (4, 2, 16, 16, [1, 17, 40], 1, KV_FP8_DTYPE, DT),
+    (8, 2, 32, 16, [250, 129, 0], 1, KV_FP8_DTYPE, DT),  # two 128-key fp8 tiles
+    pytest.param(8, 2, 32, 16, [200, 33, 0], 2, BF16, BF16, marks=ON_CUDA),  # the engine's bf16 path
+    pytest.param(8, 2, 32, 16, [250, 17, 0], 2, KV_FP8_DTYPE, BF16, marks=ON_CUDA),  # fp16 dots (Q_F16)
 ]
 
 
-@pytest.mark.parametrize(("h", "kvh", "d", "page", "ctx", "splits", "cache_dtype"), FUSED_CASES)
-def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, cache_dtype) -> None:
+@pytest.mark.parametrize(("h", "kvh", "d", "page", "ctx", "splits", "cache_dtype", "act"), FUSED_CASES)
+def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, cache_dtype, act) -> None:
     """A decode step through paged_attention(new_kv=...) (rotary, cache write and attention in one
     kernel) against rope_and_cache followed by paged_attention: the same cache afterwards and the
     same output; q is left unrotated; padding rows (context 0, slot -1) write nothing and give 0."""
@@ -323,7 +331,7 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
     kc, vc = alloc_kv_cache(nb, page, kvh, d, cache_dtype, torch.device(DEV))
     kc.copy_(torch.randn(nb, page, kvh, d, device=DEV).to(cache_dtype))
     vc.copy_(torch.randn(nb, page, kvh, d, device=DEV).to(cache_dtype))
-    qkv = torch.randn(b, (h + 2 * kvh) * d, device=DEV) * 2
+    qkv = (torch.randn(b, (h + 2 * kvh) * d, device=DEV) * 2).to(act)
 
     work, kc_ref, vc_ref = qkv.clone(), kc.clone(), vc.clone()
     rope_and_cache(work, positions, rot.cos, rot.sin, kc_ref, vc_ref, meta.slot_mapping, h, kvh, d)
@@ -342,7 +350,9 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
     )  # fmt: skip
     assert torch.equal(fused, qkv)  # nothing rotated in place
     assert not out.isnan().any()
-    assert rel(out, want) < (1e-5 if cache_dtype == DT else 1e-3)
+    assert rel(out.float(), want.float()) < (
+        1e-5 if cache_dtype == act == DT else 1e-3 if act == DT else 1e-2
+    )
     assert out[len(live) :].abs().sum() == 0  # padding rows
     # the caches: equal everywhere but the new slots, where K was rotated by another float32
     # expression (last-bit differences; one e4m3 step at most in an fp8 cache); V is only cast
@@ -354,6 +364,10 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
     assert torch.equal(flat[1][untouched].float(), flat[3][untouched].float())
     if cache_dtype == DT:
         assert rel(flat[0][slots], flat[2][slots]) < 1e-6
+        assert torch.equal(flat[1][slots], flat[3][slots])
+    elif cache_dtype == BF16:  # one bf16 step at most
+        got, want_k = flat[0][slots].float(), flat[2][slots].float()
+        assert bool(((got - want_k).abs() <= want_k.abs() * 2.0**-7).all())
         assert torch.equal(flat[1][slots], flat[3][slots])
     else:
         assert_e4m3_close(flat[0][slots], flat[2][slots], "K", one_step=True)

@@ -105,11 +105,20 @@ def test_fp8_kv_cache_logits_close_to_cpu_fp8_kv_cache(arch: str, tiny_models: d
     assert max(errs) < 3.5e-2
 
 
-def test_greedy_one_launch_argmax_on_cuda() -> None:
+def test_greedy_one_launch_argmax_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode batches of a few rows take sampling.argmax_rows's one-launch kernel on CUDA: same ids
     as torch.argmax over a Llama-3 vocabulary, for float32 and bf16 logits; 17 rows take torch's."""
+    from inferfleet.worker.kernels import elementwise
     from inferfleet.worker.sampling import argmax_rows
 
+    calls: list[int] = []
+    kernel = elementwise.argmax_rows
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return kernel(x)
+
+    monkeypatch.setattr(elementwise, "argmax_rows", counted)
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(5, 128256, device="cuda", generator=g)
     logits[1, 90000] = logits[1, 7] = 50.0  # tie across slices
@@ -125,3 +134,4 @@ def test_greedy_one_launch_argmax_on_cuda() -> None:
     assert argmax_rows(small).tolist() == small.argmax(dim=-1).tolist()
     many = torch.randn(17, 128256, device="cuda", generator=g)
     assert argmax_rows(many).tolist() == many.argmax(dim=-1).tolist()
+    assert calls == [5, 4]  # the kernel took the two small batches, torch the 17 rows

@@ -16,9 +16,10 @@ For long contexts with few sequences (batch-1 decode of a long prompt) the conte
 NUM_SPLITS programs whose partial results are merged by a second kernel (flash-decoding).
 
 Decode steps (one new token per sequence) can also take the new token's rotary embedding and cache
-write (`new_kv`, FUSE_NEW): every program rotates its query rows in registers from the projection's
-output; the program whose key range holds the new position rotates the new key, writes K and V
-into their cache slot for later steps and folds that key into its online softmax from registers.
+write (`new_kv`, FUSE_NEW): every program rotates its query rows and its KV head's new key in
+registers from the projection's output; the program whose key range holds the new position writes
+K and V into their cache slot for later steps, and folds that key into its online softmax from
+registers (the other programs compute the same fold masked off, which costs less than a branch).
 No program of the launch reads the new slot (key loops stop one short of the context), so the write
 needs no ordering against the reads. This replaces elementwise.rope_and_cache's launch per layer
 (a couple of microseconds in a batch-1 decode step's chain of dependent kernels).
@@ -60,14 +61,21 @@ def _dot_dtype(q, Q_F16: tl.constexpr):
 
 
 @triton.jit
+def _running_max(m_i, top):
+    """Online softmax (log2 domain) meeting keys whose largest score per row is `top`: the new
+    running max, and the max to subtract (0 while a row has seen only -inf: no -inf - -inf)."""
+    m_new = tl.maximum(m_i, top)
+    return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
+
+
+@triton.jit
 def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
     """One key tile into the online softmax (log2 domain, float32): returns the new (m_i, l_i, acc)."""
     k = k.to(q.dtype)  # an fp8 cache (kv_cache_dtype fp8, scale 1.0) widens; else a no-op
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
     visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new, m_safe = _running_max(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -215,8 +223,7 @@ def _paged_attention_kernel(
         # fold the new key in like one more key tile (masked off unless this program owns it)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], axis=1) * scale_log2
         s_new = tl.where(owner, s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_new, m_safe = _running_max(m_i, s_new)
         p = tl.exp2(s_new - m_safe)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + p
