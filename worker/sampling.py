@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .sampling_params import SamplingParams
 
 
@@ -115,14 +116,11 @@ ONE_LAUNCH_MAX_ROWS = 16
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits [N, V] -> the index of each row's first maximum [N] (as torch.argmax); a few rows on
     CUDA take one Triton launch (kernels/elementwise.argmax_rows)."""
-    n = logits.shape[0]
-    if logits.is_cuda and n <= ONE_LAUNCH_MAX_ROWS and logits.stride(-1) == 1:
-        from . import kernels
+    few = logits.shape[0] <= ONE_LAUNCH_MAX_ROWS and logits.stride(-1) == 1
+    if few and logits.is_cuda and kernels.AVAILABLE:
+        from .kernels import elementwise  # Triton kernels: imported only where they can run
 
-        if kernels.AVAILABLE:
-            from .kernels.elementwise import argmax_rows as argmax_kernel
-
-            return argmax_kernel(logits)
+        return elementwise.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
 
