@@ -125,14 +125,24 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=2),
         dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=3),
     ],
-    "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, chains)
-        dict(config=(4, 2, 2, 2, 1)),
-        dict(config=(4, 2, 2, 2, 2)),
-        dict(config=(4, 2, 4, 2, 1)),
-        dict(config=(4, 2, 4, 2, 2)),
-        dict(config=(4, 2, 1, 4, 1)),
-        dict(config=(4, 2, 1, 4, 2)),
-        dict(config=(4, 2, 4, 1, 2)),
+    "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K,
+        # products: 1 or 2 float32 chains or 0 for fp16 pairs, tiles in flight)
+        dict(config=(4, 2, 4, 2, 1, 1)),
+        dict(config=(4, 2, 4, 2, 2, 1)),
+        dict(config=(4, 2, 2, 2, 2, 1)),
+        dict(config=(4, 2, 4, 2, 0, 1)),
+        dict(config=(4, 2, 4, 2, 0, 2)),
+        dict(config=(4, 2, 2, 2, 0, 1)),
+        dict(config=(4, 2, 2, 2, 0, 2)),
+        dict(config=(8, 2, 2, 2, 0, 1)),
+        dict(config=(8, 2, 2, 2, 0, 2)),
+        dict(config=(8, 2, 4, 1, 0, 1)),
+        dict(config=(8, 2, 4, 1, 0, 2)),
+        dict(config=(8, 4, 4, 1, 0, 1)),
+        dict(config=(8, 4, 2, 2, 0, 1)),
+        dict(config=(4, 4, 4, 2, 0, 1)),
+        dict(config=(4, 4, 2, 2, 0, 1)),
+        dict(config=(16, 2, 2, 2, 0, 1)),
     ],
 }
 
@@ -236,6 +246,13 @@ def main() -> None:
                     for cfg in SWEEP[precision]:
                         key = f"{pdl_name} " + ",".join(f"{v}" for v in cfg.values())
                         try:
+                            if pdl_name == "new":  # every swept launch checked once per shape
+                                k = SHAPES[sname][1]
+                                got = vs[pdl_name](x[:, :k].contiguous(), layers[0][sname], **cfg)
+                                ref = reference(precision, x[:, :k], layers[0][sname])
+                                err = ((got.float() - ref).norm() / ref.norm()).item()
+                                res["check"][f"{sname} {key}"] = err
+                                assert err < 2e-2, (precision, sname, key, err)
                             shape_res[key] = time_graph(
                                 same_shape_chain(vs[pdl_name], layers, sname, rows, cfg)
                             )

@@ -194,14 +194,24 @@ def test_gptq_stream_matches_dequantized_reference(m, k, sizes, bits, group, act
 
 
 ROW4_CASES = [
-    # (K, output shards, group, act-order, x dtype, launch (rows, words, warps_n, warps_k, chains) or None)
+    # (K, output shards, group, act-order, x dtype, launch (rows, words, warps_n, warps_k, chains,
+    # depth) or None)
     (4096, [64, 32], 128, False, torch.bfloat16, None),  # default launch, no masks (whole tiles)
-    (4096, [32, 8], 128, True, torch.bfloat16, (4, 2, 4, 1, 2)),  # N = 40, tiles of 16 rows: masked
-    (2176, [32], 128, False, torch.bfloat16, (4, 4, 2, 2, 1)),  # K not a multiple of the tile: masked tail
-    (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 2)),  # fp16 activations
+    (4096, [32, 8], 128, True, torch.bfloat16, (4, 2, 4, 1, 2, 1)),  # N = 40, tiles of 16 rows: masked
+    (2176, [32], 128, False, torch.bfloat16, (4, 4, 2, 2, 1, 2)),  # K not a multiple of the tile: masked tail
+    (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 2, 1)),  # fp16 activations
     (512, [16], 16, True, torch.bfloat16, None),  # groups of 16: two words per thread run
-    (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 1)),  # groups of 8: one word per run
-    (4096, [48, 16], 128, False, torch.bfloat16, (4, 2, 4, 2, 2)),  # the launch of qkv-sized layers
+    (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 1, 1)),  # groups of 8: one word per run
+    (4096, [48, 16], 128, False, torch.bfloat16, (4, 2, 4, 2, 2, 1)),  # the launch of qkv-sized layers
+    # products in fp16 pairs (chains 0), one or two tiles in flight
+    (4096, [64, 32], 128, False, torch.bfloat16, (4, 4, 4, 2, 0, 1)),
+    (4096, [32, 8], 128, True, torch.bfloat16, (8, 2, 2, 2, 0, 2)),  # N = 40: masked rows
+    (2176, [32], 128, False, torch.bfloat16, (4, 2, 2, 2, 0, 2)),  # masked K tail, 2nd tile partial
+    (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 0, 2)),  # fp16 activations (prmt pairs)
+    (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 0, 2)),  # one tile: depth falls back to 1
+    (4096, [64], 128, False, torch.bfloat16, (4, 1, 4, 2, 0, 2)),  # one word per run, 16 tiles
+    (4096, [64, 32], 128, False, torch.bfloat16, (4, 2, 4, 2, 1, 2)),  # float32 products, depth 2
+    (4096, [64, 32], 128, False, torch.bfloat16, (8, 4, 4, 1, 0, 1)),  # runs of 4 words in fp16
 ]
 
 
@@ -221,7 +231,8 @@ def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cf
     got = gptq_row4(xp, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, bias, config=cfg)
     old = gptq_stream(xp, layer.qweight_t, layer.scales_t, layer.zeros_t, 4, layer.group_k, bias)
     assert got.dtype == dtype and rel(got.float(), ref) < TOL
-    # the per-word kernel computes in float32 with the exact weights, like the Triton path it replaces
+    # the per-word kernel uses the exact weights, like the Triton path it replaces, with float32
+    # products (chains 1, 2) or fp16 products summed per word (chains 0)
     assert rel(got.float(), old.float()) < 5e-3
     # x at an odd element offset cannot be read as 32-bit pairs in place: copied first, same result
     buf = torch.zeros(1, k + 1, device=DEV, dtype=dtype)
@@ -229,6 +240,24 @@ def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cf
     odd = gptq_row4(buf[:, 1:], layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, bias)
     assert rel(odd.float(), ref) < TOL
     assert rel(layer(x).float(), ref - bias.float()) < TOL  # the layer's forward takes it for one row
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
+@pytest.mark.parametrize("cfg", [(4, 2, 4, 2, 1, 1), (4, 2, 4, 2, 0, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptq_row4_large_activations(cfg, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Activations of a few thousand (the outliers some LLM layers carry) stay finite and accurate
+    with fp16 products: each word's sum is taken as (q - z) / 16 * x, within fp16 for |x| < ~8,700."""
+    from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+
+    layer, w_ref = _gptq_layer(4096, [64], 4, 128, False, seed=21)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4096, generator=g) * 3.0
+    x[0, ::97] = 6000.0 * torch.sign(torch.randn(x[0, ::97].shape, generator=g))  # outlier channels
+    x = x.to(DEV, dtype)
+    ref = x.float() @ w_ref.t()
+    got = gptq_row4(x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, config=cfg)
+    assert torch.isfinite(got).all() and rel(got.float(), ref) < TOL
 
 
 def test_gptq_stream_refuses_uneven_groups() -> None:

@@ -19,6 +19,17 @@ the weights) and on x. So everything of the next tile is loaded before the curre
 computed, the per-thread footprint is small enough for many resident warps, and under PDL the first
 tile's weights are loaded before the wait. H100 sweeps and numbers: docs/benchmarks.md.
 
+The default launches (sixth session) take the products in fp16 pairs instead (`_WORD_DOT16_ASM`,
+CHAINS 0, the precision of exllama's and Marlin's kernels): one fma per pair gives (q - z) / 16
+exactly, one fma per pair multiplies it into an fp16 sum with x converted to fp16 pairs once per
+thread and tile, and each thread run's sums are widened to float32 once and scaled: ~3.5-3.9
+instructions per code in SASS against ~5.1, and the relative error of a layer's output on the 8B
+shapes moves from 1.64-1.70e-3 to 1.68-1.72e-3 (bench/gemv_bench.py's checks; the bf16 rounding of
+the output is most of both). Some shapes also keep two tiles in flight in registers (DEPTH 2).
+Staging the words through shared memory with cp.async, three to six tiles deep, was slower at
+every shape (docs/benchmarks.md): the loop is bound by issue and latency per tile, not by bytes in
+flight.
+
 Codes, scales and zeros are in gptq_gemm.py's layout: qweight_t int32 [N, K / 8] (code of W[n, k] in
 bits 4 (k % 8) of word k // 8), scales_t fp16 [N, G], zeros_t uint8 [N, G], contiguous groups.
 """
@@ -33,33 +44,41 @@ from triton.experimental.gluon import language as gl
 from . import pdl
 
 
-def default_config(n: int) -> tuple[int, int, int, int, int]:
-    """The launch (rows per thread, words per thread run, warps along N, warps along K, product
-    chains per word) by output rows, from the H100 sweeps of bench/gemv_bench.py
-    (docs/bench/2026-11-25-h100-s4-gemv-gptq-*.json, ...-s5-gemv-gptq-prefetch2.json): up to 8,192
-    rows (o and down: 4,096; qkv: 6,144) 8 warps over [16 rows, 1,024 columns] tiles, with two
-    product chains per word for qkv (1,693 and 1,741 GB/s on two machines against 1,509 and 1,533
-    for the 4-warp launch it had before); the widest layers (gate_up) 4 warps over [8, 1,024] and
-    two chains (2,098 GB/s)."""
+def default_config(n: int) -> tuple[int, int, int, int, int, int]:
+    """The launch (rows per thread, words per thread run, warps along N, warps along K, products:
+    1 or 2 float32 chains per word or 0 for fp16 pairs, weight tiles in flight: 1 or 2) by output
+    rows, from the H100 sweeps of bench/gemv_bench.py (docs/bench/2026-11-25-h100-s6-gemv-gptq-*.json):
+    products in fp16 pairs for every shape; up to 4,096 rows (o, down) 8 warps over [16 rows, 1,024
+    columns] tiles, two in flight (1,566 and 2,027 GB/s against 1,466 and 1,890 for the fifth
+    session's launch in the same sweep); up to 8,192 (qkv) 4 warps over [16, 1,024] tiles, two in
+    flight (2,003 against 1,737); the widest layers (gate_up) 4 warps over [8, 1,024], one in
+    flight (2,433 against 2,132)."""
     if n <= 4096:
-        return 4, 2, 4, 2, 1
-    return (4, 2, 4, 2, 2) if n <= 8192 else (4, 2, 2, 2, 2)
+        return 4, 2, 4, 2, 0, 2
+    return (8, 2, 2, 2, 0, 2) if n <= 8192 else (4, 2, 2, 2, 0, 1)
 
 
-# one 4-bit word -> sum_j (q_j - z) * x_j over its 8 codes, in float32:
-# codes land in fp16 halves as 1024 + q (bits 0-3) or 1024 + 16 q (bits 4-7) by one lop3 each
-# (Marlin's magic-number trick); one sub / fma per pair gives q - z exactly; cvt + fma per code.
-_WORD_DOT_ASM = gl.constexpr("""
-{
-.reg .b32 t0, t1, t2, t3, w8, c16;
-.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
-.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;
-lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+# the 8 codes of word $1 -> four fp16 pairs t0..t3: (1024 + q0, 1024 + q4), (1024 + 16 q1,
+# 1024 + 16 q5), (1024 + q2, 1024 + q6), (1024 + 16 q3, 1024 + 16 q7), one lop3 each (w8: $1 >> 8)
+_UNPACK_PTX = """lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
 shr.u32 w8, $1, 8;
 lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
-mov.b32 c16, 0x2C002C00;
+"""
+
+# one 4-bit word -> sum_j (q_j - z) * x_j over its 8 codes, in float32:
+# codes land in fp16 halves as 1024 + q (bits 0-3) or 1024 + 16 q (bits 4-7) by one lop3 each
+# (Marlin's magic-number trick); one sub / fma per pair gives q - z exactly; cvt + fma per code.
+_WORD_DOT_ASM = gl.constexpr(
+    """
+{
+.reg .b32 t0, t1, t2, t3, w8, c16;
+.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+.reg .f32 f0, f1, f2, f3, f4, f5, f6, f7;
+"""
+    + _UNPACK_PTX
+    + """mov.b32 c16, 0x2C002C00;
 sub.f16x2 t0, t0, $2;
 sub.f16x2 t2, t2, $2;
 fma.rn.f16x2 t1, t1, c16, $3;
@@ -85,7 +104,8 @@ fma.rn.f32 $0, f5, $9, $0;
 fma.rn.f32 $0, f6, $10, $0;
 fma.rn.f32 $0, f7, $11, $0;
 }
-""")
+"""
+)
 # the same with the eight products in two independent chains of four (half the dependent latency)
 _WORD_DOT2_ASM = gl.constexpr(
     _WORD_DOT_ASM.value.replace(
@@ -102,6 +122,58 @@ add.f32 $0, $0, f0;""",
 )
 
 
+# the same word with the products in fp16 pairs (exllama's and Marlin's precision: 16-bit products,
+# here summed in fp16 over a thread's run of words and widened once per run): the lop3 halves as
+# above; one fma per pair gives (q - z) / 16 exactly ($2: -(64 + z / 16) for 1024 + q, $3:
+# -(4 + z / 16) for (1024 + 16 q) / 256); one mul / fma per pair with x's fp16 pairs ($4..$7: (x0, x4),
+# (x1, x5), (x2, x6), (x3, x7), the pair order the lop3 leaves the codes in). The result is the
+# word's two fp16 lane sums. The 1 / 16 keeps a run's lane sums (4 WPT products of at most 15 / 16 |x|)
+# within fp16 while |x| < ~17,000 / WPT (the caller multiplies the scale by 16).
+_WORD_DOT16_ASM = gl.constexpr(
+    """
+{
+.reg .b32 t0, t1, t2, t3, w8, c16, c256;
+"""
+    + _UNPACK_PTX
+    + """mov.b32 c16, 0x2C002C00;
+mov.b32 c256, 0x1C001C00;
+fma.rn.f16x2 t0, t0, c16, $2;
+fma.rn.f16x2 t1, t1, c256, $3;
+fma.rn.f16x2 t2, t2, c16, $2;
+fma.rn.f16x2 t3, t3, c256, $3;
+mul.rn.f16x2 $0, t0, $4;
+fma.rn.f16x2 $0, t1, $5, $0;
+fma.rn.f16x2 $0, t2, $6, $0;
+fma.rn.f16x2 $0, t3, $7, $0;
+}
+"""
+)
+# x of one word (four 32-bit pairs (x0, x1) .. (x6, x7), 16-bit each) -> the fp16 pairs above
+_X_PAIRS_BF16_ASM = gl.constexpr("""
+{
+.reg .b32 a0, a1, a2, a3, b0, b1, b2, b3;
+shl.b32 a0, $4, 16;
+and.b32 a1, $4, 0xFFFF0000;
+shl.b32 a2, $5, 16;
+and.b32 a3, $5, 0xFFFF0000;
+shl.b32 b0, $6, 16;
+and.b32 b1, $6, 0xFFFF0000;
+shl.b32 b2, $7, 16;
+and.b32 b3, $7, 0xFFFF0000;
+cvt.rn.f16x2.f32 $0, b0, a0;
+cvt.rn.f16x2.f32 $1, b1, a1;
+cvt.rn.f16x2.f32 $2, b2, a2;
+cvt.rn.f16x2.f32 $3, b3, a3;
+}
+""")
+_X_PAIRS_F16_ASM = gl.constexpr("""
+prmt.b32 $0, $4, $6, 0x5410;
+prmt.b32 $1, $4, $6, 0x7632;
+prmt.b32 $2, $5, $7, 0x5410;
+prmt.b32 $3, $5, $7, 0x7632;
+""")
+
+
 @gluon.jit
 def _word_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, CHAINS: gl.constexpr):
     """sum_j (q_j - z) * x_j over the 8 codes of each int32 word, in float32 (see _WORD_DOT_ASM)."""
@@ -116,6 +188,36 @@ def _word_dot(words, z, x0, x1, x2, x3, x4, x5, x6, x7, CHAINS: gl.constexpr):
 
 
 @gluon.jit
+def _word_dot16(words, z, xa, xb, xc, xd):
+    """Each word's two fp16 lane sums of (q_j - z) * x_j / 16 (_WORD_DOT16_ASM), as int32 bits."""
+    zi = z.to(gl.int32)
+    z0 = zi * 0x10001 - 0x2BFF2C00  # 0xD400D400 + z in each half: -(64 + z / 16) in both fp16 halves
+    z1 = zi * 0x100010 - 0x3BFF3C00  # 0xC400C400 + 16 z in each half: -(4 + z / 16)
+    return gl.inline_asm_elementwise(
+        _WORD_DOT16_ASM, "=r,r,r,r,r,r,r,r", [words, z0, z1, xa, xb, xc, xd],
+        dtype=gl.int32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _hadd2(a, b):
+    """Two fp16 pairs (int32 bits) added lane-wise."""
+    return gl.inline_asm_elementwise(
+        "add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
+def _hsum_f32(a):
+    """An fp16 pair (int32 bits) -> the sum of its lanes in float32."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 h0, h1; .reg .f32 f0, f1; mov.b32 {h0, h1}, $1; cvt.f32.f16 f0, h0; "
+        "cvt.f32.f16 f1, h1; add.f32 $0, f0, f1; }",
+        "=f,r", [a], dtype=gl.float32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
 def _row4_fetch_w(
     qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w,
     GROUP: gl.constexpr, MASKED: gl.constexpr,
@@ -123,20 +225,32 @@ def _row4_fetch_w(
     """The weight side of the tile at K column k0, as loaded (nothing here waits for the data):
     words [BLOCK_N, CW, WPT] (wcol: word index inside the tile) and the scale and zero of each
     thread run [BLOCK_N, CW] (cstart: the run's first column; a run lies inside one group)."""
+    qw, w_ok = _row4_word_ptrs(qw_ptr, rows64, n_ok, wcol, k0, KW, stride_w)
+    if MASKED:
+        words = gl.load(qw, mask=w_ok, other=0)
+    else:
+        words = gl.load(qw)
+    s, z = _row4_fetch_sz(s_ptr, z_ptr, rows64, n_ok, cstart, k0, G, GROUP, MASKED)
+    return words, s, z
+
+
+@gluon.jit
+def _row4_word_ptrs(qw_ptr, rows64, n_ok, wcol, k0, KW, stride_w):
+    """Pointers to the tile's words at K column k0 [BLOCK_N, CW, WPT], and which lie inside W."""
     w = k0 // 8 + wcol
-    qw = gl.expand_dims(qw_ptr + rows64 * stride_w, 2) + w
+    return gl.expand_dims(qw_ptr + rows64 * stride_w, 2) + w, gl.expand_dims(n_ok, 2) & (w < KW)
+
+
+@gluon.jit
+def _row4_fetch_sz(s_ptr, z_ptr, rows64, n_ok, cstart, k0, G, GROUP: gl.constexpr, MASKED: gl.constexpr):
+    """The scale and zero of each thread run of the tile at K column k0 [BLOCK_N, CW], as loaded."""
     g = (k0 + cstart) // GROUP  # [1, CW]
     sz = rows64 * G + g  # [BLOCK_N, CW]
     if MASKED:
         g_ok = n_ok & (g < G)
-        words = gl.load(qw, mask=gl.expand_dims(n_ok, 2) & (w < KW), other=0)
-        s = gl.load(s_ptr + sz, mask=g_ok, other=0.0)
-        z = gl.load(z_ptr + sz, mask=g_ok, other=0)
+        return gl.load(s_ptr + sz, mask=g_ok, other=0.0), gl.load(z_ptr + sz, mask=g_ok, other=0)
     else:
-        words = gl.load(qw)
-        s = gl.load(s_ptr + sz)
-        z = gl.load(z_ptr + sz)
-    return words, s, z
+        return gl.load(s_ptr + sz), gl.load(z_ptr + sz)
 
 
 @gluon.jit
@@ -169,13 +283,35 @@ def _row4_widen(p, X_BF16: gl.constexpr):
 
 @gluon.jit
 def _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16: gl.constexpr, CHAINS: gl.constexpr):
-    """acc += s * sum over each word's 8 codes of (q - z) * x."""
-    x0, x1 = _row4_widen(p0, X_BF16)
-    x2, x3 = _row4_widen(p1, X_BF16)
-    x4, x5 = _row4_widen(p2, X_BF16)
-    x6, x7 = _row4_widen(p3, X_BF16)
-    part = _word_dot(words, gl.expand_dims(z, 2), x0, x1, x2, x3, x4, x5, x6, x7, CHAINS)
-    return acc + part * gl.expand_dims(s.to(gl.float32), 2)
+    """acc += s * sum over each word's 8 codes of (q - z) * x; CHAINS 0: products in fp16 pairs summed
+    over each thread run, acc [BLOCK_N, CW] (else [BLOCK_N, CW, WPT])."""
+    if CHAINS == 0:
+        xa, xb, xc, xd = gl.inline_asm_elementwise(
+            _X_PAIRS_BF16_ASM if X_BF16 else _X_PAIRS_F16_ASM, "=r,=r,=r,=r,r,r,r,r", [p0, p1, p2, p3],
+            dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+        lanes = gl.reduce(_word_dot16(words, gl.expand_dims(z, 2), xa, xb, xc, xd), 2, _hadd2)
+        acc = acc + _hsum_f32(lanes) * (s.to(gl.float32) * 16.0)  # acc [BLOCK_N, CW]
+    else:
+        x0, x1 = _row4_widen(p0, X_BF16)
+        x2, x3 = _row4_widen(p1, X_BF16)
+        x4, x5 = _row4_widen(p2, X_BF16)
+        x6, x7 = _row4_widen(p3, X_BF16)
+        part = _word_dot(words, gl.expand_dims(z, 2), x0, x1, x2, x3, x4, x5, x6, x7, CHAINS)
+        acc = acc + part * gl.expand_dims(s.to(gl.float32), 2)
+    return acc
+
+
+@gluon.jit
+def _pdl_wait(USE_PDL: gl.constexpr):
+    """Under PDL: wait for the previous kernel's writes, and let the next kernel launch."""
+    if USE_PDL:
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
 
 
 @gluon.jit
@@ -184,7 +320,7 @@ def _gptq_row4_kernel(
     N, K, KW, G, stride_w,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, MASKED: gl.constexpr, X_BF16: gl.constexpr,
     ROWS: gl.constexpr, WPT: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
-    CHAINS: gl.constexpr, USE_PDL: gl.constexpr,
+    CHAINS: gl.constexpr, DEPTH: gl.constexpr, USE_PDL: gl.constexpr,
 ):  # fmt: skip
     """One row of x against 4-bit codes in contiguous groups (see the module docstring)."""
     BLOCK_N: gl.constexpr = ROWS * WARPS_N
@@ -198,30 +334,47 @@ def _gptq_row4_kernel(
     cstart = gl.expand_dims(gl.arange(0, CW, layout=gl.SliceLayout(0, L2)), 0) * (WPT * 8)  # [1, CW]
     wi = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     wcol = gl.expand_dims(cstart // 8, 2) + gl.expand_dims(gl.expand_dims(wi, 0), 1)  # [1, CW, WPT]
-    # everything of the next tile (weights, scales, zeros, x) is in flight while one tile is
-    # computed; the first tile's weights do not depend on the previous kernel and are loaded before
-    # the PDL wait, its x after
+    if CHAINS == 0:
+        acc = gl.zeros([BLOCK_N, CW], gl.float32, L2)
+    else:
+        acc = gl.zeros([BLOCK_N, CW, WPT], gl.float32, L3)
+    # everything of the next DEPTH tiles (weights, scales, zeros, x) is in flight in registers
+    # while one tile is computed; the first DEPTH tiles' weights do not depend on the previous
+    # kernel and are loaded before the PDL wait, their x after
     words, s, z = _row4_fetch_w(
         qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, 0, KW, G, stride_w, GROUP, MASKED
     )
-    if USE_PDL:
-        gl.inline_asm_elementwise(
-            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+    if DEPTH == 2:
+        w1, s1, z1 = _row4_fetch_w(
+            qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, BLOCK_K, KW, G, stride_w, GROUP, MASKED
         )
-        gl.inline_asm_elementwise(
-            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
-        )
+    _pdl_wait(USE_PDL)
     p0, p1, p2, p3 = _row4_fetch_x(xw_ptr, wcol, 0, KW, MASKED)
-    acc = gl.zeros([BLOCK_N, CW, WPT], gl.float32, L3)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        nw, ns, nz = _row4_fetch_w(
-            qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w, GROUP, MASKED
-        )
-        n0, n1, n2, n3 = _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED)
+    if DEPTH == 2:  # the caller guarantees at least two tiles
+        q0, q1, q2, q3 = _row4_fetch_x(xw_ptr, wcol, BLOCK_K, KW, MASKED)
+        for k0 in range(2 * BLOCK_K, K, BLOCK_K):
+            nw, ns, nz = _row4_fetch_w(
+                qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w, GROUP, MASKED
+            )
+            n0, n1, n2, n3 = _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED)
+            acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
+            words, s, z, p0, p1, p2, p3 = w1, s1, z1, q0, q1, q2, q3
+            w1, s1, z1, q0, q1, q2, q3 = nw, ns, nz, n0, n1, n2, n3
         acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
-        words, s, z, p0, p1, p2, p3 = nw, ns, nz, n0, n1, n2, n3
-    acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
-    y = gl.sum(gl.sum(acc, axis=2), axis=1)
+        acc = _row4_step(acc, w1, s1, z1, q0, q1, q2, q3, X_BF16, CHAINS)
+    else:
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            nw, ns, nz = _row4_fetch_w(
+                qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w, GROUP, MASKED
+            )
+            n0, n1, n2, n3 = _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED)
+            acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
+            words, s, z, p0, p1, p2, p3 = nw, ns, nz, n0, n1, n2, n3
+        acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
+    if CHAINS == 0:
+        y = gl.sum(acc, axis=1)
+    else:
+        y = gl.sum(gl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
     gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
@@ -236,7 +389,7 @@ def gptq_row4(
     bias: torch.Tensor | None = None,
     *,
     use_pdl: bool | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """y [1, N] = x [1, K] . W^T (+ bias) in x's dtype, for 4-bit codes in contiguous groups of
     `group_k` (a multiple of 8); the layout is kernels/gptq_gemm.py's. PDL as the engine set it
@@ -245,9 +398,11 @@ def gptq_row4(
     k = x.shape[1]
     assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
     assert group_k % 8 == 0 and k % 8 == 0, f"groups of whole packed words (group_k {group_k}, K {k})"
-    rows, wpt, warps_n, warps_k, chains = config or default_config(n)
+    rows, wpt, warps_n, warps_k, chains, depth = config or default_config(n)
     wpt = max(w for w in (wpt, 2, 1) if w <= wpt and group_k % (8 * w) == 0)
     block_n, block_k = rows * warps_n, 32 * warps_k * wpt * 8
+    assert chains in (0, 1, 2) and depth in (1, 2), f"launch {config}: chains 0-2, depth 1-2"
+    depth = min(depth, triton.cdiv(k, block_k))  # tiles in flight, at most the row's tiles
     use_pdl = pdl.enabled() if use_pdl is None else use_pdl
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     xr = x[0]
@@ -258,7 +413,7 @@ def gptq_row4(
         n, k, k // 8, g, qweight_t.stride(0),
         GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
         X_BF16=x.dtype == torch.bfloat16,
-        ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, USE_PDL=use_pdl,
+        ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
     )  # fmt: skip
     return y
