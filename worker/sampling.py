@@ -3,7 +3,11 @@
 Each request owns a torch.Generator (seeded from its `seed`, or from the engine's seed sequence),
 so a seeded request draws the same tokens whatever else is in the batch. Sampling uses the
 exponential-race form of a categorical draw: argmax(p / E) with E ~ Exp(1) i.i.d., which equals
-sampling from p and needs no cumulative sums.
+sampling from p and needs no cumulative sums. On CUDA, rows without top-k / top-p take it in one
+Triton launch and one pass over the logits (kernels/elementwise.sample_rows: the Gumbel form
+argmax(logit / T - log(-log U)), U from Philox keyed by a seed each row draws from its generator);
+other rows take torch's softmax and exponential draw. The two forms draw from the same distribution
+but not the same tokens for a given seed.
 """
 
 from __future__ import annotations
@@ -72,29 +76,9 @@ def sample_device(
     tokens = argmax_rows(logits)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if random_rows:
-        rr = to_device_index(random_rows, dev)
-        temps = _values([requests[i].params.temperature for i in random_rows], dev)
-        scaled = filter_batch(
-            logits[rr] / temps[:, None],
-            [requests[i].params.top_k for i in random_rows],
-            [requests[i].params.top_p for i in random_rows],
-        )
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs)
-        shared = [j for j, i in enumerate(random_rows) if requests[i].generator is None]
-        if shared:
-            if len(shared) == len(random_rows):
-                noise.exponential_(1.0, generator=generator)
-            else:
-                part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
-                    1.0, generator=generator
-                )
-                noise[to_device_index(shared, dev)] = part
-        for j, i in enumerate(random_rows):
-            g = requests[i].generator
-            if g is not None:
-                noise[j].exponential_(1.0, generator=g)
-        tokens[rr] = (probs / noise).argmax(dim=-1)
+        sampled = [requests[i] for i in random_rows]
+        race = race_one_pass if one_pass_ok(logits, sampled) else race_torch
+        race(logits, sampled, random_rows, generator, tokens)
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not want:
         return tokens, None
@@ -104,6 +88,88 @@ def sample_device(
     k = max(max(requests[i].params.logprobs or 0 for i in want), 1)
     top_v, top_i = lp.topk(k, dim=-1)
     return tokens, (chosen, top_v, top_i)
+
+
+def one_pass_ok(logits: torch.Tensor, requests: list[SampleRequest]) -> bool:
+    """Whether rows of these requests can take race_one_pass: CUDA logits and no top-k / top-p."""
+    vocab = logits.shape[-1]
+    if not (logits.is_cuda and kernels.AVAILABLE and logits.stride(-1) == 1):
+        return False
+    return not any(0 < r.params.top_k < vocab or r.params.top_p < 1.0 for r in requests)
+
+
+def race_one_pass(
+    logits: torch.Tensor,
+    requests: list[SampleRequest],
+    rows: list[int],
+    generator: torch.Generator | None,
+    tokens: torch.Tensor,
+) -> None:
+    """tokens[rows[j]] <- a draw for requests[j] from softmax(logits[rows[j]] / T), in one Triton
+    launch (kernels/elementwise.sample_rows)."""
+    from .kernels import elementwise  # Triton kernels: imported only where they can run
+
+    dev = logits.device
+    elementwise.sample_rows(
+        logits,
+        to_device_index(rows, dev),
+        _values([r.params.temperature for r in requests], dev),
+        _row_seeds([r.generator for r in requests], generator, dev),
+        tokens,
+    )
+
+
+def race_torch(
+    logits: torch.Tensor,
+    requests: list[SampleRequest],
+    rows: list[int],
+    generator: torch.Generator | None,
+    tokens: torch.Tensor,
+) -> None:
+    """tokens[rows[j]] <- a draw for requests[j] after temperature, top-k and top-p, in torch ops:
+    softmax, then argmax(p / E) with the exponential noise E from the row's generator (seeded
+    requests, one row at a time) or `generator` (all other rows in one draw)."""
+    dev = logits.device
+    rr = to_device_index(rows, dev)
+    temps = _values([r.params.temperature for r in requests], dev)
+    scaled = filter_batch(
+        logits[rr] / temps[:, None], [r.params.top_k for r in requests], [r.params.top_p for r in requests]
+    )
+    probs = torch.softmax(scaled, dim=-1)
+    noise = torch.empty_like(probs)
+    shared = [j for j, r in enumerate(requests) if r.generator is None]
+    if shared:
+        if len(shared) == len(requests):
+            noise.exponential_(1.0, generator=generator)
+        else:
+            part = torch.empty((len(shared), probs.shape[1]), device=dev).exponential_(
+                1.0, generator=generator
+            )
+            noise[to_device_index(shared, dev)] = part
+    for j, r in enumerate(requests):
+        if r.generator is not None:
+            noise[j].exponential_(1.0, generator=r.generator)
+    tokens[rr] = (probs / noise).argmax(dim=-1)
+
+
+def _row_seeds(
+    generators: list[torch.Generator | None], shared: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """One 62-bit Philox seed per row [R] int64 on `device`: from the row's own generator (a seeded
+    request: its draws do not depend on the batch), else from `shared` (all such rows in one draw)."""
+    top = 2**62
+    own = [j for j, g in enumerate(generators) if g is not None]
+    if not own:
+        return torch.randint(0, top, (len(generators),), generator=shared, device=device)
+    seeds = torch.empty(len(generators), dtype=torch.int64, device=device)
+    rest = [j for j, g in enumerate(generators) if g is None]
+    if rest:
+        seeds[to_device_index(rest, device)] = torch.randint(
+            0, top, (len(rest),), generator=shared, device=device
+        )
+    for j in own:
+        seeds[j : j + 1] = torch.randint(0, top, (1,), generator=generators[j], device=device)
+    return seeds
 
 
 # greedy rows of a decode step up to this many take one argmax launch, a program per row: torch's

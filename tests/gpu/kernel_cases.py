@@ -29,7 +29,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interp._patch_lang_tensor = _patch_tensor
 
 from inferfleet.worker.config import RopeConfig  # noqa: E402
-from inferfleet.worker.kernels.elementwise import argmax_rows, rmsnorm, rope_and_cache, silu_and_mul  # noqa: E402
+from inferfleet.worker.kernels.elementwise import (  # noqa: E402
+    argmax_rows,
+    rmsnorm,
+    rope_and_cache,
+    sample_rows,
+    silu_and_mul,
+)
 from inferfleet.worker.kernels.paged_attention import NewKV, paged_attention  # noqa: E402
 from inferfleet.worker.layers.attention import (  # noqa: E402
     KV_FP8_DTYPE,
@@ -398,6 +404,72 @@ def test_argmax_rows_kernel_matches_torch(v: int, block: int) -> None:
     assert got.dtype == torch.int64
     assert got.tolist() == want.tolist()
     assert got.tolist()[1:10] == [3, 5, 0, v // 3, v - 1, 0, v - 2, 0, 1]
+
+
+def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson's chi-square of draws against probabilities, below the 99.9th percentile of its
+    distribution (Wilson-Hilferty); cells expected fewer than 5 times are pooled into one, and that
+    one into the smallest other cell if it is still under 5."""
+    n = int(counts.sum())
+    small = probs * n < 5
+    c = counts[~small].tolist() + [float(counts[small].sum())]
+    e = (probs[~small] * n).tolist() + [float(probs[small].sum()) * n]
+    if e[-1] < 5:
+        i = min(range(len(e) - 1), key=lambda j: e[j])
+        c[i], e[i] = c[i] + c[-1], e[i] + e[-1]
+        c, e = c[:-1], e[:-1]
+    chi2 = sum((ci - ei) ** 2 / ei for ci, ei in zip(c, e))
+    k = len(e) - 1  # degrees of freedom
+    z = 3.09  # the normal 99.9th percentile
+    limit = k * (1 - 2 / (9 * k) + z * (2 / (9 * k)) ** 0.5) ** 3
+    return chi2 < limit
+
+
+@pytest.mark.parametrize(("v", "block", "temp"), [(12, 64, 1.0), (300, 128, 0.5), (37, 32, 2.0)])
+def test_sample_rows_kernel_draws_softmax(v: int, block: int, temp: float) -> None:
+    """Many rows with the same logits and distinct seeds are draws from softmax(logits / T): the
+    token counts pass a chi-square test; banned (-inf) tokens never come up; only the listed rows
+    are written; the same seeds give the same tokens whatever the launch holds."""
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randn(v, generator=g) * 2.0
+    logits[3] = float("-inf")
+    n = 250
+    x = logits.repeat(n + 2, 1).to(DEV)
+    rows = torch.arange(1, n + 1, dtype=torch.int64)  # rows 0 and n + 1 are left alone
+    seeds = torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64)
+    temps = torch.full((n,), temp)
+    out = torch.full((n + 2,), -7, dtype=torch.int64, device=DEV)
+    sample_rows(x, rows.to(DEV), temps.to(DEV), seeds.to(DEV), out, block=block, num_warps=4)
+    got = out.cpu()
+    assert got[0] == -7 and got[-1] == -7
+    drawn = got[1:-1]
+    assert bool(((drawn >= 0) & (drawn < v)).all()) and not bool((drawn == 3).any())
+    probs = torch.softmax(logits.double() / temp, dim=0)
+    assert _chi2_ok(torch.bincount(drawn, minlength=v).double(), probs)
+    # a reordered subset of the rows with their seeds: the same tokens
+    pick = torch.tensor([5, 0, 17, 9])
+    out2 = torch.full((n + 2,), -7, dtype=torch.int64, device=DEV)
+    sample_rows(x, rows[pick].to(DEV), temps[pick].to(DEV), seeds[pick].to(DEV), out2, block=block)
+    assert out2.cpu()[rows[pick]].tolist() == got[rows[pick]].tolist()
+
+
+def test_sample_rows_kernel_low_temperature_and_tail() -> None:
+    """A near-zero temperature gives the argmax, including a maximum in the last, partial chunk;
+    NaN logits are never drawn, and a row of -inf (every token banned) still yields a valid id."""
+    v = 1000
+    x = torch.randn(5, v, generator=torch.Generator().manual_seed(1))
+    x[0, v - 1] = 8.0
+    x[1, 0] = 8.0
+    x[2, 517] = 8.0
+    x[3, :900] = float("nan")  # every lane starts on NaN
+    x[3, 950] = 8.0
+    x[4] = float("-inf")
+    out = torch.empty(5, dtype=torch.int64, device=DEV)
+    rows = torch.arange(5, dtype=torch.int64, device=DEV)
+    seeds = torch.tensor([1, 2, 3, 4, 5], dtype=torch.int64, device=DEV)
+    sample_rows(x.to(DEV), rows, torch.full((5,), 1e-3, device=DEV), seeds, out, block=256)
+    assert out.tolist()[:4] == [v - 1, 0, 517, 950]
+    assert 0 <= out.tolist()[4] < v
 
 
 def test_rmsnorm_kernel_per_head_in_place() -> None:

@@ -135,3 +135,53 @@ def test_greedy_one_launch_argmax_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
     many = torch.randn(17, 128256, device="cuda", generator=g)
     assert argmax_rows(many).tolist() == many.argmax(dim=-1).tolist()
     assert calls == [5, 4]  # the kernel took the two small batches, torch the 17 rows
+
+
+def test_temperature_rows_one_pass_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temperature rows without top-k / top-p take kernels/elementwise.sample_rows on CUDA (one
+    launch per step), rows with a filter take torch's path; draws over a Llama-3 vocabulary follow
+    softmax(logits / T) (chi-square); a seeded row draws the same token alone and inside a batch,
+    and greedy rows in the same batch keep their argmax."""
+    from inferfleet.worker.kernels import elementwise
+    from inferfleet.worker.sampling import SampleRequest, sample_device
+    from inferfleet.worker.sampling_params import SamplingParams
+
+    calls: list[int] = []
+    kernel = elementwise.sample_rows
+
+    def counted(logits: torch.Tensor, rows: torch.Tensor, *args: torch.Tensor) -> None:
+        calls.append(rows.numel())
+        kernel(logits, rows, *args)
+
+    monkeypatch.setattr(elementwise, "sample_rows", counted)
+    v = 128256
+    base = torch.full((v,), -30.0, device="cuda")
+    hot = torch.tensor([5, 77, 1000, 64000, 128255], device="cuda")
+    base[hot] = torch.tensor([1.0, 0.5, 0.0, -0.5, 1.5], device="cuda")
+    t = 0.7
+    req = SampleRequest(SamplingParams(temperature=t), None, [])
+    n = 2000
+    g = torch.Generator(device="cuda").manual_seed(3)
+    tokens, _ = sample_device(base.repeat(n, 1), [req] * n, g)
+    assert calls == [n]
+    counts = torch.stack([(tokens == h).sum() for h in hot]).double().cpu()
+    probs = torch.softmax(base.double() / t, dim=0)[hot].cpu()
+    assert int(counts.sum()) == n  # the -30 tail (~1e-15 of the mass at T = 0.7) never comes up
+    exp = probs / probs.sum() * n
+    assert float(((counts - exp) ** 2 / exp).sum()) < 18.5  # chi-square, 4 dof, p = 0.001
+
+    def seeded() -> SampleRequest:
+        return SampleRequest(
+            SamplingParams(temperature=1.0, seed=7), torch.Generator(device="cuda").manual_seed(7), []
+        )
+
+    greedy = SampleRequest(SamplingParams(temperature=0.0), None, [])
+    logits = torch.randn(4, v, device="cuda", generator=g)
+    alone, _ = sample_device(logits[2:3], [seeded()], g)
+    mixed, _ = sample_device(logits, [greedy, req, seeded(), req], g)
+    assert mixed[2].item() == alone[0].item()
+    assert mixed[0].item() == logits[0].argmax().item()
+    assert calls == [n, 1, 3]
+    filtered = SampleRequest(SamplingParams(temperature=1.0, top_p=0.9), None, [])
+    sample_device(logits, [greedy, req, filtered, req], g)
+    assert calls == [n, 1, 3]  # a top-p row sends the step through torch's path
