@@ -6,8 +6,9 @@ exponential-race form of a categorical draw: argmax(p / E) with E ~ Exp(1) i.i.d
 sampling from p and needs no cumulative sums. On CUDA, rows without top-k / top-p take it in one
 Triton launch and one pass over the logits (kernels/elementwise.sample_rows: the Gumbel form
 argmax(logit / T - log(-log U)), U from Philox keyed by a seed each row draws from its generator);
-other rows take torch's softmax and exponential draw. The two forms draw from the same distribution
-but not the same tokens for a given seed.
+rows with a filter (and every row on CPU) take torch's softmax and exponential draw. Which form a
+row takes depends only on its own request. The two forms draw from the same distribution but not
+the same tokens for a given seed.
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ def sample_device(
         logits[to_device_index(rows, dev), to_device_index(cols, dev)] = float("-inf")
     tokens = argmax_rows(logits)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if random_rows:
-        sampled = [requests[i] for i in random_rows]
-        race = race_one_pass if one_pass_ok(logits, sampled) else race_torch
-        race(logits, sampled, random_rows, generator, tokens)
+    # rows without top-k / top-p take the one-pass kernel on CUDA, the others torch's path: per row,
+    # so a seeded request draws the same way whatever else the batch holds
+    fast = [i for i in random_rows if one_pass_ok(logits, requests[i])]
+    slow = [i for i in random_rows if not one_pass_ok(logits, requests[i])]
+    if fast:
+        race_one_pass(logits, [requests[i] for i in fast], fast, generator, tokens)
+    if slow:
+        race_torch(logits, [requests[i] for i in slow], slow, generator, tokens)
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not want:
         return tokens, None
@@ -90,12 +95,11 @@ def sample_device(
     return tokens, (chosen, top_v, top_i)
 
 
-def one_pass_ok(logits: torch.Tensor, requests: list[SampleRequest]) -> bool:
-    """Whether rows of these requests can take race_one_pass: CUDA logits and no top-k / top-p."""
-    vocab = logits.shape[-1]
+def one_pass_ok(logits: torch.Tensor, request: SampleRequest) -> bool:
+    """Whether this request's row can take race_one_pass: CUDA logits and no top-k / top-p."""
     if not (logits.is_cuda and kernels.AVAILABLE and logits.stride(-1) == 1):
         return False
-    return not any(0 < r.params.top_k < vocab or r.params.top_p < 1.0 for r in requests)
+    return not (0 < request.params.top_k < logits.shape[-1] or request.params.top_p < 1.0)
 
 
 def race_one_pass(

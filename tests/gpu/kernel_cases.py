@@ -453,6 +453,27 @@ def test_sample_rows_kernel_draws_softmax(v: int, block: int, temp: float) -> No
     assert out2.cpu()[rows[pick]].tolist() == got[rows[pick]].tolist()
 
 
+def test_sample_rows_kernel_independent_noise_per_column() -> None:
+    """Four equal logits at the same offset in two quarters of one chunk and in two later chunks
+    are drawn 1 / 4 each: noise reused across quarters or chunks would always hand the tie to the
+    earliest column."""
+    v, block, q = 200, 64, 16
+    cols = [5, 5 + q, 5 + block, 5 + 2 * block]
+    logits = torch.full((v,), -30.0)
+    logits[cols] = 0.0
+    n = 250
+    x = logits.repeat(n, 1).to(DEV)
+    g = torch.Generator().manual_seed(9)
+    seeds = torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64).to(DEV)
+    out = torch.empty(n, dtype=torch.int64, device=DEV)
+    rows = torch.arange(n, dtype=torch.int64, device=DEV)
+    sample_rows(x, rows, torch.ones(n, device=DEV), seeds, out, block=block, num_warps=4)
+    drawn = out.cpu()
+    assert set(drawn.tolist()) <= set(cols)
+    counts = torch.tensor([float((drawn == c).sum()) for c in cols], dtype=torch.float64)
+    assert _chi2_ok(counts, torch.full((4,), 0.25, dtype=torch.float64))
+
+
 def test_sample_rows_kernel_low_temperature_and_tail() -> None:
     """A near-zero temperature gives the argmax, including a maximum in the last, partial chunk;
     NaN logits are never drawn, and a row of -inf (every token banned) still yields a valid id."""

@@ -206,10 +206,12 @@ ROW4_CASES = [
     # products in fp16 pairs (chains 0), one or two tiles in flight
     (4096, [64, 32], 128, False, torch.bfloat16, (4, 4, 4, 2, 0, 1)),
     (4096, [32, 8], 128, True, torch.bfloat16, (8, 2, 2, 2, 0, 2)),  # N = 40: masked rows
-    (2176, [32], 128, False, torch.bfloat16, (4, 2, 2, 2, 0, 2)),  # masked K tail, 2nd tile partial
+    (2176, [32], 128, False, torch.bfloat16, (4, 2, 2, 2, 0, 2)),  # masked K tail: 3 tiles, the last partial
+    (2048, [32], 128, False, torch.bfloat16, (4, 2, 4, 2, 0, 2)),  # exactly two tiles: no loop trip
+    (1152, [32], 128, False, torch.bfloat16, (4, 2, 4, 2, 0, 2)),  # two tiles, the second partial
     (1024, [24], 64, False, torch.float16, (4, 4, 2, 2, 0, 2)),  # fp16 activations (prmt pairs)
     (256, [16], 8, False, torch.bfloat16, (4, 4, 1, 4, 0, 2)),  # one tile: depth falls back to 1
-    (4096, [64], 128, False, torch.bfloat16, (4, 1, 4, 2, 0, 2)),  # one word per run, 16 tiles
+    (4096, [64], 128, False, torch.bfloat16, (4, 1, 4, 2, 0, 2)),  # one word per run, 8 tiles
     (4096, [64, 32], 128, False, torch.bfloat16, (4, 2, 4, 2, 1, 2)),  # float32 products, depth 2
     (4096, [64, 32], 128, False, torch.bfloat16, (8, 4, 4, 1, 0, 1)),  # runs of 4 words in fp16
 ]
@@ -232,7 +234,7 @@ def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cf
     old = gptq_stream(xp, layer.qweight_t, layer.scales_t, layer.zeros_t, 4, layer.group_k, bias)
     assert got.dtype == dtype and rel(got.float(), ref) < TOL
     # the per-word kernel uses the exact weights, like the Triton path it replaces, with float32
-    # products (chains 1, 2) or fp16 products summed per word (chains 0)
+    # products (chains 1, 2) or fp16 products summed per thread run of words (chains 0)
     assert rel(got.float(), old.float()) < 5e-3
     # x at an odd element offset cannot be read as 32-bit pairs in place: copied first, same result
     buf = torch.zeros(1, k + 1, device=DEV, dtype=dtype)
@@ -247,13 +249,16 @@ def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cf
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gptq_row4_large_activations(cfg, dtype) -> None:  # type: ignore[no-untyped-def]
     """Activations of a few thousand (the outliers some LLM layers carry) stay finite and accurate
-    with fp16 products: each word's sum is taken as (q - z) / 16 * x, within fp16 for |x| < ~8,700."""
+    with fp16 products: a thread run's sums are taken over (q - z) / 16 * x, within fp16 for
+    |x| < ~17,000 / words per run whatever the codes. Single outlier channels of 6,000, and a block
+    of 32 consecutive ones of 2,000 (whole runs of one or two words, random codes)."""
     from inferfleet.worker.kernels.gptq_row4 import gptq_row4
 
     layer, w_ref = _gptq_layer(4096, [64], 4, 128, False, seed=21)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(1, 4096, generator=g) * 3.0
     x[0, ::97] = 6000.0 * torch.sign(torch.randn(x[0, ::97].shape, generator=g))  # outlier channels
+    x[0, 1024:1056] = 2000.0  # one sign over whole runs: the fp16 sums grow with every code
     x = x.to(DEV, dtype)
     ref = x.float() @ w_ref.t()
     got = gptq_row4(x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, config=cfg)

@@ -139,9 +139,9 @@ def test_greedy_one_launch_argmax_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_temperature_rows_one_pass_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Temperature rows without top-k / top-p take kernels/elementwise.sample_rows on CUDA (one
-    launch per step), rows with a filter take torch's path; draws over a Llama-3 vocabulary follow
-    softmax(logits / T) (chi-square); a seeded row draws the same token alone and inside a batch,
-    and greedy rows in the same batch keep their argmax."""
+    launch per step), rows with a filter torch's path, row by row; draws over a Llama-3 vocabulary
+    follow softmax(logits / T) (chi-square); a seeded row draws the same token alone and inside a
+    batch, also one holding a top-p row, and greedy rows in the same batch keep their argmax."""
     from inferfleet.worker.kernels import elementwise
     from inferfleet.worker.sampling import SampleRequest, sample_device
     from inferfleet.worker.sampling_params import SamplingParams
@@ -183,5 +183,7 @@ def test_temperature_rows_one_pass_on_cuda(monkeypatch: pytest.MonkeyPatch) -> N
     assert mixed[0].item() == logits[0].argmax().item()
     assert calls == [n, 1, 3]
     filtered = SampleRequest(SamplingParams(temperature=1.0, top_p=0.9), None, [])
-    sample_device(logits, [greedy, req, filtered, req], g)
-    assert calls == [n, 1, 3]  # a top-p row sends the step through torch's path
+    with_filter, _ = sample_device(logits, [greedy, filtered, seeded(), req], g)
+    assert calls == [n, 1, 3, 2]  # the top-p row went through torch's path, the other two not
+    assert with_filter[2].item() == alone[0].item()
+    assert with_filter[0].item() == logits[0].argmax().item()

@@ -22,8 +22,9 @@ tile's weights are loaded before the wait. H100 sweeps and numbers: docs/benchma
 The default launches (sixth session) take the products in fp16 pairs instead (`_WORD_DOT16_ASM`,
 CHAINS 0, the precision of exllama's and Marlin's kernels): one fma per pair gives (q - z) / 16
 exactly, one fma per pair multiplies it into an fp16 sum with x converted to fp16 pairs once per
-thread and tile, and each thread run's sums are widened to float32 once and scaled: ~3.5-3.9
-instructions per code in SASS against ~5.1, and the relative error of a layer's output on the 8B
+thread and tile, and each thread run's sums are widened to float32 once and scaled: 3.6-4.2
+instructions per code in the loop's SASS for the default launches against 5.1-5.2 for the fifth
+session's (bench/row4_sass.py), and the relative error of a layer's output on the 8B
 shapes moves from 1.64-1.70e-3 to 1.68-1.72e-3 (bench/gemv_bench.py's checks; the bf16 rounding of
 the output is most of both). Some shapes also keep two tiles in flight in registers (DEPTH 2).
 Staging the words through shared memory with cp.async, three to six tiles deep, was slower at
