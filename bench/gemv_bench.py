@@ -104,45 +104,54 @@ def variants(precision: str) -> dict[str, object]:
     return v
 
 
+def _gemv_launches(*tiles: tuple[int, int, int, int]) -> list[dict]:
+    """kernels/gemv.py launches from (block_n, block_k, num_stages, prefetch), 4 warps each."""
+    return [dict(block_n=n, block_k=k, num_warps=4, num_stages=st, prefetch=p) for n, k, st, p in tiles]
+
+
 SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sweep1-*.json)
-    "bf16": [
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=1),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=0),
-        dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=0),
-        dict(block_n=16, block_k=256, num_warps=4, num_stages=4, prefetch=1),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=5, prefetch=1),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=2),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=4, prefetch=3),
-    ],
-    "fp8": [
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=1),
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=0),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=1),
-        dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=0),
-        dict(block_n=16, block_k=512, num_warps=4, num_stages=4, prefetch=1),
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=2),
-        dict(block_n=8, block_k=1024, num_warps=4, num_stages=4, prefetch=3),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=2),
-        dict(block_n=8, block_k=512, num_warps=4, num_stages=6, prefetch=3),
-    ],
-    "gptq": [  # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K,
-        # products: 1 or 2 float32 chains or 0 for fp16 pairs, tiles in flight)
-        dict(config=(4, 2, 4, 2, 1, 1)),
-        dict(config=(4, 2, 4, 2, 2, 1)),
-        dict(config=(4, 2, 2, 2, 2, 1)),
-        dict(config=(4, 2, 4, 2, 0, 1)),
-        dict(config=(4, 2, 4, 2, 0, 2)),
-        dict(config=(4, 2, 2, 2, 0, 1)),
-        dict(config=(4, 2, 2, 2, 0, 2)),
-        dict(config=(8, 2, 2, 2, 0, 1)),
-        dict(config=(8, 2, 2, 2, 0, 2)),
-        dict(config=(8, 2, 4, 1, 0, 1)),
-        dict(config=(8, 2, 4, 1, 0, 2)),
-        dict(config=(8, 4, 4, 1, 0, 1)),
-        dict(config=(8, 4, 2, 2, 0, 1)),
-        dict(config=(4, 4, 4, 2, 0, 1)),
-        dict(config=(4, 4, 2, 2, 0, 1)),
-        dict(config=(16, 2, 2, 2, 0, 1)),
+    "bf16": _gemv_launches(
+        (8, 512, 4, 1),
+        (8, 512, 4, 0),
+        (16, 256, 4, 0),
+        (16, 256, 4, 1),
+        (8, 512, 5, 1),
+        (8, 512, 4, 2),
+        (8, 512, 4, 3),
+    ),
+    "fp8": _gemv_launches(
+        (8, 1024, 4, 1),
+        (8, 1024, 4, 0),
+        (8, 512, 6, 1),
+        (16, 512, 4, 0),
+        (16, 512, 4, 1),
+        (8, 1024, 4, 2),
+        (8, 1024, 4, 3),
+        (8, 512, 6, 2),
+        (8, 512, 6, 3),
+    ),
+    # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, products: 1 or 2
+    # float32 chains or 0 for fp16 pairs, tiles in flight)
+    "gptq": [
+        dict(config=c)
+        for c in (
+            (4, 2, 4, 2, 1, 1),
+            (4, 2, 4, 2, 2, 1),
+            (4, 2, 2, 2, 2, 1),
+            (4, 2, 4, 2, 0, 1),
+            (4, 2, 4, 2, 0, 2),
+            (4, 2, 2, 2, 0, 1),
+            (4, 2, 2, 2, 0, 2),
+            (8, 2, 2, 2, 0, 1),
+            (8, 2, 2, 2, 0, 2),
+            (8, 2, 4, 1, 0, 1),
+            (8, 2, 4, 1, 0, 2),
+            (8, 4, 4, 1, 0, 1),
+            (8, 4, 2, 2, 0, 1),
+            (4, 4, 4, 2, 0, 1),
+            (4, 4, 2, 2, 0, 1),
+            (16, 2, 2, 2, 0, 1),
+        )
     ],
 }
 
@@ -158,18 +167,7 @@ def time_graph(fn, reps: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return microbench.time_ms(graph.replay, reps, warmup=1)
 
 
 def chain(fn, layers, x0):

@@ -19,6 +19,23 @@ SHAPES = {
 }
 
 
+def time_ms(fn, reps: int = 30, warmup: int = 3) -> float:
+    """Median ms per call of fn() over `reps` calls, each between two CUDA events, after `warmup`
+    calls (the host's work to launch it counts where the device waits for it)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2]
+
+
 def gemm_table() -> None:
     print(f"{'layer':10s} {'M':>5s} {'us':>9s} {'GB/s':>8s} {'TFLOP/s':>8s}")
     for name, (n, k) in SHAPES.items():

@@ -15,25 +15,9 @@ import torch
 from inferfleet.worker.kernels.elementwise import sample_rows
 from inferfleet.worker.sampling import SampleRequest, race_one_pass, race_torch
 from inferfleet.worker.sampling_params import SamplingParams
+from microbench import time_ms
 
 VOCAB = 128256
-
-
-def time_ms(fn, reps: int = 30) -> float:
-    """Median ms per call of fn(), timed with CUDA events after a warm-up (the host's work to launch
-    it included when the device waits for it)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
 
 
 def main() -> None:

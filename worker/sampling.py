@@ -78,8 +78,11 @@ def sample_device(
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     # rows without top-k / top-p take the one-pass kernel on CUDA, the others torch's path: per row,
     # so a seeded request draws the same way whatever else the batch holds
-    fast = [i for i in random_rows if one_pass_ok(logits, requests[i])]
-    slow = [i for i in random_rows if not one_pass_ok(logits, requests[i])]
+    kernel = logits.is_cuda and kernels.AVAILABLE and logits.stride(-1) == 1
+    fast: list[int] = []
+    slow: list[int] = []
+    for i in random_rows:
+        (fast if kernel and not has_filter(requests[i].params, logits.shape[-1]) else slow).append(i)
     if fast:
         race_one_pass(logits, [requests[i] for i in fast], fast, generator, tokens)
     if slow:
@@ -95,11 +98,9 @@ def sample_device(
     return tokens, (chosen, top_v, top_i)
 
 
-def one_pass_ok(logits: torch.Tensor, request: SampleRequest) -> bool:
-    """Whether this request's row can take race_one_pass: CUDA logits and no top-k / top-p."""
-    if not (logits.is_cuda and kernels.AVAILABLE and logits.stride(-1) == 1):
-        return False
-    return not (0 < request.params.top_k < logits.shape[-1] or request.params.top_p < 1.0)
+def has_filter(params: SamplingParams, vocab: int) -> bool:
+    """Whether top-k or top-p removes tokens from this request's draw (race_one_pass has neither)."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
 
 
 def race_one_pass(

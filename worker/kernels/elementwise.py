@@ -254,9 +254,24 @@ _NO_INDEX = 2**31 - 1
 
 
 @triton.jit
+def _lane_best(best_v, best_i, v, i, ok, NO_INDEX: tl.constexpr):
+    """Each lane's running maximum: the first value it saw that is strictly larger (chunks come in
+    order), and the lane's first element seeds it (so a row of -inf still gets an index)."""
+    take = (v > best_v) | ((best_i == NO_INDEX) & ok)
+    return tl.where(take, v, best_v), tl.where(take, i, best_i)
+
+
+@triton.jit
+def _first_at_max(best_v, best_i, NO_INDEX: tl.constexpr):
+    """The smallest index among the lanes that hold the row's maximum."""
+    top = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == top, best_i, NO_INDEX), axis=0)
+
+
+@triton.jit
 def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr):
-    # one program per row; each lane keeps the first maximum it saw (strict >, chunks in order) and
-    # the first NaN it saw; then the row's first NaN if any, else the smallest index holding the max
+    # one program per row; each lane keeps the first maximum it saw and the first NaN it saw; then
+    # the row's first NaN if any, else the smallest index holding the max
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * stride
     offs = tl.arange(0, BLOCK)
@@ -267,13 +282,10 @@ def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX
         i = start + offs
         ok = i < V
         v = tl.load(row + i, mask=ok, other=float("-inf")).to(tl.float32)
-        take = (v > best_v) | ((best_i == NO_INDEX) & ok)  # the lane's first element seeds it (-inf rows)
-        best_v = tl.where(take, v, best_v)
-        best_i = tl.where(take, i, best_i)
+        best_v, best_i = _lane_best(best_v, best_i, v, i, ok, NO_INDEX)
         nan_i = tl.minimum(nan_i, tl.where(v != v, i, NO_INDEX))
     first_nan = tl.min(nan_i, axis=0)
-    top = tl.max(best_v, axis=0)
-    at_top = tl.min(tl.where(best_v == top, best_i, NO_INDEX), axis=0)
+    at_top = _first_at_max(best_v, best_i, NO_INDEX)
     tl.store(out_ptr + r, tl.where(first_nan < NO_INDEX, first_nan, at_top).to(tl.int64))
 
 
@@ -302,8 +314,7 @@ def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr
     ok = cols < V
     key = tl.load(row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t - tl.log(-tl.log(u))
     key = tl.where(ok & (key == key), key, float("-inf"))
-    take = (key > best_v) | ((best_i == NO_INDEX) & ok)
-    return tl.where(take, key, best_v), tl.where(take, cols, best_i)
+    return _lane_best(best_v, best_i, key, cols, ok, NO_INDEX)
 
 
 @triton.jit
@@ -328,8 +339,7 @@ def _sample_rows_kernel(
         best_v, best_i = _race_quarter(best_v, best_i, row, start + Q + offs, u1, inv_t, V, NO_INDEX)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + 2 * Q + offs, u2, inv_t, V, NO_INDEX)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + 3 * Q + offs, u3, inv_t, V, NO_INDEX)
-    top = tl.max(best_v, axis=0)
-    tl.store(out_ptr + r, tl.min(tl.where(best_v == top, best_i, NO_INDEX), axis=0).to(tl.int64))
+    tl.store(out_ptr + r, _first_at_max(best_v, best_i, NO_INDEX).to(tl.int64))
 
 
 def sample_rows(
