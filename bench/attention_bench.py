@@ -1,6 +1,7 @@
 """Paged-attention decode on the H100: KV bandwidth per cache dtype and launch choice (issue 4, 6).
 
     python bench/attention_bench.py --out $OUT [--quick]
+    python bench/attention_bench.py --out $OUT --batch1
 
 Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, pages of 16 tokens),
 blocks scattered at random through the pool as a long-running engine leaves them. Cases:
@@ -9,8 +10,13 @@ blocks scattered at random through the pool as a long-running engine leaves them
 - W1-like: 256 sequences, contexts uniform in [100, 2048];
 - 32 sequences at 1000-2000 tokens (split-KV as the decode graphs choose it).
 
-(Batch 1 is not timed here: a few microseconds per call are below what do_bench resolves; W3
-measures it end to end.)
+--batch1 times batch-1 decode instead, as a step sees it: a few microseconds per call are below
+what do_bench resolves alone, so 32 dependent layers (layer i + 1's q is layer i's output) run in
+one CUDA graph, each the call TritonAttentionBackend makes (rotary and KV write fused in, PDL on
+Hopper, the merge launch when split) over its own cache pages. An L2 flush before each replay
+(timed alone and subtracted) leaves every layer's KV in HBM, as the weights streamed between two
+layers of a real step do; "warm" in the JSON is the same without it. Contexts x splits, each
+split count checked against one split first; the table gives microseconds per layer.
 
 Every launch variant (paged_attention's `tuning` keys) is checked against the default launch on
 the same inputs before it is timed (max abs difference printed; a variant that disagrees is
@@ -33,9 +39,12 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inferfleet.worker.config import RopeConfig
 from inferfleet.worker.cuda_graphs import decode_splits
 from inferfleet.worker.kernels import pdl
-from inferfleet.worker.kernels.paged_attention import DEFAULT_TUNING, paged_attention
+from inferfleet.worker.kernels.paged_attention import DEFAULT_TUNING, NewKV, paged_attention, split_workspace
+from inferfleet.worker.layers.rotary import RotaryEmbedding
+from microbench import time_ms
 
 H, KVH, D, PAGE = 32, 8, 128, 16
 
@@ -105,14 +114,121 @@ def run(case: dict[str, Any], splits: int, variant: dict[str, Any]) -> torch.Ten
     return out
 
 
+LAYERS = 32
+B1_CONTEXTS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+B1_SPLITS = (1, 2, 4, 8, 16)
+
+
+def batch1_layers(ctx: int, seed: int) -> dict[str, Any]:
+    """LAYERS layers' inputs for one sequence of `ctx` tokens (the last one new): the QKV
+    projection's output, rotary tables, and for each layer its own scattered pages (row i of the
+    block tables), stored head-major as alloc_kv_cache does."""
+    case = make_case(LAYERS, ctx, ctx, torch.bfloat16, seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(1, (H + 2 * KVH) * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    rot = RotaryEmbedding(RopeConfig(theta=500000.0), D, ctx).to("cuda")
+    bt = case["bt"]
+    # NewKV's fields but the slot: the new token's K and V (not rotated yet), its position, cos/sin
+    new = (qkv[:, H * D : (H + KVH) * D].view(1, KVH, D), qkv[:, (H + KVH) * D :].view(1, KVH, D),
+           torch.full((1,), ctx - 1, device="cuda"), rot.cos, rot.sin)  # fmt: skip
+    return {
+        "q0": qkv[:, : H * D].view(1, H, D),
+        "kc": stored(case["kc"], "head"),
+        "vc": stored(case["vc"], "head"),
+        "bt": bt,
+        "qsl": case["qsl"][:2],
+        "sl": case["sl"],
+        "new": new,
+        "slots": bt[:, (ctx - 1) // PAGE].long() * PAGE + (ctx - 1) % PAGE,  # each layer's new slot
+        "outs": torch.empty(LAYERS, 1, H, D, device="cuda", dtype=torch.bfloat16),
+    }
+
+
+def batch1_graph(c: dict[str, Any], splits: int) -> torch.cuda.CUDAGraph:
+    """The chain of LAYERS dependent attention calls in one CUDA graph (compiled before capture)."""
+    ws = split_workspace(1, H, D, splits, torch.device("cuda")) if splits > 1 else None
+
+    def chain() -> None:
+        q = c["q0"]
+        for i in range(LAYERS):
+            new_kv = NewKV(*c["new"], c["slots"][i : i + 1])
+            paged_attention(q, c["kc"], c["vc"], c["outs"][i], c["qsl"], c["sl"][i : i + 1], c["bt"][i : i + 1],
+                            1, D**-0.5, num_splits=splits, workspace=ws, new_kv=new_kv)  # fmt: skip
+            q = c["outs"][i]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain()
+    return g
+
+
+def batch1_main(out_dir: str, sms: int) -> None:
+    flush_buf = torch.ones(64 * 2**20, device="cuda")  # 256 MB, 5x the H100's 50 MB L2
+
+    def flush() -> None:
+        flush_buf.sum()  # reads: the lines it leaves in L2 are clean
+
+    rows: list[dict[str, Any]] = []
+    for ctx in B1_CONTEXTS:
+        c = batch1_layers(ctx, seed=ctx)
+        ref = None
+        for splits in B1_SPLITS:
+            g = batch1_graph(c, splits)
+            g.replay()
+            out = c["outs"].clone()
+            ref = out if ref is None else ref
+            row: dict[str, Any] = {"ctx": ctx, "splits": splits}
+            row["max_abs_diff_vs_1_split"] = (out.float() - ref.float()).abs().max().item()
+            # bf16 rounding of one layer's output moves the next layer's q: a few bf16 steps (2^-8
+            # relative) over the chain, against errors of order 1 from a wrong split or merge
+            if row["max_abs_diff_vs_1_split"] > 3e-2 * ref.float().abs().max().item():
+                row["error"] = "disagrees with one split"
+            else:
+                row["us_per_layer_warm"] = time_ms(g.replay, reps=50, warmup=5) * 1e3 / LAYERS
+                both = time_ms(lambda: (flush(), g.replay()), reps=50, warmup=5)
+                row["us_per_layer"] = (both - time_ms(flush, reps=50, warmup=5)) * 1e3 / LAYERS
+            rows.append(row)
+        del c
+        torch.cuda.empty_cache()
+    head = (
+        f"{'ctx':>6s} "
+        + " ".join(f"{'s=' + str(s):>7s}" for s in B1_SPLITS)
+        + f" {'best':>5s} {'engine':>6s} {'diff':>8s}"
+    )
+    table = [head]
+    for ctx in B1_CONTEXTS:
+        rs = [r for r in rows if r["ctx"] == ctx]
+        timed = [r for r in rs if "us_per_layer" in r]
+        best = min(timed, key=lambda r: r["us_per_layer"])["splits"] if timed else "-"
+        cells = " ".join(f"{r['us_per_layer']:7.2f}" if "us_per_layer" in r else f"{'x':>7s}" for r in rs)
+        diff = max(r["max_abs_diff_vs_1_split"] for r in rs)
+        table.append(f"{ctx:6d} {cells} {best!s:>5s} {decode_splits(1, KVH, sms):6d} {diff:8.1e}")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": time.strftime("%Y-%m-%d"), "mode": "batch1", "layers": LAYERS, "pdl": pdl.enabled(),
+              "rows": rows, "table": table}  # fmt: skip
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, "attention_bench.json").write_text(json.dumps(result, indent=2))
+    print(f"\n=== batch-1 decode attention, {LAYERS} dependent layers in one CUDA graph, us per layer (KV in "
+          f"HBM), PDL {'on' if pdl.enabled() else 'off'}, {result['device']}, {result['date']}")  # fmt: skip
+    print("\n".join(table))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="the first three variants only")
     ap.add_argument("--cases", default="0,1,2", help="indices of the cases to run")
+    ap.add_argument("--batch1", action="store_true", help="only batch 1: 32 layers, contexts x splits")
     args = ap.parse_args()
     pdl.set_enabled(torch.cuda.get_device_capability() >= (9, 0))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if args.batch1:
+        return batch1_main(args.out, sms)
     cases = [("w2-decode b256 ctx1000-2000", 256, 1000, 2000), ("w1-like b256 ctx100-2048", 256, 100, 2048),
              ("b32 ctx1000-2000", 32, 1000, 2000)]  # fmt: skip
     variants = VARIANTS[:3] if args.quick else VARIANTS

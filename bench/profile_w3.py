@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
 from gpu_bench import generate
 from inferfleet.worker import SamplingParams
-from quant_bench import add_model_args, build_llm, ensure_gptq_rtn, model_dir_for
+from quant_bench import add_model_args, build_llm, ensure_checkpoints, model_dir_for
 from workloads import fixed, random_prompt, scaled, w1
 
 PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weight-streaming kernels
@@ -187,8 +187,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d"), "workload": args.workload, "methods": {}}  # fmt: skip
     ensure_llama8b_checkpoint(args.model_dir)
     methods = args.methods.split(",")
-    if "gptq" in methods:
-        ensure_gptq_rtn(args.model_dir, args.gptq_dir)
+    ensure_checkpoints(methods, args)
     for m in methods:
         if args.workload == "w1":
             result["methods"][m] = profile_w1(m, model_dir_for(m, args), args.w1_scale)

@@ -9,6 +9,8 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
 - gptq: calibrating GPTQ on an 8B model takes far longer than this run may, so its checkpoint is
   ROUND-TO-NEAREST 4-bit packed into the GPTQ layout (group 128, sym, `inferfleet-worker quantize
   --method rtn`): the speed is GPTQ's (same tensors, same kernels), the error is RTN's;
+  gptq-lm-head is the same with lm_head quantized too (`quantize --lm-head`, GPTQModel's
+  lm_head=True), from its own checkpoint directory (--gptq-dir + "-lm-head");
 - error: relative logits error and top-1 agreement vs bf16 over the last 32 positions of 4 random
   prompts of 160 tokens (160-row prefills: W8A8 for fp8, the M-tiled fused kernels for int8/gptq);
 - W3 (batch 1, 128 in / 256 out) and W1 (256 requests, U[100, 1024] in/out, T = 0.6) through
@@ -51,7 +53,7 @@ from microbench import SHAPES
 from workloads import fixed, random_prompt, scaled, w1
 
 log = logging.getLogger("quant_bench")
-METHODS = ("bf16", "fp8", "int8", "gptq")
+METHODS = ("bf16", "fp8", "int8", "gptq", "gptq-lm-head")
 TARGETS = {"fp8 W3 ms/token": 3.0, "gptq W3 ms/token": 2.2, "fp8 W2 1000/1000 out tok/s": 12000.0}
 
 
@@ -64,12 +66,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return n
 
 
-def ensure_gptq_rtn(src: str, dst: str) -> dict[str, Any] | None:
-    """The gptq method's checkpoint at `dst`, made from `src` unless there; what making it took."""
+def ensure_gptq_rtn(src: str, dst: str, lm_head: bool = False) -> dict[str, Any] | None:
+    """The gptq method's checkpoint at `dst` (lm_head quantized too with `lm_head`), made from `src`
+    unless there; what making it took."""
     if (Path(dst) / "config.json").exists():
         return None
     t0 = time.perf_counter()
-    quantize_checkpoint(src, dst, QuantizeSpec(method="rtn", bits=4, group_size=128), device="cuda")
+    spec = QuantizeSpec(method="rtn", bits=4, group_size=128, lm_head=lm_head)
+    quantize_checkpoint(src, dst, spec, device="cuda")
     torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - t0, "note": "round-to-nearest packed in the GPTQ layout"}
 
@@ -82,13 +86,23 @@ def add_model_args(ap: argparse.ArgumentParser, methods: str) -> None:
 
 
 def model_dir_for(method: str, args: argparse.Namespace) -> str:
-    return args.gptq_dir if method == "gptq" else args.model_dir
+    return {"gptq": args.gptq_dir, "gptq-lm-head": args.gptq_dir + "-lm-head"}.get(method, args.model_dir)
+
+
+def ensure_checkpoints(methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The GPTQ checkpoints the methods need, made unless there; what making each took."""
+    made = {}
+    for m in ("gptq", "gptq-lm-head"):
+        if m in methods and (info := ensure_gptq_rtn(args.model_dir, model_dir_for(m, args), m != "gptq")):
+            made[m] = info
+            log.info("%s (rtn) checkpoint: %s", m, info)
+    return made
 
 
 def build_llm(method: str, model_dir: str, kv_cache_dtype: str = "auto") -> LLM:
     """The engine every per-precision bench measures (the gptq method's checkpoint is already
     quantized, so it loads with quantization none), warmed up."""
-    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8", "gptq": "none"}[method]
+    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8"}.get(method, "none")
     llm = LLM(
         model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
         max_num_batched_tokens=8192, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
@@ -243,9 +257,8 @@ def main() -> None:
         log.info("checkpoint: %s", made)
     if "kernels" in only:
         results["kernels"] = kernel_table()
-    if "gptq" in methods and (made := ensure_gptq_rtn(args.model_dir, args.gptq_dir)) is not None:
-        results["gptq_checkpoint"] = made
-        log.info("gptq (rtn) checkpoint: %s", made)
+    if made := ensure_checkpoints(methods, args):
+        results["gptq_checkpoints"] = made
     rng = random.Random(11)
     prompts = [random_prompt(rng, 160) for _ in range(4)]
     ref_logits = None
@@ -298,9 +311,13 @@ def main() -> None:
     measured = {
         "fp8 W3 ms/token": fp8.get("w3", {}).get("decode_ms_mean"),
         "gptq W3 ms/token": results["methods"].get("gptq", {}).get("w3", {}).get("decode_ms_mean"),
+        "gptq-lm-head W3 ms/token": results["methods"]
+        .get("gptq-lm-head", {})
+        .get("w3", {})
+        .get("decode_ms_mean"),
         "fp8 W2 1000/1000 out tok/s": fp8.get("w2_1000_1000", {}).get("output_tok_s"),
     }
-    for name, target in TARGETS.items():
+    for name, target in {**TARGETS, "gptq-lm-head W3 ms/token": TARGETS["gptq W3 ms/token"]}.items():
         v = measured[name]
         if v is not None:
             ok = v <= target if "ms" in name else v >= target

@@ -24,7 +24,8 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 SIG = {
     "xw_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*bf16",
-    "N": "i32", "K": "i32", "KW": "i32", "G": "i32", "stride_w": "i32",
+    "res_ptr": "*bf16", "nw_ptr": "*bf16", "cnt_ptr": "*i32",
+    "N": "i32", "K": "i32", "KW": "i32", "G": "i32", "stride_w": "i32", "eps": "fp32",
 }  # fmt: skip
 _ADDR = re.compile(r"\s+/\*([0-9a-f]{4})\*/")
 
@@ -56,9 +57,10 @@ def count(launch: tuple[int, ...], x_bf16: bool = True) -> tuple[float, Counter]
     consts = {
         "GROUP": 128, "HAS_BIAS": False, "MASKED": False, "X_BF16": x_bf16, "ROWS": rows, "WPT": wpt,
         "WARPS_N": warps_n, "WARPS_K": warps_k, "CHAINS": chains, "DEPTH": depth, "USE_PDL": True,
+        "ADD_NORM": False, "NORM_BLOCK": 1, "SILU_MUL": False,
     }  # fmt: skip
     sig = dict(SIG, **{k: "constexpr" for k in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 10)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13)}
     src = GluonASTSource(gptq_row4._gptq_row4_kernel, sig, consts, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps_n * warps_k})
     nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")

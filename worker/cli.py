@@ -56,6 +56,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1: one per row")
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    p.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="quantize lm_head too (GPTQModel's lm_head=True; untied models)",
+    )
     p.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of the mean diag(H)")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sequence")

@@ -382,8 +382,8 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
 
 @pytest.mark.parametrize(("v", "block"), [(1000, 256), (1000, 1024), (4096, 512), (37, 64)])
 def test_argmax_rows_kernel_matches_torch(v: int, block: int) -> None:
-    """One program per row, lanes over chunks of `block`: ties (across lanes, chunks and inside
-    one lane), whole-row ties, NaN (the first one wins, as torch.argmax has it), +-inf rows, and
+    """One program per row, lanes over chunks of `block` (or a row split over programs): ties
+    (across lanes, chunks, splits and inside one lane), whole-row ties, NaN (the first one wins, as torch.argmax has it), +-inf rows, and
     rows shorter than one chunk (v = 37)."""
     g = torch.Generator().manual_seed(v)
     x = torch.randn(10, v, generator=g)
@@ -400,10 +400,13 @@ def test_argmax_rows_kernel_matches_torch(v: int, block: int) -> None:
     x[8, 0] = float("nan")  # NaN at the very first element
     x[9, 1::2] = 7.0  # many lanes tie, the first at index 1
     want = x.argmax(dim=-1)
-    got = argmax_rows(x.to(DEV), block=block, num_warps=4)
-    assert got.dtype == torch.int64
-    assert got.tolist() == want.tolist()
-    assert got.tolist()[1:10] == [3, 5, 0, v // 3, v - 1, 0, v - 2, 0, 1]
+    # one program per row, and each row split over 2 or 16 programs (their chunks of 64 columns and
+    # up; v = 37 leaves 15 of 16 splits empty); twice each (the tickets reset)
+    for splits in (1, 2, 16, 16):
+        got = argmax_rows(x.to(DEV), block=block, num_warps=4, splits=splits)
+        assert got.dtype == torch.int64
+        assert got.tolist() == want.tolist(), splits
+        assert got.tolist()[1:10] == [3, 5, 0, v // 3, v - 1, 0, v - 2, 0, 1]
 
 
 def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
@@ -539,3 +542,59 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
         for kw in variants:
             got = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None, **kw)
             assert rel(got.float(), ref) < tol, kw
+        # float32 out (logits): the 16-bit result, widened, from the same launch
+        plain = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None)
+        wide = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None, out_dtype=torch.float32)
+        assert wide.dtype == torch.float32 and torch.equal(wide, plain.float())
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "bias", "block_n"), [(40, 64, False, None), (19, 300, True, None), (256, 128, True, 16)]
+)
+def test_gemv_add_norm_matches_projection_then_norm(n: int, k: int, bias: bool, block_n: int | None) -> None:
+    """gemv(add_norm=) is the projection then RMSNorm(y, residual): the residual gets y added in
+    place, the result is the normalized sum, and the ticket counter is back at zero for the next
+    launch (run twice: a counter left behind would make no program the last one)."""
+    from inferfleet.worker.kernels.gemv import AddNorm, gemv
+
+    torch.manual_seed(1)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    norm = RMSNorm(n, 1e-5).to(DEV)
+    norm.weight.data = torch.randn(n, device=DEV)
+    norm = norm.to(dt)
+    x = torch.randn(1, k, device=DEV, dtype=dt)
+    w = torch.randn(n, k, device=DEV, dtype=dt)
+    b = torch.randn(n, device=DEV, dtype=dt) if bias else None
+    residual = torch.randn(1, n, device=DEV, dtype=dt) * 4
+    kw = {"block_k": 64 if DEV == "cpu" else None, "block_n": block_n}
+    for rep in range(2):
+        want_res = (gemv(x, w, bias=b, **kw).float() + residual.float()).to(dt)  # y rounded, then the sum
+        want = norm._norm(want_res)  # the layer's torch formula (float32 statistics)
+        got_res = residual.clone()
+        got = gemv(x, w, bias=b, add_norm=AddNorm(got_res, norm.weight, norm.eps, norm.ticket), **kw)
+        assert int(norm.ticket.item()) == 0, rep
+        assert torch.equal(got_res, want_res), rep
+        assert rel(got.float(), want.float()) < (1e-2 if dt == torch.bfloat16 else 1e-6), rep
+        residual = got_res
+
+
+@pytest.mark.parametrize(
+    ("inter", "k", "bias", "block_n"), [(20, 64, False, None), (37, 300, True, None), (64, 128, False, 16)]
+)
+def test_gemv_silu_mul_matches_projection_then_silu(
+    inter: int, k: int, bias: bool, block_n: int | None
+) -> None:
+    """gemv(silu_mul=True) over a merged [gate; up] matrix is the projection then silu_and_mul: the
+    same bits (each program takes the gate and up rows of its channels; inter 37: masked channels)."""
+    from inferfleet.worker.kernels.gemv import gemv
+
+    torch.manual_seed(2)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.randn(1, k, device=DEV, dtype=dt)
+    w = torch.randn(2 * inter, k, device=DEV, dtype=dt)
+    b = torch.randn(2 * inter, device=DEV, dtype=dt) if bias else None
+    kw = {"block_k": 64 if DEV == "cpu" else None, "block_n": block_n}
+    want = silu_and_mul(gemv(x, w, bias=b, **kw))
+    got = gemv(x, w, bias=b, silu_mul=True, **kw)
+    assert got.shape == (1, inter)
+    assert torch.equal(got, want) if DEV == "cuda" else rel(got, want) < 1e-6

@@ -32,10 +32,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         _interp._patch_lang_tensor = _patch_tensor
         _interp._inferfleet_index_patch = True
 
+from inferfleet.worker.kernels.elementwise import silu_and_mul  # noqa: E402
 from inferfleet.worker.kernels.fp8 import quant_fp8_per_token  # noqa: E402
-from inferfleet.worker.kernels.gemv import gemv  # noqa: E402
+from inferfleet.worker.kernels.gemv import AddNorm, gemv  # noqa: E402
 from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream, stream_ok  # noqa: E402
 from inferfleet.worker.layers.linear import Linear  # noqa: E402
+from inferfleet.worker.layers.norm import RMSNorm  # noqa: E402
 from inferfleet.worker.quant import fp8 as qfp8  # noqa: E402
 from inferfleet.worker.quant.gptq import gptq_dequantize, pack_int32  # noqa: E402
 from inferfleet.worker.quant.int8 import quantize_weight_int8  # noqa: E402
@@ -242,6 +244,18 @@ def test_gptq_row4_matches_dequantized_reference(k, sizes, group, act, dtype, cf
     odd = gptq_row4(buf[:, 1:], layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, bias)
     assert rel(odd.float(), ref) < TOL
     assert rel(layer(x).float(), ref - bias.float()) < TOL  # the layer's forward takes it for one row
+    # float32 out (logits): the 16-bit result widened, from the same launch
+    wide = gptq_row4(
+        xp,
+        layer.qweight_t,
+        layer.scales_t,
+        layer.zeros_t,
+        layer.group_k,
+        bias,
+        config=cfg,
+        out_dtype=torch.float32,
+    )
+    assert wide.dtype == torch.float32 and torch.equal(wide, got.float())
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
@@ -263,6 +277,101 @@ def test_gptq_row4_large_activations(cfg, dtype) -> None:  # type: ignore[no-unt
     ref = x.float() @ w_ref.t()
     got = gptq_row4(x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, config=cfg)
     assert torch.isfinite(got).all() and rel(got.float(), ref) < TOL
+
+
+def _norm_and_residual(n: int, dtype: torch.dtype, seed: int) -> tuple[RMSNorm, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(n, 1e-5)
+    norm.weight.data = torch.randn(n, generator=g)
+    return norm.to(DEV, dtype), (torch.randn(1, n, generator=g) * 4).to(DEV, dtype)
+
+
+def _check_add_norm(project, norm: RMSNorm, residual: torch.Tensor, tol: float) -> None:  # type: ignore[no-untyped-def]
+    """project(add_norm) is the projection; with an AddNorm it must equal the projection, rounded,
+    added into the residual (in place, the same bits), then RMSNorm'd; twice (the ticket resets)."""
+    for rep in range(2):
+        want_res = (project(None).float() + residual.float()).to(residual.dtype)
+        got_res = residual.clone()
+        got = project(AddNorm(got_res, norm.weight, norm.eps, norm.ticket))
+        assert int(norm.ticket.item()) == 0, rep
+        assert torch.equal(got_res, want_res), rep
+        assert rel(got.float(), norm._norm(want_res).float()) < tol, rep
+        residual = got_res
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128)])
+def test_gemv_8bit_add_norm(kind: str, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    q, s = (quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8)(
+        torch.randn(n, k, generator=g)
+    )
+    x = torch.randn(1, k, generator=g).to(DEV, DT)
+    q, s = q.to(DEV), s.to(DEV)
+    norm, residual = _norm_and_residual(n, DT, seed=n + 1)
+    bk = 64 if DEV == "cpu" else None
+    _check_add_norm(lambda add: gemv(x, q, s, block_k=bk, add_norm=add), norm, residual, TOL)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
+@pytest.mark.parametrize(
+    ("k", "sizes", "act", "cfg"),
+    [
+        (4096, [4096], False, None),  # o_proj's shape and default launch: 256 programs
+        (4096, [32, 8], True, (8, 2, 2, 2, 0, 2)),  # N = 40: masked rows; act-order
+        (14336, [4096], False, (4, 2, 2, 2, 0, 1)),  # down_proj's shape, one tile in flight
+    ],
+)
+def test_gptq_row4_add_norm(k, sizes, act, cfg) -> None:  # type: ignore[no-untyped-def]
+    from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+
+    layer, _ = _gptq_layer(k, sizes, 4, 128, act, seed=k + len(sizes))
+    n = sum(sizes)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(9)).to(DEV, DT)
+    xp = x.index_select(1, layer.perm) if layer.perm is not None else x
+    norm, residual = _norm_and_residual(n, DT, seed=n)
+    args = (xp, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k)
+    _check_add_norm(lambda add: gptq_row4(*args, config=cfg, add_norm=add), norm, residual, TOL)
+    # the layer's entry point (act-order permutes x first) agrees with the projection then the norm
+    want, want_res = norm(layer(x), residual.clone())
+    got_res = residual.clone()
+    got, _ = layer.add_norm(x, got_res, norm)
+    assert torch.equal(got_res, want_res) and rel(got.float(), want.float()) < TOL
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_gemv_8bit_silu_mul(kind: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    q, s = (quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8)(
+        torch.randn(2 * 36, 128, generator=g)
+    )
+    x = torch.randn(1, 128, generator=g).to(DEV, DT)
+    q, s = q.to(DEV), s.to(DEV)
+    bk = 64 if DEV == "cpu" else None
+    want = silu_and_mul(gemv(x, q, s, block_k=bk))
+    got = gemv(x, q, s, block_k=bk, silu_mul=True)
+    assert got.shape == (1, 36) and rel(got.float(), want.float()) < (1e-6 if DEV == "cpu" else 1e-3)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
+@pytest.mark.parametrize(
+    ("k", "inter", "act", "cfg"),
+    [
+        (4096, 14336, False, None),  # gate_up's shape and default launch
+        (4096, 40, True, (8, 2, 4, 1, 0, 2)),  # 40 channels, 16 per program: masked; act-order
+        (1024, 64, False, (4, 2, 4, 2, 1, 1)),  # float32 products
+    ],
+)
+def test_gptq_row4_silu_mul(k, inter, act, cfg) -> None:  # type: ignore[no-untyped-def]
+    from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+
+    layer, _ = _gptq_layer(k, [inter, inter], 4, 128, act, seed=k + inter)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(8)).to(DEV, DT)
+    xp = x.index_select(1, layer.perm) if layer.perm is not None else x
+    args = (xp, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k)
+    want = silu_and_mul(gptq_row4(*args, config=cfg))
+    assert torch.equal(gptq_row4(*args, config=cfg, silu_mul=True), want)
+    assert torch.equal(layer.silu_mul(x), silu_and_mul(layer(x)))  # the layer's entry point
 
 
 def test_gptq_stream_refuses_uneven_groups() -> None:

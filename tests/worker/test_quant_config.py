@@ -73,7 +73,6 @@ def test_impossible_combinations_are_refused(
         ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
         ({**GPTQ_QC, "bits": 3}, "GPTQ bits=3"),
         ({**GPTQ_QC, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
-        ({**GPTQ_QC, "lm_head": True}, "quantized lm_head"),
         (
             {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel"}}}},
             "only 8-bit float (FP8) weights",
@@ -131,3 +130,11 @@ def test_cli_refusals_are_clean_startup_errors(
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and message in err, err
         assert "Traceback" not in err
+
+
+def test_gptq_checkpoint_with_quantized_lm_head() -> None:
+    """GPTQModel's `lm_head: true` (lm_head stored quantized too) is read, and said in describe()."""
+    qc = checkpoint_quantization({**GPTQ_QC, "lm_head": True})
+    assert qc is not None and qc.lm_head and "lm_head quantized" in qc.describe()
+    plain = checkpoint_quantization(GPTQ_QC)
+    assert plain is not None and not plain.lm_head and "lm_head" not in plain.describe()

@@ -145,3 +145,62 @@ def test_quantize_cli_refuses_bad_input(
     assert "cannot read --calibration" in capsys.readouterr().err
     assert cli.main([*base, "--method", "rtn", "--act-order"]) == 2
     assert "act-order needs calibration" in capsys.readouterr().err
+
+
+def test_quantized_lm_head_writes_loads_and_generates(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """`quantize --lm-head` (GPTQModel's lm_head=True): lm_head is GPTQ'd from the final norm's outputs
+    of the quantized decoder, beats round-to-nearest on its objective, is stored in the GPTQ layout
+    with `lm_head: true`, and the worker loads it quantized (never tied) and generates with it."""
+    from inferfleet.worker.quant.calibrate import quantize_checkpoint
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    llama = tiny_models["llama"]
+    spec = QuantizeSpec(group_size=32, nsamples=16, seqlen=64, lm_head=True)
+    out = tmp_path / "gptq-lm-head"
+    reports = quantize_checkpoint(llama, out, spec, calibration_text=CALIBRATION, device="cpu")
+    assert [r.name for r in reports][-1] == "lm_head" and len(reports) == 4 * 2 + 1
+    assert all(r.gptq_error < r.rtn_error for r in reports), reports[-1]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"] is True
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in t and t["lm_head.qweight"].dtype == torch.int32
+    assert "model.embed_tokens.weight" in t  # the embedding stays as it was
+
+    model = build_model(str(out), checkpoint_quantization(qc))
+    assert model.lm_head.method is not None
+    results, _ = gptq_model(
+        llama, calibration_samples(CALIBRATION, llama, 16, 64, 0), spec, torch.device("cpu")
+    )
+    got = model.lm_head.method.dequantize(model.lm_head)  # the loaded layer holds what GPTQ computed
+    assert torch.allclose(got, results["lm_head"].dequant, rtol=1e-3, atol=1e-6)
+    # logits error against the unquantized model, next to the same checkpoint with a plain lm_head
+    plain = tmp_path / "gptq"
+    quantize_checkpoint(llama, plain, QuantizeSpec(group_size=32, nsamples=16, seqlen=64), CALIBRATION, "cpu")
+    prompts = calibration_samples("\n".join(_CORPUS.splitlines()[8:]), llama, 2, 32, 1).tolist()
+    ref = prompt_logits(build_model(str(llama)), prompts)
+    plain_model = build_model(
+        str(plain),
+        checkpoint_quantization(json.loads((plain / "config.json").read_text())["quantization_config"]),
+    )
+    err = [float((a - r).norm() / r.norm()) for a, r in zip(prompt_logits(model, prompts), ref)]
+    err_plain = [float((a - r).norm() / r.norm()) for a, r in zip(prompt_logits(plain_model, prompts), ref)]
+    print(f"\nrelative logits error vs unquantized: lm_head quantized {err}, lm_head plain {err_plain}")
+    assert all(e < 0.25 for e in err)
+
+    llm = LLM(str(out), device="cpu")
+    res = llm.generate(["The scheduler admits"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert len(res.token_ids) == 12 and res.finish_reason == "length"
+
+
+def test_quantize_lm_head_refuses_tied_embeddings(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from inferfleet.worker.errors import InvalidRequestError
+    from inferfleet.worker.quant.calibrate import quantize_checkpoint
+
+    tied = next(
+        p for p in tiny_models.values() if json.loads((p / "config.json").read_text())["tie_word_embeddings"]
+    )
+    with pytest.raises(InvalidRequestError, match="ties lm_head"):
+        quantize_checkpoint(tied, tmp_path / "x", QuantizeSpec(method="rtn", lm_head=True), device="cpu")
+    assert not (tmp_path / "x").exists()

@@ -289,19 +289,88 @@ def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX
     tl.store(out_ptr + r, tl.where(first_nan < NO_INDEX, first_nan, at_top).to(tl.int64))
 
 
-def argmax_rows(x: torch.Tensor, block: int = 8192, num_warps: int = 16) -> torch.Tensor:
+@triton.jit
+def _argmax_split_kernel(
+    x_ptr, out_ptr, part_ptr, ticket_ptr, V, stride, CHUNK,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr,
+):  # fmt: skip
+    # program (row, s) scans columns [s CHUNK, (s + 1) CHUNK) as _argmax_rows_kernel scans a row and
+    # writes its (max, index of its first max, first NaN); the row's last program to finish (a
+    # ticket per row, as in gemv.add_norm_epilogue) reduces the SPLITS partials in order
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    row = x_ptr + r * stride
+    offs = tl.arange(0, BLOCK)
+    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.full([BLOCK], NO_INDEX, tl.int32)
+    nan_i = tl.full([BLOCK], NO_INDEX, tl.int32)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, V)
+    for start in range(lo, hi, BLOCK):
+        i = start + offs
+        ok = i < hi
+        v = tl.load(row + i, mask=ok, other=float("-inf")).to(tl.float32)
+        best_v, best_i = _lane_best(best_v, best_i, v, i, ok, NO_INDEX)
+        nan_i = tl.minimum(nan_i, tl.where(v != v, i, NO_INDEX))
+    at = part_ptr + (r * SPLITS + sp) * 3  # (max as float32 bits, index, first NaN) as int32
+    tl.store(at, tl.max(best_v, axis=0).to(tl.int32, bitcast=True))
+    tl.store(at + 1, _first_at_max(best_v, best_i, NO_INDEX))
+    tl.store(at + 2, tl.min(nan_i, axis=0))
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + r, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        s = tl.arange(0, SPLITS)
+        p = part_ptr + (r * SPLITS + s) * 3
+        top_v = tl.load(p, cache_modifier=".cg").to(tl.float32, bitcast=True)
+        top_i = tl.load(p + 1, cache_modifier=".cg")
+        first_nan = tl.min(tl.load(p + 2, cache_modifier=".cg"), axis=0)
+        at_top = _first_at_max(top_v, top_i, NO_INDEX)  # chunks are in order: the first global max
+        tl.store(out_ptr + r, tl.where(first_nan < NO_INDEX, first_nan, at_top).to(tl.int64))
+        tl.store(ticket_ptr + r, 0)
+
+
+# per device: int32 tickets of _argmax_split_kernel, one per row, zero between launches (its last
+# program resets them); launches run on one stream (the engine's), so they never overlap
+_ARGMAX_TICKETS: dict[torch.device, torch.Tensor] = {}
+ARGMAX_SPLIT_ROWS = 8  # at most this many rows split each row over programs (a few decode rows)
+
+
+def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
+    t = _ARGMAX_TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = _ARGMAX_TICKETS[device] = torch.zeros(max(n, ARGMAX_SPLIT_ROWS), dtype=torch.int32, device=device)
+    return t
+
+
+def argmax_rows(
+    x: torch.Tensor, block: int = 8192, num_warps: int = 16, splits: int | None = None
+) -> torch.Tensor:
     """x [N, V] (V contiguous) -> each row's first maximum [N] int64, NaN counting as the largest
-    value (torch.argmax's rule), in one launch of one program per row: greedy sampling of a few
-    decode rows, where torch's argmax (one pass) or a torch two-pass argmax (five launches) cost
-    more than reading the row (the logits were just written, so they come from L2)."""
+    value (torch.argmax's rule), in one launch: greedy sampling of decode rows, where torch's argmax
+    (one pass) or a torch two-pass argmax (five launches) cost more than reading the row (the logits
+    were just written, so they come from L2). Up to ARGMAX_SPLIT_ROWS rows each row is split over
+    `splits` programs (default 16) whose last one reduces their partials: one program per row spent
+    13 us on a Llama-3 vocabulary at batch 1 on the H100 (docs/benchmarks.md); more rows, one
+    program per row (`splits` 1)."""
     n, v = x.shape
     assert x.stride(1) == 1 and v < _NO_INDEX
     out = torch.empty(n, dtype=torch.int64, device=x.device)
-    if n:
+    if not n:
+        return out
+    if splits is None:
+        splits = 16 if n <= ARGMAX_SPLIT_ROWS and x.is_cuda else 1
+    if splits == 1:
         _argmax_rows_kernel[(n,)](
             x, out, v, x.stride(0), BLOCK=min(block, triton.next_power_of_2(v)), NO_INDEX=_NO_INDEX,
             num_warps=num_warps,
         )  # fmt: skip
+        return out
+    assert splits & (splits - 1) == 0, "splits: a power of two"
+    chunk = triton.cdiv(triton.cdiv(v, splits), 64) * 64
+    part = torch.empty((n, splits, 3), dtype=torch.int32, device=x.device)
+    _argmax_split_kernel[(n, splits)](
+        x, out, part, _argmax_tickets(x.device, n), v, x.stride(0), chunk,
+        SPLITS=splits, BLOCK=min(2048, triton.next_power_of_2(chunk)), NO_INDEX=_NO_INDEX, num_warps=4,
+    )  # fmt: skip
     return out
 
 

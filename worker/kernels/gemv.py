@@ -20,13 +20,81 @@ tail.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import MAX_M, pdl
 
+
+class AddNorm(NamedTuple):
+    """A one-row projection's output added into the residual stream and RMS-normalized in the same
+    launch (`gemv(..., add_norm=)`, gptq_row4's likewise): residual += y in place, and the launch
+    returns rmsnorm(residual) * weight, as layers/norm.RMSNorm(y, residual) would.
+
+    The norm needs the whole new residual row, which the launch's programs write in pieces, so the
+    last program to finish does it: every program adds its rows into the residual, then takes a
+    ticket from `counter` (one int32, zero between launches: the last program resets it); the
+    program that draws the last ticket reads the row back and normalizes it. In a batch-1 decode
+    step this replaces a norm kernel, whose launch boundary cost ~5 us on the step's chain of
+    dependent kernels (docs/benchmarks.md)."""
+
+    residual: torch.Tensor  # [1, N] contiguous, x's dtype; updated in place
+    weight: torch.Tensor  # [N] the norm's weight
+    eps: float
+    counter: (
+        torch.Tensor
+    )  # int32 [1], zero; owned by the norm (one per norm, never shared by launches in flight)
+
+
+@triton.jit
+def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps, NORM_BLOCK: tl.constexpr):
+    """y [BLOCK_N] float32 (rows offs_n of the projection) -> residual[offs_n] += y; the launch's last
+    program then writes rmsnorm(residual) * w into out (AddNorm). Rounding as the unfused pair:
+    y rounded to the activations' dtype, the sum rounded, the norm in float32 as _rmsnorm_kernel."""
+    dtype = res_ptr.dtype.element_ty
+    r = tl.load(res_ptr + offs_n, mask=n_ok, other=0.0)
+    tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype), mask=n_ok)
+    # every thread's stores come before the ticket (one thread takes it, with release semantics)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        cols = tl.arange(0, NORM_BLOCK)
+        ok = cols < N
+        # the other programs' rows: read at L2 (.cg), where their stores are visible after the ticket
+        x = tl.load(res_ptr + cols, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        w = tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        var = tl.sum(x * x, axis=0) / N
+        normed = (x * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
+        tl.store(out_ptr + cols, (normed * w).to(dtype), mask=ok)
+        tl.store(cnt_ptr, 0)  # ready for the next launch (which starts after this one has finished)
+
+
 NUM_WARPS = 4  # every default configuration (callers may pass num_warps)
+
+
+@triton.jit
+def merged_rows(pid, n_inter, BLOCK_N: tl.constexpr, j):
+    """Weight rows of program `pid` over a merged [gate; up] matrix of 2 n_inter rows, for local rows j:
+    even j the gate row, odd j the up row of channel pid * BLOCK_N / 2 + j // 2, so that a program
+    holds both halves of its channels (silu_mul_epilogue); and which of them exist."""
+    ch = pid * (BLOCK_N // 2) + j // 2
+    return (j % 2) * n_inter + ch, ch < n_inter
+
+
+@triton.jit
+def silu_mul_epilogue(y, pid, out_ptr, n_inter, BLOCK_N: tl.constexpr):
+    """y [BLOCK_N] float32: the program's rows of a merged [gate; up] projection, gate and up of one
+    channel side by side (merged_rows) -> silu(gate) * up for its BLOCK_N / 2 channels, rounded as
+    the unfused pair rounds (projection output, then silu, then the product: _silu_mul_kernel)."""
+    dtype = out_ptr.dtype.element_ty
+    g, u = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+    g = g.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    offs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(out_ptr + offs, (act * u.to(dtype).to(tl.float32)).to(dtype), mask=offs < n_inter)
 
 
 @triton.jit
@@ -48,19 +116,23 @@ def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr,
     M, N, K,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_ym, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SILU_MUL:  # [gate; up] rows, a program's gate and up rows of the same channels side by side
+        offs_n, n_ok = merged_rows(pid_n, N // 2, BLOCK_N, tl.arange(0, BLOCK_N))
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
     m_ok = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_m[:, None] * stride_xm
@@ -94,8 +166,26 @@ def _gemv_kernel(
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SILU_MUL:  # one row (the wrapper checks)
+        silu_mul_epilogue(tl.sum(acc, axis=0), pid_n, y_ptr, N // 2, BLOCK_N)
+    elif ADD_NORM:  # one row (the wrapper checks)
+        add_norm_epilogue(
+            tl.sum(acc, axis=0), offs_n, n_ok, res_ptr, nw_ptr, y_ptr, cnt_ptr, N, eps, NORM_BLOCK
+        )
+    else:
+        y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        # rounded to x's dtype first: a float32 output (logits) holds what the 16-bit one would
+        y_val = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
+        tl.store(y, y_val, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def check_add_norm(add: AddNorm, y: torch.Tensor) -> None:
+    """The shapes and dtypes an AddNorm launch writing [1, N] rows like y needs."""
+    assert y.shape[0] == 1, "add_norm takes one row"
+    r = add.residual
+    assert r.shape == y.shape and r.dtype == y.dtype and r.is_contiguous(), "residual: [1, N] like the output"
+    assert add.weight.shape == (y.shape[1],) and add.weight.is_contiguous()
+    assert add.counter.dtype == torch.int32 and add.counter.numel() == 1
 
 
 def tc_block_m(m: int) -> int:
@@ -149,9 +239,17 @@ def gemv(
     fma: bool | None = None,
     prefetch: int | None = None,
     use_pdl: bool | None = None,
+    add_norm: AddNorm | None = None,
+    silu_mul: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
-    float32; returns [M, N] in x's dtype."""
+    float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
+    add_norm.residual and the launch returns the normalized residual instead (AddNorm). With
+    `silu_mul` (one row) weight is a merged [gate; up] matrix of 2 I rows and the launch returns
+    silu(gate) * up [1, I] (elementwise.silu_and_mul of the projection, in one launch).
+    `out_dtype` float32 returns the result rounded to x's dtype and widened (logits for sampling,
+    without a widening pass of their own)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
@@ -162,14 +260,23 @@ def gemv(
     block_k = block_k or cfg_k
     prefetch = cfg_prefetch if prefetch is None else int(prefetch)
     assert 0 <= prefetch <= 3, "prefetch: 0-3 weight tiles loaded before the PDL wait"
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if silu_mul:
+        assert fma and n % 2 == 0 and add_norm is None, "silu_mul: one row, [gate; up] rows"
+        assert block_n % 2 == 0
+    y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
+    if add_norm is not None:
+        check_add_norm(add_norm, y)
+        assert fma, "add_norm: one row on the CUDA-core path"
+    an = add_norm or AddNorm(y, y, 0.0, y)  # unused (ADD_NORM off)
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
+        an.residual, an.weight, an.counter,
         m, n, k,
-        x.stride(0), weight.stride(0), y.stride(0),
+        x.stride(0), weight.stride(0), y.stride(0), an.eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_PDL=use_pdl, PREFETCH=prefetch,
+        USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
+        NORM_BLOCK=triton.next_power_of_2(n) if add_norm is not None else 1, SILU_MUL=silu_mul,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,
         launch_pdl=use_pdl,
     )  # fmt: skip

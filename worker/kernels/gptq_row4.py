@@ -43,6 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from . import pdl
+from .gemv import AddNorm, check_add_norm
 
 
 def default_config(n: int) -> tuple[int, int, int, int, int, int]:
@@ -316,12 +317,53 @@ def _pdl_wait(USE_PDL: gl.constexpr):
 
 
 @gluon.jit
+def _add_norm_epilogue(
+    y, offs_n, N, res_ptr, nw_ptr, out_ptr, cnt_ptr, eps, NORM_BLOCK: gl.constexpr, NUM_WARPS: gl.constexpr
+):  # fmt: skip
+    """gemv.add_norm_epilogue in Gluon: residual[offs_n] += y, then the launch's last program writes
+    rmsnorm(residual) * w into out (gemv.AddNorm; the same rounding)."""
+    dtype: gl.constexpr = res_ptr.dtype.element_ty
+    n_ok = offs_n < N
+    r = gl.load(res_ptr + offs_n, mask=n_ok, other=0.0)
+    gl.store(res_ptr + offs_n, (y.to(dtype).to(gl.float32) + r.to(gl.float32)).to(dtype), mask=n_ok)
+    gl.thread_barrier()  # every thread's stores come before the ticket
+    ticket = gl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == gl.num_programs(0) - 1:
+        L1: gl.constexpr = gl.BlockedLayout([8], [32], [NUM_WARPS], [0])
+        cols = gl.arange(0, NORM_BLOCK, layout=L1)
+        ok = cols < N
+        x = gl.load(res_ptr + cols, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+        w = gl.load(nw_ptr + cols, mask=ok, other=0.0).to(gl.float32)
+        var = gl.sum(x * x, axis=0) / N
+        normed = (x * gl.rsqrt(var + eps)).to(dtype).to(gl.float32)
+        gl.store(out_ptr + cols, (normed * w).to(dtype), mask=ok)
+        gl.store(cnt_ptr, 0)
+
+
+@gluon.jit
+def _silu_mul_epilogue(y, pid, out_ptr, n_inter, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """gemv.silu_mul_epilogue in Gluon: y [BLOCK_N] (gate and up of a channel side by side) ->
+    silu(gate) * up for the program's BLOCK_N / 2 channels (the same rounding)."""
+    dtype: gl.constexpr = out_ptr.dtype.element_ty
+    # a channel's gate and up in one thread: a plain layout of pairs, then the reshape keeps each
+    # thread's two values (element j -> (j // 2, j % 2)) and split takes them apart
+    flat: gl.constexpr = gl.BlockedLayout([2], [32], [NUM_WARPS], [0])
+    pairs: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [NUM_WARPS, 1], [1, 0])
+    g, u = gl.split(gl.convert_layout(gl.reshape(gl.convert_layout(y, flat), [BLOCK_N // 2, 2]), pairs))
+    g = g.to(dtype).to(gl.float32)
+    act = (g / (1.0 + gl.exp(-g))).to(dtype).to(gl.float32)
+    offs = pid * (BLOCK_N // 2) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, pairs))
+    gl.store(out_ptr + offs, (act * u.to(dtype).to(gl.float32)).to(dtype), mask=offs < n_inter)
+
+
+@gluon.jit
 def _gptq_row4_kernel(
-    xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, K, KW, G, stride_w,
+    xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr,
+    N, K, KW, G, stride_w, eps,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, MASKED: gl.constexpr, X_BF16: gl.constexpr,
     ROWS: gl.constexpr, WPT: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
     CHAINS: gl.constexpr, DEPTH: gl.constexpr, USE_PDL: gl.constexpr,
+    ADD_NORM: gl.constexpr, NORM_BLOCK: gl.constexpr, SILU_MUL: gl.constexpr,
 ):  # fmt: skip
     """One row of x against 4-bit codes in contiguous groups (see the module docstring)."""
     BLOCK_N: gl.constexpr = ROWS * WARPS_N
@@ -329,9 +371,16 @@ def _gptq_row4_kernel(
     BLOCK_K: gl.constexpr = CW * WPT * 8
     L3: gl.constexpr = gl.BlockedLayout([ROWS, 1, WPT], [1, 32, 1], [WARPS_N, WARPS_K, 1], [2, 1, 0])
     L2: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, CW]: scales and zeros
-    offs_n = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L2))
+    j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L2))
+    if SILU_MUL:  # [gate; up] rows, a program's gate and up rows of the same channels side by side
+        ch = gl.program_id(0) * (BLOCK_N // 2) + j // 2
+        offs_n = (j % 2) * (N // 2) + ch
+        rows_ok = ch < N // 2
+    else:
+        offs_n = gl.program_id(0) * BLOCK_N + j
+        rows_ok = offs_n < N
     rows64 = gl.expand_dims(offs_n, 1).to(gl.int64)  # [BLOCK_N, 1]
-    n_ok = gl.expand_dims(offs_n, 1) < N
+    n_ok = gl.expand_dims(rows_ok, 1)
     cstart = gl.expand_dims(gl.arange(0, CW, layout=gl.SliceLayout(0, L2)), 0) * (WPT * 8)  # [1, CW]
     wi = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     wcol = gl.expand_dims(cstart // 8, 2) + gl.expand_dims(gl.expand_dims(wi, 0), 1)  # [1, CW, WPT]
@@ -377,8 +426,14 @@ def _gptq_row4_kernel(
     else:
         y = gl.sum(gl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-    gl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        y += gl.load(b_ptr + offs_n, mask=rows_ok, other=0.0).to(gl.float32)
+    if SILU_MUL:
+        _silu_mul_epilogue(y, gl.program_id(0), y_ptr, N // 2, BLOCK_N, WARPS_N * WARPS_K)
+    elif ADD_NORM:
+        _add_norm_epilogue(y, offs_n, N, res_ptr, nw_ptr, y_ptr, cnt_ptr, eps, NORM_BLOCK, WARPS_N * WARPS_K)
+    else:
+        x_dtype: gl.constexpr = gl.bfloat16 if X_BF16 else gl.float16
+        gl.store(y_ptr + offs_n, y.to(x_dtype).to(y_ptr.dtype.element_ty), mask=rows_ok)  # as gemv.py
 
 
 def gptq_row4(
@@ -391,10 +446,16 @@ def gptq_row4(
     *,
     use_pdl: bool | None = None,
     config: tuple[int, int, int, int, int, int] | None = None,
+    add_norm: AddNorm | None = None,
+    silu_mul: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y [1, N] = x [1, K] . W^T (+ bias) in x's dtype, for 4-bit codes in contiguous groups of
     `group_k` (a multiple of 8); the layout is kernels/gptq_gemm.py's. PDL as the engine set it
-    (kernels/pdl.py) unless `use_pdl` says otherwise."""
+    (kernels/pdl.py) unless `use_pdl` says otherwise. With `add_norm` y goes into the residual and
+    the launch returns the normalized residual (gemv.AddNorm). With `silu_mul` the rows are a
+    merged [gate; up] matrix of 2 I rows and the launch returns silu(gate) * up [1, I] (as gemv's);
+    `out_dtype` float32 as gemv's."""
     n, g = scales_t.shape
     k = x.shape[1]
     assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
@@ -405,16 +466,24 @@ def gptq_row4(
     assert chains in (0, 1, 2) and depth in (1, 2), f"launch {config}: chains 0-2, depth 1-2"
     depth = min(depth, triton.cdiv(k, block_k))  # tiles in flight, at most the row's tiles
     use_pdl = pdl.enabled() if use_pdl is None else use_pdl
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if silu_mul:
+        assert n % 2 == 0 and add_norm is None and block_n % 2 == 0, "silu_mul: [gate; up] rows"
+    y = torch.empty((1, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
+    if add_norm is not None:
+        check_add_norm(add_norm, y)
+    an = add_norm or AddNorm(y, y, 0.0, y)  # unused (ADD_NORM off)
     xr = x[0]
     if xr.storage_offset() % 2:  # x is read as pairs of 16-bit values: one 32-bit load each
         xr = xr.clone()
     _gptq_row4_kernel[(triton.cdiv(n, block_n),)](
         xr.view(torch.int32), qweight_t, scales_t, zeros_t, bias if bias is not None else scales_t, y,
-        n, k, k // 8, g, qweight_t.stride(0),
+        an.residual, an.weight, an.counter,
+        n, k, k // 8, g, qweight_t.stride(0), an.eps,
         GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
         X_BF16=x.dtype == torch.bfloat16,
         ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
+        ADD_NORM=add_norm is not None, NORM_BLOCK=triton.next_power_of_2(n) if add_norm is not None else 1,
+        SILU_MUL=silu_mul,
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
     )  # fmt: skip
     return y

@@ -6,7 +6,8 @@ to a linear method from worker/quant/ (vLLM's LinearMethod split); the plain pat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from .. import kernels
 if TYPE_CHECKING:
     from ..quant.methods import LinearMethod
     from ..quant.spec import QuantConfig
+    from .norm import RMSNorm
 
 # decode batches up to this many rows stream the weights through kernels/gemv.py; larger batches
 # (and prefill) go to cuBLAS. Measured on the H100: timed alone (the first session's tile sweep,
@@ -25,6 +27,13 @@ if TYPE_CHECKING:
 # the two are even (5.26 vs 5.24 ms for 32 layers), at one row it wins (4.85 vs 5.17 ms). 0 turns
 # the streaming path off.
 SKINNY_MAX_M = 16
+# one-row projections that feed the residual stream (o_proj, down_proj) add into it and apply the
+# next RMSNorm in their own launch (Linear.add_norm); INFERFLEET_FUSED_NORM=0 (or False here, before
+# the decode graphs are captured) keeps the separate norm kernel, for A/B measurements
+FUSED_NORM = os.environ.get("INFERFLEET_FUSED_NORM", "1") != "0"
+# likewise, one-row gate/up projections return silu(gate) * up from their own launch
+# (Linear.silu_mul); INFERFLEET_FUSED_SILU=0 keeps the separate kernel
+FUSED_SILU = os.environ.get("INFERFLEET_FUSED_SILU", "1") != "0"
 
 
 class Linear(nn.Module):
@@ -61,3 +70,43 @@ class Linear(nn.Module):
 
             return gemv(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _one_row(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        """One row x [1, K] of CUDA activations through the layer's one-row kernel with a fused
+        epilogue (kernels/gemv.gemv's or gptq_row4's `add_norm`, `silu_mul`, `out_dtype`); None where
+        the layer does not run on one (the caller then runs the plain layer and the rest unfused)."""
+        if not (x.dim() == 2 and x.shape[0] == 1 and kernels.triton_ok(x)):
+            return None
+        if self.method is not None:
+            return self.method.apply_one_row(self, x, **epilogue)
+        if SKINNY_MAX_M < 1:
+            return None
+        from ..kernels.gemv import gemv
+
+        return gemv(x, self.weight, bias=self.bias, **epilogue)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up [1, I] of a merged [gate; up] layer for one row x [1, K] on CUDA, in the
+        projection's launch where its kernel can (kernels/gemv.silu_mul_epilogue); else None."""
+        assert len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
+        return self._one_row(x, silu_mul=True) if FUSED_SILU else None
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(self(x), residual): (normalized new stream, new stream). One row on CUDA (a batch-1
+        decode step) takes one launch, the projection's, where its kernel can (kernels/gemv.AddNorm:
+        the stream is updated in place); otherwise the projection and the norm run one after the other."""
+        if FUSED_NORM and residual.is_contiguous():
+            from ..kernels.gemv import AddNorm
+
+            y = self._one_row(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))
+            if y is not None:
+                return y, residual
+        return norm(self(x), residual)
+
+    def float_output(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x).float() (logits for sampling); one row on CUDA gets it from the projection's own
+        launch, the same values without a widening pass."""
+        y = self._one_row(x, out_dtype=torch.float32)
+        return y if y is not None else self(x).float()

@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        # the ticket counter of the projection launches that end in this norm (kernels/gemv.AddNorm):
+        # zero between launches; one per norm, so no two launches in flight share one
+        self.register_buffer("ticket", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -54,11 +54,16 @@ class Attention(nn.Module):
         self.backend = backend
         self.rotary = rotary
 
+    def attend(
+        self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Attention up to o_proj's input (the decoder layer fuses o_proj with the next norm)."""
+        return self.backend.forward(self, positions, self.qkv_proj(x), kv[0], kv[1], meta)
+
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        o = self.backend.forward(self, positions, self.qkv_proj(x), kv[0], kv[1], meta)
-        return self.o_proj(o)
+        return self.o_proj(self.attend(positions, x, kv, meta))
 
 
 class MLP(nn.Module):
@@ -68,14 +73,22 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], quant=cfg.quant)
         self.down_proj = Linear(self.inter, [cfg.hidden_size], quant=cfg.quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up: down_proj's input (the decoder layer fuses down_proj with the next norm).
+        One row on CUDA takes it from the gate/up projection's own launch (Linear.silu_mul)."""
+        fused = self.gate_up_proj.silu_mul(x)
+        if fused is not None:
+            return fused
         gate_up = self.gate_up_proj(x)
         if gate_up.is_cuda and kernels.AVAILABLE:
             from ..kernels.elementwise import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            return silu_and_mul(gate_up)
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(x))
 
 
 class DecoderLayer(nn.Module):
@@ -89,19 +102,19 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
+        x: torch.Tensor,
+        residual: torch.Tensor,
         kv: KVCache,
         meta: AttentionMetadata,
+        next_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """x: this layer's input, already normalized by input_layernorm; residual: the stream.
+        Returns next_norm's output (the next layer's input_layernorm, or the final norm) and the
+        new stream: each projection that feeds the stream adds into it and normalizes it in one
+        launch where the kernels can (Linear.add_norm)."""
+        o = self.self_attn.attend(positions, x, kv, meta)
+        x, residual = self.self_attn.o_proj.add_norm(o, residual, self.post_attention_layernorm)
+        return self.mlp.down_proj.add_norm(self.mlp.act(x), residual, next_norm)
 
 
 class Backbone(nn.Module):
@@ -122,7 +135,11 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, backend, max_position)
-        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size])
+        # a GPTQ checkpoint may store lm_head quantized too (QuantConfig.lm_head); then it is never
+        # tied to the embedding, which stays in the model dtype
+        self.lm_head = Linear(
+            cfg.hidden_size, [cfg.vocab_size], quant=cfg.quant if self.quantized_lm_head else None
+        )
 
     def forward(
         self,
@@ -131,15 +148,20 @@ class DecoderModel(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = self.model.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv in zip(self.model.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv, meta)
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        residual = self.model.embed_tokens(input_ids)
+        layers = self.model.layers
+        x = layers[0].input_layernorm(residual)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, residual = layer(positions, x, residual, kv, meta, nxt)
+        return x
+
+    @property
+    def quantized_lm_head(self) -> bool:
+        return self.config.quant is not None and self.config.quant.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, V] float32 for sampling
+        return self.lm_head.float_output(hidden)  # [N, V] float32 for sampling
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -147,7 +169,7 @@ class DecoderModel(nn.Module):
         """Copy checkpoint tensors into parameters; every parameter must be written exactly once."""
         params = dict(self.named_parameters())
         pending: dict[str, set[int]] = {}
-        tied = self.config.tie_word_embeddings
+        tied = self.config.tie_word_embeddings and not self.quantized_lm_head
         if tied:
             # transformers ties lm_head to the embedding and ignores any stored lm_head copy
             self.lm_head.weight = self.model.embed_tokens.weight

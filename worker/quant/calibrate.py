@@ -21,7 +21,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class QuantizeSpec:
     block_size: int = 128
     batch_size: int = 8  # calibration sequences per forward chunk
     seed: int = 0
+    lm_head: bool = False  # quantize lm_head too (GPTQModel's lm_head=True), from the final norm's outputs
 
     def validate(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -190,35 +191,60 @@ def _gptq_layers(
     for li, layer in enumerate(model.model.layers):
         t0 = time.perf_counter()
         for stage in _STAGES[:-1]:
-            linear = layer.get_submodule(stage)
-            kdim = linear.in_features
-            hess = torch.zeros((kdim, kdim), device=device)
-            ntok = 0
-            for h in hidden:
-                x = layer_forward(layer, h, positions, stage).reshape(-1, kdim).float()
-                hess.addmm_(x.t(), x)
-                ntok += x.shape[0]
-            hess *= 2.0 / ntok
-            w = linear.weight.data.float()
-            rtn = rtn_quantize(w, spec.bits, spec.group_size, spec.sym)
-            rtn_err = reconstruction_error(w, rtn.dequant, hess)
-            if spec.method == "gptq":
-                res = gptq_quantize(
-                    w, hess, spec.bits, spec.group_size, spec.sym, spec.act_order, spec.damp, spec.block_size
-                )
-                err = reconstruction_error(w, res.dequant, hess)
-            else:
-                res, err = rtn, rtn_err
-            name = f"model.layers.{li}.{stage}"
-            if sink is not None:
-                sink(name, res, linear.output_sizes)
-            else:
-                results[name] = res
-            reports.append(LayerReport(name, err, rtn_err, ntok))
-            linear.weight.data.copy_(res.dequant)  # later stages and layers see the quantized layer
+            inputs = (layer_forward(layer, h, positions, stage) for h in hidden)
+            res, report = _quantize_linear(
+                f"model.layers.{li}.{stage}", layer.get_submodule(stage), inputs, spec
+            )
+            _keep(res, report, layer.get_submodule(stage), sink, results, reports)
         hidden = [layer_forward(layer, h, positions, "out") for h in hidden]
         log.info("layer %d quantized in %.2fs", li, time.perf_counter() - t0)
+    if spec.lm_head:  # its inputs: the final norm of the quantized decoder's outputs
+        res, report = _quantize_linear("lm_head", model.lm_head, (model.model.norm(h) for h in hidden), spec)
+        _keep(res, report, model.lm_head, sink, results, reports)
     return results, reports
+
+
+def _quantize_linear(
+    name: str, linear: Any, inputs: Iterable[torch.Tensor], spec: QuantizeSpec
+) -> tuple[QuantResult, LayerReport]:
+    """GPTQ (or RTN) of one linear layer from its calibration inputs, with both errors."""
+    kdim = linear.in_features
+    hess = torch.zeros((kdim, kdim), device=linear.weight.device)
+    ntok = 0
+    for x in inputs:
+        x = x.reshape(-1, kdim).float()
+        hess.addmm_(x.t(), x)
+        ntok += x.shape[0]
+    hess *= 2.0 / ntok
+    w = linear.weight.data.float()
+    rtn = rtn_quantize(w, spec.bits, spec.group_size, spec.sym)
+    rtn_err = reconstruction_error(w, rtn.dequant, hess)
+    if spec.method == "gptq":
+        res = gptq_quantize(
+            w, hess, spec.bits, spec.group_size, spec.sym, spec.act_order, spec.damp, spec.block_size
+        )
+        err = reconstruction_error(w, res.dequant, hess)
+    else:
+        res, err = rtn, rtn_err
+    return res, LayerReport(name, err, rtn_err, ntok)
+
+
+def _keep(
+    res: QuantResult,
+    report: LayerReport,
+    linear: Any,
+    sink: ResultSink | None,
+    results: dict[str, QuantResult],
+    reports: list[LayerReport],
+) -> None:
+    """Hand a quantized layer on (sink or results), and put its quantized weights in the model:
+    later stages and layers see the quantized layer."""
+    if sink is not None:
+        sink(report.name, res, linear.output_sizes)
+    else:
+        results[report.name] = res
+    reports.append(report)
+    linear.weight.data.copy_(res.dequant)
 
 
 # -- writing the checkpoint -----------------------------------------------------------------------
@@ -259,6 +285,7 @@ def quantization_config(spec: QuantizeSpec) -> dict[str, Any]:
         "true_sequential": True,
         "static_groups": False,
         "checkpoint_format": "gptq",
+        "lm_head": spec.lm_head,
         "quantizer": ["inferfleet", spec.method],
     }
 
@@ -293,11 +320,14 @@ def _original_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _is_quantized_weight(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'model.layers.3.self_attn.q_proj'."""
+def _is_quantized_weight(name: str, lm_head: bool) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'model.layers.3.self_attn.q_proj' (and
+    'lm_head.weight' -> 'lm_head' when `lm_head`); None for tensors that stay as they are."""
     if not name.endswith(".weight"):
         return None
     module = name[: -len(".weight")]
+    if module == "lm_head":
+        return module if lm_head else None
     return module if module.endswith(_QUANTIZED) and ".layers." in module else None
 
 
@@ -319,6 +349,12 @@ def quantize_checkpoint(
         raise InvalidRequestError(
             "the input checkpoint is already quantized (config.json has quantization_config)", param="model"
         )
+    if spec.lm_head and mc.tie_word_embeddings:
+        raise InvalidRequestError(
+            "--lm-head: this model ties lm_head to the token embedding (tie_word_embeddings), which stays "
+            "unquantized; quantize without --lm-head",
+            param="lm_head",
+        )
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
     if spec.method == "rtn":
@@ -332,9 +368,14 @@ def quantize_checkpoint(
 
         # packed on the CPU as each matrix is done, split into the checkpoint tensors stacked in it
         def write(name: str, res: QuantResult, sizes: list[int]) -> None:
-            prefix, block, proj = name.rsplit(".", 2)  # model.layers.3, self_attn, qkv_proj
-            for part, sub in zip(_SPLITS[f"{block}.{proj}"], _split(res, sizes)):
-                module = f"{prefix}.{part}"
+            if name == "lm_head":
+                parts = [("lm_head", res)]
+            else:
+                prefix, block, proj = name.rsplit(".", 2)  # model.layers.3, self_attn, qkv_proj
+                parts = [
+                    (f"{prefix}.{p}", sub) for p, sub in zip(_SPLITS[f"{block}.{proj}"], _split(res, sizes))
+                ]
+            for module, sub in parts:
                 del tensors[f"{module}.weight"]
                 for key, value in gptq_tensors(sub, spec.bits).items():
                     tensors[f"{module}.{key}"] = value
@@ -357,7 +398,7 @@ def _rtn_stream(
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mc.torch_dtype or "", torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for name, x in iter_weights(model_dir, dtype, dev):
-        module = _is_quantized_weight(name)
+        module = _is_quantized_weight(name, spec.lm_head)
         if module is None:
             tensors[name] = x.to("cpu", copy=True)  # never a view of the input's mapping
             continue

@@ -27,7 +27,7 @@ forward permutes the activation columns instead of gathering scales per element.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
@@ -217,6 +217,18 @@ class GptqLinearMethod(LinearMethod):
         if m <= FUSED_MAX_M:
             return gptq_gemm(x, *packed, bias=layer.bias)
         return F.linear(x, gptq_dequant(*packed, dtype=x.dtype), layer.bias)
+
+    def apply_one_row(self, layer: Linear, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        """The one-row Gluon kernel with a fused epilogue, where this layer runs on it."""
+        if layer.gptq_one_row != "row4":
+            return None
+        from ..kernels.gptq_row4 import gptq_row4
+
+        if layer.perm is not None:
+            x = x.index_select(1, layer.perm)
+        return gptq_row4(
+            x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, layer.bias, **epilogue
+        )
 
     def kernel_reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """What kernels/gptq_gemm.py's per-block-scale path computes for x [M, K]: x . W + b in

@@ -9,7 +9,7 @@ returns their names, so the loader knows which (tensor, shard) pairs are done.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,11 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (Linear.forward flattens the leading dims) -> y [M, N] in x's dtype."""
         raise NotImplementedError
+
+    def apply_one_row(self, layer: Linear, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        """One row x [1, K] of CUDA activations through the method's one-row kernel with a fused
+        epilogue (Linear._one_row), or None where the method has none."""
+        return None
 
 
 def make_linear_method(quant: QuantConfig) -> LinearMethod:
@@ -125,3 +130,10 @@ class RowScaledMethod(LinearMethod):
 
             return gemv(x, layer.weight, layer.weight_scale, layer.bias)
         return self.fallback(layer, x)
+
+    def apply_one_row(self, layer: Linear, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        if self.gemv_max_m() < 1:
+            return None
+        from ..kernels.gemv import gemv
+
+        return gemv(x, layer.weight, layer.weight_scale, layer.bias, **epilogue)

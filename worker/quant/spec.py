@@ -27,8 +27,9 @@ GPTQ_BITS = (2, 4, 8)  # the ones that pack evenly into int32 (3-bit needs a dif
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How the decoder's projections (qkv, o, gate_up, down) store their weights. The embedding and
-    lm_head always stay in the model dtype, as AutoGPTQ and llm-compressor leave them."""
+    """How the decoder's projections (qkv, o, gate_up, down) store their weights. The embedding stays
+    in the model dtype; so does lm_head, as AutoGPTQ and llm-compressor leave it, unless a GPTQ
+    checkpoint quantized it too (GPTQModel's `lm_head: true`, `lm_head` here)."""
 
     method: str  # "fp8" | "int8" | "gptq"
     from_checkpoint: bool  # True: the tensors are stored quantized; False: quantize at load
@@ -37,12 +38,14 @@ class QuantConfig:
     desc_act: bool = False  # GPTQ act-order: g_idx is a permutation of groups, not k // group_size
     sym: bool = True
     zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
+    lm_head: bool = False  # GPTQ: lm_head is stored quantized as well (same bits and groups)
 
     def describe(self) -> str:
         if self.method == "gptq":
             return (
                 f"gptq {self.bits}-bit, group {self.group_size}, act-order {'on' if self.desc_act else 'off'}, "
                 f"{'sym' if self.sym else 'asym'}, format v{2 - self.zero_offset}"
+                + (", lm_head quantized" if self.lm_head else "")
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
         return f"{self.method} ({src})"
@@ -80,8 +83,6 @@ def _gptq_config(qc: dict[str, Any]) -> QuantConfig:
         raise UnsupportedModelError(
             f"GPTQ checkpoint_format {fmt!r} is not supported (only the AutoGPTQ layouts gptq, gptq_v2)"
         )
-    if qc.get("lm_head"):
-        raise UnsupportedModelError("GPTQ checkpoints with a quantized lm_head are not supported")
     if qc.get("dynamic"):
         raise UnsupportedModelError("GPTQ per-module `dynamic` overrides are not supported")
     return QuantConfig(
@@ -92,6 +93,7 @@ def _gptq_config(qc: dict[str, Any]) -> QuantConfig:
         desc_act=bool(qc.get("desc_act", False)),
         sym=bool(qc.get("sym", True)),
         zero_offset=1 if fmt == "gptq" else 0,
+        lm_head=bool(qc.get("lm_head", False)),
     )
 
 
