@@ -104,9 +104,13 @@ def variants(precision: str) -> dict[str, object]:
     return v
 
 
-def _gemv_launches(*tiles: tuple[int, int, int, int]) -> list[dict]:
-    """kernels/gemv.py launches from (block_n, block_k, num_stages, prefetch), 4 warps each."""
-    return [dict(block_n=n, block_k=k, num_warps=4, num_stages=st, prefetch=p) for n, k, st, p in tiles]
+def _gemv_launches(*tiles: tuple[int, ...]) -> list[dict]:
+    """kernels/gemv.py launches from (block_n, block_k, num_stages, prefetch[, num_warps]), 4 warps
+    unless a fifth value says otherwise."""
+    return [
+        dict(block_n=t[0], block_k=t[1], num_warps=t[4] if len(t) > 4 else 4, num_stages=t[2], prefetch=t[3])
+        for t in tiles
+    ]
 
 
 SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sweep1-*.json)
@@ -118,6 +122,11 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         (8, 512, 5, 1),
         (8, 512, 4, 2),
         (8, 512, 4, 3),
+        # seventh session: 8 warps
+        (8, 512, 4, 2, 8),
+        (16, 512, 4, 2, 8),
+        (8, 1024, 3, 2, 8),
+        (16, 256, 4, 2, 8),
     ),
     "fp8": _gemv_launches(
         (8, 1024, 4, 1),
@@ -129,6 +138,13 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
         (8, 1024, 4, 3),
         (8, 512, 6, 2),
         (8, 512, 6, 3),
+        # seventh session: 8 warps, longer or taller tiles
+        (8, 1024, 4, 2, 8),
+        (16, 1024, 4, 2, 8),
+        (16, 512, 4, 2, 8),
+        (8, 2048, 3, 2, 8),
+        (16, 1024, 3, 2, 8),
+        (32, 512, 4, 2, 8),
     ),
     # kernels/gptq_row4.py's (rows, words per run, warps along N, warps along K, products: 1 or 2
     # float32 chains or 0 for fp16 pairs, tiles in flight)
@@ -151,6 +167,14 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
             (4, 4, 4, 2, 0, 1),
             (4, 4, 2, 2, 0, 1),
             (16, 2, 2, 2, 0, 1),
+            # seventh session: four warps along K (tiles of 2,048 columns: a 4,096-column row is two
+            # tiles, both in flight), and runs of two rows per thread
+            (4, 2, 4, 4, 0, 2),
+            (4, 2, 2, 4, 0, 2),
+            (8, 2, 2, 4, 0, 2),
+            (4, 2, 2, 4, 0, 1),
+            (2, 2, 4, 4, 0, 2),
+            (2, 2, 4, 2, 0, 2),
         )
     ],
 }
@@ -208,18 +232,25 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--only", default="bf16,fp8,gptq")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--shapes", default=None, help="sweep only these microbench shapes (e.g. lm_head: 8 layers), no chain"
+    )
     args = ap.parse_args()
+    global SHAPES, LAYERS
+    if args.shapes:  # distinct weights per layer still, but fewer layers (an 8B lm_head is 1 GB in bf16)
+        SHAPES = {name: microbench.SHAPES[name] for name in args.shapes.split(",")}
+        LAYERS = 8
     rows = args.rows
     result: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "torch": torch.__version__}
     table = []
     t_start = time.time()
     for precision in args.only.split(","):
         layers = make_layers(precision)
-        total = weight_bytes(layers)
+        total = weight_bytes(layers, SHAPES)
         vs = variants(precision)
         res: dict = {"bytes": total, "check": {}, "chain_ms": {}, "per_shape": {}}
         # correctness on one layer, every shape
-        x = torch.randn(rows, 14336, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(rows, max(k for _, k in SHAPES.values()), device=DEV, dtype=torch.bfloat16)
         for vname, fn in vs.items():
             worst = 0.0
             for sname, (_n, k) in SHAPES.items():
@@ -229,7 +260,7 @@ def main() -> None:
             res["check"][vname] = worst
             assert worst < 2e-2, (precision, vname, worst)
         x0 = torch.randn(rows, 4096, device=DEV, dtype=torch.bfloat16)
-        for vname, fn in vs.items():
+        for vname, fn in vs.items() if not args.shapes else ():
             ms = time_graph(chain(fn, layers, x0))
             res["chain_ms"][vname] = ms
             table.append((precision, "chain " + vname, ms, total / ms / 1e6))

@@ -216,6 +216,7 @@ ROW4_CASES = [
     (4096, [64], 128, False, torch.bfloat16, (4, 1, 4, 2, 0, 2)),  # one word per run, 8 tiles
     (4096, [64, 32], 128, False, torch.bfloat16, (4, 2, 4, 2, 1, 2)),  # float32 products, depth 2
     (4096, [64, 32], 128, False, torch.bfloat16, (8, 4, 4, 1, 0, 1)),  # runs of 4 words in fp16
+    (512, [70000], 128, False, torch.bfloat16, None),  # a vocabulary-sized lm_head's launch; masked rows
 ]
 
 

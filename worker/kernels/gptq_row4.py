@@ -54,10 +54,15 @@ def default_config(n: int) -> tuple[int, int, int, int, int, int]:
     columns] tiles, two in flight (1,566 and 2,027 GB/s against 1,466 and 1,890 for the fifth
     session's launch in the same sweep); up to 8,192 (qkv) 4 warps over [16, 1,024] tiles, two in
     flight (2,003 against 1,737); the widest layers (gate_up) 4 warps over [8, 1,024], one in
-    flight (2,433 against 2,132)."""
+    flight (2,433 against 2,132); a vocabulary-sized lm_head (a GPTQ checkpoint with lm_head
+    quantized) 4 warps over [32, 1,024] tiles (2,769 against 2,678 GB/s for gate_up's launch,
+    ...-s7-gemv-gptq-lm-head.json). Seventh-session launches with four warps along K (a 4,096-column
+    row in two tiles, both in flight) or two rows per thread were slower at every decoder shape."""
     if n <= 4096:
         return 4, 2, 4, 2, 0, 2
-    return (8, 2, 2, 2, 0, 2) if n <= 8192 else (4, 2, 2, 2, 0, 1)
+    if n <= 8192:
+        return 8, 2, 2, 2, 0, 2
+    return (4, 2, 2, 2, 0, 1) if n <= 65536 else (16, 2, 2, 2, 0, 1)
 
 
 # the 8 codes of word $1 -> four fp16 pairs t0..t3: (1024 + q0, 1024 + q4), (1024 + 16 q1,
