@@ -177,7 +177,8 @@ def _row_seeds(
     return seeds
 
 
-# greedy rows of a decode step up to this many take one argmax launch, a program per row: torch's
+# greedy rows of a decode step up to this many take one argmax launch (each row split over 16
+# programs up to kernels/elementwise.ARGMAX_SPLIT_ROWS rows, else a program per row): torch's
 # one-pass argmax gives a single 128k-wide row to a handful of blocks (28 us per decode step on the
 # H100, docs/bench/2026-11-25-h100-s4-profile-w3-before-argmax.json), and the two-pass torch form
 # that replaced it took five launches (~25 us at the step boundary, ...-s5-profile-w3-fused-attn.json)

@@ -323,8 +323,11 @@ def test_gemv_8bit_add_norm(kind: str, n: int, k: int) -> None:
         (14336, [4096], False, (4, 2, 2, 2, 0, 1)),  # down_proj's shape, one tile in flight
     ],
 )
-def test_gptq_row4_add_norm(k, sizes, act, cfg) -> None:  # type: ignore[no-untyped-def]
+def test_gptq_row4_add_norm(k, sizes, act, cfg, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+    from inferfleet.worker.layers import linear
+
+    monkeypatch.setattr(linear, "FUSED_NORM", True)  # the layer-level check below takes the fused path
 
     layer, _ = _gptq_layer(k, sizes, 4, 128, act, seed=k + len(sizes))
     n = sum(sizes)
@@ -336,6 +339,7 @@ def test_gptq_row4_add_norm(k, sizes, act, cfg) -> None:  # type: ignore[no-unty
     # the layer's entry point (act-order permutes x first) agrees with the projection then the norm
     want, want_res = norm(layer(x), residual.clone())
     got_res = residual.clone()
+    monkeypatch.setattr(norm, "forward", lambda *a: pytest.fail("add_norm fell back to the separate norm"))
     got, _ = layer.add_norm(x, got_res, norm)
     assert torch.equal(got_res, want_res) and rel(got.float(), want.float()) < TOL
 
@@ -363,8 +367,11 @@ def test_gemv_8bit_silu_mul(kind: str) -> None:
         (1024, 64, False, (4, 2, 4, 2, 1, 1)),  # float32 products
     ],
 )
-def test_gptq_row4_silu_mul(k, inter, act, cfg) -> None:  # type: ignore[no-untyped-def]
+def test_gptq_row4_silu_mul(k, inter, act, cfg, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+    from inferfleet.worker.layers import linear
+
+    monkeypatch.setattr(linear, "FUSED_SILU", True)  # layer.silu_mul below must not return None
 
     layer, _ = _gptq_layer(k, [inter, inter], 4, 128, act, seed=k + inter)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(8)).to(DEV, DT)

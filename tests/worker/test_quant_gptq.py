@@ -187,7 +187,8 @@ def test_quantized_lm_head_writes_loads_and_generates(tiny_models: dict[str, Pat
     err = [float((a - r).norm() / r.norm()) for a, r in zip(prompt_logits(model, prompts), ref)]
     err_plain = [float((a - r).norm() / r.norm()) for a, r in zip(prompt_logits(plain_model, prompts), ref)]
     print(f"\nrelative logits error vs unquantized: lm_head quantized {err}, lm_head plain {err_plain}")
-    assert all(e < 0.25 for e in err)
+    # the 4-bit lm_head adds an error of its own, small next to the decoder's (0.15 -> 0.17 here)
+    assert all(p < e < p + 0.1 for e, p in zip(err, err_plain))
 
     llm = LLM(str(out), device="cpu")
     res = llm.generate(["The scheduler admits"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
@@ -204,3 +205,14 @@ def test_quantize_lm_head_refuses_tied_embeddings(tiny_models: dict[str, Path], 
     with pytest.raises(InvalidRequestError, match="ties lm_head"):
         quantize_checkpoint(tied, tmp_path / "x", QuantizeSpec(method="rtn", lm_head=True), device="cpu")
     assert not (tmp_path / "x").exists()
+    # a vocabulary that does not pack into whole int32 words of zeros is refused before any work
+    from dataclasses import replace
+
+    from inferfleet.worker.config import ModelConfig
+    from inferfleet.worker.quant.calibrate import check_lm_head
+
+    mc = ModelConfig.from_pretrained(tiny_models["llama"])
+    check_lm_head(QuantizeSpec(lm_head=True), mc)
+    with pytest.raises(InvalidRequestError, match="not a multiple of 8"):
+        check_lm_head(QuantizeSpec(lm_head=True), replace(mc, vocab_size=mc.vocab_size + 1))
+    check_lm_head(QuantizeSpec(lm_head=False), replace(mc, vocab_size=mc.vocab_size + 1))

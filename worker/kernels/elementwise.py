@@ -337,6 +337,9 @@ ARGMAX_SPLIT_ROWS = 8  # at most this many rows split each row over programs (a 
 def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
     t = _ARGMAX_TICKETS.get(device)
     if t is None or t.numel() < n:
+        # zeroing inside a CUDA-graph capture would only be recorded: eager launches after it would
+        # see whatever the memory held (sampling runs outside the decode graphs)
+        assert not torch.cuda.is_current_stream_capturing(), "argmax tickets are allocated eagerly"
         t = _ARGMAX_TICKETS[device] = torch.zeros(max(n, ARGMAX_SPLIT_ROWS), dtype=torch.int32, device=device)
     return t
 
@@ -349,8 +352,8 @@ def argmax_rows(
     (one pass) or a torch two-pass argmax (five launches) cost more than reading the row (the logits
     were just written, so they come from L2). Up to ARGMAX_SPLIT_ROWS rows each row is split over
     `splits` programs (default 16) whose last one reduces their partials: one program per row spent
-    13 us on a Llama-3 vocabulary at batch 1 on the H100 (docs/benchmarks.md); more rows, one
-    program per row (`splits` 1)."""
+    13 us on a Llama-3 vocabulary at batch 1 on the H100, the split launch 6 us (docs/benchmarks.md);
+    more rows, one program per row (`splits` 1; `block` and `num_warps` are that launch's)."""
     n, v = x.shape
     assert x.stride(1) == 1 and v < _NO_INDEX
     out = torch.empty(n, dtype=torch.int64, device=x.device)

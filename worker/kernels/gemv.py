@@ -38,8 +38,8 @@ class AddNorm(NamedTuple):
     last program to finish does it: every program adds its rows into the residual, then takes a
     ticket from `counter` (one int32, zero between launches: the last program resets it); the
     program that draws the last ticket reads the row back and normalizes it. In a batch-1 decode
-    step this replaces a norm kernel, whose launch boundary cost ~5 us on the step's chain of
-    dependent kernels (docs/benchmarks.md)."""
+    step this replaces a norm kernel, a dependent launch on the step's critical path (H100 W3 with
+    and without it: docs/benchmarks.md, seventh session)."""
 
     residual: torch.Tensor  # [1, N] contiguous, x's dtype; updated in place
     weight: torch.Tensor  # [N] the norm's weight

@@ -71,11 +71,16 @@ class Linear(nn.Module):
             return gemv(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    @staticmethod
+    def _one_row_input(x: torch.Tensor) -> bool:
+        """One row of 16-bit CUDA activations, where the one-row kernels (Triton) can run."""
+        return x.dim() == 2 and x.shape[0] == 1 and kernels.triton_ok(x)
+
     def _one_row(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
         """One row x [1, K] of CUDA activations through the layer's one-row kernel with a fused
         epilogue (kernels/gemv.gemv's or gptq_row4's `add_norm`, `silu_mul`, `out_dtype`); None where
         the layer does not run on one (the caller then runs the plain layer and the rest unfused)."""
-        if not (x.dim() == 2 and x.shape[0] == 1 and kernels.triton_ok(x)):
+        if not self._one_row_input(x):
             return None
         if self.method is not None:
             return self.method.apply_one_row(self, x, **epilogue)
@@ -97,8 +102,8 @@ class Linear(nn.Module):
         """norm(self(x), residual): (normalized new stream, new stream). One row on CUDA (a batch-1
         decode step) takes one launch, the projection's, where its kernel can (kernels/gemv.AddNorm:
         the stream is updated in place); otherwise the projection and the norm run one after the other."""
-        if FUSED_NORM and residual.is_contiguous():
-            from ..kernels.gemv import AddNorm
+        if FUSED_NORM and residual.is_contiguous() and self._one_row_input(x):
+            from ..kernels.gemv import AddNorm  # imports Triton: CUDA activations only
 
             y = self._one_row(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))
             if y is not None:

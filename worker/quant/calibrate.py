@@ -10,7 +10,8 @@ sequential" as AutoGPTQ does:
 pass 1 accumulates H for qkv from the normed hidden states and quantizes qkv; pass 2 recomputes
 with the quantized qkv and accumulates H for o; and so on. The quantized layer's outputs feed the
 next layer. Each layer's reconstruction error ||W X - Q X||^2 is reported next to round-to-nearest
-with the same grid. `--method rtn` skips calibration (round to nearest, same layout): fast enough for
+with the same grid. `--lm-head` quantizes lm_head last, from the final norm's outputs of the
+quantized decoder (GPTQModel's lm_head=True). `--method rtn` skips calibration (round to nearest, same layout): fast enough for
 8B-sized checkpoints in the GPU benchmark.
 """
 
@@ -165,6 +166,26 @@ def _load_dense_model(model_dir: str | Path, device: torch.device, max_position:
 ResultSink = Callable[[str, QuantResult, list[int]], None]
 
 
+def check_lm_head(spec: QuantizeSpec, mc: ModelConfig) -> None:
+    """`--lm-head` only where the checkpoint can hold a quantized lm_head of its own: not tied to the
+    embedding, and a vocabulary that packs into whole int32 words along N (qzeros)."""
+    if not spec.lm_head:
+        return
+    if mc.tie_word_embeddings:
+        raise InvalidRequestError(
+            "--lm-head: this model ties lm_head to the token embedding (tie_word_embeddings), which stays "
+            "unquantized; quantize without --lm-head",
+            param="lm_head",
+        )
+    per_word = 32 // spec.bits
+    if mc.vocab_size % per_word:
+        raise InvalidRequestError(
+            f"--lm-head: the vocabulary ({mc.vocab_size}) is not a multiple of {per_word}, so {spec.bits}-bit "
+            "zeros cannot be packed along it; quantize without --lm-head",
+            param="lm_head",
+        )
+
+
 def gptq_model(
     model_dir: str | Path,
     samples: torch.Tensor,
@@ -172,9 +193,10 @@ def gptq_model(
     device: torch.device,
     sink: ResultSink | None = None,
 ) -> tuple[dict[str, QuantResult], list[LayerReport]]:
-    """Quantize every decoder projection, keyed by our module names
-    (`model.layers.{i}.self_attn.qkv_proj`, ...); returns the results (unless `sink` takes each one
-    as it is done, so a large model never holds them all) and the per-layer error report."""
+    """Quantize every decoder projection (and lm_head with `spec.lm_head`), keyed by our module names
+    (`model.layers.{i}.self_attn.qkv_proj`, ..., `lm_head`); returns the results (unless `sink` takes
+    each one as it is done, so a large model never holds them all) and the per-layer error report."""
+    check_lm_head(spec, ModelConfig.from_pretrained(model_dir))
     model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
     with torch.inference_mode():
         return _gptq_layers(model, samples.to(device), spec, device, sink)
@@ -349,12 +371,7 @@ def quantize_checkpoint(
         raise InvalidRequestError(
             "the input checkpoint is already quantized (config.json has quantization_config)", param="model"
         )
-    if spec.lm_head and mc.tie_word_embeddings:
-        raise InvalidRequestError(
-            "--lm-head: this model ties lm_head to the token embedding (tie_word_embeddings), which stays "
-            "unquantized; quantize without --lm-head",
-            param="lm_head",
-        )
+    check_lm_head(spec, mc)
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
     if spec.method == "rtn":
