@@ -339,7 +339,8 @@ def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
     if t is None or t.numel() < n:
         # zeroing inside a CUDA-graph capture would only be recorded: eager launches after it would
         # see whatever the memory held (sampling runs outside the decode graphs)
-        assert not torch.cuda.is_current_stream_capturing(), "argmax tickets are allocated eagerly"
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        assert not capturing, "argmax tickets are allocated eagerly"
         t = _ARGMAX_TICKETS[device] = torch.zeros(max(n, ARGMAX_SPLIT_ROWS), dtype=torch.int32, device=device)
     return t
 
