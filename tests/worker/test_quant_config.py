@@ -138,3 +138,24 @@ def test_gptq_checkpoint_with_quantized_lm_head() -> None:
     assert qc is not None and qc.lm_head and "lm_head quantized" in qc.describe()
     plain = checkpoint_quantization(GPTQ_QC)
     assert plain is not None and not plain.lm_head and "lm_head" not in plain.describe()
+
+
+@pytest.mark.parametrize(
+    ("targets", "ignore", "quantized"),
+    [
+        (["Linear"], ["lm_head"], False),  # llm-compressor's default recipe
+        (["Linear"], [], True),
+        (["Linear"], ["re:.*lm_head"], False),
+        (["re:.*proj$"], [], False),  # the groups do not target lm_head
+        (["re:.*proj$", "lm_head"], [], True),
+    ],
+)
+def test_fp8_checkpoint_lm_head_follows_targets_and_ignore(
+    targets: list[str], ignore: list[str], quantized: bool
+) -> None:
+    qc = fp8_quantization_config()
+    qc["ignore"] = ignore
+    qc["config_groups"]["group_0"]["targets"] = targets
+    got = checkpoint_quantization(qc)
+    assert got is not None and got.method == "fp8" and got.lm_head is quantized
+    assert ("lm_head quantized" in got.describe()) is quantized

@@ -256,10 +256,10 @@ def test_fp8_scaled_mm_call_matches_reference() -> None:
         assert got.dtype == x_dtype and float((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
 
 
-def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool) -> Path:
+def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool, lm_head: bool = False) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
-        if not is_quantized(name):
+        if not (is_quantized(name) or (lm_head and name == "lm_head.weight")):
             tensors[name] = w.to(torch.bfloat16)
             continue
         if per_tensor:
@@ -270,7 +270,31 @@ def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool) -> Path:
             q, s = qfp8.quantize_weight_fp8(w)
             tensors[name[: -len("weight")] + "weight_scale"] = s.to(torch.bfloat16).reshape(-1, 1)
         tensors[name] = q
-    return copy_with(src, dst, tensors, fp8_quantization_config("tensor" if per_tensor else "channel"))
+    qc = fp8_quantization_config("tensor" if per_tensor else "channel")
+    if lm_head:
+        qc["ignore"] = []  # lm_head quantized as well
+    return copy_with(src, dst, tensors, qc)
+
+
+def test_fp8_checkpoint_with_quantized_lm_head_loads_it_quantized(tiny_llama: Path, tmp_path: Path) -> None:
+    """A compressed-tensors FP8 checkpoint that does not ignore lm_head stores it in FP8: it loads
+    as an FP8 layer with the codes written, and its logits stay close to the bf16-lm_head model's."""
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8-lm-head", per_tensor=False, lm_head=True)
+    quant = checkpoint_quantization(json.loads((ck / "config.json").read_text())["quantization_config"])
+    assert quant is not None and quant.lm_head
+    model = build_model(str(ck), quant)
+    head = model.lm_head
+    assert head.method is not None and head.weight.dtype == torch.float8_e4m3fn
+    q, s = qfp8.quantize_weight_fp8(load_file(str(tiny_llama / "model.safetensors"))["lm_head.weight"])
+    assert torch.equal(head.weight.float(), q.float())
+    assert torch.allclose(head.weight_scale, s, rtol=2**-8)  # stored as bf16
+    plain = build_model(
+        str(fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False)), QuantConfig("fp8", True)
+    )
+    err = logits_error(prompt_logits(plain, prompts()), prompt_logits(model, prompts()))
+    assert err["rel_err"] < 5e-2 and err["top1"] > 0.9, err
 
 
 def test_fp8_compressed_tensors_checkpoint_loads_directly(tiny_llama: Path, tmp_path: Path) -> None:

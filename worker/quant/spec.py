@@ -15,6 +15,7 @@ FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,9 @@ GPTQ_BITS = (2, 4, 8)  # the ones that pack evenly into int32 (3-bit needs a dif
 @dataclass(frozen=True)
 class QuantConfig:
     """How the decoder's projections (qkv, o, gate_up, down) store their weights. The embedding stays
-    in the model dtype; so does lm_head, as AutoGPTQ and llm-compressor leave it, unless a GPTQ
-    checkpoint quantized it too (GPTQModel's `lm_head: true`, `lm_head` here)."""
+    in the model dtype; so does lm_head, as AutoGPTQ and llm-compressor leave it, unless the
+    checkpoint quantized it too (`lm_head` here: GPTQModel's `lm_head: true`, or a compressed-tensors
+    FP8 config that targets lm_head and does not `ignore` it)."""
 
     method: str  # "fp8" | "int8" | "gptq"
     from_checkpoint: bool  # True: the tensors are stored quantized; False: quantize at load
@@ -38,7 +40,7 @@ class QuantConfig:
     desc_act: bool = False  # GPTQ act-order: g_idx is a permutation of groups, not k // group_size
     sym: bool = True
     zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
-    lm_head: bool = False  # GPTQ: lm_head is stored quantized as well (same bits and groups)
+    lm_head: bool = False  # lm_head is stored quantized as well (GPTQ: same bits and groups; FP8)
 
     def describe(self) -> str:
         if self.method == "gptq":
@@ -48,7 +50,7 @@ class QuantConfig:
                 + (", lm_head quantized" if self.lm_head else "")
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
-        return f"{self.method} ({src})"
+        return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''})"
 
 
 def _bad(msg: str) -> InvalidRequestError:
@@ -119,7 +121,23 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
                 f"compressed-tensors group {name!r}: only dynamic FP8 activation scales are supported "
                 "(static input_scale checkpoints are not)"
             )
-    return QuantConfig(method="fp8", from_checkpoint=True)
+    return QuantConfig(method="fp8", from_checkpoint=True, lm_head=_targets_lm_head(qc))
+
+
+def _targets_lm_head(qc: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config quantizes lm_head, as llm-compressor applies it: some
+    group targets it (the class "Linear", its name, or a "re:" pattern matching it) and `ignore` does
+    not exclude it (same forms). llm-compressor's recipes ignore lm_head by default."""
+
+    def hits(entries: list[str]) -> bool:
+        for e in entries:
+            if e in ("lm_head", "Linear") or (e.startswith("re:") and re.fullmatch(e[3:], "lm_head")):
+                return True
+        return False
+
+    targets = [t for g in (qc.get("config_groups") or {}).values() for t in g.get("targets", ["Linear"])]
+    ignore = list(qc.get("ignore") or [])
+    return hits(targets) and not hits(ignore)
 
 
 def resolve_quantization(
