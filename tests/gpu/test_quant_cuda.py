@@ -106,12 +106,13 @@ def cuda_engine(model: Path, **kw: Any) -> LLMEngine:
     return eng
 
 
-def cpu_reference(model: Path, quantization: str, fp8_from_checkpoint: bool = False) -> Any:
+def cpu_reference(
+    model: Path, quantization: str, fp8_from_checkpoint: bool = False, lm_head: bool = False
+) -> Any:
     """The CPU bf16 model computing what the CUDA kernels compute (module docstring, point 1)."""
     if quantization == "fp8":  # no CPU worker serves FP8: its reference math through build_model
-        return build_model(
-            str(model), QuantConfig("fp8", from_checkpoint=fp8_from_checkpoint), dtype=torch.bfloat16
-        )
+        quant = QuantConfig("fp8", from_checkpoint=fp8_from_checkpoint, lm_head=lm_head)
+        return build_model(str(model), quant, dtype=torch.bfloat16)
     eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="bfloat16", quantization=quantization))
     return use_kernel_numerics(eng.runner.model)
 
@@ -227,14 +228,16 @@ def served_tol(m: int) -> Tol:
     return WEIGHT_ONLY if m <= qfp8.W8A16_MAX_M else W8A8
 
 
-def fp8_checkpoint(src: Path, dst: Path) -> Path:
+def fp8_checkpoint(src: Path, dst: Path, lm_head: bool = False) -> Path:
     from safetensors.torch import load_file
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
         proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-        if proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        if proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") or (
+            lm_head and name == "lm_head.weight"
+        ):
             q, s = qfp8.quantize_weight_fp8(w)
             tensors[name], tensors[name[: -len("weight")] + "weight_scale"] = q, s.reshape(-1, 1)
         else:
@@ -243,8 +246,26 @@ def fp8_checkpoint(src: Path, dst: Path) -> Path:
     cfg = json.loads((dst / "config.json").read_text())
     cfg["torch_dtype"] = "bfloat16"
     cfg["quantization_config"] = fp8_quantization_config()
+    if lm_head:
+        cfg["quantization_config"]["ignore"] = []  # lm_head stored in FP8 too
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+@needs_fp8
+def test_fp8_checkpoint_with_fp8_lm_head_on_cuda(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An FP8 checkpoint that does not ignore lm_head: the engine runs lm_head as an FP8 layer (the
+    one-row GEMV writing float32 logits in decode graphs) and matches the CPU reference math, W8A16
+    at every batch size on both sides."""
+    monkeypatch.setattr(qfp8, "W8A16_MAX_M", 10**9)
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8-lm-head", lm_head=True)
+    eng = cuda_engine(ck)
+    head = eng.runner.model.lm_head
+    assert eng.config.model_config.quant.lm_head and head.weight.dtype == torch.float8_e4m3fn  # type: ignore[union-attr]
+    ref = cpu_reference(ck, "fp8", fp8_from_checkpoint=True, lm_head=True)
+    check_against_reference(eng, ref, prompts(5), WEIGHT_ONLY, "fp8 lm_head")
 
 
 @needs_fp8
