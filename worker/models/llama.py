@@ -150,6 +150,7 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         residual = self.model.embed_tokens(input_ids)
         layers = self.model.layers
+        assert len(kv_caches) == len(layers), "one KV cache per layer (the last layer applies the final norm)"
         x = layers[0].input_layernorm(residual)
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
