@@ -129,7 +129,6 @@ def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
         "ignore": [],
         "config_groups": {"group_0": group},
     }
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in Path(src).iterdir():
         if (
             f.is_file()
@@ -138,6 +137,7 @@ def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
         ):
             shutil.copy2(f, out / f.name)
     save_safetensors(tensors, out, shards=3)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))  # last: its presence means complete
     torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - t0, "note": "per-channel e4m3, lm_head included"}
 
@@ -315,7 +315,7 @@ def main() -> None:
     if "kernels" in only:
         results["kernels"] = kernel_table()
     if made := ensure_checkpoints(methods, args):
-        results["gptq_checkpoints"] = made
+        results["checkpoints"] = made
     rng = random.Random(11)
     prompts = [random_prompt(rng, 160) for _ in range(4)]
     ref_logits = None

@@ -266,6 +266,10 @@ def test_fp8_checkpoint_with_fp8_lm_head_on_cuda(
     assert eng.config.model_config.quant.lm_head and head.weight.dtype == torch.float8_e4m3fn  # type: ignore[union-attr]
     ref = cpu_reference(ck, "fp8", fp8_from_checkpoint=True, lm_head=True)
     check_against_reference(eng, ref, prompts(5), WEIGHT_ONLY, "fp8 lm_head")
+    # as served: batches above 64 rows run the FP8 lm_head through _scaled_mm (W8A8) in graphs
+    monkeypatch.undo()
+    _, steps = greedy_rows(cuda_engine(ck), wide_batch(6), 4)
+    assert all(bool(torch.isfinite(r).all()) for rows in steps for r in rows)
 
 
 @needs_fp8

@@ -148,14 +148,20 @@ def test_gptq_checkpoint_with_quantized_lm_head() -> None:
         (["Linear"], ["re:.*lm_head"], False),
         (["re:.*proj$"], [], False),  # the groups do not target lm_head
         (["re:.*proj$", "lm_head"], [], True),
+        (["Linear"], ["re:lm_"], False),  # "re:" patterns match from the start, as re.match does
+        (["re:lm"], [], True),
+        (None, [], False),  # a group without targets targets nothing
     ],
 )
 def test_fp8_checkpoint_lm_head_follows_targets_and_ignore(
-    targets: list[str], ignore: list[str], quantized: bool
+    targets: list[str] | None, ignore: list[str], quantized: bool
 ) -> None:
     qc = fp8_quantization_config()
     qc["ignore"] = ignore
-    qc["config_groups"]["group_0"]["targets"] = targets
+    if targets is None:
+        del qc["config_groups"]["group_0"]["targets"]
+    else:
+        qc["config_groups"]["group_0"]["targets"] = targets
     got = checkpoint_quantization(qc)
     assert got is not None and got.method == "fp8" and got.lm_head is quantized
     assert ("lm_head quantized" in got.describe()) is quantized

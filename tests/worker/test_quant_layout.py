@@ -297,6 +297,23 @@ def test_fp8_checkpoint_with_quantized_lm_head_loads_it_quantized(tiny_llama: Pa
     assert err["rel_err"] < 5e-2 and err["top1"] > 0.9, err
 
 
+def test_fp8_config_and_stored_lm_head_must_agree(tiny_llama: Path, tmp_path: Path) -> None:
+    """A config that does not ignore lm_head over a checkpoint that stores it in bf16 is refused
+    (it is not quantized at load behind the user's back); an FP8 lm_head under a config that ignores
+    it has no place either."""
+    from inferfleet.worker.errors import ModelLoadError
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False)  # lm_head stored in bf16
+    qc = json.loads((ck / "config.json").read_text())["quantization_config"]
+    qc["ignore"] = []
+    with pytest.raises(ModelLoadError, match="lm_head is stored quantized"):
+        build_model(str(ck), checkpoint_quantization(qc))
+    head8 = fp8_checkpoint(tiny_llama, tmp_path / "fp8-head", per_tensor=False, lm_head=True)
+    with pytest.raises(ModelLoadError, match=r"lm_head\.weight_scale"):
+        build_model(str(head8), QuantConfig("fp8", from_checkpoint=True))  # as if ignore listed lm_head
+
+
 def test_fp8_compressed_tensors_checkpoint_loads_directly(tiny_llama: Path, tmp_path: Path) -> None:
     ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False)
     # FP8 tensors are never upcast by the loader; scales keep their stored dtype when asked

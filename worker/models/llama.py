@@ -135,8 +135,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, backend, max_position)
-        # a GPTQ checkpoint may store lm_head quantized too (QuantConfig.lm_head); then it is never
-        # tied to the embedding, which stays in the model dtype
+        # a GPTQ or FP8 checkpoint may store lm_head quantized too (QuantConfig.lm_head); then it is
+        # never tied to the embedding, which stays in the model dtype
         self.lm_head = Linear(
             cfg.hidden_size, [cfg.vocab_size], quant=cfg.quant if self.quantized_lm_head else None
         )
@@ -198,6 +198,14 @@ class DecoderModel(nn.Module):
                 raise ModelLoadError(
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
                 )
+            if ck_name == "lm_head.weight" and self.quantized_lm_head and tensor.dtype.itemsize > 1:
+                # the config says lm_head is stored quantized; a 16/32-bit one means they disagree
+                # (FP8 layers would otherwise quantize it at load, silently)
+                raise ModelLoadError(
+                    f"quantization_config says lm_head is stored quantized ({self.config.quant.describe()}), but "
+                    f"the checkpoint's lm_head.weight is {tensor.dtype}; for compressed-tensors, list lm_head "
+                    "in `ignore` if the recipe left it unquantized"
+                )
             param = params[target]
             owner_name, _, pname = target.rpartition(".")
             qlayer = quantized.get(owner_name)
@@ -221,7 +229,13 @@ class DecoderModel(nn.Module):
             pending[target].discard(shard_id)
         missing = sorted(n for n, s in pending.items() if s)
         if missing:
-            raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}")
+            hint = ""
+            if self.quantized_lm_head and any(n.startswith("lm_head.") for n in missing):
+                hint = (
+                    " (quantization_config says lm_head is stored quantized: GPTQ `lm_head: true`, or FP8 "
+                    "config_groups targeting it without `ignore`; a tied model stores no lm_head of its own)"
+                )
+            raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}{hint}")
         for layer in quantized.values():
             layer.method.process_after_loading(layer)
         if self.config.quant is not None:

@@ -125,17 +125,19 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
 
 
 def _targets_lm_head(qc: dict[str, Any]) -> bool:
-    """Whether a compressed-tensors config quantizes lm_head, as llm-compressor applies it: some
-    group targets it (the class "Linear", its name, or a "re:" pattern matching it) and `ignore` does
-    not exclude it (same forms). llm-compressor's recipes ignore lm_head by default."""
+    """Whether a compressed-tensors config quantizes lm_head, as compressed-tensors matches modules:
+    some group targets it (the class "Linear", its name, or a "re:" pattern, which like its
+    `re.match` needs to match only the start of the name) and `ignore` does not exclude it (same
+    forms). A group without `targets` targets nothing. llm-compressor's recipes ignore lm_head by
+    default; the loader then checks that the stored lm_head agrees (DecoderModel.load_weights)."""
 
     def hits(entries: list[str]) -> bool:
         for e in entries:
-            if e in ("lm_head", "Linear") or (e.startswith("re:") and re.fullmatch(e[3:], "lm_head")):
+            if e in ("lm_head", "Linear") or (e.startswith("re:") and re.match(e[3:], "lm_head")):
                 return True
         return False
 
-    targets = [t for g in (qc.get("config_groups") or {}).values() for t in g.get("targets", ["Linear"])]
+    targets = [t for g in (qc.get("config_groups") or {}).values() for t in g.get("targets", [])]
     ignore = list(qc.get("ignore") or [])
     return hits(targets) and not hits(ignore)
 
