@@ -269,21 +269,28 @@ def _first_at_max(best_v, best_i, NO_INDEX: tl.constexpr):
 
 
 @triton.jit
-def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr):
-    # one program per row; each lane keeps the first maximum it saw and the first NaN it saw; then
-    # the row's first NaN if any, else the smallest index holding the max
-    r = tl.program_id(0).to(tl.int64)
-    row = x_ptr + r * stride
+def _scan_lanes(row, lo, hi, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr):
+    """Columns lo .. hi of a row in chunks of BLOCK: each lane's first maximum (value, index) and
+    first NaN index (NO_INDEX where none)."""
     offs = tl.arange(0, BLOCK)
     best_v = tl.full([BLOCK], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK], NO_INDEX, tl.int32)
     nan_i = tl.full([BLOCK], NO_INDEX, tl.int32)
-    for start in range(0, V, BLOCK):
+    for start in range(lo, hi, BLOCK):
         i = start + offs
-        ok = i < V
+        ok = i < hi
         v = tl.load(row + i, mask=ok, other=float("-inf")).to(tl.float32)
         best_v, best_i = _lane_best(best_v, best_i, v, i, ok, NO_INDEX)
         nan_i = tl.minimum(nan_i, tl.where(v != v, i, NO_INDEX))
+    return best_v, best_i, nan_i
+
+
+@triton.jit
+def _argmax_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr):
+    # one program per row; each lane keeps the first maximum it saw and the first NaN it saw; then
+    # the row's first NaN if any, else the smallest index holding the max
+    r = tl.program_id(0).to(tl.int64)
+    best_v, best_i, nan_i = _scan_lanes(x_ptr + r * stride, 0, V, BLOCK, NO_INDEX)
     first_nan = tl.min(nan_i, axis=0)
     at_top = _first_at_max(best_v, best_i, NO_INDEX)
     tl.store(out_ptr + r, tl.where(first_nan < NO_INDEX, first_nan, at_top).to(tl.int64))
@@ -299,19 +306,8 @@ def _argmax_split_kernel(
     # ticket per row, as in gemv.add_norm_epilogue) reduces the SPLITS partials in order
     r = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
-    row = x_ptr + r * stride
-    offs = tl.arange(0, BLOCK)
-    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.full([BLOCK], NO_INDEX, tl.int32)
-    nan_i = tl.full([BLOCK], NO_INDEX, tl.int32)
     lo = sp * CHUNK
-    hi = tl.minimum(lo + CHUNK, V)
-    for start in range(lo, hi, BLOCK):
-        i = start + offs
-        ok = i < hi
-        v = tl.load(row + i, mask=ok, other=float("-inf")).to(tl.float32)
-        best_v, best_i = _lane_best(best_v, best_i, v, i, ok, NO_INDEX)
-        nan_i = tl.minimum(nan_i, tl.where(v != v, i, NO_INDEX))
+    best_v, best_i, nan_i = _scan_lanes(x_ptr + r * stride, lo, tl.minimum(lo + CHUNK, V), BLOCK, NO_INDEX)
     at = part_ptr + (r * SPLITS + sp) * 3  # (max as float32 bits, index, first NaN) as int32
     tl.store(at, tl.max(best_v, axis=0).to(tl.int32, bitcast=True))
     tl.store(at + 1, _first_at_max(best_v, best_i, NO_INDEX))

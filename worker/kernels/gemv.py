@@ -44,9 +44,8 @@ class AddNorm(NamedTuple):
     residual: torch.Tensor  # [1, N] contiguous, x's dtype; updated in place
     weight: torch.Tensor  # [N] the norm's weight
     eps: float
-    counter: (
-        torch.Tensor
-    )  # int32 [1], zero; owned by the norm (one per norm, never shared by launches in flight)
+    # int32 [1], zero; owned by the norm (one per norm, never shared by launches in flight)
+    counter: torch.Tensor
 
 
 @triton.jit
@@ -179,13 +178,17 @@ def _gemv_kernel(
         tl.store(y, y_val, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def check_add_norm(add: AddNorm, y: torch.Tensor) -> None:
-    """The shapes and dtypes an AddNorm launch writing [1, N] rows like y needs."""
+def epilogue_args(add_norm: AddNorm | None, y: torch.Tensor) -> tuple[AddNorm, int]:
+    """The AddNorm tensors a one-row launch writing y [1, N] passes (checked; y itself as unused
+    stand-ins without one) and its NORM_BLOCK (1 without: no extra specialization)."""
+    if add_norm is None:
+        return AddNorm(y, y, 0.0, y), 1
     assert y.shape[0] == 1, "add_norm takes one row"
-    r = add.residual
+    r = add_norm.residual
     assert r.shape == y.shape and r.dtype == y.dtype and r.is_contiguous(), "residual: [1, N] like the output"
-    assert add.weight.shape == (y.shape[1],) and add.weight.is_contiguous()
-    assert add.counter.dtype == torch.int32 and add.counter.numel() == 1
+    assert add_norm.weight.shape == (y.shape[1],) and add_norm.weight.is_contiguous()
+    assert add_norm.counter.dtype == torch.int32 and add_norm.counter.numel() == 1
+    return add_norm, triton.next_power_of_2(y.shape[1])
 
 
 def tc_block_m(m: int) -> int:
@@ -264,10 +267,8 @@ def gemv(
         assert fma and n % 2 == 0 and add_norm is None, "silu_mul: one row, [gate; up] rows"
         assert block_n % 2 == 0
     y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
-    if add_norm is not None:
-        check_add_norm(add_norm, y)
-        assert fma, "add_norm: one row on the CUDA-core path"
-    an = add_norm or AddNorm(y, y, 0.0, y)  # unused (ADD_NORM off)
+    assert add_norm is None or fma, "add_norm: one row on the CUDA-core path"
+    an, norm_block = epilogue_args(add_norm, y)
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
         an.residual, an.weight, an.counter,
@@ -276,7 +277,7 @@ def gemv(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
-        NORM_BLOCK=triton.next_power_of_2(n) if add_norm is not None else 1, SILU_MUL=silu_mul,
+        NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,
         launch_pdl=use_pdl,
     )  # fmt: skip

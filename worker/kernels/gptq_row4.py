@@ -43,7 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from . import pdl
-from .gemv import AddNorm, check_add_norm
+from .gemv import AddNorm, epilogue_args
 
 
 def default_config(n: int) -> tuple[int, int, int, int, int, int]:
@@ -474,9 +474,7 @@ def gptq_row4(
     if silu_mul:
         assert n % 2 == 0 and add_norm is None and block_n % 2 == 0, "silu_mul: [gate; up] rows"
     y = torch.empty((1, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
-    if add_norm is not None:
-        check_add_norm(add_norm, y)
-    an = add_norm or AddNorm(y, y, 0.0, y)  # unused (ADD_NORM off)
+    an, norm_block = epilogue_args(add_norm, y)
     xr = x[0]
     if xr.storage_offset() % 2:  # x is read as pairs of 16-bit values: one 32-bit load each
         xr = xr.clone()
@@ -487,8 +485,7 @@ def gptq_row4(
         GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
         X_BF16=x.dtype == torch.bfloat16,
         ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
-        ADD_NORM=add_norm is not None, NORM_BLOCK=triton.next_power_of_2(n) if add_norm is not None else 1,
-        SILU_MUL=silu_mul,
+        ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
     )  # fmt: skip
     return y

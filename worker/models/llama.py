@@ -152,8 +152,8 @@ class DecoderModel(nn.Module):
         layers = self.model.layers
         assert len(kv_caches) == len(layers), "one KV cache per layer (the last layer applies the final norm)"
         x = layers[0].input_layernorm(residual)
-        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
-            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+        next_norms = [*(layer.input_layernorm for layer in layers[1:]), self.model.norm]
+        for layer, kv, nxt in zip(layers, kv_caches, next_norms):
             x, residual = layer(positions, x, residual, kv, meta, nxt)
         return x
 

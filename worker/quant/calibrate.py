@@ -196,8 +196,8 @@ def gptq_model(
     """Quantize every decoder projection (and lm_head with `spec.lm_head`), keyed by our module names
     (`model.layers.{i}.self_attn.qkv_proj`, ..., `lm_head`); returns the results (unless `sink` takes
     each one as it is done, so a large model never holds them all) and the per-layer error report."""
-    check_lm_head(spec, ModelConfig.from_pretrained(model_dir))
     model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
+    check_lm_head(spec, model.config)
     with torch.inference_mode():
         return _gptq_layers(model, samples.to(device), spec, device, sink)
 
@@ -213,11 +213,10 @@ def _gptq_layers(
     for li, layer in enumerate(model.model.layers):
         t0 = time.perf_counter()
         for stage in _STAGES[:-1]:
+            linear = layer.get_submodule(stage)
             inputs = (layer_forward(layer, h, positions, stage) for h in hidden)
-            res, report = _quantize_linear(
-                f"model.layers.{li}.{stage}", layer.get_submodule(stage), inputs, spec
-            )
-            _keep(res, report, layer.get_submodule(stage), sink, results, reports)
+            res, report = _quantize_linear(f"model.layers.{li}.{stage}", linear, inputs, spec)
+            _keep(res, report, linear, sink, results, reports)
         hidden = [layer_forward(layer, h, positions, "out") for h in hidden]
         log.info("layer %d quantized in %.2fs", li, time.perf_counter() - t0)
     if spec.lm_head:  # its inputs: the final norm of the quantized decoder's outputs

@@ -203,12 +203,10 @@ class GptqLinearMethod(LinearMethod):
         from ..kernels.gptq_gemm import gptq_dequant, gptq_gemm, gptq_stream
 
         m = x.shape[0]
+        if m == 1 and (y := self.apply_one_row(layer, x)) is not None:
+            return y
         if layer.perm is not None:
             x = x.index_select(1, layer.perm)
-        if m == 1 and layer.gptq_one_row == "row4":
-            from ..kernels.gptq_row4 import gptq_row4
-
-            return gptq_row4(x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, layer.bias)
         if m == 1 and layer.gptq_one_row == "stream":
             return gptq_stream(
                 x, layer.qweight_t, layer.scales_t, layer.zeros_t, self.bits, layer.group_k, layer.bias
