@@ -15,7 +15,8 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
   e4m3, the projections and lm_head; `ignore` empty), loaded as it is (--model-dir + "-fp8-lm-head");
 - error: relative logits error and top-1 agreement vs bf16 over the last 32 positions of 4 random
   prompts of 160 tokens (160-row prefills: W8A8 for fp8, the M-tiled fused kernels for int8/gptq);
-- W3 (batch 1, 128 in / 256 out) and W1 (256 requests, U[100, 1024] in/out, T = 0.6) through
+- W3 (batch 1, 128 in / 256 out; the mean interval between tokens 2..256, gpu_bench.decode_latency)
+  and W1 (256 requests, U[100, 1024] in/out, T = 0.6) through
   bench/gpu_bench.py's machinery; fp8 also runs W3 with W8A8 for decode (torch._scaled_mm at M = 1)
   and W2 1000/1000 at a quarter of the requests (the batch stays at 250 of 256 slots throughout, so
   the rate is the full workload's; bf16's is in docs/benchmarks.md);
@@ -347,6 +348,9 @@ def main() -> None:
     print("gptq = round-to-nearest 4-bit (group 128) in the GPTQ layout, for speed; its error is RTN's")
     cols = [
         ("W3 ms/tok", lambda r: r.get("w3", {}).get("decode_ms_mean")),
+        ("W3 median", lambda r: r.get("w3", {}).get("decode_ms_median")),
+        ("W3 w/ call 1", lambda r: r.get("w3", {}).get("decode_ms_mean_with_call1")),
+        ("W3 TTFT ms", lambda r: r.get("w3", {}).get("ttft_ms")),
         ("W3 e2e", lambda r: r.get("w3", {}).get("e2e_ms_per_token")),
         ("W1 out tok/s", lambda r: r.get("w1", {}).get("output_tok_s")),
         ("W2 1k/1k", lambda r: r.get("w2_1000_1000", {}).get("output_tok_s")),
