@@ -147,6 +147,8 @@ GPTQ_CASES = [
     (64, 128, [16, 16], 2, 32, True, 2),
     (100, 128, [64], 4, 32, False, 1),  # M tiled over the grid (W1-sized decode batches)
     (200, 96, [32, 32], 4, 32, True, 2),
+    (256, 512, [64, 72], 4, 128, False, None),  # [128, 64] tiles (BIG_M): two M blocks, ragged N
+    (130, 256, [96], 4, 128, True, None),  # one full M block and a 2-row one, act-order
 ]
 
 

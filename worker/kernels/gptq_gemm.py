@@ -34,6 +34,13 @@ from .gemv import row_path, tc_block_m, tc_block_n
 # gptq_gemm's launch (its tile sizes are arguments); gptq_dequant's tile
 GEMM_NUM_STAGES = 4
 GEMM_NUM_WARPS = 4
+# above this many rows (W1's decode batches, short prefills) gptq_gemm takes [128, 64] tiles over 8
+# warps, 4 stages, no K split: H100 sweep of bench/gptq_gemm_sweep.py (docs/bench/
+# 2026-11-26-h100-s8-gptq-gemm-sweep.json), 8B shapes at 128 / 256 rows in us against the former
+# [64, 64] tiles over 4 warps: qkv 71 / 134 against 138 / 278, o 71 / 71 against 88 / 150, gate_up
+# 262 / 447 against 521 / 950, down 225 / 225 against 255 / 498. Up to 64 rows the former launches
+# (smaller tiles, K split across programs) stay the faster ones.
+BIG_M = 64
 DEQUANT_BLOCK_N = 64
 DEQUANT_BLOCK_K = 128
 
@@ -275,6 +282,9 @@ def gptq_gemm(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] (columns already in the layer's K order) -> y [M, N] in x's dtype.
 
@@ -282,7 +292,11 @@ def gptq_gemm(
     m, k = x.shape
     n, g = scales_t.shape
     assert x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
-    block_m = tc_block_m(m)
+    if m > BIG_M:  # [128, 64] tiles over 8 warps, no K split (BIG_M's comment)
+        block_m, block_n = block_m or 128, block_n or 64
+        num_warps, num_stages = num_warps or 8, num_stages or 4
+        split_k = 1 if split_k is None else split_k
+    block_m = block_m or tc_block_m(m)
     if block_n is None:
         block_n = tc_block_n(m)
     if block_k is None:
@@ -302,7 +316,7 @@ def gptq_gemm(
         x.stride(0), y.stride(0),
         BITS=bits, PER_BLOCK_SCALE=per_block, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=GEMM_NUM_WARPS, num_stages=GEMM_NUM_STAGES,
+        num_warps=num_warps or GEMM_NUM_WARPS, num_stages=num_stages or GEMM_NUM_STAGES,
     )  # fmt: skip
     return y.to(x.dtype) if split_k > 1 else y
 
