@@ -26,6 +26,9 @@ LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
     dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (3, 4))
     if not (bm == 128 and bn == 128 and w == 4)
+] + [  # one M block for 256 rows
+    dict(block_m=256, block_n=bn, block_k=bk, num_warps=8, num_stages=st)
+    for bn, bk, st in ((32, 128, 4), (64, 128, 3), (64, 64, 4), (64, 128, 4), (128, 64, 3))
 ]
 
 
