@@ -60,6 +60,20 @@ def test_decode_batches_of_every_padding(tiny_llama: Path) -> None:
         assert got == ref[:n]
 
 
+def test_decode_batches_above_the_fused_attention_limit(tiny_llama: Path) -> None:
+    """Decode batches above FUSED_DECODE_MAX_ROWS take rope_and_cache and then the attention kernel
+    (smaller ones do both in the kernel): 80 sequences decoding together match the reference."""
+    from inferfleet.worker.layers.attention import FUSED_DECODE_MAX_ROWS
+
+    n = FUSED_DECODE_MAX_ROWS + 16
+    rng = random.Random(6)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+    ref, _, _ = run(tiny_llama, ps, max_tokens=8, device="cpu", dtype="float32")
+    got, _, eng = run(tiny_llama, ps, max_tokens=8, device="cuda", dtype="float32", max_num_seqs=n)
+    assert eng.runner.graphs is not None and eng.runner.graphs.max_batch >= n  # one graph holds them all
+    assert got == ref
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_bf16_logits_close_to_float32_reference(arch: str, tiny_models: dict[str, Path]) -> None:
     ps = prompts(2)

@@ -22,7 +22,10 @@ K and V into their cache slot for later steps, and folds that key into its onlin
 registers (the other programs compute the same fold masked off, which costs less than a branch).
 No program of the launch reads the new slot (key loops stop one short of the context), so the write
 needs no ordering against the reads. This replaces elementwise.rope_and_cache's launch per layer
-(a couple of microseconds in a batch-1 decode step's chain of dependent kernels).
+(a couple of microseconds in a batch-1 decode step's chain of dependent kernels). The backend uses
+it for decode batches of up to layers/attention.FUSED_DECODE_MAX_ROWS rows only: at W2's 250 rows
+with an FP8 cache the fused kernel cost 6% of the throughput (the cached tile it loads before the
+wait is held in registers through it; docs/benchmarks.md, eighth session).
 """
 
 from __future__ import annotations

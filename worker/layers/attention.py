@@ -184,10 +184,18 @@ class TorchAttentionBackend:
         return out
 
 
+# decode batches of up to this many rows rotate q and K and write the new K/V inside the attention
+# kernel (paged_attention's new_kv: one launch per layer fewer, which pays at batch 1); larger ones
+# take rope_and_cache first. H100, 2026-11-26 (docs/benchmarks.md, eighth session): fused at every
+# size, FP8 W2 1000/1000 fell from 12,196 to 11,414 out tok/s (bisected to the commit that fused it);
+# with this limit 12,159, and bf16 W1 8,715 against 8,603 (limits of 8 and 16: 8,738 and 8,685)
+FUSED_DECODE_MAX_ROWS = 64
+
+
 class TritonAttentionBackend:
     """CUDA: q/k norm in place, then one paged-attention kernel that also rotates q and K and writes
-    the new K/V into the cache for decode steps, or one fused rotary + cache-write kernel before it
-    for steps with prefill chunks."""
+    the new K/V into the cache for decode steps of up to FUSED_DECODE_MAX_ROWS rows, or one fused
+    rotary + cache-write kernel before it for larger decode steps and steps with prefill chunks."""
 
     name = "triton"
 
@@ -211,7 +219,7 @@ class TritonAttentionBackend:
             rmsnorm(k, layer.k_norm.weight, layer.k_norm.eps, out=k)
         rotary = layer.rotary
         new_kv = None
-        if meta.max_query_len == 1:
+        if meta.max_query_len == 1 and t <= FUSED_DECODE_MAX_ROWS:
             v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
             new_kv = NewKV(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping)
         else:
