@@ -229,6 +229,23 @@ def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int,
     return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4, 0
 
 
+def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, int] | None:
+    """(block_m, block_n, block_k, num_warps, num_stages) of 8-bit weights on the tensor-core path
+    where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
+    sweep-{int8,fp8}.json, H100, us against the launches above) found better ones, else None:
+    layers of 16K+ rows (gate_up) at 16+ rows take [64, 128] tiles, 128 columns deep, 3 stages (fp8
+    16 / 64 rows 72 / 71 against 101 / 128; int8 64 / 128 / 256 rows 63 / 104 / 194 against 109 /
+    159 / 308); other layers above 128 rows [128, 64] tiles over 8 warps, 4 stages (int8 256 rows:
+    qkv 61 against 70, o 33 against 48, down 102 against 142)."""
+    if weight_bytes != 1 or m < 16:
+        return None
+    if n >= 16384:
+        return 64, 128, 128, 4, 3
+    if m > 128:
+        return 128, 64, 128, 8, 4
+    return None
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -245,6 +262,7 @@ def gemv(
     add_norm: AddNorm | None = None,
     silu_mul: bool = False,
     out_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
     float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
@@ -258,7 +276,11 @@ def gemv(
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
     assert (scale is None) == (weight.element_size() > 1), "8-bit weights need a row scale"
     cfg_n, cfg_k, cfg_stages, cfg_prefetch = default_config(m, n, k, weight.element_size())
-    fma, use_pdl, block_m = row_path(m, fma, use_pdl)
+    fma, use_pdl, path_block_m = row_path(m, fma, use_pdl)
+    if not fma and (tc := tc_launch(m, n, weight.element_size())) is not None:
+        block_m, block_n, block_k = block_m or tc[0], block_n or tc[1], block_k or tc[2]
+        num_warps, num_stages = num_warps or tc[3], num_stages or tc[4]
+    block_m = path_block_m if fma or block_m is None else block_m
     block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16
     block_k = block_k or cfg_k
     prefetch = cfg_prefetch if prefetch is None else int(prefetch)

@@ -1,0 +1,109 @@
+"""8-bit weights (int8, fp8 e4m3, per-row scales) at 16-256 rows: kernels/gemv.py's tensor-core
+path over a sweep of launches, against bf16 cuBLAS, widen + cuBLAS (int8) and W8A8 _scaled_mm
+(fp8), on the Llama-3.1-8B projection shapes.
+
+    python bench/gemv_tc_sweep.py --out DIR [--rows 16,64,128,256] [--only int8,fp8]
+
+Every launch is checked against a float32 reference first. Weights rotate among 3 copies so each
+call reads DRAM, not L2. Prints the best launch per (precision, shape, rows) last; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+from inferfleet.worker.kernels.gemv import gemv
+from inferfleet.worker.quant import fp8 as qfp8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
+    dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (128, 256), (4, 8), (3, 4))
+    if not (bm == 128 and bn == 128 and w == 4)
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", default="16,64,128,256")
+    ap.add_argument("--only", default="int8,fp8")
+    args = ap.parse_args()
+    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": []}
+    t0 = time.time()
+    best_rows = []
+    for prec in args.only.split(","):
+        for name, (n, k) in SHAPES.items():
+            bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(3)]
+            if prec == "int8":
+                w8 = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(3)]
+            else:
+                w8 = [(torch.randn(n, k, device="cuda") * 64).to(torch.float8_e4m3fn) for _ in range(3)]
+            scale = torch.rand(n, device="cuda") * 1e-3
+            ref_w = w8[0].float() * scale[:, None]
+            for m in (int(r) for r in args.rows.split(",")):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ ref_w.t()
+                cases = {
+                    "bf16 cuBLAS": lambda j: torch.nn.functional.linear(x, bf[j]),
+                    "default": lambda j: gemv(x, w8[j], scale),
+                }
+                if prec == "int8":
+                    cases["widen+cuBLAS"] = lambda j: torch.nn.functional.linear(x, w8[j].to(x.dtype)) * scale
+                else:
+                    cases["W8A8 _scaled_mm"] = lambda j: qfp8.fp8_scaled_mm(x, w8[j], scale, None)
+                for cfg in LAUNCHES:
+                    key = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}".format(**cfg)
+                    cases[key] = lambda j, cfg=cfg: gemv(x, w8[j], scale, fma=False, prefetch=0, **cfg)
+                row = {"precision": prec, "layer": name, "m": m, "us": {}, "err": {}}
+                for label, fn in cases.items():
+                    try:
+                        if label != "bf16 cuBLAS":
+                            err = ((fn(0).float() - ref).norm() / ref.norm()).item()
+                            row["err"][label] = err
+                            assert err < 5e-2, (label, err)
+                        it = [0]
+
+                        def f(fn=fn) -> None:
+                            it[0] = (it[0] + 1) % 3
+                            fn(it[0])
+
+                        row["us"][label] = (
+                            triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") * 1e3
+                        )
+                    except Exception as e:  # a launch Triton cannot build (shared memory, registers)
+                        row["us"][label] = f"error: {type(e).__name__}: {str(e)[:100]}"
+                res["cases"].append(row)
+                timed = {k2: v for k2, v in row["us"].items() if isinstance(v, float)}
+                launches = {k2: v for k2, v in timed.items() if k2.startswith("bm")}
+                best = min(launches, key=launches.get)
+                other = next(v for k2, v in timed.items() if k2 in ("widen+cuBLAS", "W8A8 _scaled_mm"))
+                best_rows.append(
+                    (prec, name, m, timed["bf16 cuBLAS"], other, timed["default"], best, launches[best])
+                )
+                print(
+                    prec,
+                    name,
+                    m,
+                    {k2: round(v, 1) for k2, v in sorted(timed.items(), key=lambda kv: kv[1])[:5]},
+                    flush=True,
+                )
+    res["seconds"] = time.time() - t0
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gemv_tc_sweep.json").write_text(json.dumps(res, indent=1))
+    print(
+        f"\n{'prec':5} {'layer':8} {'rows':>4} {'bf16 cuBLAS':>11} {'cuBLAS 8-bit':>12} {'default':>8}  best launch (us)"
+    )
+    for prec, name, m, bf_us, other, dflt, best, us in best_rows:
+        print(f"{prec:5} {name:8} {m:4d} {bf_us:11.1f} {other:12.1f} {dflt:8.1f}  {best} ({us:.1f})")
+
+
+if __name__ == "__main__":
+    main()
