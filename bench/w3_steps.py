@@ -5,8 +5,8 @@ engine leaves it and frozen after warm-up (`gc.freeze()`, what --gc-freeze compa
     python bench/w3_steps.py --out $OUT [--methods gptq-lm-head,fp8] [--reps 3]
 
 Same engines and W3 request as bench/quant_bench.py (batch 1, 128 in / 256 out, greedy). A step's
-wall time is `LLMEngine.step()`'s, for the calls that return tokens 2..256 (gpu_bench.decode_latency
-says why calls 0 and 1 belong to the first token; call 1's times are reported apart); its host-busy time is that minus the time `step()` spends blocked
+wall time is `LLMEngine.step()`'s, for the calls that return tokens 2..256 (calls 0 and 1 belong to
+the first token: gpu_bench.decode_latency; call 1's times are reported apart); its host-busy time is that minus the time `step()` spends blocked
 on the previous step's device event (`_resolve`), so a step whose host work outlasts the device
 shows a host-busy time near its wall time. Prints a table last; writes w3_steps.json into --out.
 """
@@ -74,8 +74,8 @@ def run(llm: Any, reps: int, freeze: bool) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 eng.step()
                 dt = time.perf_counter() - t0
-                call += 1
-                if call == 2:  # launched the first decode, waited for the prefill's token
+                call += 1  # the 0-based index of this call is call - 1
+                if call == 2:  # call 1: launched the first decode, waited for the prefill's token
                     call1.append(dt * 1e3)
                 if call <= 2:  # call 0 launched the prefill
                     continue
@@ -115,8 +115,8 @@ def main() -> None:
                               "methods": {}}  # fmt: skip
     for m in methods:
         llm = build_llm(m, model_dir_for(m, args))
-        # prefill-shaped kernels compiled before timing, as quant_bench does before W3 (the JSON files
-        # of 2026-11-26 were measured without this)
+        # prefill-shaped kernels compiled before timing, as quant_bench does before W3 (the seventh
+        # session's JSON files, 2026-11-26-h100-s7-w3-steps-*, were measured without this)
         generate(llm, fixed(300, 4, 8, seed=9))
         result["methods"][m] = {
             "gc as is": run(llm, args.reps, freeze=False),

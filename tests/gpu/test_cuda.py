@@ -60,18 +60,34 @@ def test_decode_batches_of_every_padding(tiny_llama: Path) -> None:
         assert got == ref[:n]
 
 
-def test_decode_batches_above_the_fused_attention_limit(tiny_llama: Path) -> None:
+def test_decode_batches_above_the_fused_attention_limit(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Decode batches above FUSED_DECODE_MAX_ROWS take rope_and_cache and then the attention kernel
-    (smaller ones do both in the kernel): 80 sequences decoding together match the reference."""
+    (smaller ones do both in the kernel, paged_attention's new_kv): 72 sequences decoding together,
+    in a padded graph of 80 rows, match the reference, and every decode launch took its side of
+    the limit."""
+    from inferfleet.worker.kernels import paged_attention as pa
     from inferfleet.worker.layers.attention import FUSED_DECODE_MAX_ROWS
 
-    n = FUSED_DECODE_MAX_ROWS + 16
+    seen: list[tuple[int, bool]] = []  # (rows, fused) of every decode launch, captures included
+    real = pa.paged_attention
+
+    def spy(q, *args, **kw):  # type: ignore[no-untyped-def]
+        if args[6] == 1:  # max_query_len: a decode launch
+            seen.append((q.shape[0], kw.get("new_kv") is not None))
+        return real(q, *args, **kw)
+
+    monkeypatch.setattr(pa, "paged_attention", spy)
+    n = FUSED_DECODE_MAX_ROWS + 8
     rng = random.Random(6)
     ps = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(n)]
     ref, _, _ = run(tiny_llama, ps, max_tokens=8, device="cpu", dtype="float32")
-    got, _, eng = run(tiny_llama, ps, max_tokens=8, device="cuda", dtype="float32", max_num_seqs=n)
+    got, _, eng = run(tiny_llama, ps, max_tokens=8, device="cuda", dtype="float32", max_num_seqs=n + 8)
     assert eng.runner.graphs is not None and eng.runner.graphs.max_batch >= n  # one graph holds them all
     assert got == ref
+    assert any(rows > FUSED_DECODE_MAX_ROWS for rows, _ in seen)
+    assert all(fused == (rows <= FUSED_DECODE_MAX_ROWS) for rows, fused in seen)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -3,6 +3,8 @@ Triton is there (CPU workers run without it)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -20,3 +22,15 @@ MAX_M = 256
 def triton_ok(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can take activations `x`: on a CUDA device, Triton installed, 16-bit."""
     return x.is_cuda and AVAILABLE and x.dtype in (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def hopper(x: torch.Tensor) -> bool:
+    """Whether x is on a GPU of compute capability 9.0 or above: where the larger tensor-core launches
+    (gemv.tc_launch, gptq_gemm above BIG_M) were measured, and where their shared memory fits (up to
+    ~160 KB; Ada's GPUs have ~99 KB per block)."""
+    return x.is_cuda and _capability(x.device.index or 0)[0] >= 9

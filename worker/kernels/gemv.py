@@ -9,8 +9,8 @@ loads) and walks K in BLOCK_K steps through a software pipeline:
   tensor cores, so no shared-memory staging of the widened tile.
 - more rows: the tile (widened to x's dtype in registers when 8-bit, exact for int8 and e4m3)
   goes through the tensor cores against BLOCK_M rows of x (M padded to 16). Batches above 64 rows
-  tile M on the grid's fastest axis, so the programs that share a weight tile run together and
-  DRAM serves it once.
+  (above BLOCK_M's 64 or 128: tc_launch) tile M on the grid's fastest axis, so the programs that
+  share a weight tile run together and DRAM serves it once.
 The row scale factors out of the dot product and is applied once at the end.
 
 Under programmatic dependent launch (pdl.py) the first weight tiles (two for one row) are loaded
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_M, pdl
+from . import MAX_M, hopper, pdl
 
 
 class AddNorm(NamedTuple):
@@ -71,7 +71,7 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
         tl.store(cnt_ptr, 0)  # ready for the next launch (which starts after this one has finished)
 
 
-NUM_WARPS = 4  # every default configuration (callers may pass num_warps)
+NUM_WARPS = 4  # the default configurations' warps (tc_launch's and callers' launches aside)
 
 
 @triton.jit
@@ -215,7 +215,8 @@ def row_path(m: int, fma: bool | None, use_pdl: bool | None) -> tuple[bool, bool
 def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_stages, prefetch) by batch rows and weight width, from the H100 sweeps
     of bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json, ...-s5-gemv-prefetch.json);
-    always NUM_WARPS warps, and one row takes the CUDA-core path (see `row_path`).
+    NUM_WARPS warps, and one row takes the CUDA-core path (see `row_path`); 8-bit weights at 16+ rows
+    on Hopper take tc_launch's launches where it has one.
 
     One row: 8 weight rows of 1 KB per stage, 4 stages (bf16 [8, 512], 8-bit [8, 1024]); 8-bit
     layers of 6-16K short rows (qkv) do better with [8, 512] tiles 6 deep. Two weight tiles are
@@ -230,13 +231,15 @@ def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int,
 
 
 def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, int] | None:
-    """(block_m, block_n, block_k, num_warps, num_stages) of 8-bit weights on the tensor-core path
-    where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
+    """(block_m, block_n, block_k, num_warps, num_stages) of 8-bit weights on the tensor-core path of
+    a Hopper GPU (kernels.hopper) where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
     sweep-{int8,fp8}.json, H100, us against the launches above) found better ones, else None:
     layers of 16K+ rows (gate_up) at 16+ rows take [64, 128] tiles, 128 columns deep, 3 stages (fp8
     16 / 64 rows 72 / 71 against 101 / 128; int8 64 / 128 / 256 rows 63 / 104 / 194 against 109 /
     159 / 308); other layers above 128 rows [128, 64] tiles over 8 warps, 4 stages (int8 256 rows:
-    qkv 61 against 70, o 33 against 48, down 102 against 142)."""
+    qkv 61 against 70, o 33 against 48, down 102 against 142). Not applied though the sweep found
+    them: qkv at 64-128 rows (int8 28 / 34 against 35 / 49, fp8 34 against 43 at 64 rows), each with
+    a launch of its own; the lm_head (vocabulary-sized N) and int8 at 16 rows were not swept."""
     if weight_bytes != 1 or m < 16:
         return None
     if n >= 16384:
@@ -277,9 +280,10 @@ def gemv(
     assert (scale is None) == (weight.element_size() > 1), "8-bit weights need a row scale"
     cfg_n, cfg_k, cfg_stages, cfg_prefetch = default_config(m, n, k, weight.element_size())
     fma, use_pdl, path_block_m = row_path(m, fma, use_pdl)
-    if not fma and (tc := tc_launch(m, n, weight.element_size())) is not None:
-        block_m, block_n, block_k = block_m or tc[0], block_n or tc[1], block_k or tc[2]
-        num_warps, num_stages = num_warps or tc[3], num_stages or tc[4]
+    # the sweep's launches replace the defaults as a whole, only where the caller chose none
+    chosen = (block_m, block_n, block_k, num_warps, num_stages)
+    if not fma and all(v is None for v in chosen) and hopper(x):
+        block_m, block_n, block_k, num_warps, num_stages = tc_launch(m, n, weight.element_size()) or chosen
     block_m = path_block_m if fma or block_m is None else block_m
     block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16
     block_k = block_k or cfg_k

@@ -24,8 +24,9 @@ No program of the launch reads the new slot (key loops stop one short of the con
 needs no ordering against the reads. This replaces elementwise.rope_and_cache's launch per layer
 (a couple of microseconds in a batch-1 decode step's chain of dependent kernels). The backend uses
 it for decode batches of up to layers/attention.FUSED_DECODE_MAX_ROWS rows only: at W2's 250 rows
-with an FP8 cache the fused kernel cost 6% of the throughput (the cached tile it loads before the
-wait is held in registers through it; docs/benchmarks.md, eighth session).
+with an FP8 cache the fused kernel cost 6% of the throughput (docs/benchmarks.md, eighth session;
+the cause was not measured: a likely one is the cached tile loaded before the wait, held in
+registers through it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Rules every kernel launched with `launch_pdl=True` follows here:
 - what it reads before the wait was written by a kernel at least two launches back, or by host
   copies before the step: a kernel starts only once its predecessor has passed its own wait, so
   everything before the predecessor has finished (the decode attention kernel reads the step's
-  inputs and the cached context this way while the QKV projection still runs).
+  inputs and the cached context this way while the QKV projection still runs, in decode batches
+  of up to layers/attention.FUSED_DECODE_MAX_ROWS rows).
 Kernels of torch (cuBLAS, elementwise) are launched normally and wait for full completion, so mixing
 is safe. Who launches with PDL: the one-row GEMVs (gemv.py, gptq_row4.py, gptq_gemm.gptq_stream) and the small
 kernels (norms, rotary + KV write, attention and its merge, SiLU) at every size; the tensor-core
