@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.quant import fp8 as qfp8
+from microbench import LAUNCH_KEY, best_launch, sweep_row
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -59,33 +59,15 @@ def main() -> None:
                 else:
                     cases["W8A8 _scaled_mm"] = lambda j: qfp8.fp8_scaled_mm(x, w8[j], scale, None)
                 for cfg in LAUNCHES:
-                    key = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}".format(**cfg)
-                    cases[key] = lambda j, cfg=cfg: gemv(x, w8[j], scale, fma=False, prefetch=0, **cfg)
-                row = {"precision": prec, "layer": name, "m": m, "us": {}, "err": {}}
-                for label, fn in cases.items():
-                    try:
-                        if label != "bf16 cuBLAS":
-                            err = ((fn(0).float() - ref).norm() / ref.norm()).item()
-                            row["err"][label] = err
-                            assert err < 5e-2, (label, err)
-                        it = [0]
-
-                        def f(fn=fn) -> None:
-                            it[0] = (it[0] + 1) % 3
-                            fn(it[0])
-
-                        row["us"][label] = (
-                            triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") * 1e3
-                        )
-                    except Exception as e:  # a launch Triton cannot build (shared memory, registers)
-                        row["us"][label] = f"error: {type(e).__name__}: {str(e)[:100]}"
-                res["cases"].append(row)
-                timed = {k2: v for k2, v in row["us"].items() if isinstance(v, float)}
-                launches = {k2: v for k2, v in timed.items() if k2.startswith("bm")}
-                best = min(launches, key=launches.get)
+                    cases[LAUNCH_KEY.format(**cfg)] = lambda j, cfg=cfg: gemv(
+                        x, w8[j], scale, fma=False, prefetch=0, **cfg
+                    )
+                us, err = sweep_row(cases, ref, 5e-2, unchecked=("bf16 cuBLAS",))
+                res["cases"].append({"precision": prec, "layer": name, "m": m, "us": us, "err": err})
+                timed, best = best_launch(us)
                 other = next(v for k2, v in timed.items() if k2 in ("widen+cuBLAS", "W8A8 _scaled_mm"))
                 best_rows.append(
-                    (prec, name, m, timed["bf16 cuBLAS"], other, timed["default"], best, launches[best])
+                    (prec, name, m, timed["bf16 cuBLAS"], other, timed["default"], best, timed[best])
                 )
                 print(
                     prec,

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm
 from inferfleet.worker.quant.gptq import pack_int32
+from microbench import LAUNCH_KEY, best_launch, sweep_row
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -59,30 +59,12 @@ def main() -> None:
                 "default": lambda j: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128),
             }
             for cfg in LAUNCHES:
-                key = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}".format(**cfg)
-                cases[key] = lambda j, cfg=cfg: gptq_gemm(x, q4[j], s4, z4, gi, 4, 128, split_k=1, **cfg)
-            row = {"layer": name, "m": m, "us": {}, "err": {}}
-            for label, fn in cases.items():
-                try:
-                    if label != "bf16 cuBLAS":
-                        err = ((fn(0).float() - ref).norm() / ref.norm()).item()
-                        row["err"][label] = err
-                        assert err < 2e-2, (label, err)
-                    it = [0]
-
-                    def f(fn=fn) -> None:
-                        it[0] = (it[0] + 1) % 3
-                        fn(it[0])
-
-                    row["us"][label] = (
-                        triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") * 1e3
-                    )
-                except Exception as e:  # a launch Triton cannot build (shared memory, registers)
-                    row["us"][label] = f"error: {type(e).__name__}: {str(e)[:100]}"
-            res["cases"].append(row)
-            timed = {k2: v for k2, v in row["us"].items() if isinstance(v, float)}
-            launches = {k2: v for k2, v in timed.items() if k2.startswith("bm")}
-            best = min(launches, key=launches.get)
+                cases[LAUNCH_KEY.format(**cfg)] = lambda j, cfg=cfg: gptq_gemm(
+                    x, q4[j], s4, z4, gi, 4, 128, split_k=1, **cfg
+                )
+            us, err = sweep_row(cases, ref, 2e-2, unchecked=("bf16 cuBLAS",))
+            res["cases"].append({"layer": name, "m": m, "us": us, "err": err})
+            timed, best = best_launch(us)
             best_rows.append(
                 (
                     name,
@@ -91,7 +73,7 @@ def main() -> None:
                     timed["dequant+cuBLAS"],
                     timed["default"],
                     best,
-                    launches[best],
+                    timed[best],
                 )
             )
             print(

@@ -36,6 +36,43 @@ def time_ms(fn, reps: int = 30, warmup: int = 3) -> float:
     return sorted(times)[reps // 2]
 
 
+# a swept launch's name in bench/gptq_gemm_sweep.py and bench/gemv_tc_sweep.py
+LAUNCH_KEY = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}"
+
+
+def sweep_row(
+    cases: dict, ref: torch.Tensor, tol: float, unchecked: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
+    """Each case fn(j) (j: which of 3 weight copies) checked against ref by relative error (but the
+    `unchecked` ones, which compute something else, e.g. bf16 cuBLAS on other weights) and timed
+    over the rotating copies, so each call reads DRAM: ({label: median us}, {label: error}). A case
+    that cannot build or misses `tol` records its error text instead of a time."""
+    us: dict = {}
+    errs: dict = {}
+    for label, fn in cases.items():
+        try:
+            if label not in unchecked:
+                errs[label] = ((fn(0).float() - ref).norm() / ref.norm()).item()
+                assert errs[label] < tol, (label, errs[label])
+            it = [0]
+
+            def f(fn=fn) -> None:
+                it[0] = (it[0] + 1) % 3
+                fn(it[0])
+
+            us[label] = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") * 1e3
+        except Exception as e:  # a launch Triton cannot build (shared memory, registers)
+            us[label] = f"error: {type(e).__name__}: {str(e)[:100]}"
+    return us, errs
+
+
+def best_launch(us: dict) -> tuple[dict, str]:
+    """The timed cases of a sweep_row result, and the fastest swept launch (LAUNCH_KEY names)."""
+    timed = {k: v for k, v in us.items() if isinstance(v, float)}
+    launches = {k: v for k, v in timed.items() if k.startswith("bm")}
+    return timed, min(launches, key=launches.get)
+
+
 def gemm_table() -> None:
     print(f"{'layer':10s} {'M':>5s} {'us':>9s} {'GB/s':>8s} {'TFLOP/s':>8s}")
     for name, (n, k) in SHAPES.items():
