@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
-from pathlib import Path
 
 import torch
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.quant import fp8 as qfp8
-from microbench import LAUNCH_KEY, best_launch, sweep_row
+from microbench import LAUNCH_KEY, best_launch, finish_sweep, sweep_row
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -64,27 +62,12 @@ def main() -> None:
                     )
                 us, err = sweep_row(cases, ref, 5e-2, unchecked=("bf16 cuBLAS",))
                 res["cases"].append({"precision": prec, "layer": name, "m": m, "us": us, "err": err})
-                timed, best = best_launch(us)
+                timed, best = best_launch(us, prec, name, m)
                 other = next(v for k2, v in timed.items() if k2 in ("widen+cuBLAS", "W8A8 _scaled_mm"))
                 best_rows.append(
-                    (prec, name, m, timed["bf16 cuBLAS"], other, timed["default"], best, timed[best])
+                    (f"{prec} {name} {m}", timed["bf16 cuBLAS"], other, timed["default"], best, timed[best])
                 )
-                print(
-                    prec,
-                    name,
-                    m,
-                    {k2: round(v, 1) for k2, v in sorted(timed.items(), key=lambda kv: kv[1])[:5]},
-                    flush=True,
-                )
-    res["seconds"] = time.time() - t0
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gemv_tc_sweep.json").write_text(json.dumps(res, indent=1))
-    print(
-        f"\n{'prec':5} {'layer':8} {'rows':>4} {'bf16 cuBLAS':>11} {'cuBLAS 8-bit':>12} {'default':>8}  best launch (us)"
-    )
-    for prec, name, m, bf_us, other, dflt, best, us in best_rows:
-        print(f"{prec:5} {name:8} {m:4d} {bf_us:11.1f} {other:12.1f} {dflt:8.1f}  {best} ({us:.1f})")
+    finish_sweep(res, t0, args.out, "gemv_tc_sweep", "cuBLAS 8-bit", best_rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
-from pathlib import Path
 
 import torch
 from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm
 from inferfleet.worker.quant.gptq import pack_int32
-from microbench import LAUNCH_KEY, best_launch, sweep_row
+from microbench import LAUNCH_KEY, best_launch, finish_sweep, sweep_row
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -64,11 +62,10 @@ def main() -> None:
                 )
             us, err = sweep_row(cases, ref, 2e-2, unchecked=("bf16 cuBLAS",))
             res["cases"].append({"layer": name, "m": m, "us": us, "err": err})
-            timed, best = best_launch(us)
+            timed, best = best_launch(us, name, m)
             best_rows.append(
                 (
-                    name,
-                    m,
+                    f"{name} {m}",
                     timed["bf16 cuBLAS"],
                     timed["dequant+cuBLAS"],
                     timed["default"],
@@ -76,21 +73,7 @@ def main() -> None:
                     timed[best],
                 )
             )
-            print(
-                name,
-                m,
-                {k2: round(v, 1) for k2, v in sorted(timed.items(), key=lambda kv: kv[1])[:6]},
-                flush=True,
-            )
-    res["seconds"] = time.time() - t0
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gptq_gemm_sweep.json").write_text(json.dumps(res, indent=1))
-    print(
-        f"\n{'layer':8} {'rows':>4} {'bf16 cuBLAS':>11} {'dequant+cuBLAS':>14} {'default':>8}  best launch (us)"
-    )
-    for name, m, bf_us, dq, dflt, best, us in best_rows:
-        print(f"{name:8} {m:4d} {bf_us:11.1f} {dq:14.1f} {dflt:8.1f}  {best} ({us:.1f})")
+    finish_sweep(res, t0, args.out, "gptq_gemm_sweep", "dequant+cuBLAS", best_rows)
 
 
 if __name__ == "__main__":

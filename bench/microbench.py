@@ -66,11 +66,29 @@ def sweep_row(
     return us, errs
 
 
-def best_launch(us: dict) -> tuple[dict, str]:
-    """The timed cases of a sweep_row result, and the fastest swept launch (LAUNCH_KEY names)."""
+def best_launch(us: dict, *label: object) -> tuple[dict, str]:
+    """The timed cases of a sweep_row result, and the fastest swept launch (LAUNCH_KEY names); prints
+    `label` and the six fastest cases as the sweep goes."""
     timed = {k: v for k, v in us.items() if isinstance(v, float)}
     launches = {k: v for k, v in timed.items() if k.startswith("bm")}
+    print(*label, {k: round(v, 1) for k, v in sorted(timed.items(), key=lambda kv: kv[1])[:6]}, flush=True)
     return timed, min(launches, key=launches.get)
+
+
+def finish_sweep(res: dict, t0: float, out: str | None, name: str, other: str, rows: list[tuple]) -> None:
+    """A sweep's end: seconds into `res`, `res` as JSON at out/name.json, and the table of rows
+    (case label, bf16 cuBLAS us, `other` baseline us, default launch us, best launch, its us)."""
+    import json
+    import time
+    from pathlib import Path
+
+    res["seconds"] = time.time() - t0
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{name}.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{'case':20} {'bf16 cuBLAS':>11} {other:>15} {'default':>8}  best launch (us)")
+    for label, bf_us, other_us, dflt, best, us in rows:
+        print(f"{label:20} {bf_us:11.1f} {other_us:15.1f} {dflt:8.1f}  {best} ({us:.1f})")
 
 
 def gemm_table() -> None:

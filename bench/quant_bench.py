@@ -103,11 +103,8 @@ def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
     there; what making it took."""
     if (Path(dst) / "config.json").exists():
         return None
-    import shutil
-
     from inferfleet.worker.loader import iter_weights
-    from inferfleet.worker.quant.calibrate import _is_quantized_weight
-    from inferfleet.worker.tiny import save_safetensors
+    from inferfleet.worker.quant.calibrate import _is_quantized_weight, write_checkpoint
 
     t0 = time.perf_counter()
     tensors: dict[str, torch.Tensor] = {}
@@ -118,27 +115,16 @@ def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
         q, scale = qfp8.quantize_weight_fp8(w.float())
         tensors[name] = q.cpu()
         tensors[name[: -len("weight")] + "weight_scale"] = scale.reshape(-1, 1).cpu()
-    out = Path(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((Path(src) / "config.json").read_text())
     weights = {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}
     acts = {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}
     group = {"targets": ["Linear"], "weights": weights, "input_activations": acts}
-    cfg["quantization_config"] = {
+    qconfig = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "ignore": [],
         "config_groups": {"group_0": group},
     }
-    for f in Path(src).iterdir():
-        if (
-            f.is_file()
-            and f.suffix != ".safetensors"
-            and f.name not in ("config.json", "model.safetensors.index.json")
-        ):
-            shutil.copy2(f, out / f.name)
-    save_safetensors(tensors, out, shards=3)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))  # last: its presence means complete
+    write_checkpoint(src, dst, tensors, qconfig)  # config.json last: its presence means complete
     torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - t0, "note": "per-channel e4m3, lm_head included"}
 

@@ -29,8 +29,14 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def sm90(device: torch.device) -> bool:
+    """Whether `device` is a GPU of compute capability 9.0 or above (Hopper): what programmatic
+    dependent launch needs (pdl.py), and where the larger tensor-core launches (gemv.tc_launch,
+    gptq_gemm above BIG_M) were measured and their shared memory fits (up to ~160 KB; Ada's GPUs have
+    ~99 KB per block)."""
+    return device.type == "cuda" and _capability(device.index or 0)[0] >= 9
+
+
 def hopper(x: torch.Tensor) -> bool:
-    """Whether x is on a GPU of compute capability 9.0 or above: where the larger tensor-core launches
-    (gemv.tc_launch, gptq_gemm above BIG_M) were measured, and where their shared memory fits (up to
-    ~160 KB; Ada's GPUs have ~99 KB per block)."""
-    return x.is_cuda and _capability(x.device.index or 0)[0] >= 9
+    """sm90 of the device x lives on."""
+    return sm90(x.device)

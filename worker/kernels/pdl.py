@@ -34,11 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sm90
+
 _enabled = False
 
 
 def supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return sm90(device)
 
 
 def set_enabled(on: bool) -> None:

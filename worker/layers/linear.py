@@ -80,8 +80,10 @@ class Linear(nn.Module):
         """One row x [1, K] of CUDA activations through the layer's one-row kernel with a fused
         epilogue (kernels/gemv.gemv's or gptq_row4's `add_norm`, `silu_mul`, `out_dtype`); None where
         the layer does not run on one (the caller then runs the plain layer and the rest unfused)."""
-        if not self._one_row_input(x):
-            return None
+        return self._one_row_kernel(x, **epilogue) if self._one_row_input(x) else None
+
+    def _one_row_kernel(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        """_one_row for an input already checked by _one_row_input."""
         if self.method is not None:
             return self.method.apply_one_row(self, x, **epilogue)
         if SKINNY_MAX_M < 1:
@@ -105,7 +107,7 @@ class Linear(nn.Module):
         if FUSED_NORM and residual.is_contiguous() and self._one_row_input(x):
             from ..kernels.gemv import AddNorm  # imports Triton: CUDA activations only
 
-            y = self._one_row(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))
+            y = self._one_row_kernel(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))
             if y is not None:
                 return y, residual
         return norm(self(x), residual)

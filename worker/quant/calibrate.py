@@ -312,22 +312,23 @@ def quantization_config(spec: QuantizeSpec) -> dict[str, Any]:
 
 
 def write_checkpoint(
-    model_dir: str | Path, out_dir: str | Path, tensors: dict[str, torch.Tensor], spec: QuantizeSpec
+    model_dir: str | Path, out_dir: str | Path, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]
 ) -> Path:
-    """config.json (+ quantization_config), safetensors shards of <= 4 GB, every other file copied."""
+    """Safetensors shards of <= 4 GB, every other file of model_dir copied, and config.json with
+    `qconfig` as its quantization_config, written last: its presence means the checkpoint is whole."""
     from ..tiny import save_safetensors
 
     src, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config(spec)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     skip = {"config.json", "model.safetensors.index.json"}
     for f in src.iterdir():
         if f.is_file() and f.name not in skip and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     save_safetensors(tensors, out, shards=max(1, -(-nbytes // (4 * 2**30))))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = qconfig
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
 
@@ -397,7 +398,7 @@ def quantize_checkpoint(
                     tensors[f"{module}.{key}"] = value
 
         _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
-    out = write_checkpoint(model_dir, out_dir, tensors, spec)
+    out = write_checkpoint(model_dir, out_dir, tensors, quantization_config(spec))
     summary = {
         "spec": asdict(spec),
         "seconds": time.perf_counter() - t0,

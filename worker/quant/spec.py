@@ -132,10 +132,10 @@ def _targets_lm_head(qc: dict[str, Any]) -> bool:
     default; the loader then checks that the stored lm_head agrees (DecoderModel.load_weights)."""
 
     def hits(entries: list[str]) -> bool:
-        for e in entries:
-            if e in ("lm_head", "Linear") or (e.startswith("re:") and re.match(e[3:], "lm_head")):
-                return True
-        return False
+        return any(
+            e in ("lm_head", "Linear") or (e.startswith("re:") and re.match(e[3:], "lm_head"))
+            for e in entries
+        )
 
     targets = [t for g in (qc.get("config_groups") or {}).values() for t in g.get("targets", [])]
     ignore = list(qc.get("ignore") or [])
