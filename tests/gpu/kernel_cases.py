@@ -519,6 +519,10 @@ def test_rmsnorm_kernel_per_head_in_place() -> None:
         (16, 64, 256, False),
         (33, 50, 96, True),
         (64, 16, 512, False),
+        # whole tiles (no column masks; one row loads x as a broadcast tile): K = 4 and 2 one-row
+        # tiles of 512 on CUDA (16 and 8 of 64 on the CPU); prefetch 3 then reaches past K = 1024
+        (1, 24, 2048, True),
+        (1, 40, 1024, False),
     ],
 )
 def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
@@ -549,7 +553,8 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "bias", "block_n"), [(40, 64, False, None), (19, 300, True, None), (256, 128, True, 16)]
+    ("n", "k", "bias", "block_n"),
+    [(40, 64, False, None), (19, 300, True, None), (256, 128, True, 16), (48, 2048, False, None)],
 )
 def test_gemv_add_norm_matches_projection_then_norm(n: int, k: int, bias: bool, block_n: int | None) -> None:
     """gemv(add_norm=) is the projection then RMSNorm(y, residual): the residual gets y added in
@@ -579,7 +584,8 @@ def test_gemv_add_norm_matches_projection_then_norm(n: int, k: int, bias: bool, 
 
 
 @pytest.mark.parametrize(
-    ("inter", "k", "bias", "block_n"), [(20, 64, False, None), (37, 300, True, None), (64, 128, False, 16)]
+    ("inter", "k", "bias", "block_n"),
+    [(20, 64, False, None), (37, 300, True, None), (64, 128, False, 16), (36, 2048, True, None)],
 )
 def test_gemv_silu_mul_matches_projection_then_silu(
     inter: int, k: int, bias: bool, block_n: int | None

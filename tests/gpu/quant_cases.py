@@ -53,7 +53,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 48, 96, True), (130, 80, 64, True), (64, 16400, 64, True), (200, 96, 256, False)])  # fmt: skip
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(1, 40, 64, False), (3, 17, 300, True), (16, 64, 256, False), (33, 48, 96, True), (130, 80, 64, True), (64, 16400, 64, True), (200, 96, 256, False), (1, 40, 2048, True), (1, 24, 4096, False)])  # fmt: skip
 def test_gemv_8bit_matches_widened_reference(kind: str, m: int, n: int, k: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(m * 1000 + n)
     w = torch.randn(n, k, generator=g)
@@ -303,7 +303,7 @@ def _check_add_norm(project, norm: RMSNorm, residual: torch.Tensor, tol: float) 
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128)])
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048)])
 def test_gemv_8bit_add_norm(kind: str, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n)
     q, s = (quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8)(

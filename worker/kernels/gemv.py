@@ -6,7 +6,8 @@ at which the weights stream. Each program owns BLOCK_N full rows of W (K contigu
 loads) and walks K in BLOCK_K steps through a software pipeline:
 - one row (W3's batch 1, `fma=True`): the tile is widened to float32 and multiplied into a
   [BLOCK_N, BLOCK_K] float32 accumulator on the CUDA cores; one reduction over K at the end. No
-  tensor cores, so no shared-memory staging of the widened tile.
+  tensor cores, and where K is whole tiles x is read as a broadcast tile in the weights' register
+  layout, so no tile passes through shared memory.
 - more rows: the tile (widened to x's dtype in registers when 8-bit, exact for int8 and e4m3)
   goes through the tensor cores against BLOCK_M rows of x (M padded to 16). Batches above 64 rows
   (above BLOCK_M's 64 or 128: tc_launch) tile M on the grid's fastest axis, so the programs that
@@ -97,16 +98,23 @@ def silu_mul_epilogue(y, pid, out_ptr, n_inter, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _w_tile(w_rows, ks, n_ok, K):
+def _w_tile(w_rows, ks, n_ok, K, EVEN_K: tl.constexpr):
+    if EVEN_K:  # K a multiple of BLOCK_K: no column mask
+        return tl.load(w_rows + ks[None, :], mask=n_ok[:, None], other=0.0)
     return tl.load(w_rows + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr):
+def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr, EVEN_K: tl.constexpr):
     """One weight tile into the accumulator: one row (FMA) widens it to float32 into a
     [BLOCK_N, BLOCK_K] accumulator (x broadcasts); more rows widen it to x's dtype in registers
     and go through the tensor cores into [BLOCK_M, BLOCK_N]."""
-    x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+    if FMA and EVEN_K:
+        # unmasked, so that the compiler sees x constant down the tile's rows and each thread loads
+        # and widens its columns of x once (a masked load is issued per element)
+        x = tl.load(x_rows + ks[None, :])
+    else:
+        x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
     if FMA:
         return acc + w.to(tl.float32) * x.to(tl.float32)
     else:
@@ -121,7 +129,7 @@ def _gemv_kernel(
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-    SILU_MUL: tl.constexpr,
+    SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -134,15 +142,22 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if FMA and EVEN_K:
+        # one row, x read as a [BLOCK_N, BLOCK_K] broadcast of itself: then its tile takes the
+        # weight tile's register layout and neither goes through shared memory (loaded as [1,
+        # BLOCK_K], x got a layout of its own and every weight tile was converted to it through
+        # shared memory, with barriers, in every K step); each thread loads x once per column
+        x_rows = x_ptr + (offs_n * 0)[:, None]
+    else:
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
     # the first PREFETCH weight tiles do not depend on the previous kernel: load them before waiting
     # (under PDL the previous kernel's tail then overlaps this one's first DRAM round trips)
     if PREFETCH >= 1:
-        w0 = _w_tile(w_rows, offs_k, n_ok, K)
+        w0 = _w_tile(w_rows, offs_k, n_ok, K, EVEN_K)
     if PREFETCH >= 2:
-        w1 = _w_tile(w_rows, BLOCK_K + offs_k, n_ok, K)
+        w1 = _w_tile(w_rows, BLOCK_K + offs_k, n_ok, K, EVEN_K)
     if PREFETCH >= 3:
-        w2 = _w_tile(w_rows, 2 * BLOCK_K + offs_k, n_ok, K)
+        w2 = _w_tile(w_rows, 2 * BLOCK_K + offs_k, n_ok, K, EVEN_K)
     pdl.wait(USE_PDL)
     # only now may the next kernel's programs take free SM slots (earlier, kernels further down
     # the chain would pile up on the SMs waiting, taking slots this one still needs)
@@ -152,13 +167,15 @@ def _gemv_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PREFETCH >= 1:
-        acc = _tile(acc, w0, x_rows, offs_k, m_ok, K, FMA)
+        acc = _tile(acc, w0, x_rows, offs_k, m_ok, K, FMA, EVEN_K)
     if PREFETCH >= 2:
-        acc = _tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K, FMA)
+        acc = _tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
     if PREFETCH >= 3:
-        acc = _tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K, FMA)
+        acc = _tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
     for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
-        acc = _tile(acc, _w_tile(w_rows, k0 + offs_k, n_ok, K), x_rows, k0 + offs_k, m_ok, K, FMA)
+        acc = _tile(
+            acc, _w_tile(w_rows, k0 + offs_k, n_ok, K, EVEN_K), x_rows, k0 + offs_k, m_ok, K, FMA, EVEN_K
+        )
     if FMA:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     if HAS_SCALE:
@@ -304,6 +321,8 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
         NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
+        # whole tiles only, the prefetched ones included: then no load needs a column mask
+        EVEN_K=k % block_k == 0 and k >= prefetch * block_k,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,
         launch_pdl=use_pdl,
     )  # fmt: skip

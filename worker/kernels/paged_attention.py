@@ -253,8 +253,12 @@ def _merge_kernel(
     part_ptr, ml_ptr, o_ptr, rows_per_split, o_stride_row,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl.wait(USE_PDL)
+    # the next kernel (the output projection) may launch at once, not after this kernel's wait (the
+    # exception to pdl.py's rule): this launch is one warp per row and holds almost no SM slots, and
+    # the projection only loads weights before its own wait, so its programs load their first tiles
+    # while attention still runs (H100 W3: docs/benchmarks.md, ninth session)
     pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)
     # one program per (token, head) row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M)
     r = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)

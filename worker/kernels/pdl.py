@@ -13,9 +13,14 @@ Rules every kernel launched with `launch_pdl=True` follows here:
   had waited for its own predecessor);
 - it calls `launch_dependents` right after that wait (not before: issued at kernel start it let
   kernels further down the chain pile onto the SMs, waiting, and the chain ran slower); it lets the
-  next kernel's programs be scheduled on free SM slots, where they wait for this one to finish;
+  next kernel's programs be scheduled on free SM slots, where they wait for this one to finish.
+  One exception: the split-KV merge (paged_attention._merge_kernel), one warp per row, lets the
+  output projection launch at its start, so that the projection's programs load their first weight
+  tiles while attention runs; the projection itself waits and launches its successor as above, so
+  nothing further piles up (H100: W3 3.31 -> 3.24 ms in fp8, docs/benchmarks.md, ninth session);
 - what it reads before the wait was written by a kernel at least two launches back, or by host
-  copies before the step: a kernel starts only once its predecessor has passed its own wait, so
+  copies before the step: a kernel starts only once its predecessor has passed its own wait (or,
+  after the merge, has started: the projection reads only weights before its wait), so
   everything before the predecessor has finished (the decode attention kernel reads the step's
   inputs and the cached context this way while the QKV projection still runs, in decode batches
   of up to layers/attention.FUSED_DECODE_MAX_ROWS rows).
