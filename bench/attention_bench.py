@@ -16,7 +16,11 @@ one CUDA graph, each the call TritonAttentionBackend makes (rotary and KV write 
 Hopper, the merge launch when split) over its own cache pages. An L2 flush before each replay
 (timed alone and subtracted) leaves every layer's KV in HBM, as the weights streamed between two
 layers of a real step do; "warm" in the JSON is the same without it. Contexts x splits, each
-split count checked against one split first; the table gives microseconds per layer.
+split count checked against one split first; the table gives microseconds per layer. Since the
+ninth session the merge lets the launch after it start at once (kernels/pdl.py); in this chain
+that is the next layer's attention, which then loads its first KV tile while the previous
+attention still runs (in a step it is the output projection), so split timings from before and
+after that change do not compare.
 
 Every launch variant (paged_attention's `tuning` keys) is checked against the default launch on
 the same inputs before it is timed (max abs difference printed; a variant that disagrees is

@@ -520,7 +520,8 @@ def test_rmsnorm_kernel_per_head_in_place() -> None:
         (33, 50, 96, True),
         (64, 16, 512, False),
         # whole tiles (no column masks; one row loads x as a broadcast tile): K = 4 and 2 one-row
-        # tiles of 512 on CUDA (16 and 8 of 64 on the CPU); prefetch 3 then reaches past K = 1024
+        # tiles of 512 on CUDA (32 and 16 of 64 on the CPU); on CUDA prefetch 3 reaches past
+        # K = 1024 and takes the masked loads (on the CPU (1, 40, 64) does, at prefetch 2 and 3)
         (1, 24, 2048, True),
         (1, 40, 1024, False),
     ],
