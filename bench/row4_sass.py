@@ -52,6 +52,22 @@ def loop_body(sass: str) -> list[str]:
     raise ValueError("no backward branch: the loop was unrolled away")
 
 
+def sass(kernel: triton.compiler.CompiledKernel) -> str:
+    """The SASS of a kernel compiled for sm_90, from Triton's bundled nvdisasm."""
+    nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def opcodes(body: list[str]) -> Counter:
+    """Instructions of a SASS excerpt by opcode (modifiers and predicates dropped)."""
+    return Counter(
+        re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].split(".")[0] for x in body
+    )
+
+
 def count(launch: tuple[int, ...], x_bf16: bool = True) -> tuple[float, Counter]:
     rows, wpt, warps_n, warps_k, chains, depth = launch
     consts = {
@@ -63,17 +79,9 @@ def count(launch: tuple[int, ...], x_bf16: bool = True) -> tuple[float, Counter]
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13)}
     src = GluonASTSource(gptq_row4._gptq_row4_kernel, sig, consts, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps_n * warps_k})
-    nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    body = loop_body(sass)
-    ops = Counter(
-        re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].split(".")[0] for x in body
-    )
+    body = loop_body(sass(kernel))
     codes_per_thread = rows * wpt * 8
-    return len(body) / codes_per_thread, ops
+    return len(body) / codes_per_thread, opcodes(body)
 
 
 def main() -> None:
