@@ -29,7 +29,7 @@ from inferfleet.worker.quant.gptq import dequantize_kernel_layout
 from torch.nn import functional as F
 
 # the decoder layer's projections: microbench's shapes without the LM head
-SHAPES = {name: shape for name, shape in microbench.SHAPES.items() if name != "lm_head"}
+SHAPES = microbench.LAYER_SHAPES
 LAYERS = 32
 GROUP = 128
 DEV = torch.device("cuda")

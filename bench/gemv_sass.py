@@ -20,13 +20,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 WEIGHT = {"bf16": ("*bf16", 2), "fp8": ("*fp8e4nv", 1), "int8": ("*i8", 1)}
-SIG = {
-    "x_ptr": "*bf16", "s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "res_ptr": "*bf16",
-    "nw_ptr": "*bf16", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-    "stride_wn": "i32", "stride_ym": "i32", "eps": "fp32",
-}  # fmt: skip
-ARGS = ("x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr", "res_ptr", "nw_ptr", "cnt_ptr", "M", "N", "K",
-        "stride_xm", "stride_wn", "stride_ym", "eps")  # fmt: skip
+# the kernel's runtime arguments, in its order; the types of those that are not bf16 pointers or
+# int32 sizes and strides (w_ptr: the launch's weight type)
+ARGS = [p.name for p in gemv._gemv_kernel.params if not p.is_constexpr]
+TYPES = {"s_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32"}
 
 
 def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefetch: int, even_k: bool):
@@ -37,7 +34,8 @@ def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefe
         "BLOCK_K": block_k, "USE_PDL": True, "PREFETCH": prefetch, "ADD_NORM": False, "NORM_BLOCK": 1,
         "SILU_MUL": False, "EVEN_K": even_k,
     }  # fmt: skip
-    sig = {name: SIG.get(name, wty) for name in ARGS} | {k: "constexpr" for k in consts}
+    types = {name: TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in ARGS}
+    sig = types | {"w_ptr": wty} | {k: "constexpr" for k in consts}
     # pointers and the strides / sizes Triton would see as multiples of 16 (the M and eps args aside)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in ("M", "eps")}
     src = ASTSource(gemv._gemv_kernel, sig, consts, attrs)

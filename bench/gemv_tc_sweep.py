@@ -17,9 +17,8 @@ import time
 import torch
 from inferfleet.worker.kernels.gemv import gemv
 from inferfleet.worker.quant import fp8 as qfp8
-from microbench import LAUNCH_KEY, best_launch, finish_sweep, sweep_row
+from microbench import LAUNCH_KEY, LAYER_SHAPES, best_launch, finish_sweep, sweep_row
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
     dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (128, 256), (4, 8), (3, 4))
@@ -37,7 +36,7 @@ def main() -> None:
     t0 = time.time()
     best_rows = []
     for prec in args.only.split(","):
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in LAYER_SHAPES.items():
             bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(3)]
             if prec == "int8":
                 w8 = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(3)]

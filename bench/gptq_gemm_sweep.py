@@ -17,9 +17,8 @@ import time
 import torch
 from inferfleet.worker.kernels.gptq_gemm import gptq_dequant, gptq_gemm
 from inferfleet.worker.quant.gptq import pack_int32
-from microbench import LAUNCH_KEY, best_launch, finish_sweep, sweep_row
+from microbench import LAUNCH_KEY, LAYER_SHAPES, best_launch, finish_sweep, sweep_row
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
     dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (3, 4))
@@ -38,7 +37,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": []}
     t0 = time.time()
     best_rows = []
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in LAYER_SHAPES.items():
         g = k // 128
         q4 = [pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4, 1) for _ in range(3)]
         s4 = (torch.rand(n, g, device="cuda") * 0.01).half()

@@ -28,6 +28,11 @@ from workloads import Request, fixed, hf_mix, random_prompt, scaled, w1
 log = logging.getLogger("bench")
 
 
+def compile_prefill(llm: LLM) -> None:
+    """Compile the prefill-shaped kernels (a few 300-token prompts) before anything is timed."""
+    generate(llm, fixed(300, 4, 8, seed=9))
+
+
 def generate(llm: LLM, reqs: list[Request], temperature: float = 0.0, track_kv: bool = False) -> dict:
     eng = llm.engine
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=temperature, ignore_eos=True) for r in reqs]
@@ -236,8 +241,7 @@ def main() -> None:
         "kv_capacity_tokens": llm.engine.runner.capacity_tokens,
     }
     log.info("startup: %s", results["startup"])
-    # compile the prefill-shaped kernels before timing anything
-    generate(llm, fixed(300, 4, 8, seed=9))
+    compile_prefill(llm)
     if "w3" in only:
         results["w3"] = decode_latency(llm)
         log.info("w3: %s", results["w3"])

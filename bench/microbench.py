@@ -17,6 +17,8 @@ SHAPES = {
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
+# a decoder layer's four projections (the sweeps and the 32-layer chains)
+LAYER_SHAPES = {name: shape for name, shape in SHAPES.items() if name != "lm_head"}
 
 
 def time_ms(fn, reps: int = 30, warmup: int = 3) -> float:

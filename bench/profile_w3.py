@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
-from gpu_bench import generate
+from gpu_bench import compile_prefill, generate
 from inferfleet.worker import SamplingParams
 from quant_bench import add_model_args, build_llm, ensure_checkpoints, model_dir_for
-from workloads import fixed, random_prompt, scaled, w1
+from workloads import random_prompt, scaled, w1
 
 PROJ = ("gemv", "gptq", "row4", "gemm", "cutlass", "sm90_xmma", "nvjet")  # weight-streaming kernels
 
@@ -164,7 +164,7 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
 def profile_w1(method: str, model_dir: str, scale: float) -> dict:
     """W1 (bench/workloads.py) under the profiler: where the run's GPU time goes, by class and kernel."""
     llm = build_llm(method, model_dir)
-    generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels first
+    compile_prefill(llm)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run = generate(llm, scaled(w1(), scale), temperature=0.6)
     res = {"w1": run, **charge_window(_kernels(prof))}

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
-from gpu_bench import decode_latency, generate
+from gpu_bench import compile_prefill, decode_latency, generate
 from inferfleet.worker import LLM
 from inferfleet.worker.quant import fp8 as qfp8
 from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
@@ -171,7 +171,7 @@ def run_method(method: str, model_dir: str, only: set[str], ref_logits: list[tor
         "weight_gb": weight_bytes(eng.runner.model) / 1e9,
     }
     log.info("%s startup: %s", method, res["startup"])
-    generate(llm, fixed(300, 4, 8, seed=9))  # compile the prefill-shaped kernels before timing
+    compile_prefill(llm)
     logits = None
     if "err" in only:
         logits = prompt_logits(eng.runner.model, prompts, last=32, kv_dtype=eng.runner.kv_dtype)

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import ensure_llama8b_checkpoint
-from gpu_bench import generate
+from gpu_bench import compile_prefill
 from inferfleet.worker import SamplingParams
 from quant_bench import add_model_args, build_llm, ensure_checkpoints, model_dir_for
-from workloads import fixed, random_prompt
+from workloads import random_prompt
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -115,9 +115,9 @@ def main() -> None:
                               "methods": {}}  # fmt: skip
     for m in methods:
         llm = build_llm(m, model_dir_for(m, args))
-        # prefill-shaped kernels compiled before timing, as quant_bench does before W3 (the seventh
-        # session's JSON files, 2026-11-26-h100-s7-w3-steps-*, were measured without this)
-        generate(llm, fixed(300, 4, 8, seed=9))
+        # as quant_bench does before W3 (the seventh session's JSON files,
+        # 2026-11-26-h100-s7-w3-steps-*, were measured without this)
+        compile_prefill(llm)
         result["methods"][m] = {
             "gc as is": run(llm, args.reps, freeze=False),
             "gc frozen": run(llm, args.reps, freeze=True),

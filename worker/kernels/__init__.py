@@ -35,8 +35,3 @@ def sm90(device: torch.device) -> bool:
     gptq_gemm above BIG_M) were measured and their shared memory fits (up to ~160 KB; Ada's GPUs have
     ~99 KB per block)."""
     return device.type == "cuda" and _capability(device.index or 0)[0] >= 9
-
-
-def hopper(x: torch.Tensor) -> bool:
-    """sm90 of the device x lives on."""
-    return sm90(x.device)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_M, hopper, pdl
+from . import MAX_M, pdl, sm90
 
 
 class AddNorm(NamedTuple):
@@ -249,7 +249,7 @@ def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int,
 
 def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, int] | None:
     """(block_m, block_n, block_k, num_warps, num_stages) of 8-bit weights on the tensor-core path of
-    a Hopper GPU (kernels.hopper) where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
+    a Hopper GPU (kernels.sm90) where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
     sweep-{int8,fp8}.json, H100, us against the launches above) found better ones, else None:
     layers of 16K+ rows (gate_up) at 16+ rows take [64, 128] tiles, 128 columns deep, 3 stages (fp8
     16 / 64 rows 72 / 71 against 101 / 128; int8 64 / 128 / 256 rows 63 / 104 / 194 against 109 /
@@ -299,7 +299,7 @@ def gemv(
     fma, use_pdl, path_block_m = row_path(m, fma, use_pdl)
     # the sweep's launches replace the defaults as a whole, only where the caller chose none
     chosen = (block_m, block_n, block_k, num_warps, num_stages)
-    if not fma and all(v is None for v in chosen) and hopper(x):
+    if not fma and all(v is None for v in chosen) and sm90(x.device):
         block_m, block_n, block_k, num_warps, num_stages = tc_launch(m, n, weight.element_size()) or chosen
     block_m = path_block_m if fma or block_m is None else block_m
     block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16

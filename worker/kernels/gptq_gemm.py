@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import hopper, pdl
+from . import pdl, sm90
 from .gemv import row_path, tc_block_m, tc_block_n
 
 # gptq_gemm's launch (its tile sizes are arguments); gptq_dequant's tile
@@ -41,7 +41,7 @@ GEMM_NUM_WARPS = 4
 # 262 / 447 against 521 / 950, down 225 / 225 against 255 / 498. Up to 64 rows the former launches
 # (smaller tiles, K split across programs) stay the faster ones for qkv, o and down; gate_up's best
 # there, [64, 128] over 4 warps (137 against 151 / 188 at 16 / 64 rows), is not applied yet. Hopper
-# only (kernels.hopper): measured there, and 4 stages of these tiles take ~144 KB of shared memory.
+# only (kernels.sm90): measured there, and 4 stages of these tiles take ~144 KB of shared memory.
 BIG_M = 64
 DEQUANT_BLOCK_N = 64
 DEQUANT_BLOCK_K = 128
@@ -294,7 +294,7 @@ def gptq_gemm(
     m, k = x.shape
     n, g = scales_t.shape
     assert x.stride(1) == 1 and qweight_t.shape == (n, k * bits // 32)
-    if m > BIG_M and hopper(x):  # [128, 64] tiles over 8 warps, no K split (BIG_M's comment)
+    if m > BIG_M and sm90(x.device):  # [128, 64] tiles over 8 warps, no K split (BIG_M's comment)
         block_m, block_n = block_m or 128, block_n or 64
         num_warps, num_stages = num_warps or 8, num_stages or 4
         split_k = 1 if split_k is None else split_k

@@ -196,8 +196,8 @@ def gptq_model(
     """Quantize every decoder projection (and lm_head with `spec.lm_head`), keyed by our module names
     (`model.layers.{i}.self_attn.qkv_proj`, ..., `lm_head`); returns the results (unless `sink` takes
     each one as it is done, so a large model never holds them all) and the per-layer error report."""
+    check_lm_head(spec, ModelConfig.from_pretrained(model_dir))  # before the weights are loaded
     model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
-    check_lm_head(spec, model.config)
     with torch.inference_mode():
         return _gptq_layers(model, samples.to(device), spec, device, sink)
 
