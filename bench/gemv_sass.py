@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import triton
+from inferfleet.worker import kernels
 from inferfleet.worker.kernels import gemv
 from row4_sass import loop_body, opcodes, sass
 from triton.backends.compiler import GPUTarget
@@ -39,9 +40,8 @@ def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefe
     # pointers and the strides / sizes Triton would see as multiples of 16 (the M and eps args aside)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in ("M", "eps")}
     src = ASTSource(gemv._gemv_kernel, sig, consts, attrs)
-    # FMA contraction on: what the device image's Triton 3.6 compiles (later Triton warns of a
-    # default that will change)
-    options = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
+    # the engine's launch options (FMA contraction on, kernels.LAUNCH_OPTIONS)
+    options = {"num_warps": warps, "num_stages": stages, **kernels.LAUNCH_OPTIONS}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     body = loop_body(sass(kernel))
     bytes_per_thread = block_n * block_k * wbytes / (32 * warps)

@@ -18,6 +18,7 @@ import tempfile
 from collections import Counter
 
 import triton
+from inferfleet.worker import kernels
 from inferfleet.worker.kernels import gptq_row4
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -78,7 +79,11 @@ def count(launch: tuple[int, ...], x_bf16: bool = True) -> tuple[float, Counter]
     sig = dict(SIG, **{k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13)}
     src = GluonASTSource(gptq_row4._gptq_row4_kernel, sig, consts, attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps_n * warps_k})
+    kernel = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps_n * warps_k, **kernels.LAUNCH_OPTIONS},
+    )
     body = loop_body(sass(kernel))
     codes_per_thread = rows * wpt * 8
     return len(body) / codes_per_thread, opcodes(body)

@@ -18,6 +18,11 @@ except ImportError:  # pragma: no cover - CPU-only installs
 # 8-bit and GPTQ layers widen or dequantize their weights for cuBLAS (or FP8's _scaled_mm)
 MAX_M = 256
 
+# compile options of every launch in this package: FMA contraction on, as every kernel here was
+# measured and tested with. It was Triton's default through 3.9; 3.9 warns that 3.10 turns it off,
+# and the one-row GEMVs would then pay a multiply and an add per weight instead of one FMA.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 
 def triton_ok(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can take activations `x`: on a CUDA device, Triton installed, 16-bit."""

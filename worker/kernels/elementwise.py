@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
-from . import pdl
+from . import LAUNCH_OPTIONS, pdl
 
 
 @triton.jit
@@ -99,6 +99,7 @@ def rmsnorm(
         USE_PDL=pdl.enabled(),
         num_warps=min(max(block // 256, 1), 8),
         launch_pdl=pdl.enabled(),
+        **LAUNCH_OPTIONS,
     )
     return out
 
@@ -129,7 +130,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     use_pdl = pdl.enabled()
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](
-        x, out, inter, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=use_pdl, launch_pdl=use_pdl
+        x,
+        out,
+        inter,
+        x.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
+        **LAUNCH_OPTIONS,
     )
     return out
 
@@ -247,6 +256,7 @@ def rope_and_cache(
         FP8_MAX=FP8_MAX,
         num_warps=4,
         launch_pdl=pdl.enabled(),
+        **LAUNCH_OPTIONS,
     )
 
 
@@ -362,6 +372,7 @@ def argmax_rows(
         _argmax_rows_kernel[(n,)](
             x, out, v, x.stride(0), BLOCK=min(block, triton.next_power_of_2(v)), NO_INDEX=_NO_INDEX,
             num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
         return out
     assert splits & (splits - 1) == 0, "splits: a power of two"
@@ -370,6 +381,7 @@ def argmax_rows(
     _argmax_split_kernel[(n, splits)](
         x, out, part, _argmax_tickets(x.device, n), v, x.stride(0), chunk,
         SPLITS=splits, BLOCK=min(2048, triton.next_power_of_2(chunk)), NO_INDEX=_NO_INDEX, num_warps=4,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -436,4 +448,5 @@ def sample_rows(
             logits, rows, temperatures, seeds, out, v, logits.stride(0),
             BLOCK=max(16, min(block, triton.next_power_of_2(v))), NO_INDEX=_NO_INDEX,
             num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )  # fmt: skip

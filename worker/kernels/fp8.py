@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTIONS
+
 
 @triton.jit
 def _quant_fp8_kernel(
@@ -50,5 +52,6 @@ def quant_fp8_per_token(
         _quant_fp8_kernel[(m,)](
             x, q, s, k, x.stride(0), q.stride(0),
             FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK=min(block, triton.next_power_of_2(k)),
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
     return q, s

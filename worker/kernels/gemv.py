@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_M, pdl, sm90
+from . import LAUNCH_OPTIONS, MAX_M, pdl, sm90
 
 
 class AddNorm(NamedTuple):
@@ -325,5 +325,6 @@ def gemv(
         EVEN_K=k % block_k == 0 and k >= prefetch * block_k,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,
         launch_pdl=use_pdl,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return y

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl, sm90
+from . import LAUNCH_OPTIONS, pdl, sm90
 from .gemv import row_path, tc_block_m, tc_block_n
 
 # gptq_gemm's launch (its tile sizes are arguments); gptq_dequant's tile
@@ -232,6 +232,7 @@ def gptq_stream(
         BITS=bits, GROUP=group_k, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=use_pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return y
 
@@ -319,6 +320,7 @@ def gptq_gemm(
         BITS=bits, PER_BLOCK_SCALE=per_block, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps or GEMM_NUM_WARPS, num_stages=num_stages or GEMM_NUM_STAGES,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return y.to(x.dtype) if split_k > 1 else y
 
@@ -339,5 +341,6 @@ def gptq_dequant(
     _gptq_dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
         qweight_t, scales_t, zeros_t, g_idx, w, n, k, g,
         BITS=bits, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return w

@@ -42,7 +42,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from . import pdl
+from . import LAUNCH_OPTIONS, pdl
 from .gemv import AddNorm, epilogue_args
 
 
@@ -487,5 +487,6 @@ def gptq_row4(
         ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
         ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return y

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
-from . import pdl
+from . import LAUNCH_OPTIONS, pdl
 
 
 @triton.jit
@@ -401,11 +401,13 @@ def paged_attention(
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
         launch_pdl=use_pdl,
+        **LAUNCH_OPTIONS,
     )
     if num_splits > 1:
         _merge_kernel[(t * h,)](
             part, ml, out, t * h, d, HEAD_DIM=d, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
             num_warps=1, launch_pdl=use_pdl,
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out
 
