@@ -2,6 +2,7 @@
 
     python bench/profile_w3.py --out $OUT [--methods bf16,fp8,gptq] [--steps 32]
     python bench/profile_w3.py --out $OUT --workload w1 [--w1-scale 1.0] [--methods bf16]
+    python bench/profile_w3.py --layers-from docs/bench/...-profile-w3-*.json   (no GPU)
 
 For each precision it builds the engine as bench/quant_bench.py does (Llama-3.1-8B shape, random
 weights; gptq = round-to-nearest 4-bit g128 in the GPTQ layout), starts one 128-token request and
@@ -9,7 +10,9 @@ records `--steps` decode steps (CUDA graph replays, as served) with torch.profil
 step overlap under programmatic dependent launch, so summed kernel durations overstate the step;
 instead each kernel is charged the wall time it adds to the step's timeline: its end minus the
 latest end of the kernels that started before it (never negative). What no kernel covers is
-charged to "gaps" (idle GPU between kernels). A step runs from one LM head to the next (the
+charged to "gaps" (idle GPU between kernels). A W3 run also splits one decoder layer the same way,
+position by position from one attention launch to the next (`per_layer`; --layers-from prints it
+for a saved run). A step runs from one LM head to the next (the
 engine keeps the GPU busy across steps). Classes: projections (weight-streaming kernels), the LM
 head, attention (with its split-KV merge), the small kernels by name, and copies (memcpy/memset:
 the step's inputs staged host-to-device, the sampled ids back; recorded since the fourth
@@ -76,20 +79,52 @@ def split_steps(kernels: list[tuple[str, float, float]]) -> list[list[tuple[str,
     return [kernels[a : b + 1] for a, b in itertools.pairwise(heads)]
 
 
+def _extensions(kernels: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """Per kernel (by start): (the idle gap before it, the wall time it adds to the timeline: its
+    end minus the latest end before it, never negative)."""
+    out = []
+    covered = kernels[0][1]
+    for _name, start, dur in kernels:
+        out.append((max(0.0, start - covered), max(0.0, start + dur - max(start, covered))))
+        covered = max(covered, start + dur)
+    return out
+
+
 def _charge(
     kernels: list[tuple[str, float, float]], label: Callable[[int, str], str]
 ) -> tuple[dict[str, float], float]:
-    """Charge each kernel, under label(index, name), the wall time it adds to the timeline (its end
-    minus the latest end before it, never negative); "gaps" is what no kernel covers. Returns the
-    charges and the timeline's end."""
+    """Charge each kernel, under label(index, name), the wall time it adds to the timeline; "gaps"
+    is what no kernel covers. Returns the charges and the timeline's end."""
     out: dict[str, float] = defaultdict(float)
-    covered = kernels[0][1]
-    for i, (name, start, dur) in enumerate(kernels):
-        if start > covered:
-            out["gaps"] += start - covered
-        out[label(i, name)] += max(0.0, start + dur - max(start, covered))
-        covered = max(covered, start + dur)
-    return out, covered
+    for i, ((name, _, _), (gap, added)) in enumerate(zip(kernels, _extensions(kernels), strict=True)):
+        out["gaps"] += gap
+        out[label(i, name)] += added
+    return out, max(start + dur for _, start, dur in kernels)
+
+
+def per_layer(
+    kernels: list[tuple[str, float, float]], anchor: str = "_paged_attention"
+) -> list[dict[str, Any]]:
+    """A decoder layer's kernels in order, from one attention launch (`anchor`) to the next: for
+    each position, its kernel name and the median over every complete layer of the wall time it
+    adds and of the idle gap before it (the accounting of `charge`). A layer is complete when the
+    next anchor follows it at the usual distance (the last layer of a step runs into the LM head)."""
+    ext = _extensions(kernels)
+    starts = [i for i, (n, _, _) in enumerate(kernels) if n.startswith(anchor)]
+    spans = [b - a for a, b in itertools.pairwise(starts)]
+    if not spans:
+        return []
+    size = statistics.mode(spans)
+    layers = [a for a, b in itertools.pairwise(starts) if b - a == size]
+    return [
+        {
+            "kernel": kernels[layers[0] + p][0],
+            "us": statistics.median(ext[a + p][1] for a in layers),
+            "gap_us": statistics.median(ext[a + p][0] for a in layers),
+            "layers": len(layers),
+        }
+        for p in range(size)
+    ]
 
 
 def charge(step: list[tuple[str, float, float]]) -> dict[str, float]:
@@ -152,6 +187,7 @@ def profile_method(method: str, model_dir: str, steps: int) -> dict:
         "kernels_per_step": statistics.median(len(s) - 1 for s in steps_found),
         "median_us": {k: statistics.median(c.get(k, 0.0) for c in charged) for k in keys},
         "kernel_names": sorted({n for n, _, _ in kernels}),
+        "per_layer_us": per_layer(kernels),
         # the first 340 kernels (one step and a few more): name, start (us from the first), duration
         "raw": [(n[:40], round(t - kernels[0][1], 2), round(d, 2)) for n, t, d in kernels[:340]],
     }
@@ -181,7 +217,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--workload", choices=("w3", "w1"), default="w3")
     ap.add_argument("--w1-scale", type=float, default=1.0, help="W1: fraction of its 256 requests")
+    ap.add_argument(
+        "--layers-from", default=None, help="a W3 JSON of this script: its per-layer table, no GPU"
+    )
     args = ap.parse_args()
+    if args.layers_from:
+        print_layers(json.loads(Path(args.layers_from).read_text()))
+        return
     t0 = time.time()
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d"), "workload": args.workload, "methods": {}}  # fmt: skip
@@ -215,6 +257,20 @@ def main() -> None:
         print(
             f"{k[:28]:28s}" + "".join(f"{result['methods'][m]['median_us'].get(k, 0):10.1f}" for m in methods)
         )
+    print_layers(result)
+
+
+def print_layers(result: dict) -> None:
+    """The per-layer table of each method of a W3 result (from its full trace, or from the first
+    kernels recorded under "raw" in runs made before per_layer_us existed)."""
+    for m, r in result["methods"].items():
+        rows = r.get("per_layer_us") or per_layer([tuple(k) for k in r["raw"]])
+        if not rows:
+            continue
+        print(f"\n{m}: one decoder layer, median us over {rows[0]['layers']} complete layers")
+        for row in rows:
+            print(f"  {row['kernel'][:40]:40s} {row['us']:8.2f}  (gap before {row['gap_us']:.2f})")
+        print(f"  {'layer':40s} {sum(row['us'] + row['gap_us'] for row in rows):8.2f}")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,23 @@ def test_a_whole_run_is_charged_by_class_and_by_kernel() -> None:
     assert sum(got["ms_by_class"].values()) == pytest.approx(1.0)
     assert got["ms_by_class"]["projection"] == pytest.approx((300 + 19 + 300 + 300) / 1e3)
     assert next(iter(got["ms_by_kernel"])) == "_gemv_kernel" and len(got["ms_by_kernel"]) == 3
+
+
+def test_a_layer_is_charged_position_by_position() -> None:
+    # the previous step's LM head, three layers of attention, merge and a projection starting under
+    # the merge (PDL), 20 us apart, then the next LM head: the last layer runs into it, not complete
+    trace = [("_gemv_kernel", -300.0, 298.0)]
+    for layer in range(3):
+        t = 20.0 * layer
+        trace += [
+            ("_paged_attention_kernel", t, 5.0),
+            ("_merge_kernel", t + 5.0, 2.0),
+            ("_gemv_kernel", t + 6.0, 12.0),
+        ]
+    trace.append(("_gemv_kernel", 61.0, 300.0))
+    rows = profile_w3.per_layer(trace)
+    assert [r["kernel"] for r in rows] == ["_paged_attention_kernel", "_merge_kernel", "_gemv_kernel"]
+    assert [r["layers"] for r in rows] == [2, 2, 2]
+    assert [r["us"] for r in rows] == [pytest.approx(5.0), pytest.approx(2.0), pytest.approx(11.0)]
+    assert [r["gap_us"] for r in rows] == [pytest.approx(2.0), 0.0, 0.0]  # 18 -> 20 before each attention
+    assert profile_w3.per_layer(trace[:4]) == []  # no second attention: no complete layer
