@@ -123,6 +123,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-kv-blocks", type=_positive_int, default=None)
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="with --quantization fp8 or int8 of a plain checkpoint: quantize lm_head at load too "
+        "(untied models)",
+    )
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: do not capture CUDA graphs")

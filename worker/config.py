@@ -198,6 +198,8 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: skip CUDA graphs
     attention_backend: str = "auto"  # auto: triton on CUDA, torch (reference) elsewhere
     quantization: str = "none"
+    # fp8 / int8 at load: quantize lm_head too (quant/spec.resolve_quantization; untied models)
+    quantize_lm_head: bool = False
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn, scale 1.0 (KV_CACHE_DTYPES)
     seed: int = 0
     served_model_name: str | None = None
@@ -242,7 +244,13 @@ class EngineConfig:
                 param="kv_cache_dtype",
             )
         quant = resolve_quantization(
-            self.quantization, self.model_config.quantization_config, self.device, capability, self.dtype
+            self.quantization,
+            self.model_config.quantization_config,
+            self.device,
+            capability,
+            self.dtype,
+            quantize_lm_head=self.quantize_lm_head,
+            tied_embeddings=self.model_config.tie_word_embeddings,
         )
         # a GPTQ or FP8 checkpoint served with quantization "none" reports what it runs
         self.quantization = quant.method if quant is not None else "none"

@@ -165,3 +165,48 @@ def test_fp8_checkpoint_lm_head_follows_targets_and_ignore(
     got = checkpoint_quantization(qc)
     assert got is not None and got.method == "fp8" and got.lm_head is quantized
     assert ("lm_head quantized" in got.describe()) is quantized
+
+
+def test_quantize_lm_head_at_load() -> None:
+    """fp8 / int8 of a plain checkpoint may quantize lm_head too; the answer says so."""
+    q = resolve_quantization("int8", None, "cpu", None, "float32", quantize_lm_head=True)
+    assert q == QuantConfig("int8", from_checkpoint=False, lm_head=True)
+    assert q.describe() == "int8 (quantized at load, lm_head quantized)"
+    q = resolve_quantization("fp8", None, "cuda", H100, "bfloat16", quantize_lm_head=True)
+    assert q == QuantConfig("fp8", from_checkpoint=False, lm_head=True)
+    assert resolve("int8", None) == QuantConfig("int8", from_checkpoint=False)  # off by default
+
+
+@pytest.mark.parametrize(
+    ("requested", "qc", "tied", "message"),
+    [
+        ("none", None, False, "here quantization is none"),
+        ("none", GPTQ_QC, False, "this gptq checkpoint's quantization_config decides whether lm_head"),
+        ("fp8", FP8_QC, False, "this fp8 checkpoint's quantization_config decides"),
+        ("int8", None, True, "ties it to the embedding (tie_word_embeddings)"),
+    ],
+)
+def test_quantize_lm_head_refusals(
+    requested: str, qc: dict[str, Any] | None, tied: bool, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        resolve_quantization(
+            requested, qc, "cuda", H100, "bfloat16", quantize_lm_head=True, tied_embeddings=tied
+        )
+    assert message in str(e.value) and e.value.param == "quantize_lm_head"
+
+
+def test_quantize_lm_head_flag(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """--quantize-lm-head reaches EngineConfig; a tied model or no quantization is a clean refusal."""
+    untied = EngineConfig(
+        model=str(tiny_models["llama"]), device="cpu", quantization="int8", quantize_lm_head=True
+    )
+    assert untied.model_config.quant == QuantConfig("int8", from_checkpoint=False, lm_head=True)
+    cases = [
+        (tiny_models["llama"], [], "here quantization is none"),
+        (tiny_models["qwen2"], ["--quantization", "int8"], "tie_word_embeddings"),
+    ]
+    for model, args, message in cases:
+        rc = cli.main(["serve", "--model", str(model), "--device", "cpu", "--quantize-lm-head", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err, err

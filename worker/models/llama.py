@@ -135,8 +135,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, backend, max_position)
-        # a GPTQ or FP8 checkpoint may store lm_head quantized too (QuantConfig.lm_head); then it is
-        # never tied to the embedding, which stays in the model dtype
+        # a GPTQ or FP8 checkpoint may store lm_head quantized too, or fp8 / int8 at load may quantize
+        # it (QuantConfig.lm_head); then it is never tied to the embedding, which stays in the model dtype
         self.lm_head = Linear(
             cfg.hidden_size, [cfg.vocab_size], quant=cfg.quant if self.quantized_lm_head else None
         )
@@ -198,7 +198,8 @@ class DecoderModel(nn.Module):
                 raise ModelLoadError(
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
                 )
-            if ck_name == "lm_head.weight" and self.quantized_lm_head and tensor.dtype.itemsize > 1:
+            stored_quantized = self.quantized_lm_head and self.config.quant.from_checkpoint
+            if ck_name == "lm_head.weight" and stored_quantized and tensor.dtype.itemsize > 1:
                 # the config says lm_head is stored quantized; a 16/32-bit one means they disagree
                 # (FP8 layers would otherwise quantize it at load, silently)
                 raise ModelLoadError(

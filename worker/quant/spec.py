@@ -11,12 +11,14 @@ answer (a `QuantConfig`, or None for plain weights) travels to the model inside 
 | gptq      | refused (run `quantize`)    | gptq             | refused                             |
 
 FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bit model dtype.
+lm_head stays in the model dtype unless the checkpoint stores it quantized, or `quantize_lm_head`
+asks fp8 / int8 at load to quantize it too (untied models only).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import InvalidRequestError, UnsupportedModelError
@@ -148,10 +150,15 @@ def resolve_quantization(
     device_type: str,
     capability: tuple[int, int] | None,
     dtype: str,
+    quantize_lm_head: bool = False,
+    tied_embeddings: bool = False,
 ) -> QuantConfig | None:
-    """The method the worker will run, or a clear refusal (InvalidRequestError, param `quantization`).
+    """The method the worker will run, or a clear refusal (InvalidRequestError, param `quantization`,
+    or `quantize_lm_head`).
 
     `capability` is the CUDA compute capability (None on CPU); `dtype` the resolved model dtype.
+    `quantize_lm_head` quantizes lm_head at load too (fp8 or int8 of a plain checkpoint, with an
+    lm_head of its own: `tied_embeddings` false); a quantized checkpoint's config decides for itself.
     """
     if requested not in METHODS:
         raise _bad(f"quantization must be one of {METHODS}, got {requested!r}")
@@ -193,4 +200,24 @@ def resolve_quantization(
             )
         if dtype not in ("bfloat16", "float16"):
             raise _bad(f"quantization fp8 needs dtype bfloat16 or float16, got {dtype}")
+    if quantize_lm_head:
+        if chosen is None or chosen.from_checkpoint:
+            what = (
+                "quantization is none"
+                if chosen is None
+                else f"this {chosen.method} checkpoint's quantization_config decides whether lm_head "
+                "is quantized"
+            )
+            raise InvalidRequestError(
+                f"quantize_lm_head quantizes lm_head at load, with quantization fp8 or int8 of a plain "
+                f"checkpoint; here {what}",
+                param="quantize_lm_head",
+            )
+        if tied_embeddings:
+            raise InvalidRequestError(
+                "quantize_lm_head needs a model with an lm_head of its own; this one ties it to the "
+                "embedding (tie_word_embeddings), which stays in the model dtype",
+                param="quantize_lm_head",
+            )
+        chosen = replace(chosen, lm_head=True)
     return chosen
