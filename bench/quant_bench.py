@@ -13,6 +13,8 @@ shape, and each precision's error against bf16 on the same checkpoint (issue 6).
   lm_head=True), from its own checkpoint directory (--gptq-dir + "-lm-head");
 - fp8-lm-head: an FP8 compressed-tensors checkpoint written here from the bf16 one (per-channel
   e4m3, the projections and lm_head; `ignore` empty), loaded as it is (--model-dir + "-fp8-lm-head");
+- fp8-lm-head-at-load, int8-lm-head-at-load: the bf16 checkpoint with `--quantize-lm-head`
+  (lm_head quantized at load like the projections);
 - error: relative logits error and top-1 agreement vs bf16 over the last 32 positions of 4 random
   prompts of 160 tokens (160-row prefills: W8A8 for fp8, the M-tiled fused kernels for int8/gptq);
 - W3 (batch 1, 128 in / 256 out; the mean interval between tokens 2..256, gpu_bench.decode_latency)
@@ -56,7 +58,16 @@ from microbench import SHAPES
 from workloads import fixed, random_prompt, scaled, w1
 
 log = logging.getLogger("quant_bench")
-METHODS = ("bf16", "fp8", "int8", "gptq", "gptq-lm-head", "fp8-lm-head")
+METHODS = (
+    "bf16",
+    "fp8",
+    "int8",
+    "gptq",
+    "gptq-lm-head",
+    "fp8-lm-head",
+    "fp8-lm-head-at-load",
+    "int8-lm-head-at-load",
+)
 TARGETS = {"fp8 W3 ms/token": 3.0, "gptq W3 ms/token": 2.2, "fp8 W2 1000/1000 out tok/s": 12000.0}
 
 
@@ -146,10 +157,14 @@ def ensure_checkpoints(methods: list[str], args: argparse.Namespace) -> dict[str
 def build_llm(method: str, model_dir: str, kv_cache_dtype: str = "auto") -> LLM:
     """The engine every per-precision bench measures (the gptq method's checkpoint is already
     quantized, so it loads with quantization none), warmed up."""
-    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8"}.get(method, "none")
+    at_load = method.endswith("-lm-head-at-load")  # --quantize-lm-head on the bf16 checkpoint
+    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8"}.get(
+        method.split("-")[0] if at_load else method, "none"
+    )
     llm = LLM(
         model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
         max_num_batched_tokens=8192, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+        quantize_lm_head=at_load,
     )  # fmt: skip
     llm.engine.warmup()
     return llm
