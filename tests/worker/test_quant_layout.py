@@ -344,3 +344,25 @@ def test_int8_round_to_nearest_error_bound() -> None:
     q, s = quantize_weight_int8(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     assert bool(((dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 * (1 + 1e-5)).all())
+
+
+def test_quantized_at_load_from_the_checkpoints_own_values(tiny_llama: Path) -> None:
+    """A float32 checkpoint served in bf16 with int8 at load: codes and scales come from the float32
+    weights (the loader keeps their dtype for quantizing layers), not from a bf16 copy; the layers
+    that stay unquantized still arrive in bf16."""
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", dtype="bfloat16", quantization="int8"))
+    model = eng.runner.model
+    stored = dict(iter_weights(tiny_llama, torch.float32))
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32  # the tiny checkpoint
+    differs = 0
+    for ck_name, layer in (
+        ("model.layers.0.mlp.down_proj.weight", model.model.layers[0].mlp.down_proj),
+        ("model.layers.1.self_attn.o_proj.weight", model.model.layers[1].self_attn.o_proj),
+    ):
+        q, s = quantize_weight_int8(stored[ck_name])
+        assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, s)
+        q16, s16 = quantize_weight_int8(stored[ck_name].to(torch.bfloat16))
+        differs += int(not (torch.equal(q, q16) and torch.equal(s, s16)))
+    assert differs  # what the double rounding would have changed
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16

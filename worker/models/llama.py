@@ -38,6 +38,14 @@ _STACKED = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _our_name(ck_name: str) -> tuple[str, int | None]:
+    """A checkpoint tensor's parameter name here, and its shard in a stacked layer (None if not)."""
+    for frag, (ours, idx) in _STACKED.items():
+        if frag in ck_name:
+            return ck_name.replace(frag, ours), idx
+    return ck_name, None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -189,11 +197,7 @@ class DecoderModel(nn.Module):
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
                 continue
-            target, shard = ck_name, None
-            for frag, (ours, idx) in _STACKED.items():
-                if frag in ck_name:
-                    target, shard = ck_name.replace(frag, ours), idx
-                    break
+            target, shard = _our_name(ck_name)
             if target not in params:
                 raise ModelLoadError(
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
@@ -244,5 +248,18 @@ class DecoderModel(nn.Module):
 
     def keep_checkpoint_dtype(self, name: str) -> bool:
         """Checkpoint tensors the loader must not convert to the model dtype: quantization scales
-        (GPTQ's fp16 scales would lose bits as bf16; FP8 weight scales are kept exact)."""
-        return self.config.quant is not None and name.endswith((".scales", ".weight_scale"))
+        (GPTQ's fp16 scales would lose bits as bf16; FP8 weight scales are kept exact), and the float
+        weights of layers that quantize them at load, so that their codes and scales come from the
+        checkpoint's values (a float32 checkpoint served in bf16 is not rounded twice)."""
+        if self.config.quant is None:
+            return False
+        if name.endswith((".scales", ".weight_scale")):
+            return True
+        if not name.endswith(".weight"):
+            return False
+        owner_name = _our_name(name)[0].rpartition(".")[0]
+        try:
+            owner = self.get_submodule(owner_name)
+        except AttributeError:  # no such module: load_weights names the stray tensor
+            return False
+        return isinstance(owner, Linear) and owner.method is not None
