@@ -41,8 +41,9 @@ def test_checkpoints_are_detected_with_quantization_none() -> None:
     assert resolve("gptq", GPTQ_QC) == q
     v2 = resolve("none", {**GPTQ_QC, "checkpoint_format": "gptq_v2", "sym": False, "desc_act": False})
     assert (v2.zero_offset, v2.sym, v2.desc_act) == (0, False, False)
-    assert resolve("none", FP8_QC, "cuda", H100, "bfloat16") == QuantConfig("fp8", from_checkpoint=True)
-    assert resolve("fp8", FP8_QC, "cuda", (8, 9), "float16") == QuantConfig("fp8", from_checkpoint=True)
+    fp8 = QuantConfig("fp8", from_checkpoint=True, targets=("Linear",), ignore=("lm_head",))
+    assert resolve("none", FP8_QC, "cuda", H100, "bfloat16") == fp8
+    assert resolve("fp8", FP8_QC, "cuda", (8, 9), "float16") == fp8
 
 
 @pytest.mark.parametrize(
@@ -210,3 +211,28 @@ def test_quantize_lm_head_flag(tiny_models: dict[str, Path], capsys: pytest.Capt
         rc = cli.main(["serve", "--model", str(model), "--device", "cpu", "--quantize-lm-head", *args])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("targets", "ignore", "module", "quantized"),
+    [
+        (["Linear"], ["lm_head"], "model.layers.0.mlp.down_proj", True),
+        (["Linear"], ["lm_head", "model.layers.0.mlp.down_proj"], "model.layers.0.mlp.down_proj", False),
+        (["Linear"], ["lm_head", "model.layers.0.mlp.down_proj"], "model.layers.1.mlp.down_proj", True),
+        (["Linear"], ["re:.*mlp"], "model.layers.5.mlp.gate_proj", False),
+        (["Linear"], ["re:.*mlp"], "model.layers.5.self_attn.q_proj", True),
+        (["re:.*self_attn"], [], "model.layers.5.mlp.up_proj", False),  # not targeted
+        (["re:.*self_attn"], [], "model.layers.5.self_attn.o_proj", True),
+    ],
+)
+def test_fp8_checkpoint_projections_follow_targets_and_ignore(
+    targets: list[str], ignore: list[str], module: str, quantized: bool
+) -> None:
+    qc = fp8_quantization_config()
+    qc["ignore"] = ignore
+    qc["config_groups"]["group_0"]["targets"] = targets
+    got = checkpoint_quantization(qc)
+    assert got is not None and got.stores_quantized(module) is quantized
+    # GPTQ checkpoints and quantization at load quantize every projection
+    assert QuantConfig("fp8", from_checkpoint=False).stores_quantized(module)
+    assert resolve("none", GPTQ_QC).stores_quantized(module)

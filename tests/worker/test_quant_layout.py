@@ -256,10 +256,15 @@ def test_fp8_scaled_mm_call_matches_reference() -> None:
         assert got.dtype == x_dtype and float((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
 
 
-def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool, lm_head: bool = False) -> Path:
+def fp8_checkpoint(
+    src: Path, dst: Path, per_tensor: bool, lm_head: bool = False, ignored: tuple[str, ...] = ()
+) -> Path:
+    """An llm-compressor-like FP8 checkpoint of `src`; the `ignored` modules are listed in `ignore`
+    and stored in bf16, as llm-compressor leaves them."""
     tensors: dict[str, torch.Tensor] = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
-        if not (is_quantized(name) or (lm_head and name == "lm_head.weight")):
+        stored_plain = name.removesuffix(".weight") in ignored
+        if stored_plain or not (is_quantized(name) or (lm_head and name == "lm_head.weight")):
             tensors[name] = w.to(torch.bfloat16)
             continue
         if per_tensor:
@@ -273,6 +278,7 @@ def fp8_checkpoint(src: Path, dst: Path, per_tensor: bool, lm_head: bool = False
     qc = fp8_quantization_config("tensor" if per_tensor else "channel")
     if lm_head:
         qc["ignore"] = []  # lm_head quantized as well
+    qc["ignore"] += list(ignored)
     return copy_with(src, dst, tensors, qc)
 
 
@@ -334,6 +340,46 @@ def test_fp8_compressed_tensors_checkpoint_loads_directly(tiny_llama: Path, tmp_
     s = per_tensor.model.layers[0].self_attn.qkv_proj.weight_scale
     q_rows = per_tensor.config.num_heads * per_tensor.config.head_dim
     assert torch.unique(s[:q_rows]).numel() == 1 and torch.unique(s).numel() == 3
+
+
+def test_fp8_checkpoint_keeps_ignored_projections_in_the_model_dtype(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Modules an FP8 checkpoint's `ignore` lists are stored in bf16 and stay plain layers with the
+    stored values; a merged layer with only some of its modules ignored stays FP8 (those quantized
+    at load); a config that ignores a module stored in FP8 is a load error."""
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    qkv0 = (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+    )
+    ignored = (*qkv0, "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj")
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8-ignore", per_tensor=False, ignored=ignored)
+    qc = json.loads((ck / "config.json").read_text())["quantization_config"]
+    model = build_model(str(ck), checkpoint_quantization(qc))
+    stored = load_file(str(ck / "model.safetensors"))
+    layers = model.model.layers
+    qkv, down1 = layers[0].self_attn.qkv_proj, layers[1].mlp.down_proj
+    assert qkv.method is None and down1.method is None
+    assert torch.equal(qkv.weight, torch.cat([stored[f"{m}.weight"] for m in qkv0]).float())
+    assert torch.equal(down1.weight, stored["model.layers.1.mlp.down_proj.weight"].float())
+    gate_up = layers[1].mlp.gate_up_proj  # gate ignored, up not: one precision, FP8
+    assert gate_up.method is not None and gate_up.weight.dtype == torch.float8_e4m3fn
+    q, _ = qfp8.quantize_weight_fp8(stored["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(gate_up.weight[: q.shape[0]].float(), q.float())
+    assert layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    # within FP8's error bound against the unquantized model
+    ref = prompt_logits(build_model(str(tiny_llama)), prompts())
+    err = logits_error(ref, prompt_logits(model, prompts()))
+    assert err["rel_err"] < 0.12 and err["top1"] > 0.8, err
+    # the config says plain, the checkpoint stores FP8 codes and scales: refused, not misread
+    fp8_all = fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False)
+    qc_all = json.loads((fp8_all / "config.json").read_text())["quantization_config"]
+    qc_all["ignore"] += ["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ModelLoadError, match=r"down_proj\.weight_scale"):
+        build_model(str(fp8_all), checkpoint_quantization(qc_all))
 
 
 # -- INT8 -------------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ _STACKED = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _checkpoint_modules(name: str) -> list[str]:
+    """Our module `name` -> the checkpoint modules stacked into it, in shard order (q/k/v_proj for a
+    qkv_proj, gate/up_proj for a gate_up_proj), or [name]."""
+    base, _, leaf = name.rpartition(".")
+    stacked = sorted((idx, frag) for frag, (ours, idx) in _STACKED.items() if ours == f".{leaf}.")
+    return [f"{base}.{frag.strip('.')}" for _, frag in stacked] or [name]
+
+
 def _our_name(ck_name: str) -> tuple[str, int | None]:
     """A checkpoint tensor's parameter name here, and its shard in a stacked layer (None if not)."""
     for frag, (ours, idx) in _STACKED.items():
@@ -148,6 +156,8 @@ class DecoderModel(nn.Module):
         self.lm_head = Linear(
             cfg.hidden_size, [cfg.vocab_size], quant=cfg.quant if self.quantized_lm_head else None
         )
+        if cfg.quant is not None:
+            self._plain_where_stored_plain()
 
     def forward(
         self,
@@ -164,6 +174,30 @@ class DecoderModel(nn.Module):
         for layer, kv, nxt in zip(layers, kv_caches, next_norms):
             x, residual = layer(positions, x, residual, kv, meta, nxt)
         return x
+
+    def _plain_where_stored_plain(self) -> None:
+        """Decoder projections the checkpoint stores unquantized (a compressed-tensors FP8 checkpoint
+        whose `ignore` lists them, QuantConfig.stores_quantized) stay in the model dtype, as plain
+        layers. A merged layer (qkv, gate/up) takes one precision: if some of its checkpoint modules
+        are quantized and others not, it stays quantized and the plain ones are quantized at load."""
+        quant = self.config.quant
+        assert quant is not None
+        for name, module in list(self.model.named_modules(prefix="model")):
+            if not isinstance(module, Linear) or module.method is None:
+                continue
+            stored = [quant.stores_quantized(m) for m in _checkpoint_modules(name)]
+            if all(stored):
+                continue
+            if any(stored):
+                log.warning(
+                    "%s: the checkpoint quantizes only some of %s; the others are quantized at load",
+                    name,
+                    ", ".join(_checkpoint_modules(name)),
+                )
+                continue
+            parent, _, attr = name.rpartition(".")
+            plain = Linear(module.in_features, module.output_sizes, bias=module.bias is not None)
+            setattr(self.get_submodule(parent), attr, plain)
 
     @property
     def quantized_lm_head(self) -> bool:

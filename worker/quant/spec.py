@@ -43,6 +43,18 @@ class QuantConfig:
     sym: bool = True
     zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
     lm_head: bool = False  # lm_head is stored quantized as well (GPTQ: same bits and groups; FP8)
+    # compressed-tensors: the config groups' targets and the ignore list (stores_quantized)
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def stores_quantized(self, module: str) -> bool:
+        """Whether the checkpoint stores decoder projection `module` (its name in the checkpoint,
+        e.g. model.layers.0.mlp.down_proj) quantized: always, except in a compressed-tensors FP8
+        checkpoint, where its config decides as compressed-tensors matches modules (_matches);
+        llm-compressor keeps the modules a recipe ignores in the model dtype."""
+        if not (self.method == "fp8" and self.from_checkpoint and self.targets):
+            return True
+        return _matches(self.targets, module) and not _matches(self.ignore, module)
 
     def describe(self) -> str:
         if self.method == "gptq":
@@ -123,25 +135,19 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
                 f"compressed-tensors group {name!r}: only dynamic FP8 activation scales are supported "
                 "(static input_scale checkpoints are not)"
             )
-    return QuantConfig(method="fp8", from_checkpoint=True, lm_head=_targets_lm_head(qc))
+    targets = tuple(t for g in groups.values() for t in g.get("targets", []))
+    ignore = tuple(qc.get("ignore") or [])
+    lm_head = _matches(targets, "lm_head") and not _matches(ignore, "lm_head")
+    return QuantConfig(method="fp8", from_checkpoint=True, lm_head=lm_head, targets=targets, ignore=ignore)
 
 
-def _targets_lm_head(qc: dict[str, Any]) -> bool:
-    """Whether a compressed-tensors config quantizes lm_head, as compressed-tensors matches modules:
-    some group targets it (the class "Linear", its name, or a "re:" pattern, which like its
-    `re.match` needs to match only the start of the name) and `ignore` does not exclude it (same
-    forms). A group without `targets` targets nothing. llm-compressor's recipes ignore lm_head by
-    default; the loader then checks that the stored lm_head agrees (DecoderModel.load_weights)."""
-
-    def hits(entries: list[str]) -> bool:
-        return any(
-            e in ("lm_head", "Linear") or (e.startswith("re:") and re.match(e[3:], "lm_head"))
-            for e in entries
-        )
-
-    targets = [t for g in (qc.get("config_groups") or {}).values() for t in g.get("targets", [])]
-    ignore = list(qc.get("ignore") or [])
-    return hits(targets) and not hits(ignore)
+def _matches(entries: tuple[str, ...], module: str) -> bool:
+    """Whether a compressed-tensors target or ignore list names a module (a Linear layer) as
+    compressed-tensors matches them: its full name, the class "Linear", or a "re:" pattern, which
+    like its `re.match` needs to match only the start of the name. A config group without `targets`
+    targets nothing. llm-compressor's recipes ignore lm_head by default; the loader checks that a
+    stored lm_head agrees with the config (DecoderModel.load_weights)."""
+    return any(e in (module, "Linear") or (e.startswith("re:") and re.match(e[3:], module)) for e in entries)
 
 
 def resolve_quantization(
