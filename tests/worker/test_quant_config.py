@@ -84,13 +84,27 @@ def test_impossible_combinations_are_refused(
                 "config_groups": {
                     "g": {
                         "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
-                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": False},
+                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": False, "strategy": "token"},
                     }
                 },
             },
-            "only dynamic FP8 activation scales",
+            "static activation scales must be per tensor",
+        ),
+        (
+            {
+                **FP8_QC,
+                "config_groups": {
+                    "g": {
+                        "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                        "input_activations": {"type": "int", "num_bits": 8, "dynamic": True},
+                    }
+                },
+            },
+            "activations must be FP8",
         ),
         ({**FP8_QC, "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "group"}}}}, "per channel or per tensor"),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "block-wise weight scales"),
+        ({"quant_method": "fp8", "activation_scheme": "per-channel"}, "activation_scheme must be static or dynamic"),
     ],
 )  # fmt: skip
 def test_unsupported_checkpoint_layouts(qc: dict[str, Any], message: str) -> None:
@@ -236,3 +250,36 @@ def test_fp8_checkpoint_projections_follow_targets_and_ignore(
     # GPTQ checkpoints and quantization at load quantize every projection
     assert QuantConfig("fp8", from_checkpoint=False).stores_quantized(module)
     assert resolve("none", GPTQ_QC).stores_quantized(module)
+
+
+def test_fp8_checkpoint_with_static_activation_scales() -> None:
+    """llm-compressor's static FP8 scheme (per-tensor input_scale): accepted; the scales are read and
+    not applied (activations get per-token scales), and describe() says so."""
+    qc = fp8_quantization_config("tensor")
+    qc["config_groups"]["group_0"]["input_activations"] = {
+        "type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True
+    }  # fmt: skip
+    got = checkpoint_quantization(qc)
+    assert got is not None and got.static_input_scales
+    assert "static input scales not applied" in got.describe()
+    dynamic = checkpoint_quantization(fp8_quantization_config("tensor"))
+    assert dynamic is not None and not dynamic.static_input_scales
+
+
+def test_autofp8_checkpoints() -> None:
+    """AutoFP8's `quant_method: fp8` configs: static or dynamic activations, lm_head left out unless
+    `ignored_layers` leaves it in."""
+    static = checkpoint_quantization(
+        {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    )
+    assert static is not None and static.method == "fp8" and static.from_checkpoint
+    assert static.static_input_scales and not static.lm_head
+    assert static.stores_quantized("model.layers.0.mlp.down_proj")
+    dynamic = checkpoint_quantization({"quant_method": "fp8", "activation_scheme": "dynamic"})
+    assert dynamic is not None and not dynamic.static_input_scales and not dynamic.lm_head
+    everything = checkpoint_quantization({"quant_method": "fp8", "ignored_layers": []})
+    assert everything is not None and everything.lm_head
+    some = checkpoint_quantization(
+        {"quant_method": "fp8", "ignored_layers": ["lm_head", "model.layers.3.mlp.down_proj"]}
+    )
+    assert some is not None and not some.stores_quantized("model.layers.3.mlp.down_proj")

@@ -257,10 +257,16 @@ def test_fp8_scaled_mm_call_matches_reference() -> None:
 
 
 def fp8_checkpoint(
-    src: Path, dst: Path, per_tensor: bool, lm_head: bool = False, ignored: tuple[str, ...] = ()
+    src: Path,
+    dst: Path,
+    per_tensor: bool,
+    lm_head: bool = False,
+    ignored: tuple[str, ...] = (),
+    input_scale: torch.Tensor | None = None,
 ) -> Path:
     """An llm-compressor-like FP8 checkpoint of `src`; the `ignored` modules are listed in `ignore`
-    and stored in bf16, as llm-compressor leaves them."""
+    and stored in bf16, as llm-compressor leaves them; with `input_scale`, every quantized module
+    stores it as its static activation scale (llm-compressor's static FP8 scheme)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
         stored_plain = name.removesuffix(".weight") in ignored
@@ -275,7 +281,11 @@ def fp8_checkpoint(
             q, s = qfp8.quantize_weight_fp8(w)
             tensors[name[: -len("weight")] + "weight_scale"] = s.to(torch.bfloat16).reshape(-1, 1)
         tensors[name] = q
+        if input_scale is not None:
+            tensors[name[: -len("weight")] + "input_scale"] = input_scale.clone()
     qc = fp8_quantization_config("tensor" if per_tensor else "channel")
+    if input_scale is not None:
+        qc["config_groups"]["group_0"]["input_activations"] |= {"dynamic": False, "strategy": "tensor"}
     if lm_head:
         qc["ignore"] = []  # lm_head quantized as well
     qc["ignore"] += list(ignored)
@@ -380,6 +390,48 @@ def test_fp8_checkpoint_keeps_ignored_projections_in_the_model_dtype(
     qc_all["ignore"] += ["model.layers.1.mlp.down_proj"]
     with pytest.raises(ModelLoadError, match=r"down_proj\.weight_scale"):
         build_model(str(fp8_all), checkpoint_quantization(qc_all))
+
+
+def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_path: Path) -> None:
+    """The static FP8 scheme's checkpoints (weight and input_scale per tensor, as in llm-compressor's
+    FP8 Llama checkpoints) load; input_scale is read and not applied, so the model equals the
+    dynamic-scheme one. An input_scale of more than one element is a load error."""
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    def load(ck: Path) -> torch.nn.Module:
+        qc = json.loads((ck / "config.json").read_text())["quantization_config"]
+        return build_model(str(ck), checkpoint_quantization(qc))
+
+    static = load(fp8_checkpoint(tiny_llama, tmp_path / "static", True, input_scale=torch.tensor([0.02])))
+    assert static.config.quant.static_input_scales
+    dynamic = load(fp8_checkpoint(tiny_llama, tmp_path / "dynamic", True))
+    for a, b in zip(static.state_dict().values(), dynamic.state_dict().values(), strict=True):
+        assert torch.equal(a.float(), b.float())
+    assert all(
+        torch.equal(a, b) for a, b in zip(prompt_logits(static, prompts()), prompt_logits(dynamic, prompts()))
+    )
+    with pytest.raises(ModelLoadError, match=r"input_scale is one element"):
+        load(fp8_checkpoint(tiny_llama, tmp_path / "bad", True, input_scale=torch.tensor([0.02, 0.03])))
+
+
+def test_autofp8_checkpoint_loads(tiny_llama: Path, tmp_path: Path) -> None:
+    """AutoFP8's layout (quant_method fp8, scalar float32 weight_scale and input_scale per module)
+    loads to the same model as the compressed-tensors per-tensor checkpoint of the same weights."""
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    ct = fp8_checkpoint(tiny_llama, tmp_path / "ct", True, input_scale=torch.tensor([0.02]))
+    tensors = load_file(str(ct / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(("weight_scale", "input_scale"))]:
+        tensors[name] = tensors[name].float().reshape(())  # AutoFP8 stores 0-d float32 scales
+    qc = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    auto = copy_with(tiny_llama, tmp_path / "autofp8", tensors, qc)
+    a = build_model(str(auto), checkpoint_quantization(qc))
+    b = build_model(
+        str(ct), checkpoint_quantization(json.loads((ct / "config.json").read_text())["quantization_config"])
+    )
+    assert a.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x.float(), y.float())
 
 
 # -- INT8 -------------------------------------------------------------------------------------------

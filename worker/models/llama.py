@@ -228,8 +228,16 @@ class DecoderModel(nn.Module):
                 if pname in owner.method.optional_params:
                     continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
+        static_scales = self.config.quant is not None and self.config.quant.static_input_scales
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
+                continue
+            if static_scales and ck_name.endswith(".input_scale"):
+                # FP8 static activation scales: read, not applied (QuantConfig.static_input_scales)
+                if tensor.numel() != 1:
+                    raise ModelLoadError(
+                        f"{ck_name}: a static input_scale is one element, got {tuple(tensor.shape)}"
+                    )
                 continue
             target, shard = _our_name(ck_name)
             if target not in params:

@@ -3,7 +3,7 @@
 Torch-free on purpose: `config.EngineConfig` calls `resolve_quantization` while validating, and the
 answer (a `QuantConfig`, or None for plain weights) travels to the model inside `ModelConfig.quant`.
 
-| requested | plain checkpoint            | GPTQ checkpoint  | FP8 (compressed-tensors) checkpoint |
+| requested | plain checkpoint            | GPTQ checkpoint  | FP8 (compressed-tensors, AutoFP8)   |
 |-----------|-----------------------------|------------------|-------------------------------------|
 | none      | none                        | gptq (detected)  | fp8 (detected)                      |
 | fp8       | fp8, quantized at load      | refused          | fp8                                 |
@@ -46,6 +46,9 @@ class QuantConfig:
     # compressed-tensors: the config groups' targets and the ignore list (stores_quantized)
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    # compressed-tensors with static per-tensor activation scales: the stored `input_scale` tensors
+    # are read and not applied; activations get dynamic per-token scales like FP8_DYNAMIC's
+    static_input_scales: bool = False
 
     def stores_quantized(self, module: str) -> bool:
         """Whether the checkpoint stores decoder projection `module` (its name in the checkpoint,
@@ -64,7 +67,8 @@ class QuantConfig:
                 + (", lm_head quantized" if self.lm_head else "")
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
-        return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''})"
+        static = ", static input scales not applied (per-token scales)" if self.static_input_scales else ""
+        return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''}{static})"
 
 
 def _bad(msg: str) -> InvalidRequestError:
@@ -81,9 +85,36 @@ def checkpoint_quantization(qc: dict[str, Any] | None) -> QuantConfig | None:
         return _gptq_config(qc)
     if method == "compressed-tensors":
         return _compressed_tensors_config(qc)
+    if method == "fp8":
+        return _autofp8_config(qc)
     raise UnsupportedModelError(
         f"quantization_config.quant_method {method!r} is not supported; this worker reads GPTQ "
-        "(AutoGPTQ/GPTQModel) and FP8 compressed-tensors checkpoints"
+        "(AutoGPTQ/GPTQModel), FP8 compressed-tensors and AutoFP8 (per-tensor FP8) checkpoints"
+    )
+
+
+def _autofp8_config(qc: dict[str, Any]) -> QuantConfig:
+    """AutoFP8's layout (`quant_method: fp8`): every Linear but `ignored_layers` stores e4m3 codes,
+    one float32 weight_scale per tensor and, with activation_scheme static, one input_scale; lm_head
+    is left unquantized unless `ignored_layers` is given and leaves it out. transformers' block-wise
+    FP8 shares the method name (weight_block_size, weight_scale_inv) and is refused."""
+    if qc.get("weight_block_size"):
+        raise UnsupportedModelError(
+            "FP8 with block-wise weight scales (weight_block_size, weight_scale_inv) is not supported; "
+            "per-tensor (AutoFP8) and per-channel (compressed-tensors) FP8 checkpoints are"
+        )
+    scheme = str(qc.get("activation_scheme", "dynamic")).lower()
+    if scheme not in ("static", "dynamic"):
+        raise UnsupportedModelError(f"FP8 activation_scheme must be static or dynamic, got {scheme!r}")
+    listed = qc.get("ignored_layers")
+    ignore = tuple(listed) if listed is not None else ("lm_head",)
+    return QuantConfig(
+        method="fp8",
+        from_checkpoint=True,
+        lm_head=not _matches(ignore, "lm_head"),
+        targets=("Linear",),
+        ignore=ignore,
+        static_input_scales=scheme == "static",
     )
 
 
@@ -130,15 +161,30 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
                 f"compressed-tensors group {name!r}: FP8 weights must be symmetric, per channel or per "
                 f"tensor, got strategy={w.get('strategy')!r}"
             )
-        if a is not None and not (a.get("dynamic") and a.get("type", "float") == "float"):
+        if a is not None and not (a.get("type", "float") == "float" and int(a.get("num_bits", 8)) == 8):
             raise UnsupportedModelError(
-                f"compressed-tensors group {name!r}: only dynamic FP8 activation scales are supported "
-                "(static input_scale checkpoints are not)"
+                f"compressed-tensors group {name!r}: activations must be FP8 (type float, 8 bits), got "
+                f"type={a.get('type')!r} num_bits={a.get('num_bits')!r}"
+            )
+        if a is not None and not a.get("dynamic") and a.get("strategy", "tensor") != "tensor":
+            raise UnsupportedModelError(
+                f"compressed-tensors group {name!r}: static activation scales must be per tensor, got "
+                f"strategy={a.get('strategy')!r}"
             )
     targets = tuple(t for g in groups.values() for t in g.get("targets", []))
     ignore = tuple(qc.get("ignore") or [])
     lm_head = _matches(targets, "lm_head") and not _matches(ignore, "lm_head")
-    return QuantConfig(method="fp8", from_checkpoint=True, lm_head=lm_head, targets=targets, ignore=ignore)
+    static = any(
+        g.get("input_activations") and not g["input_activations"].get("dynamic") for g in groups.values()
+    )
+    return QuantConfig(
+        method="fp8",
+        from_checkpoint=True,
+        lm_head=lm_head,
+        targets=targets,
+        ignore=ignore,
+        static_input_scales=static,
+    )
 
 
 def _matches(entries: tuple[str, ...], module: str) -> bool:
