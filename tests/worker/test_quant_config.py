@@ -283,3 +283,17 @@ def test_autofp8_checkpoints() -> None:
         {"quant_method": "fp8", "ignored_layers": ["lm_head", "model.layers.3.mlp.down_proj"]}
     )
     assert some is not None and not some.stores_quantized("model.layers.3.mlp.down_proj")
+
+
+def test_fp8_checkpoint_with_kv_cache_scales() -> None:
+    """A compressed-tensors kv_cache_scheme (FP8 KV, per-tensor k_scale / v_scale): accepted, the
+    scales read and not applied, and said; a non-FP8 KV scheme is refused."""
+    qc = fp8_quantization_config()
+    qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+    got = checkpoint_quantization(qc)
+    assert got is not None and got.kv_scales and "KV cache scales not applied" in got.describe()
+    plain = checkpoint_quantization(fp8_quantization_config())
+    assert plain is not None and not plain.kv_scales
+    qc["kv_cache_scheme"] = {"type": "int", "num_bits": 8}
+    with pytest.raises(UnsupportedModelError, match="kv_cache_scheme must be FP8"):
+        checkpoint_quantization(qc)

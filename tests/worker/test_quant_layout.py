@@ -393,9 +393,9 @@ def test_fp8_checkpoint_keeps_ignored_projections_in_the_model_dtype(
 
 
 def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_path: Path) -> None:
-    """The static FP8 scheme's checkpoints (weight and input_scale per tensor, as in llm-compressor's
-    FP8 Llama checkpoints) load; input_scale is read and not applied, so the model equals the
-    dynamic-scheme one. An input_scale of more than one element is a load error."""
+    """The static FP8 scheme's checkpoints (weight and input_scale per tensor) load; input_scale is
+    read and not applied, so the model equals the dynamic-scheme one. An input_scale of more than
+    one element is a load error. KV cache scales (kv_cache_scheme) are read and not applied too."""
     from inferfleet.worker.quant.spec import checkpoint_quantization
 
     def load(ck: Path) -> torch.nn.Module:
@@ -410,8 +410,23 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     assert all(
         torch.equal(a, b) for a, b in zip(prompt_logits(static, prompts()), prompt_logits(dynamic, prompts()))
     )
-    with pytest.raises(ModelLoadError, match=r"input_scale is one element"):
+    with pytest.raises(ModelLoadError, match=r"per-tensor scale is one element"):
         load(fp8_checkpoint(tiny_llama, tmp_path / "bad", True, input_scale=torch.tensor([0.02, 0.03])))
+    # with a kv_cache_scheme, each attention layer's k_scale / v_scale load the same way
+    ck = tmp_path / "static"
+    tensors = load_file(str(ck / "model.safetensors"))
+    for i in range(len(static.model.layers)):
+        for kv in ("k_scale", "v_scale"):
+            tensors[f"model.layers.{i}.self_attn.{kv}"] = torch.tensor([0.05])
+    qc = json.loads((ck / "config.json").read_text())["quantization_config"]
+    qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+    with_kv = load(copy_with(tiny_llama, tmp_path / "kv", tensors, qc))
+    assert with_kv.config.quant.kv_scales
+    for a, b in zip(with_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
+        assert torch.equal(a.float(), b.float())
+    del qc["kv_cache_scheme"]  # the same tensors without the scheme: they have no place
+    with pytest.raises(ModelLoadError, match=r"k_scale"):
+        load(copy_with(tiny_llama, tmp_path / "kv-unlisted", tensors, qc))
 
 
 def test_autofp8_checkpoint_loads(tiny_llama: Path, tmp_path: Path) -> None:

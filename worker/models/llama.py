@@ -228,15 +228,16 @@ class DecoderModel(nn.Module):
                 if pname in owner.method.optional_params:
                     continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
-        static_scales = self.config.quant is not None and self.config.quant.static_input_scales
+        unused = self._unused_scale_suffixes()
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
                 continue
-            if static_scales and ck_name.endswith(".input_scale"):
-                # FP8 static activation scales: read, not applied (QuantConfig.static_input_scales)
+            if unused and ck_name.endswith(unused):
+                # static activation or KV cache scales of an FP8 checkpoint: read, not applied
+                # (QuantConfig.static_input_scales, kv_scales)
                 if tensor.numel() != 1:
                     raise ModelLoadError(
-                        f"{ck_name}: a static input_scale is one element, got {tuple(tensor.shape)}"
+                        f"{ck_name}: a per-tensor scale is one element, got {tuple(tensor.shape)}"
                     )
                 continue
             target, shard = _our_name(ck_name)
@@ -287,6 +288,13 @@ class DecoderModel(nn.Module):
             layer.method.process_after_loading(layer)
         if self.config.quant is not None:
             log.info("quantized projections: %s", self.config.quant.describe())
+
+    def _unused_scale_suffixes(self) -> tuple[str, ...]:
+        """Per-tensor scales an FP8 checkpoint stores that this engine reads and does not apply."""
+        quant = self.config.quant
+        if quant is None:
+            return ()
+        return (".input_scale",) * quant.static_input_scales + (".k_scale", ".v_scale") * quant.kv_scales
 
     def keep_checkpoint_dtype(self, name: str) -> bool:
         """Checkpoint tensors the loader must not convert to the model dtype: quantization scales

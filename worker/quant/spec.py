@@ -49,6 +49,9 @@ class QuantConfig:
     # compressed-tensors with static per-tensor activation scales: the stored `input_scale` tensors
     # are read and not applied; activations get dynamic per-token scales like FP8_DYNAMIC's
     static_input_scales: bool = False
+    # compressed-tensors `kv_cache_scheme` (FP8 KV): the stored per-tensor `k_scale` / `v_scale` are
+    # read and not applied (the KV cache is the model dtype, or --kv-cache-dtype fp8 with scale 1.0)
+    kv_scales: bool = False
 
     def stores_quantized(self, module: str) -> bool:
         """Whether the checkpoint stores decoder projection `module` (its name in the checkpoint,
@@ -68,7 +71,8 @@ class QuantConfig:
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
         static = ", static input scales not applied (per-token scales)" if self.static_input_scales else ""
-        return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''}{static})"
+        kv = ", KV cache scales not applied" if self.kv_scales else ""
+        return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''}{static}{kv})"
 
 
 def _bad(msg: str) -> InvalidRequestError:
@@ -184,7 +188,20 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
         targets=targets,
         ignore=ignore,
         static_input_scales=static,
+        kv_scales=_kv_cache_scheme(qc),
     )
+
+
+def _kv_cache_scheme(qc: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config quantizes the KV cache (FP8 only; per-tensor k_scale and
+    v_scale per attention layer, which the loader reads and does not apply)."""
+    kv = qc.get("kv_cache_scheme")
+    if kv and not (kv.get("type", "float") == "float" and int(kv.get("num_bits", 8)) == 8):
+        raise UnsupportedModelError(
+            f"compressed-tensors kv_cache_scheme must be FP8 (type float, 8 bits), got "
+            f"type={kv.get('type')!r} num_bits={kv.get('num_bits')!r}"
+        )
+    return bool(kv)
 
 
 def _matches(entries: tuple[str, ...], module: str) -> bool:
