@@ -5,8 +5,8 @@
    up to the captured sizes): prefill logits at every position of a few prompts, and every decode
    step's logits of concurrent requests (one batch of 70, above 64 rows) against the CPU reference
    teacher-forced on the tokens the GPU generated. The reference is a **bf16** CPU model loading the
-   same checkpoint the same way (a float32 checkpoint is rounded to bf16 before INT8/FP8 quantize it
-   at load, so both sides hold identical codes and scales), its INT8/GPTQ projections computed as the
+   same checkpoint the same way (INT8/FP8 at load quantize a float32 checkpoint's own values on both
+   sides, so both hold identical codes and scales), its INT8/GPTQ projections computed as the
    kernels compute them (`quant.evaluate.use_kernel_numerics`: float32 products of the exact
    dequantized weights, one rounding); FP8's CPU reference already does. Engine steps are capped at
    256 tokens, so every CUDA batch takes the fused kernels the reference models.
@@ -107,13 +107,27 @@ def cuda_engine(model: Path, **kw: Any) -> LLMEngine:
 
 
 def cpu_reference(
-    model: Path, quantization: str, fp8_from_checkpoint: bool = False, lm_head: bool = False
+    model: Path,
+    quantization: str,
+    fp8_from_checkpoint: bool = False,
+    lm_head: bool = False,
+    quant: QuantConfig | None = None,
 ) -> Any:
-    """The CPU bf16 model computing what the CUDA kernels compute (module docstring, point 1)."""
+    """The CPU bf16 model computing what the CUDA kernels compute (module docstring, point 1);
+    `quant` overrides the FP8 QuantConfig (a checkpoint's own, with its ignore list); `lm_head`
+    quantizes lm_head too (INT8: --quantize-lm-head)."""
     if quantization == "fp8":  # no CPU worker serves FP8: its reference math through build_model
-        quant = QuantConfig("fp8", from_checkpoint=fp8_from_checkpoint, lm_head=lm_head)
+        quant = quant or QuantConfig("fp8", from_checkpoint=fp8_from_checkpoint, lm_head=lm_head)
         return build_model(str(model), quant, dtype=torch.bfloat16)
-    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="bfloat16", quantization=quantization))
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(model),
+            device="cpu",
+            dtype="bfloat16",
+            quantization=quantization,
+            quantize_lm_head=lm_head,
+        )
+    )
     return use_kernel_numerics(eng.runner.model)
 
 
@@ -228,15 +242,19 @@ def served_tol(m: int) -> Tol:
     return WEIGHT_ONLY if m <= qfp8.W8A16_MAX_M else W8A8
 
 
-def fp8_checkpoint(src: Path, dst: Path, lm_head: bool = False) -> Path:
+def fp8_checkpoint(src: Path, dst: Path, lm_head: bool = False, ignored: tuple[str, ...] = ()) -> Path:
+    """An FP8 compressed-tensors checkpoint of `src`; the `ignored` modules stay bf16, listed in
+    `ignore` (as llm-compressor leaves them)."""
     from safetensors.torch import load_file
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
         proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-        if proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") or (
-            lm_head and name == "lm_head.weight"
+        plain = name.removesuffix(".weight") in ignored
+        if not plain and (
+            proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            or (lm_head and name == "lm_head.weight")
         ):
             q, s = qfp8.quantize_weight_fp8(w)
             tensors[name], tensors[name[: -len("weight")] + "weight_scale"] = q, s.reshape(-1, 1)
@@ -248,6 +266,7 @@ def fp8_checkpoint(src: Path, dst: Path, lm_head: bool = False) -> Path:
     cfg["quantization_config"] = fp8_quantization_config()
     if lm_head:
         cfg["quantization_config"]["ignore"] = []  # lm_head stored in FP8 too
+    cfg["quantization_config"]["ignore"] += list(ignored)
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -286,6 +305,39 @@ def test_fp8_compressed_tensors_checkpoint_on_cuda(tiny_llama: Path, tmp_path: P
         "fp8 compressed-tensors prefill",
         [(a, b, served_tol(len(p)), len(p)) for a, b, p in zip(got, want, ps)],
     )
+
+
+@needs_fp8
+def test_fp8_checkpoint_with_ignored_projections_on_cuda(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Projections the checkpoint's `ignore` lists run as plain bf16 layers among FP8 ones (the
+    one-row kernels, fused epilogues and graphs mix both) and match the CPU reference math, W8A16."""
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    monkeypatch.setattr(qfp8, "W8A16_MAX_M", 10**9)
+    ignored = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+               "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj")  # fmt: skip
+    ck = fp8_checkpoint(tiny_llama, tmp_path / "fp8-ignore", ignored=ignored)
+    eng = cuda_engine(ck)
+    layers = eng.runner.model.model.layers
+    assert layers[0].self_attn.qkv_proj.method is None and layers[1].mlp.down_proj.method is None
+    assert layers[1].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    quant = checkpoint_quantization(json.loads((ck / "config.json").read_text())["quantization_config"])
+    check_against_reference(eng, cpu_reference(ck, "fp8", quant=quant), prompts(8), WEIGHT_ONLY, "fp8 ignore")
+
+
+@pytest.mark.parametrize("method", ["int8", pytest.param("fp8", marks=needs_fp8)])
+def test_lm_head_quantized_at_load_on_cuda(
+    method: str, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--quantize-lm-head: lm_head quantized at load runs on the same kernels as a stored one (the
+    one-row GEMV writing float32 logits in decode graphs) and matches the CPU reference, W8A16."""
+    monkeypatch.setattr(qfp8, "W8A16_MAX_M", 10**9)
+    eng = cuda_engine(tiny_llama, quantization=method, quantize_lm_head=True)
+    assert eng.runner.model.lm_head.method is not None
+    ref = cpu_reference(tiny_llama, method, lm_head=True)
+    check_against_reference(eng, ref, prompts(9), WEIGHT_ONLY, f"{method} lm_head at load")
 
 
 # -- the quantization error on CUDA, against the unquantized bf16 engine ----------------------------
