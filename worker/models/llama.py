@@ -229,6 +229,8 @@ class DecoderModel(nn.Module):
                     continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
         unused = self._unused_scale_suffixes()
+        # the config says lm_head is stored quantized (not quantized here at load)
+        stored_quantized_head = self.quantized_lm_head and self.config.quant.from_checkpoint
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
                 continue
@@ -245,8 +247,7 @@ class DecoderModel(nn.Module):
                 raise ModelLoadError(
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
                 )
-            stored_quantized = self.quantized_lm_head and self.config.quant.from_checkpoint
-            if ck_name == "lm_head.weight" and stored_quantized and tensor.dtype.itemsize > 1:
+            if ck_name == "lm_head.weight" and stored_quantized_head and tensor.dtype.itemsize > 1:
                 # the config says lm_head is stored quantized; a 16/32-bit one means they disagree
                 # (FP8 layers would otherwise quantize it at load, silently)
                 raise ModelLoadError(
@@ -292,9 +293,12 @@ class DecoderModel(nn.Module):
     def _unused_scale_suffixes(self) -> tuple[str, ...]:
         """Per-tensor scales an FP8 checkpoint stores that this engine reads and does not apply."""
         quant = self.config.quant
-        if quant is None:
-            return ()
-        return (".input_scale",) * quant.static_input_scales + (".k_scale", ".v_scale") * quant.kv_scales
+        suffixes: tuple[str, ...] = ()
+        if quant is not None and quant.static_input_scales:
+            suffixes += (".input_scale",)
+        if quant is not None and quant.kv_scales:
+            suffixes += (".k_scale", ".v_scale")
+        return suffixes
 
     def keep_checkpoint_dtype(self, name: str) -> bool:
         """Checkpoint tensors the loader must not convert to the model dtype: quantization scales
