@@ -110,32 +110,14 @@ def model_dir_for(method: str, args: argparse.Namespace) -> str:
 
 def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
     """An FP8 compressed-tensors checkpoint at `dst` with every projection and lm_head in per-channel
-    e4m3 (as llm-compressor writes one whose recipe does not ignore lm_head), made from `src` unless
-    there; what making it took."""
+    e4m3 (`inferfleet-worker quantize --method fp8 --lm-head`: as llm-compressor writes one whose
+    recipe does not ignore lm_head), made from `src` on the GPU unless there; what making it took."""
     if (Path(dst) / "config.json").exists():
         return None
-    from inferfleet.worker.loader import iter_weights
-    from inferfleet.worker.quant.calibrate import _is_quantized_weight, write_checkpoint
+    from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
 
     t0 = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, w in iter_weights(src, torch.bfloat16, "cuda"):
-        if _is_quantized_weight(name, lm_head=True) is None:
-            tensors[name] = w.to("cpu", copy=True)
-            continue
-        q, scale = qfp8.quantize_weight_fp8(w.float())
-        tensors[name] = q.cpu()
-        tensors[name[: -len("weight")] + "weight_scale"] = scale.reshape(-1, 1).cpu()
-    weights = {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}
-    acts = {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": acts}
-    qconfig = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "ignore": [],
-        "config_groups": {"group_0": group},
-    }
-    write_checkpoint(src, dst, tensors, qconfig)  # config.json last: its presence means complete
+    quantize_checkpoint(src, dst, QuantizeSpec(method="fp8", lm_head=True), device="cuda")
     torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - t0, "note": "per-channel e4m3, lm_head included"}
 

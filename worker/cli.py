@@ -46,9 +46,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "quantize", help="write a GPTQ checkpoint (AutoGPTQ layout) from a plain one (docs/quantization.md)"
+        "quantize",
+        help="write a GPTQ (AutoGPTQ layout) or FP8 (compressed-tensors) checkpoint from a plain one "
+        "(docs/quantization.md)",
     )
-    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn: round to nearest, no data")
+    p.add_argument(
+        "--method",
+        choices=("gptq", "rtn", "fp8"),
+        default="gptq",
+        help="rtn: GPTQ layout, round to nearest, no data; fp8: e4m3 per channel (FP8_DYNAMIC)",
+    )
     p.add_argument("--calibration", default=None, help="text file of calibration data (gptq)")
     p.add_argument("--model", required=True, help="input Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")

@@ -12,7 +12,10 @@ with the quantized qkv and accumulates H for o; and so on. The quantized layer's
 next layer. Each layer's reconstruction error ||W X - Q X||^2 is reported next to round-to-nearest
 with the same grid. `--lm-head` quantizes lm_head last, from the final norm's outputs of the
 quantized decoder (GPTQModel's lm_head=True). `--method rtn` skips calibration (round to nearest, same layout): fast enough for
-8B-sized checkpoints in the GPU benchmark.
+8B-sized checkpoints in the GPU benchmark. `--method fp8` writes an FP8 checkpoint in the
+compressed-tensors layout llm-compressor's FP8_DYNAMIC scheme writes (e4m3 codes with per-channel
+scales, dynamic per-token activations; lm_head too with `--lm-head`), one tensor at a time: what
+`--quantization fp8` would compute at load, stored at half the bytes of a bf16 checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..errors import InvalidRequestError
 from ..layers.attention import qkv_heads
 from ..loader import SafetensorsFile, iter_weights, safetensors_files
 from .evaluate import build_model
+from .fp8 import quantize_weight_fp8
 from .gptq import pack_int32
 from .gptq_quantizer import QuantResult, gptq_quantize, reconstruction_error, rtn_quantize
 
@@ -66,15 +70,15 @@ class QuantizeSpec:
     lm_head: bool = False  # quantize lm_head too (GPTQModel's lm_head=True), from the final norm's outputs
 
     def validate(self) -> None:
-        if self.method not in ("gptq", "rtn"):
-            raise InvalidRequestError("method must be gptq or rtn", param="method")
+        if self.method not in ("gptq", "rtn", "fp8"):
+            raise InvalidRequestError("method must be gptq, rtn or fp8", param="method")
         if self.bits not in (2, 4, 8):
             raise InvalidRequestError("bits must be 2, 4 or 8", param="bits")
         if self.group_size != -1 and self.group_size < 1:
             raise InvalidRequestError("group_size must be -1 or positive", param="group_size")
         if not 0 < self.damp < 1:
             raise InvalidRequestError("damp must be in (0, 1)", param="damp")
-        if self.act_order and self.method == "rtn":
+        if self.act_order and self.method != "gptq":
             raise InvalidRequestError("act-order needs calibration (method gptq)", param="act_order")
 
 
@@ -178,7 +182,7 @@ def check_lm_head(spec: QuantizeSpec, mc: ModelConfig) -> None:
             param="lm_head",
         )
     per_word = 32 // spec.bits
-    if mc.vocab_size % per_word:
+    if spec.method != "fp8" and mc.vocab_size % per_word:
         raise InvalidRequestError(
             f"--lm-head: the vocabulary ({mc.vocab_size}) is not a multiple of {per_word}, so {spec.bits}-bit "
             "zeros cannot be packed along it; quantize without --lm-head",
@@ -311,6 +315,21 @@ def quantization_config(spec: QuantizeSpec) -> dict[str, Any]:
     }
 
 
+def fp8_quantization_config(lm_head: bool) -> dict[str, Any]:
+    """config.json's quantization_config of the FP8 checkpoints `--method fp8` writes: llm-compressor's
+    FP8_DYNAMIC in compressed-tensors (e4m3 weights with per-channel scales, dynamic per-token e4m3
+    activations), lm_head in `ignore` unless it is quantized too."""
+    weights = {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}
+    acts = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "ignore": [] if lm_head else ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+        "quantizer": ["inferfleet", "fp8"],
+    }
+
+
 def write_checkpoint(
     model_dir: str | Path, out_dir: str | Path, tensors: dict[str, torch.Tensor], qconfig: dict[str, Any]
 ) -> Path:
@@ -374,7 +393,8 @@ def quantize_checkpoint(
     check_lm_head(spec, mc)
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
-    if spec.method == "rtn":
+    qconfig = fp8_quantization_config(spec.lm_head) if spec.method == "fp8" else quantization_config(spec)
+    if spec.method in ("rtn", "fp8"):
         tensors = _rtn_stream(model_dir, mc, spec, dev)
     else:
         if not calibration_text:
@@ -398,7 +418,7 @@ def quantize_checkpoint(
                     tensors[f"{module}.{key}"] = value
 
         _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
-    out = write_checkpoint(model_dir, out_dir, tensors, quantization_config(spec))
+    out = write_checkpoint(model_dir, out_dir, tensors, qconfig)
     summary = {
         "spec": asdict(spec),
         "seconds": time.perf_counter() - t0,
@@ -411,13 +431,21 @@ def quantize_checkpoint(
 def _rtn_stream(
     model_dir: str | Path, mc: ModelConfig, spec: QuantizeSpec, dev: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Round to nearest, one checkpoint tensor at a time (on `dev`), into the same layout."""
+    """Round to nearest, one checkpoint tensor at a time (on `dev`): into the GPTQ layout (rtn), or
+    e4m3 codes and float32 per-channel scales as quant/fp8.py quantizes at load (fp8)."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mc.torch_dtype or "", torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for name, x in iter_weights(model_dir, dtype, dev):
         module = _is_quantized_weight(name, spec.lm_head)
         if module is None:
             tensors[name] = x.to("cpu", copy=True)  # never a view of the input's mapping
+            continue
+        if spec.method == "fp8":
+            q, scale = quantize_weight_fp8(x)
+            tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"] = (
+                q.cpu(),
+                scale.reshape(-1, 1).cpu(),
+            )
             continue
         res = rtn_quantize(x.float(), spec.bits, spec.group_size, spec.sym)
         for key, value in gptq_tensors(res, spec.bits).items():
