@@ -114,8 +114,6 @@ def ensure_fp8_lm_head(src: str, dst: str) -> dict[str, Any] | None:
     recipe does not ignore lm_head), made from `src` on the GPU unless there; what making it took."""
     if (Path(dst) / "config.json").exists():
         return None
-    from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
-
     t0 = time.perf_counter()
     quantize_checkpoint(src, dst, QuantizeSpec(method="fp8", lm_head=True), device="cuda")
     torch.cuda.empty_cache()

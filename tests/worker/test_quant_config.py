@@ -294,6 +294,19 @@ def test_fp8_checkpoint_with_kv_cache_scales() -> None:
     assert got is not None and got.kv_scales and "KV cache scales not applied" in got.describe()
     plain = checkpoint_quantization(fp8_quantization_config())
     assert plain is not None and not plain.kv_scales
-    qc["kv_cache_scheme"] = {"type": "int", "num_bits": 8}
-    with pytest.raises(UnsupportedModelError, match="kv_cache_scheme must be FP8"):
-        checkpoint_quantization(qc)
+    for bad in ({"type": "int", "num_bits": 8}, {"type": "float", "num_bits": 8, "strategy": "attn_head"}):
+        qc["kv_cache_scheme"] = bad
+        with pytest.raises(UnsupportedModelError, match="kv_cache_scheme must be FP8 per tensor"):
+            checkpoint_quantization(qc)
+    auto = checkpoint_quantization({"quant_method": "fp8", "kv_cache_scheme": "static"})
+    assert auto is not None and auto.kv_scales
+    with pytest.raises(UnsupportedModelError, match="AutoFP8 kv_cache_scheme must be static"):
+        checkpoint_quantization({"quant_method": "fp8", "kv_cache_scheme": "dynamic"})
+
+
+def test_a_compressed_tensors_config_that_targets_nothing_quantizes_nothing() -> None:
+    qc = fp8_quantization_config()
+    del qc["config_groups"]["group_0"]["targets"]
+    got = checkpoint_quantization(qc)
+    assert got is not None and got.targets == () and not got.lm_head
+    assert not got.stores_quantized("model.layers.0.mlp.down_proj")

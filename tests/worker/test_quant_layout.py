@@ -427,6 +427,14 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     del qc["kv_cache_scheme"]  # the same tensors without the scheme: they have no place
     with pytest.raises(ModelLoadError, match=r"k_scale"):
         load(copy_with(tiny_llama, tmp_path / "kv-unlisted", tensors, qc))
+    # AutoFP8's KV scales (kv_cache_scheme "static") are named after the k and v projections
+    auto = {n.replace("self_attn.k_scale", "self_attn.k_proj.output_scale").replace(
+        "self_attn.v_scale", "self_attn.v_proj.output_scale"): t for n, t in tensors.items()}  # fmt: skip
+    auto_qc = {"quant_method": "fp8", "activation_scheme": "static", "kv_cache_scheme": "static"}
+    auto_kv = load(copy_with(tiny_llama, tmp_path / "auto-kv", auto, auto_qc))
+    assert auto_kv.config.quant.kv_scales
+    for a, b in zip(auto_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
+        assert torch.equal(a.float(), b.float())
 
 
 def test_autofp8_checkpoint_loads(tiny_llama: Path, tmp_path: Path) -> None:
@@ -470,10 +478,48 @@ def test_quantize_fp8_writes_what_quantizing_at_load_computes(
     assert (stored.lm_head.weight.dtype == torch.float8_e4m3fn) is lm_head
     for (name, a), b in zip(stored.state_dict().items(), at_load.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a.float(), b.float()), name
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["spec"] == {"method": "fp8", "lm_head": lm_head}
     capsys.readouterr()
     tied = ["quantize", "--method", "fp8", "--model", str(tiny_models["qwen2"]), "--out", str(tmp_path / "t")]
     assert cli.main([*tied, "--device", "cpu", "--lm-head"]) == 2
     assert "tie_word_embeddings" in capsys.readouterr().err
+    for extra, message in (
+        (["--asym"], "sym applies to methods gptq and rtn"),
+        (["--bits", "8"], "bits applies"),
+    ):
+        assert cli.main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_quantize_fp8_reads_the_stored_values(tiny_llama: Path, tmp_path: Path) -> None:
+    """A checkpoint stored in float32 whose config says bfloat16: `quantize --method fp8` quantizes
+    the stored float32 values, as the loader does at load, not a bf16 copy of them."""
+    from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
+    from inferfleet.worker.quant.spec import checkpoint_quantization
+
+    src = tmp_path / "f32-says-bf16"
+    shutil.copytree(tiny_llama, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"torch_dtype": "bfloat16"}))
+    out = tmp_path / "fp8"
+    quantize_checkpoint(src, out, QuantizeSpec(method="fp8"), device="cpu")
+    quant = checkpoint_quantization(json.loads((out / "config.json").read_text())["quantization_config"])
+    stored = build_model(str(out), quant, dtype=torch.bfloat16)
+    at_load = build_model(str(src), QuantConfig("fp8", from_checkpoint=False), dtype=torch.bfloat16)
+    for (name, a), b in zip(stored.state_dict().items(), at_load.state_dict().values(), strict=True):
+        assert torch.equal(a.float(), b.float()), name
+
+
+def test_quantize_lm_head_needs_the_checkpoints_own_lm_head(tiny_llama: Path, tmp_path: Path) -> None:
+    tensors = {
+        k: v for k, v in load_file(str(tiny_llama / "model.safetensors")).items() if k != "lm_head.weight"
+    }
+    headless = copy_with(tiny_llama, tmp_path / "headless", tensors, None)
+    with pytest.raises(
+        ModelLoadError, match=r"quantize_lm_head quantizes the checkpoint's own lm_head\.weight"
+    ):
+        LLMEngine(EngineConfig(model=str(headless), device="cpu", quantization="int8", quantize_lm_head=True))
 
 
 # -- INT8 -------------------------------------------------------------------------------------------

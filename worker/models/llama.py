@@ -252,8 +252,8 @@ class DecoderModel(nn.Module):
                 # (FP8 layers would otherwise quantize it at load, silently)
                 raise ModelLoadError(
                     f"quantization_config says lm_head is stored quantized ({self.config.quant.describe()}), but "
-                    f"the checkpoint's lm_head.weight is {tensor.dtype}; for compressed-tensors, list lm_head "
-                    "in `ignore` if the recipe left it unquantized"
+                    f"the checkpoint's lm_head.weight is {tensor.dtype}; if the recipe left it unquantized, the "
+                    "config should list lm_head in `ignore` (compressed-tensors) or `ignored_layers` (AutoFP8)"
                 )
             param = params[target]
             owner_name, _, pname = target.rpartition(".")
@@ -283,6 +283,8 @@ class DecoderModel(nn.Module):
                 hint = (
                     " (quantization_config says lm_head is stored quantized: GPTQ `lm_head: true`, or FP8 "
                     "config_groups targeting it without `ignore`; a tied model stores no lm_head of its own)"
+                    if stored_quantized_head
+                    else " (quantize_lm_head quantizes the checkpoint's own lm_head.weight, which it lacks)"
                 )
             raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}{hint}")
         for layer in quantized.values():
@@ -296,8 +298,8 @@ class DecoderModel(nn.Module):
         suffixes: tuple[str, ...] = ()
         if quant is not None and quant.static_input_scales:
             suffixes += (".input_scale",)
-        if quant is not None and quant.kv_scales:
-            suffixes += (".k_scale", ".v_scale")
+        if quant is not None and quant.kv_scales:  # compressed-tensors' names, then AutoFP8's
+            suffixes += (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
         return suffixes
 
     def keep_checkpoint_dtype(self, name: str) -> bool:

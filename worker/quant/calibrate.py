@@ -80,6 +80,11 @@ class QuantizeSpec:
             raise InvalidRequestError("damp must be in (0, 1)", param="damp")
         if self.act_order and self.method != "gptq":
             raise InvalidRequestError("act-order needs calibration (method gptq)", param="act_order")
+        if self.method == "fp8":  # e4m3 with per-channel scales: no grid to choose
+            gptq_only = {"bits": 4, "group_size": 128, "sym": True}
+            for name, default in gptq_only.items():
+                if getattr(self, name) != default:
+                    raise InvalidRequestError(f"{name} applies to methods gptq and rtn, not fp8", param=name)
 
 
 @dataclass
@@ -326,6 +331,7 @@ def fp8_quantization_config(lm_head: bool) -> dict[str, Any]:
         "format": "float-quantized",
         "ignore": [] if lm_head else ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+        "quantization_status": "compressed",
         "quantizer": ["inferfleet", "fp8"],
     }
 
@@ -395,6 +401,8 @@ def quantize_checkpoint(
     reports: list[LayerReport] = []
     qconfig = fp8_quantization_config(spec.lm_head) if spec.method == "fp8" else quantization_config(spec)
     if spec.method in ("rtn", "fp8"):
+        if spec.method == "fp8" and calibration_text:
+            raise InvalidRequestError("method fp8 uses no calibration data", param="calibration")
         tensors = _rtn_stream(model_dir, mc, spec, dev)
     else:
         if not calibration_text:
@@ -420,7 +428,8 @@ def quantize_checkpoint(
         _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
     out = write_checkpoint(model_dir, out_dir, tensors, qconfig)
     summary = {
-        "spec": asdict(spec),
+        # an fp8 checkpoint has no grid: its spec is the method and the lm_head choice
+        "spec": {"method": "fp8", "lm_head": spec.lm_head} if spec.method == "fp8" else asdict(spec),
         "seconds": time.perf_counter() - t0,
         "layers": [asdict(r) for r in reports],
     }
@@ -435,7 +444,10 @@ def _rtn_stream(
     e4m3 codes and float32 per-channel scales as quant/fp8.py quantizes at load (fp8)."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mc.torch_dtype or "", torch.float32)
     tensors: dict[str, torch.Tensor] = {}
-    for name, x in iter_weights(model_dir, dtype, dev):
+    # the weights it quantizes arrive as stored (not rounded to the model dtype first), as the loader
+    # hands them to layers that quantize at load
+    keep = lambda name: _is_quantized_weight(name, spec.lm_head) is not None  # noqa: E731
+    for name, x in iter_weights(model_dir, dtype, dev, keep_dtype=keep):
         module = _is_quantized_weight(name, spec.lm_head)
         if module is None:
             tensors[name] = x.to("cpu", copy=True)  # never a view of the input's mapping

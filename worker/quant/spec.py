@@ -43,14 +43,16 @@ class QuantConfig:
     sym: bool = True
     zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
     lm_head: bool = False  # lm_head is stored quantized as well (GPTQ: same bits and groups; FP8)
-    # compressed-tensors: the config groups' targets and the ignore list (stores_quantized)
-    targets: tuple[str, ...] = ()
+    # compressed-tensors / AutoFP8: the modules the config targets and ignores (stores_quantized);
+    # None for the other layouts, which quantize every decoder projection
+    targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     # compressed-tensors with static per-tensor activation scales: the stored `input_scale` tensors
     # are read and not applied; activations get dynamic per-token scales like FP8_DYNAMIC's
     static_input_scales: bool = False
-    # compressed-tensors `kv_cache_scheme` (FP8 KV): the stored per-tensor `k_scale` / `v_scale` are
-    # read and not applied (the KV cache is the model dtype, or --kv-cache-dtype fp8 with scale 1.0)
+    # an FP8 KV cache scheme (compressed-tensors `kv_cache_scheme`: per-tensor `k_scale` / `v_scale`;
+    # AutoFP8's: `k_proj.output_scale` / `v_proj.output_scale`): read and not applied (the KV cache
+    # is the model dtype, or --kv-cache-dtype fp8 with scale 1.0)
     kv_scales: bool = False
 
     def stores_quantized(self, module: str) -> bool:
@@ -58,7 +60,7 @@ class QuantConfig:
         e.g. model.layers.0.mlp.down_proj) quantized: always, except in a compressed-tensors FP8
         checkpoint, where its config decides as compressed-tensors matches modules (_matches);
         llm-compressor keeps the modules a recipe ignores in the model dtype."""
-        if not (self.method == "fp8" and self.from_checkpoint and self.targets):
+        if self.targets is None:
             return True
         return _matches(self.targets, module) and not _matches(self.ignore, module)
 
@@ -112,6 +114,9 @@ def _autofp8_config(qc: dict[str, Any]) -> QuantConfig:
         raise UnsupportedModelError(f"FP8 activation_scheme must be static or dynamic, got {scheme!r}")
     listed = qc.get("ignored_layers")
     ignore = tuple(listed) if listed is not None else ("lm_head",)
+    kv = qc.get("kv_cache_scheme")
+    if kv not in (None, "static"):
+        raise UnsupportedModelError(f"AutoFP8 kv_cache_scheme must be static (per-tensor scales), got {kv!r}")
     return QuantConfig(
         method="fp8",
         from_checkpoint=True,
@@ -119,6 +124,7 @@ def _autofp8_config(qc: dict[str, Any]) -> QuantConfig:
         targets=("Linear",),
         ignore=ignore,
         static_input_scales=scheme == "static",
+        kv_scales=kv is not None,
     )
 
 
@@ -196,10 +202,15 @@ def _kv_cache_scheme(qc: dict[str, Any]) -> bool:
     """Whether a compressed-tensors config quantizes the KV cache (FP8 only; per-tensor k_scale and
     v_scale per attention layer, which the loader reads and does not apply)."""
     kv = qc.get("kv_cache_scheme")
-    if kv and not (kv.get("type", "float") == "float" and int(kv.get("num_bits", 8)) == 8):
+    if kv and not (
+        kv.get("type", "float") == "float"
+        and int(kv.get("num_bits", 8)) == 8
+        and kv.get("strategy", "tensor") == "tensor"
+    ):
         raise UnsupportedModelError(
-            f"compressed-tensors kv_cache_scheme must be FP8 (type float, 8 bits), got "
-            f"type={kv.get('type')!r} num_bits={kv.get('num_bits')!r}"
+            f"compressed-tensors kv_cache_scheme must be FP8 per tensor (type float, 8 bits, strategy "
+            f"tensor), got type={kv.get('type')!r} num_bits={kv.get('num_bits')!r} "
+            f"strategy={kv.get('strategy')!r}"
         )
     return bool(kv)
 
