@@ -75,8 +75,22 @@ def test_impossible_combinations_are_refused(
         ({**GPTQ_QC, "bits": 3}, "GPTQ bits=3"),
         ({**GPTQ_QC, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
         (
+            {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}},
+            "only 8-bit weights are supported",
+        ),
+        (
             {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel"}}}},
-            "only 8-bit float (FP8) weights",
+            "INT8 weights must be stored as int8 tensors (format int-quantized)",
+        ),
+        (
+            {**FP8_QC, "format": "int-quantized", "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel", "symmetric": False}}}},
+            "INT8 weights must be symmetric",
+        ),
+        (
+            {**FP8_QC, "format": "int-quantized", "config_groups": {
+                "a": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel"}},
+                "b": {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}}},
+            "mix FP8 and INT8",
         ),
         (
             {
@@ -310,3 +324,26 @@ def test_a_compressed_tensors_config_that_targets_nothing_quantizes_nothing() ->
     got = checkpoint_quantization(qc)
     assert got is not None and got.targets == () and not got.lm_head
     assert not got.stores_quantized("model.layers.0.mlp.down_proj")
+
+
+def int8_quantization_config() -> dict[str, Any]:
+    """llm-compressor's W8A8 INT8 scheme in compressed-tensors (int8 codes, per-channel scales,
+    dynamic per-token int8 activations)."""
+    qc = fp8_quantization_config()
+    qc["format"] = "int-quantized"
+    group = qc["config_groups"]["group_0"]
+    group["weights"]["type"] = group["input_activations"]["type"] = "int"
+    return qc
+
+
+def test_int8_compressed_tensors_checkpoints() -> None:
+    """Detected as int8 from the checkpoint (CPU workers included); fp8 refuses them, int8 takes them."""
+    got = resolve("none", int8_quantization_config())
+    assert got is not None and got.method == "int8" and got.from_checkpoint and not got.lm_head
+    assert resolve("int8", int8_quantization_config()) == got
+    with pytest.raises(InvalidRequestError, match="fp8 cannot re-quantize a int8 checkpoint"):
+        resolve("fp8", int8_quantization_config(), "cuda", H100, "bfloat16")
+    with pytest.raises(InvalidRequestError, match="quantization_config decides"):
+        resolve_quantization(
+            "int8", int8_quantization_config(), "cpu", None, "float32", quantize_lm_head=True
+        )

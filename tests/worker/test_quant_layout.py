@@ -525,6 +525,41 @@ def test_quantize_lm_head_needs_the_checkpoints_own_lm_head(tiny_llama: Path, tm
 # -- INT8 -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_compressed_tensors_checkpoint_serves_on_cpu(
+    tiny_llama: Path, tmp_path: Path, static: bool
+) -> None:
+    """llm-compressor's W8A8 INT8 checkpoints (int-quantized: int8 codes, per-channel scales; the
+    activation scheme, dynamic or static, is not applied: INT8 here is weight-only) load with
+    quantization none on a CPU worker and equal quantizing the same weights at load."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in load_file(str(tiny_llama / "model.safetensors")).items():
+        if not is_quantized(name):
+            tensors[name] = w
+            continue
+        q, s = quantize_weight_int8(w)
+        tensors[name], tensors[name[: -len("weight")] + "weight_scale"] = q, s.reshape(-1, 1)
+        if static:
+            tensors[name[: -len("weight")] + "input_scale"] = torch.tensor([0.01])
+    qc = fp8_quantization_config()
+    qc["format"] = "int-quantized"
+    group = qc["config_groups"]["group_0"]
+    group["weights"]["type"] = group["input_activations"]["type"] = "int"
+    if static:
+        group["input_activations"] |= {"dynamic": False, "strategy": "tensor"}
+    ck = copy_with(tiny_llama, tmp_path / "w8a8", tensors, qc)
+    stored, eng = engine_logits(ck)
+    quant = eng.config.model_config.quant
+    assert eng.config.quantization == "int8" and quant.from_checkpoint and quant.static_input_scales is static
+    assert eng.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    at_load, _ = engine_logits(tiny_llama, quantization="int8")
+    assert all(torch.equal(a, b) for a, b in zip(stored, at_load, strict=True))
+    out = LLM(str(ck), device="cpu", dtype="float32").generate(
+        prompt_token_ids=[prompts()[0]], sampling_params=SamplingParams(max_tokens=5, ignore_eos=True)
+    )
+    assert len(out[0].token_ids) == 5
+
+
 def test_int8_round_to_nearest_error_bound() -> None:
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
     q, s = quantize_weight_int8(w)

@@ -22,8 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import kernels
-from ..errors import ModelLoadError
-from .methods import RowScaledMethod, check_shape, dequantize_rows, row_scale
+from .methods import RowScaledMethod, dequantize_rows, row_scale
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -120,32 +119,6 @@ class Fp8LinearMethod(RowScaledMethod):
 
     def gemv_max_m(self) -> int:
         return W8A16_MAX_M
-
-    def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
-        lo, hi = layer.shard_range(shard)
-        if name == "weight":
-            check_shape(ck_name, tensor, (hi - lo, layer.in_features))
-            if tensor.dtype == FP8_DTYPE:
-                layer.weight.data[lo:hi].copy_(tensor)
-                return ["weight"]
-            if not tensor.is_floating_point() or tensor.element_size() == 1:
-                raise ModelLoadError(
-                    f"{ck_name}: an FP8 layer takes float8_e4m3fn or 16/32-bit float weights"
-                )
-            return self._load_float(layer, lo, hi, tensor)
-        if name == "weight_scale":
-            dest = layer.weight_scale.data[lo:hi]
-            if tensor.numel() == 1:  # per-tensor scale: the same for every row of this shard
-                dest.copy_(tensor.reshape(()).float().expand(hi - lo))
-            elif tensor.numel() == hi - lo:
-                dest.copy_(tensor.reshape(-1))
-            else:
-                raise ModelLoadError(
-                    f"{ck_name}: weight_scale has shape {tuple(tensor.shape)}; expected [{hi - lo}, 1] "
-                    "(per channel) or one element (per tensor)"
-                )
-            return ["weight_scale"]
-        raise ModelLoadError(f"{ck_name}: FP8 layers take weight and weight_scale tensors only")
 
     def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w, s, b = layer.weight, layer.weight_scale, layer.bias

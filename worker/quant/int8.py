@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from ..errors import ModelLoadError
-from .methods import FUSED_MAX_M, RowScaledMethod, check_shape, dequantize_rows, row_scale
+from .methods import FUSED_MAX_M, RowScaledMethod, dequantize_rows, row_scale
 
 if TYPE_CHECKING:
     from ..layers.linear import Linear
@@ -44,7 +43,8 @@ def int8_linear_reference(
 
 
 class Int8LinearMethod(RowScaledMethod):
-    """Parameters: weight [N, K] int8, weight_scale [N] float32; filled from a float checkpoint."""
+    """Parameters: weight [N, K] int8, weight_scale [N] float32; quantized from a float checkpoint at
+    load, or stored (compressed-tensors int-quantized checkpoints, RowScaledMethod.load)."""
 
     weight_dtype = torch.int8
 
@@ -53,13 +53,6 @@ class Int8LinearMethod(RowScaledMethod):
 
     def gemv_max_m(self) -> int:
         return FUSED_MAX_M
-
-    def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
-        if name != "weight" or not tensor.is_floating_point():
-            raise ModelLoadError(f"{ck_name}: quantization int8 quantizes float weights at load; got {name}")
-        lo, hi = layer.shard_range(shard)
-        check_shape(ck_name, tensor, (hi - lo, layer.in_features))
-        return self._load_float(layer, lo, hi, tensor)
 
     def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return int8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias)

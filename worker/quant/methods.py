@@ -124,6 +124,33 @@ class RowScaledMethod(LinearMethod):
         layer.weight_scale.data[lo:hi].copy_(s)
         return ["weight", "weight_scale"]
 
+    def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
+        """Codes stored in `weight_dtype` with their weight_scale (per row [rows, 1] or one element
+        per tensor), or a 16/32-bit float weight quantized here."""
+        lo, hi = layer.shard_range(shard)
+        kind = str(self.weight_dtype).removeprefix("torch.")
+        if name == "weight":
+            check_shape(ck_name, tensor, (hi - lo, layer.in_features))
+            if tensor.dtype == self.weight_dtype:
+                layer.weight.data[lo:hi].copy_(tensor)
+                return ["weight"]
+            if not tensor.is_floating_point() or tensor.element_size() == 1:
+                raise ModelLoadError(f"{ck_name}: this layer takes {kind} codes or 16/32-bit float weights")
+            return self._load_float(layer, lo, hi, tensor)
+        if name == "weight_scale":
+            dest = layer.weight_scale.data[lo:hi]
+            if tensor.numel() == 1:  # per-tensor scale: the same for every row of this shard
+                dest.copy_(tensor.reshape(()).float().expand(hi - lo))
+            elif tensor.numel() == hi - lo:
+                dest.copy_(tensor.reshape(-1))
+            else:
+                raise ModelLoadError(
+                    f"{ck_name}: weight_scale has shape {tuple(tensor.shape)}; expected [{hi - lo}, 1] "
+                    "(per channel) or one element (per tensor)"
+                )
+            return ["weight_scale"]
+        raise ModelLoadError(f"{ck_name}: {kind} layers take weight and weight_scale tensors only")
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if kernels.triton_ok(x) and x.shape[0] <= self.gemv_max_m():
             from ..kernels.gemv import gemv

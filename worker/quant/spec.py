@@ -3,12 +3,12 @@
 Torch-free on purpose: `config.EngineConfig` calls `resolve_quantization` while validating, and the
 answer (a `QuantConfig`, or None for plain weights) travels to the model inside `ModelConfig.quant`.
 
-| requested | plain checkpoint            | GPTQ checkpoint  | FP8 (compressed-tensors, AutoFP8)   |
-|-----------|-----------------------------|------------------|-------------------------------------|
-| none      | none                        | gptq (detected)  | fp8 (detected)                      |
-| fp8       | fp8, quantized at load      | refused          | fp8                                 |
-| int8      | int8, quantized at load     | refused          | refused                             |
-| gptq      | refused (run `quantize`)    | gptq             | refused                             |
+| requested | plain checkpoint         | GPTQ checkpoint | FP8 (compressed-tensors, AutoFP8) | INT8 (compressed-tensors) |
+|-----------|--------------------------|-----------------|-----------------------------------|---------------------------|
+| none      | none                     | gptq (detected) | fp8 (detected)                    | int8 (detected)           |
+| fp8       | fp8, quantized at load   | refused         | fp8                               | refused                   |
+| int8      | int8, quantized at load  | refused         | refused                           | int8                      |
+| gptq      | refused (run `quantize`) | gptq            | refused                           | refused                   |
 
 FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bit model dtype.
 lm_head stays in the model dtype unless the checkpoint stores it quantized, or `quantize_lm_head`
@@ -57,9 +57,9 @@ class QuantConfig:
 
     def stores_quantized(self, module: str) -> bool:
         """Whether the checkpoint stores decoder projection `module` (its name in the checkpoint,
-        e.g. model.layers.0.mlp.down_proj) quantized: always, except in a compressed-tensors FP8
-        checkpoint, where its config decides as compressed-tensors matches modules (_matches);
-        llm-compressor keeps the modules a recipe ignores in the model dtype."""
+        e.g. model.layers.0.mlp.down_proj) quantized: always, except in compressed-tensors and
+        AutoFP8 checkpoints, where the config decides as compressed-tensors matches modules
+        (_matches); llm-compressor keeps the modules a recipe ignores in the model dtype."""
         if self.targets is None:
             return True
         return _matches(self.targets, module) and not _matches(self.ignore, module)
@@ -158,29 +158,40 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     groups = qc.get("config_groups") or {}
     if not groups:
         raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
+    kinds = set()
     for name, g in groups.items():
         w = g.get("weights") or {}
         a = g.get("input_activations")
-        if not (w.get("type") == "float" and int(w.get("num_bits", 0)) == 8):
+        if w.get("type") not in ("float", "int") or int(w.get("num_bits", 0)) != 8:
             raise UnsupportedModelError(
-                f"compressed-tensors group {name!r}: only 8-bit float (FP8) weights are supported, "
-                f"got type={w.get('type')!r} num_bits={w.get('num_bits')!r}"
+                f"compressed-tensors group {name!r}: only 8-bit weights are supported (float: FP8, int: "
+                f"INT8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}"
             )
+        kind = "FP8" if w["type"] == "float" else "INT8"
+        kinds.add(w["type"])
         if w.get("strategy") not in ("channel", "tensor") or w.get("symmetric", True) is not True:
             raise UnsupportedModelError(
-                f"compressed-tensors group {name!r}: FP8 weights must be symmetric, per channel or per "
-                f"tensor, got strategy={w.get('strategy')!r}"
+                f"compressed-tensors group {name!r}: {kind} weights must be symmetric, per channel or per "
+                f"tensor, got strategy={w.get('strategy')!r} symmetric={w.get('symmetric')!r}"
             )
-        if a is not None and not (a.get("type", "float") == "float" and int(a.get("num_bits", 8)) == 8):
+        if a is not None and not (a.get("type", "float") == w["type"] and int(a.get("num_bits", 8)) == 8):
             raise UnsupportedModelError(
-                f"compressed-tensors group {name!r}: activations must be FP8 (type float, 8 bits), got "
-                f"type={a.get('type')!r} num_bits={a.get('num_bits')!r}"
+                f"compressed-tensors group {name!r}: activations must be {kind} like the weights (type "
+                f"{w['type']}, 8 bits), got type={a.get('type')!r} num_bits={a.get('num_bits')!r}"
             )
         if a is not None and not a.get("dynamic") and a.get("strategy", "tensor") != "tensor":
             raise UnsupportedModelError(
                 f"compressed-tensors group {name!r}: static activation scales must be per tensor, got "
                 f"strategy={a.get('strategy')!r}"
             )
+    if len(kinds) > 1:
+        raise UnsupportedModelError("compressed-tensors config groups mix FP8 and INT8 weights")
+    fmt = str(qc.get("format", "")).lower()
+    if kinds == {"int"} and fmt not in ("int-quantized", "naive-quantized"):
+        raise UnsupportedModelError(
+            f"compressed-tensors INT8 weights must be stored as int8 tensors (format int-quantized), got "
+            f"format {fmt!r} (pack-quantized int32 words are not read)"
+        )
     targets = tuple(t for g in groups.values() for t in g.get("targets", []))
     ignore = tuple(qc.get("ignore") or [])
     lm_head = _matches(targets, "lm_head") and not _matches(ignore, "lm_head")
@@ -188,7 +199,7 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
         g.get("input_activations") and not g["input_activations"].get("dynamic") for g in groups.values()
     )
     return QuantConfig(
-        method="fp8",
+        method="int8" if kinds == {"int"} else "fp8",
         from_checkpoint=True,
         lm_head=lm_head,
         targets=targets,
@@ -259,11 +270,11 @@ def resolve_quantization(
             raise _bad(f"quantization fp8 cannot re-quantize a {ck.method} checkpoint; use quantization none")
         chosen = ck or QuantConfig(method="fp8", from_checkpoint=False)
     else:  # int8
-        if ck is not None:
+        if ck is not None and ck.method != "int8":
             raise _bad(
                 f"quantization int8 cannot re-quantize a {ck.method} checkpoint; use quantization none"
             )
-        chosen = QuantConfig(method="int8", from_checkpoint=False)
+        chosen = ck or QuantConfig(method="int8", from_checkpoint=False)
 
     if chosen is not None and chosen.method == "fp8":
         origin = "the checkpoint is FP8" if chosen.from_checkpoint else "fp8 was asked for"
