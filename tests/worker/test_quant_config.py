@@ -347,3 +347,44 @@ def test_int8_compressed_tensors_checkpoints() -> None:
         resolve_quantization(
             "int8", int8_quantization_config(), "cpu", None, "float32", quantize_lm_head=True
         )
+
+
+def pack_quantized_config(**weights: Any) -> dict[str, Any]:
+    """llm-compressor's W4A16 config (compressed-tensors pack-quantized), `weights` overriding."""
+    w = {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128, "symmetric": True} | weights
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "input_activations": None}},
+    }
+
+
+def test_compressed_tensors_pack_quantized_resolves_to_gptq() -> None:
+    got = resolve("none", pack_quantized_config(actorder="group"))
+    assert got is not None and got.method == "gptq" and got.layout == "compressed-tensors"
+    assert (got.bits, got.group_size, got.desc_act, got.sym, got.zero_offset) == (4, 128, True, True, 0)
+    assert "compressed-tensors pack-quantized" in got.describe()
+    assert resolve("gptq", pack_quantized_config()) == resolve("none", pack_quantized_config())
+    channel = resolve("none", pack_quantized_config(strategy="channel", num_bits=8, group_size=None))
+    assert channel is not None and (channel.bits, channel.group_size) == (8, -1)
+    assert not resolve("none", pack_quantized_config(actorder="weight")).desc_act  # stored in order
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"symmetric": False}, "must be symmetric"),
+        ({"num_bits": 3}, "must be int of (2, 4, 8) bits"),
+        ({"strategy": "tensor"}, "per group or per channel"),
+        ({"group_size": None}, "strategy group needs a group_size"),
+        ({"actorder": "dynamic"}, "actorder 'dynamic' is not supported"),
+    ],
+)
+def test_compressed_tensors_pack_quantized_refusals(weights: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        checkpoint_quantization(pack_quantized_config(**weights))
+    qc = pack_quantized_config()
+    qc["config_groups"]["group_0"]["input_activations"] = {"type": "int", "num_bits": 8, "dynamic": True}
+    with pytest.raises(UnsupportedModelError, match="weight-only W4A16 / W8A16 are"):
+        checkpoint_quantization(qc)

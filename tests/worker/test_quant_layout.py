@@ -182,6 +182,74 @@ def test_autogptq_layout_loads_and_matches_dequantized_reference(
     assert len(out.token_ids) == 6
 
 
+def ct_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """compressed-tensors' pack_to_int32 along the last dim, written out here with numpy: unsigned
+    codes (a symmetric code plus 2^(b-1)), element j of each run of 32 / b in bits b*j."""
+    p = 32 // bits
+    runs = codes.astype(np.uint64).reshape(*codes.shape[:-1], -1, p)
+    words = sum(runs[..., j] << np.uint64(bits * j) for j in range(p))
+    return words.astype(np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "act_order"), [(4, 32, False), (4, 32, True), (8, 32, False), (4, -1, False)]
+)
+def test_compressed_tensors_pack_quantized_loads_into_the_gptq_layers(
+    tiny_llama: Path, tmp_path: Path, bits: int, group: int, act_order: bool
+) -> None:
+    """llm-compressor's W4A16 / W8A16 checkpoints (pack-quantized: weight_packed [N, K / p] along K,
+    weight_scale [N, G], weight_g_idx with act-order "group", weight_shape): the same symmetric
+    codes as a GPTQ checkpoint, read into the GPTQ layers, give the dequantized reference's logits."""
+    gdir, ddir = make_gptq_pair(tiny_llama, tmp_path, bits, group, act_order, True, "gptq_v2")
+    gptq = load_file(str(gdir / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in gptq.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "qweight":
+            codes = unpack_int32(t, bits, 0).t().numpy()  # [N, K]
+            tensors[f"{module}.weight_packed"] = torch.from_numpy(ct_pack(codes, bits))
+            tensors[f"{module}.weight_shape"] = torch.tensor(codes.shape)
+        elif kind == "scales":
+            tensors[f"{module}.weight_scale"] = t.t().contiguous()  # fp16, as the GPTQ one (exact)
+        elif kind == "g_idx":
+            if act_order:
+                tensors[f"{module}.weight_g_idx"] = t
+        elif kind == "qzeros":
+            assert bool((unpack_int32(t, bits, 1) == 1 << (bits - 1)).all())  # symmetric: no zeros stored
+        else:
+            tensors[name] = t
+    weights = {
+        "type": "int",
+        "num_bits": bits,
+        "symmetric": True,
+        "strategy": "group" if group > 0 else "channel",
+    }
+    if group > 0:
+        weights["group_size"] = group
+    if act_order:
+        weights["actorder"] = "group"
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+    }
+    ck = copy_with(tiny_llama, tmp_path / "ct", tensors, qc)
+    got, eng = engine_logits(ck)
+    quant = eng.config.model_config.quant
+    assert (
+        eng.config.quantization == "gptq"
+        and quant.layout == "compressed-tensors"
+        and quant.desc_act is act_order
+    )
+    ref, _ = engine_logits(ddir)
+    err = logits_error(ref, got)
+    assert err["rel_err"] < 1e-5 and err["top1"] == 1.0, err
+    tensors["model.layers.0.mlp.down_proj.weight_shape"] = torch.tensor([1, 2])
+    with pytest.raises(ModelLoadError, match="weight_shape"):
+        engine_logits(copy_with(tiny_llama, tmp_path / "bad-shape", tensors, qc))
+
+
 def test_gptq_merged_shards_must_share_g_idx(tiny_llama: Path, tmp_path: Path) -> None:
     gdir, _ = make_gptq_pair(tiny_llama, tmp_path, 4, 32, True, True, "gptq")
     tensors = load_file(str(gdir / "model.safetensors"))

@@ -243,7 +243,9 @@ class DecoderModel(nn.Module):
                     )
                 continue
             target, shard = _our_name(ck_name)
-            if target not in params:
+            owner_name, _, pname = target.rpartition(".")
+            qlayer = quantized.get(owner_name)
+            if target not in params and not (qlayer is not None and pname in qlayer.method.extra_tensors):
                 raise ModelLoadError(
                     f"checkpoint tensor {ck_name!r} has no place in {self.config.architecture}"
                 )
@@ -255,13 +257,11 @@ class DecoderModel(nn.Module):
                     f"the checkpoint's lm_head.weight is {tensor.dtype}; if the recipe left it unquantized, the "
                     "config should list lm_head in `ignore` (compressed-tensors) or `ignored_layers` (AutoFP8)"
                 )
-            param = params[target]
-            owner_name, _, pname = target.rpartition(".")
-            qlayer = quantized.get(owner_name)
             if qlayer is not None and pname != "bias":
                 for written in qlayer.method.load(qlayer, pname, shard or 0, tensor, ck_name):
                     pending.get(f"{owner_name}.{written}", set()).discard(shard or 0)
                 continue
+            param = params[target]
             if shard is None:
                 dest, shard_id = param.data, 0
             else:

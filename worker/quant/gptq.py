@@ -104,8 +104,12 @@ class GptqLinearMethod(LinearMethod):
         super().__init__(quant)
         self.bits = quant.bits
         self.pack = 32 // quant.bits
-        # a checkpoint without act-order may omit g_idx: it is k // group_size
+        # a checkpoint without act-order may omit g_idx: it is k // group_size; compressed-tensors'
+        # symmetric layout stores no zeros (every zero is 2^(b-1))
         self.optional_params = () if quant.desc_act else ("g_idx",)
+        if quant.layout == "compressed-tensors":
+            self.optional_params += ("qzeros",)
+            self.extra_tensors = ("weight_packed", "weight_scale", "weight_g_idx", "weight_shape")
 
     def create_weights(self, layer: Linear) -> None:
         k, n, p = layer.in_features, sum(layer.output_sizes), self.pack
@@ -122,8 +126,18 @@ class GptqLinearMethod(LinearMethod):
         gs = self.quant.group_size if self.quant.group_size != -1 else k
         layer.g_idx.data.copy_(torch.arange(k, dtype=torch.int32) // gs)
         layer.gptq_g_idx_shards = set()  # shards whose g_idx has been loaded (they must agree)
+        if self.quant.layout == "compressed-tensors":  # symmetric: zero 2^(b-1) everywhere (v2)
+            mid = torch.full((g, n), 1 << (self.bits - 1), dtype=torch.int32)
+            layer.qzeros.data.copy_(pack_int32(mid, self.bits, 1))
 
     def load(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str) -> list[str]:
+        if self.quant.layout == "compressed-tensors":
+            return self._load_compressed_tensors(layer, name, shard, tensor, ck_name)
+        return self._load_gptq(layer, name, shard, tensor, ck_name)
+
+    def _load_gptq(
+        self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str
+    ) -> list[str]:
         k, p = layer.in_features, self.pack
         g = num_groups(k, self.quant.group_size)
         lo, hi = layer.shard_range(shard)
@@ -146,6 +160,36 @@ class GptqLinearMethod(LinearMethod):
         else:
             raise ModelLoadError(f"{ck_name}: GPTQ layers take {', '.join(TENSORS)} (and bias) only")
         return [name]
+
+    def _load_compressed_tensors(
+        self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ck_name: str
+    ) -> list[str]:
+        """compressed-tensors pack-quantized tensors of one shard into the GPTQ parameters:
+        weight_packed [n, K / p] (codes + 2^(b-1) packed along K, element j of a word in bits b*j)
+        -> qweight columns; weight_scale [n, G] -> scales columns; weight_g_idx [K] -> g_idx;
+        weight_shape [2] checked."""
+        k, p = layer.in_features, self.pack
+        g = num_groups(k, self.quant.group_size)
+        lo, hi = layer.shard_range(shard)
+        if name == "weight_packed":
+            check_shape(ck_name, tensor, (hi - lo, k // p))
+            codes = unpack_int32(tensor.to(torch.int32), self.bits, 1)  # [n, K]
+            layer.qweight.data[:, lo:hi].copy_(pack_int32(codes.t(), self.bits, 0))
+            return ["qweight"]
+        if name == "weight_scale":
+            check_shape(ck_name, tensor, (hi - lo, g))
+            layer.scales.data[:, lo:hi].copy_(tensor.t())
+            return ["scales"]
+        if name == "weight_g_idx":
+            return self._load_gptq(layer, "g_idx", shard, tensor, ck_name)
+        if name == "weight_shape":
+            if [int(v) for v in tensor.reshape(-1)] != [hi - lo, k]:
+                raise ModelLoadError(f"{ck_name}: weight_shape {tensor.tolist()} is not [{hi - lo}, {k}]")
+            return []
+        raise ModelLoadError(
+            f"{ck_name}: pack-quantized layers take weight_packed, weight_scale, weight_g_idx and "
+            "weight_shape (and bias) only"
+        )
 
     def process_after_loading(self, layer: Linear) -> None:
         bits, k = self.bits, layer.in_features

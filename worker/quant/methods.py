@@ -31,6 +31,8 @@ FUSED_MAX_M = kernels.MAX_M
 class LinearMethod:
     # parameters a checkpoint may leave out (the method fills a default at construction)
     optional_params: tuple[str, ...] = ()
+    # checkpoint tensors `load` takes besides the parameters' own names (another layout's names)
+    extra_tensors: tuple[str, ...] = ()
 
     def __init__(self, quant: QuantConfig) -> None:
         self.quant = quant

@@ -10,8 +10,9 @@ answer (a `QuantConfig`, or None for plain weights) travels to the model inside 
 | int8      | int8, quantized at load  | refused         | refused                           | int8                      |
 | gptq      | refused (run `quantize`) | gptq            | refused                           | refused                   |
 
-FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bit model dtype.
-lm_head stays in the model dtype unless the checkpoint stores it quantized, or `quantize_lm_head`
+GPTQ checkpoints are AutoGPTQ's / GPTQModel's, or compressed-tensors' pack-quantized (W4A16,
+W8A16). FP8 also needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper) and a 16-bit model
+dtype. lm_head stays in the model dtype unless the checkpoint stores it quantized, or `quantize_lm_head`
 asks fp8 / int8 at load to quantize it too (untied models only).
 """
 
@@ -42,6 +43,9 @@ class QuantConfig:
     desc_act: bool = False  # GPTQ act-order: g_idx is a permutation of groups, not k // group_size
     sym: bool = True
     zero_offset: int = 0  # GPTQ v1 (AutoGPTQ) stores zero - 1, so 1 is added back on load
+    # gptq: the tensors' layout, "gptq" (qweight / qzeros / scales / g_idx) or "compressed-tensors"
+    # (pack-quantized: weight_packed / weight_scale / weight_g_idx, read into the same layers)
+    layout: str = "gptq"
     lm_head: bool = False  # lm_head is stored quantized as well (GPTQ: same bits and groups; FP8)
     # compressed-tensors / AutoFP8: the modules the config targets and ignores (stores_quantized);
     # None for the other layouts, which quantize every decoder projection
@@ -68,7 +72,12 @@ class QuantConfig:
         if self.method == "gptq":
             return (
                 f"gptq {self.bits}-bit, group {self.group_size}, act-order {'on' if self.desc_act else 'off'}, "
-                f"{'sym' if self.sym else 'asym'}, format v{2 - self.zero_offset}"
+                f"{'sym' if self.sym else 'asym'}, "
+                + (
+                    "compressed-tensors pack-quantized"
+                    if self.layout != "gptq"
+                    else f"format v{2 - self.zero_offset}"
+                )
                 + (", lm_head quantized" if self.lm_head else "")
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
@@ -95,7 +104,8 @@ def checkpoint_quantization(qc: dict[str, Any] | None) -> QuantConfig | None:
         return _autofp8_config(qc)
     raise UnsupportedModelError(
         f"quantization_config.quant_method {method!r} is not supported; this worker reads GPTQ "
-        "(AutoGPTQ/GPTQModel), FP8 compressed-tensors and AutoFP8 (per-tensor FP8) checkpoints"
+        "(AutoGPTQ/GPTQModel), compressed-tensors (FP8, INT8, pack-quantized W4A16/W8A16) and AutoFP8 "
+        "checkpoints"
     )
 
 
@@ -158,6 +168,8 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     groups = qc.get("config_groups") or {}
     if not groups:
         raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
+    if str(qc.get("format", "")).lower() == "pack-quantized":
+        return _pack_quantized_config(qc, groups)
     kinds = set()
     for name, g in groups.items():
         w = g.get("weights") or {}
@@ -206,6 +218,55 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
         ignore=ignore,
         static_input_scales=static,
         kv_scales=_kv_cache_scheme(qc),
+    )
+
+
+def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantConfig:
+    """compressed-tensors' weight-only integer layout (llm-compressor's W4A16 / W8A16): codes packed
+    along K into int32 words (`weight_packed`), per-group or per-channel `weight_scale`, symmetric,
+    group indices (`weight_g_idx`) with act-order "group". The GPTQ layers read it (QuantConfig.layout)."""
+    if len(groups) != 1:
+        raise UnsupportedModelError("compressed-tensors pack-quantized: one config group is supported")
+    name, g = next(iter(groups.items()))
+    w = g.get("weights") or {}
+    bits, strategy = int(w.get("num_bits", 0)), w.get("strategy")
+    if w.get("type") != "int" or bits not in GPTQ_BITS:
+        raise UnsupportedModelError(
+            f"compressed-tensors group {name!r}: pack-quantized weights must be int of {GPTQ_BITS} bits, got "
+            f"type={w.get('type')!r} num_bits={w.get('num_bits')!r}"
+        )
+    if w.get("symmetric", True) is not True or strategy not in ("group", "channel"):
+        raise UnsupportedModelError(
+            f"compressed-tensors group {name!r}: pack-quantized weights must be symmetric, per group or per "
+            f"channel, got symmetric={w.get('symmetric')!r} strategy={strategy!r}"
+        )
+    if g.get("input_activations") is not None:
+        raise UnsupportedModelError(
+            f"compressed-tensors group {name!r}: pack-quantized checkpoints with quantized activations are "
+            "not supported (weight-only W4A16 / W8A16 are)"
+        )
+    actorder = w.get("actorder")
+    if actorder not in (None, "group", "weight", False):
+        raise UnsupportedModelError(
+            f"compressed-tensors group {name!r}: actorder {actorder!r} is not supported"
+        )
+    group_size = int(w.get("group_size") or -1) if strategy == "group" else -1
+    if strategy == "group" and group_size < 1:
+        raise UnsupportedModelError(f"compressed-tensors group {name!r}: strategy group needs a group_size")
+    targets = tuple(g.get("targets", []))
+    ignore = tuple(qc.get("ignore") or [])
+    return QuantConfig(
+        method="gptq",
+        from_checkpoint=True,
+        bits=bits,
+        group_size=group_size,
+        desc_act=actorder == "group",  # "weight": reordered while quantizing, stored in order
+        sym=True,
+        zero_offset=0,
+        lm_head=_matches(targets, "lm_head") and not _matches(ignore, "lm_head"),
+        targets=targets,
+        ignore=ignore,
+        layout="compressed-tensors",
     )
 
 
