@@ -76,7 +76,7 @@ def test_impossible_combinations_are_refused(
         ({**GPTQ_QC, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
         (
             {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}},
-            "only 8-bit weights are supported",
+            "outside format pack-quantized only 8-bit weights are read",
         ),
         (
             {**FP8_QC, "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8, "strategy": "channel"}}}},
@@ -341,7 +341,7 @@ def test_int8_compressed_tensors_checkpoints() -> None:
     got = resolve("none", int8_quantization_config())
     assert got is not None and got.method == "int8" and got.from_checkpoint and not got.lm_head
     assert resolve("int8", int8_quantization_config()) == got
-    with pytest.raises(InvalidRequestError, match="fp8 cannot re-quantize a int8 checkpoint"):
+    with pytest.raises(InvalidRequestError, match="fp8 cannot re-quantize an int8 checkpoint"):
         resolve("fp8", int8_quantization_config(), "cuda", H100, "bfloat16")
     with pytest.raises(InvalidRequestError, match="quantization_config decides"):
         resolve_quantization(
@@ -369,6 +369,13 @@ def test_compressed_tensors_pack_quantized_resolves_to_gptq() -> None:
     channel = resolve("none", pack_quantized_config(strategy="channel", num_bits=8, group_size=None))
     assert channel is not None and (channel.bits, channel.group_size) == (8, -1)
     assert not resolve("none", pack_quantized_config(actorder="weight")).desc_act  # stored in order
+    # compressed-tensors' aliases: "dynamic" and true mean "group", "static" (llm-compressor's
+    # GPTQ default) means "weight"
+    for alias, desc_act in (("dynamic", True), (True, True), ("static", False)):
+        assert resolve("none", pack_quantized_config(actorder=alias)).desc_act is desc_act
+    qc = pack_quantized_config()
+    qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+    assert resolve("none", qc).kv_scales
 
 
 @pytest.mark.parametrize(
@@ -378,7 +385,7 @@ def test_compressed_tensors_pack_quantized_resolves_to_gptq() -> None:
         ({"num_bits": 3}, "must be int of (2, 4, 8) bits"),
         ({"strategy": "tensor"}, "per group or per channel"),
         ({"group_size": None}, "strategy group needs a group_size"),
-        ({"actorder": "dynamic"}, "actorder 'dynamic' is not supported"),
+        ({"actorder": "bogus"}, "actorder 'bogus' is not supported"),
     ],
 )
 def test_compressed_tensors_pack_quantized_refusals(weights: dict[str, Any], message: str) -> None:

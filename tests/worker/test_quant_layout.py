@@ -250,6 +250,19 @@ def test_compressed_tensors_pack_quantized_loads_into_the_gptq_layers(
         engine_logits(copy_with(tiny_llama, tmp_path / "bad-shape", tensors, qc))
 
 
+def test_a_partly_ignored_merged_gptq_layer_is_refused(tiny_llama: Path) -> None:
+    """GPTQ codes cannot be made at load, so a merged layer whose config ignores only some of its
+    modules is refused when the model is built, naming them."""
+    from inferfleet.worker.errors import UnsupportedModelError
+
+    quant = QuantConfig(
+        "gptq", True, bits=4, group_size=32, layout="compressed-tensors", targets=("Linear",),
+        ignore=("lm_head", "model.layers.0.self_attn.k_proj"),
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"only some of model\.layers\.0\.self_attn\.q_proj"):
+        build_model(str(tiny_llama), quant)
+
+
 def test_gptq_merged_shards_must_share_g_idx(tiny_llama: Path, tmp_path: Path) -> None:
     gdir, _ = make_gptq_pair(tiny_llama, tmp_path, 4, 32, True, True, "gptq")
     tensors = load_file(str(gdir / "model.safetensors"))

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from .. import kernels
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedModelError
 from ..layers.attention import AttentionBackend, AttentionMetadata
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
@@ -188,6 +188,11 @@ class DecoderModel(nn.Module):
             stored = [quant.stores_quantized(m) for m in _checkpoint_modules(name)]
             if all(stored):
                 continue
+            if any(stored) and quant.method == "gptq":  # packed codes cannot be made at load
+                raise UnsupportedModelError(
+                    f"{name}: the checkpoint quantizes only some of {', '.join(_checkpoint_modules(name))}; "
+                    "a merged GPTQ layer needs all of them quantized or none"
+                )
             if any(stored):
                 log.warning(
                     "%s: the checkpoint quantizes only some of %s; the others are quantized at load",
@@ -297,7 +302,7 @@ class DecoderModel(nn.Module):
         quant = self.config.quant
         suffixes: tuple[str, ...] = ()
         if quant is not None and quant.static_input_scales:
-            suffixes += (".input_scale",)
+            suffixes += (".input_scale", ".input_zero_point")
         if quant is not None and quant.kv_scales:  # compressed-tensors' names, then AutoFP8's
             suffixes += (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
         return suffixes

@@ -172,9 +172,9 @@ class GptqLinearMethod(LinearMethod):
         g = num_groups(k, self.quant.group_size)
         lo, hi = layer.shard_range(shard)
         if name == "weight_packed":
+            # the same words as GPTQ's qweight, transposed: word (n, k // p) holds codes k.. of row n
             check_shape(ck_name, tensor, (hi - lo, k // p))
-            codes = unpack_int32(tensor.to(torch.int32), self.bits, 1)  # [n, K]
-            layer.qweight.data[:, lo:hi].copy_(pack_int32(codes.t(), self.bits, 0))
+            layer.qweight.data[:, lo:hi].copy_(tensor.t())
             return ["qweight"]
         if name == "weight_scale":
             check_shape(ck_name, tensor, (hi - lo, g))

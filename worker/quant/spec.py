@@ -81,9 +81,15 @@ class QuantConfig:
                 + (", lm_head quantized" if self.lm_head else "")
             )
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
-        static = ", static input scales not applied (per-token scales)" if self.static_input_scales else ""
+        kept = "activations not quantized" if self.method == "int8" else "per-token scales"
+        static = f", static input scales not applied ({kept})" if self.static_input_scales else ""
         kv = ", KV cache scales not applied" if self.kv_scales else ""
         return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''}{static}{kv})"
+
+
+def _a(method: str) -> str:
+    """The article before a method's name as it is read aloud (an fp8, an int8, a gptq)."""
+    return "an" if method[:1] in "aefhilmnorsx" else "a"
 
 
 def _bad(msg: str) -> InvalidRequestError:
@@ -176,7 +182,8 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
         a = g.get("input_activations")
         if w.get("type") not in ("float", "int") or int(w.get("num_bits", 0)) != 8:
             raise UnsupportedModelError(
-                f"compressed-tensors group {name!r}: only 8-bit weights are supported (float: FP8, int: "
+                f"compressed-tensors group {name!r}: outside format pack-quantized only 8-bit weights are read "
+                "(float: FP8, int: "
                 f"INT8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r}"
             )
         kind = "FP8" if w["type"] == "float" else "INT8"
@@ -202,7 +209,7 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     if kinds == {"int"} and fmt not in ("int-quantized", "naive-quantized"):
         raise UnsupportedModelError(
             f"compressed-tensors INT8 weights must be stored as int8 tensors (format int-quantized), got "
-            f"format {fmt!r} (pack-quantized int32 words are not read)"
+            f"format {fmt!r} (pack-quantized INT8 is read only weight-only, as W8A16)"
         )
     targets = tuple(t for g in groups.values() for t in g.get("targets", []))
     ignore = tuple(qc.get("ignore") or [])
@@ -245,8 +252,11 @@ def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantC
             f"compressed-tensors group {name!r}: pack-quantized checkpoints with quantized activations are "
             "not supported (weight-only W4A16 / W8A16 are)"
         )
-    actorder = w.get("actorder")
-    if actorder not in (None, "group", "weight", False):
+    # compressed-tensors' ActivationOrdering: "dynamic" (and true) alias "group", "static" aliases
+    # "weight" (llm-compressor's GPTQ default)
+    aliases = {True: "group", "dynamic": "group", "static": "weight", False: None}
+    actorder = aliases.get(w.get("actorder"), w.get("actorder"))
+    if actorder not in (None, "group", "weight"):
         raise UnsupportedModelError(
             f"compressed-tensors group {name!r}: actorder {actorder!r} is not supported"
         )
@@ -266,6 +276,7 @@ def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantC
         lm_head=_matches(targets, "lm_head") and not _matches(ignore, "lm_head"),
         targets=targets,
         ignore=ignore,
+        kv_scales=_kv_cache_scheme(qc),
         layout="compressed-tensors",
     )
 
@@ -328,12 +339,14 @@ def resolve_quantization(
         chosen = ck
     elif requested == "fp8":
         if ck is not None and ck.method != "fp8":
-            raise _bad(f"quantization fp8 cannot re-quantize a {ck.method} checkpoint; use quantization none")
+            raise _bad(
+                f"quantization fp8 cannot re-quantize {_a(ck.method)} {ck.method} checkpoint; use quantization none"
+            )
         chosen = ck or QuantConfig(method="fp8", from_checkpoint=False)
     else:  # int8
         if ck is not None and ck.method != "int8":
             raise _bad(
-                f"quantization int8 cannot re-quantize a {ck.method} checkpoint; use quantization none"
+                f"quantization int8 cannot re-quantize {_a(ck.method)} {ck.method} checkpoint; use quantization none"
             )
         chosen = ck or QuantConfig(method="int8", from_checkpoint=False)
 
