@@ -47,14 +47,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
-        help="write a GPTQ (AutoGPTQ layout) or FP8 (compressed-tensors) checkpoint from a plain one "
+        help="write a GPTQ (AutoGPTQ layout) or FP8 / INT8 (compressed-tensors) checkpoint from a plain one "
         "(docs/quantization.md)",
     )
     p.add_argument(
         "--method",
-        choices=("gptq", "rtn", "fp8"),
+        choices=("gptq", "rtn", "fp8", "int8"),
         default="gptq",
-        help="rtn: GPTQ layout, round to nearest, no data; fp8: e4m3 per channel (FP8_DYNAMIC)",
+        help="rtn: GPTQ layout, round to nearest, no data; fp8 / int8: 8-bit codes per channel "
+        "(compressed-tensors FP8_DYNAMIC / W8A8 INT8)",
     )
     p.add_argument("--calibration", default=None, help="text file of calibration data (gptq)")
     p.add_argument("--model", required=True, help="input Hugging Face checkpoint directory")

@@ -539,38 +539,58 @@ def test_autofp8_checkpoint_loads(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lm_head", [False, True])
-def test_quantize_fp8_writes_what_quantizing_at_load_computes(
-    tiny_models: dict[str, Path], tmp_path: Path, lm_head: bool, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("method", "dtype"), [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+def test_quantize_8bit_writes_what_quantizing_at_load_computes(
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    method: str,
+    dtype: torch.dtype,
+    lm_head: bool,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`inferfleet-worker quantize --method fp8 [--lm-head]` writes a compressed-tensors FP8
-    checkpoint that loads (detected from its config) to exactly the model --quantization fp8 [with
-    --quantize-lm-head] builds at load; a tied model refuses --lm-head."""
+    """`inferfleet-worker quantize --method fp8|int8 [--lm-head]` writes a compressed-tensors FP8 /
+    INT8 checkpoint that loads (detected from its config) to exactly the model --quantization
+    fp8|int8 [with --quantize-lm-head] builds at load; a tied model refuses --lm-head."""
     from inferfleet.worker import cli
     from inferfleet.worker.quant.spec import checkpoint_quantization
 
-    src, out = tiny_models["llama"], tmp_path / "fp8"
-    args = ["quantize", "--method", "fp8", "--model", str(src), "--out", str(out), "--device", "cpu"]
+    src, out = tiny_models["llama"], tmp_path / method
+    args = ["quantize", "--method", method, "--model", str(src), "--out", str(out), "--device", "cpu"]
     assert cli.main(args + ["--lm-head"] * lm_head) == 0
     quant = checkpoint_quantization(json.loads((out / "config.json").read_text())["quantization_config"])
-    assert quant is not None and quant.method == "fp8" and quant.from_checkpoint and quant.lm_head is lm_head
+    assert quant is not None and quant.method == method and quant.from_checkpoint and quant.lm_head is lm_head
     stored = build_model(str(out), quant)
-    at_load = build_model(str(src), QuantConfig("fp8", from_checkpoint=False, lm_head=lm_head))
-    assert stored.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
-    assert (stored.lm_head.weight.dtype == torch.float8_e4m3fn) is lm_head
+    at_load = build_model(str(src), QuantConfig(method, from_checkpoint=False, lm_head=lm_head))
+    assert stored.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    assert (stored.lm_head.weight.dtype == dtype) is lm_head
     for (name, a), b in zip(stored.state_dict().items(), at_load.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a.float(), b.float()), name
     report = json.loads((out / "quantize_report.json").read_text())
-    assert report["spec"] == {"method": "fp8", "lm_head": lm_head}
+    assert report["spec"] == {"method": method, "lm_head": lm_head}
     capsys.readouterr()
-    tied = ["quantize", "--method", "fp8", "--model", str(tiny_models["qwen2"]), "--out", str(tmp_path / "t")]
+    tied = [
+        "quantize",
+        "--method",
+        method,
+        "--model",
+        str(tiny_models["qwen2"]),
+        "--out",
+        str(tmp_path / "t"),
+    ]
     assert cli.main([*tied, "--device", "cpu", "--lm-head"]) == 2
     assert "tie_word_embeddings" in capsys.readouterr().err
     for extra, message in (
-        (["--asym"], "sym applies to methods gptq and rtn"),
+        (["--asym"], f"sym applies to methods gptq and rtn, not {method}"),
         (["--bits", "8"], "bits applies"),
     ):
         assert cli.main([*args, *extra]) == 2
         assert message in capsys.readouterr().err
+    if method == "int8":  # INT8 serves on CPU workers: the written checkpoint end to end
+        got, eng = engine_logits(out)
+        want, _ = engine_logits(src, quantization="int8", quantize_lm_head=lm_head)
+        assert eng.config.quantization == "int8" and all(
+            torch.equal(a, b) for a, b in zip(got, want, strict=True)
+        )
 
 
 def test_quantize_fp8_reads_the_stored_values(tiny_llama: Path, tmp_path: Path) -> None:

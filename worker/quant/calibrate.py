@@ -12,10 +12,11 @@ with the quantized qkv and accumulates H for o; and so on. The quantized layer's
 next layer. Each layer's reconstruction error ||W X - Q X||^2 is reported next to round-to-nearest
 with the same grid. `--lm-head` quantizes lm_head last, from the final norm's outputs of the
 quantized decoder (GPTQModel's lm_head=True). `--method rtn` skips calibration (round to nearest, same layout): fast enough for
-8B-sized checkpoints in the GPU benchmark. `--method fp8` writes an FP8 checkpoint in the
-compressed-tensors layout llm-compressor's FP8_DYNAMIC scheme writes (e4m3 codes with per-channel
-scales, dynamic per-token activations; lm_head too with `--lm-head`), one tensor at a time: what
-`--quantization fp8` would compute at load, stored at half the bytes of a bf16 checkpoint.
+8B-sized checkpoints in the GPU benchmark. `--method fp8` / `--method int8` write an FP8 / INT8
+checkpoint in the compressed-tensors layout llm-compressor's FP8_DYNAMIC / W8A8 INT8 schemes write
+(8-bit codes with per-channel scales, dynamic per-token activations; lm_head too with `--lm-head`),
+one tensor at a time: what `--quantization fp8|int8` would compute at load, stored at half the bytes
+of a bf16 checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .evaluate import build_model
 from .fp8 import quantize_weight_fp8
 from .gptq import pack_int32
 from .gptq_quantizer import QuantResult, gptq_quantize, reconstruction_error, rtn_quantize
+from .int8 import quantize_weight_int8
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ _SPLITS = {
     "mlp.down_proj": ("mlp.down_proj",),
 }
 _QUANTIZED = tuple(m for parts in _SPLITS.values() for m in parts)
+# the methods that write 8-bit codes with per-channel scales (compressed-tensors), and how they
+# quantize a weight: as --quantization fp8 / int8 would at load
+ROW_SCALED = {"fp8": quantize_weight_fp8, "int8": quantize_weight_int8}
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ class QuantizeSpec:
     lm_head: bool = False  # quantize lm_head too (GPTQModel's lm_head=True), from the final norm's outputs
 
     def validate(self) -> None:
-        if self.method not in ("gptq", "rtn", "fp8"):
-            raise InvalidRequestError("method must be gptq, rtn or fp8", param="method")
+        if self.method not in ("gptq", "rtn", *ROW_SCALED):
+            raise InvalidRequestError("method must be gptq, rtn, fp8 or int8", param="method")
         if self.bits not in (2, 4, 8):
             raise InvalidRequestError("bits must be 2, 4 or 8", param="bits")
         if self.group_size != -1 and self.group_size < 1:
@@ -80,11 +85,13 @@ class QuantizeSpec:
             raise InvalidRequestError("damp must be in (0, 1)", param="damp")
         if self.act_order and self.method != "gptq":
             raise InvalidRequestError("act-order needs calibration (method gptq)", param="act_order")
-        if self.method == "fp8":  # e4m3 with per-channel scales: no grid to choose
+        if self.method in ROW_SCALED:  # 8-bit codes with per-channel scales: no grid to choose
             gptq_only = {"bits": 4, "group_size": 128, "sym": True}
             for name, default in gptq_only.items():
                 if getattr(self, name) != default:
-                    raise InvalidRequestError(f"{name} applies to methods gptq and rtn, not fp8", param=name)
+                    raise InvalidRequestError(
+                        f"{name} applies to methods gptq and rtn, not {self.method}", param=name
+                    )
 
 
 @dataclass
@@ -187,7 +194,7 @@ def check_lm_head(spec: QuantizeSpec, mc: ModelConfig) -> None:
             param="lm_head",
         )
     per_word = 32 // spec.bits
-    if spec.method != "fp8" and mc.vocab_size % per_word:
+    if spec.method not in ROW_SCALED and mc.vocab_size % per_word:
         raise InvalidRequestError(
             f"--lm-head: the vocabulary ({mc.vocab_size}) is not a multiple of {per_word}, so {spec.bits}-bit "
             "zeros cannot be packed along it; quantize without --lm-head",
@@ -320,19 +327,21 @@ def quantization_config(spec: QuantizeSpec) -> dict[str, Any]:
     }
 
 
-def fp8_quantization_config(lm_head: bool) -> dict[str, Any]:
-    """config.json's quantization_config of the FP8 checkpoints `--method fp8` writes: llm-compressor's
-    FP8_DYNAMIC in compressed-tensors (e4m3 weights with per-channel scales, dynamic per-token e4m3
-    activations), lm_head in `ignore` unless it is quantized too."""
-    weights = {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}
-    acts = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True}
+def row_scaled_quantization_config(method: str, lm_head: bool) -> dict[str, Any]:
+    """config.json's quantization_config of the checkpoints `--method fp8|int8` writes, in
+    compressed-tensors: llm-compressor's FP8_DYNAMIC (e4m3 weights, float-quantized) or W8A8 INT8
+    (int8 weights, int-quantized) scheme, per-channel weight scales, dynamic per-token activations;
+    lm_head in `ignore` unless it is quantized too."""
+    kind, fmt = ("float", "float-quantized") if method == "fp8" else ("int", "int-quantized")
+    weights = {"type": kind, "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}
+    acts = {"type": kind, "num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True}
     return {
         "quant_method": "compressed-tensors",
-        "format": "float-quantized",
+        "format": fmt,
         "ignore": [] if lm_head else ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
         "quantization_status": "compressed",
-        "quantizer": ["inferfleet", "fp8"],
+        "quantizer": ["inferfleet", method],
     }
 
 
@@ -399,10 +408,13 @@ def quantize_checkpoint(
     check_lm_head(spec, mc)
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
-    qconfig = fp8_quantization_config(spec.lm_head) if spec.method == "fp8" else quantization_config(spec)
-    if spec.method in ("rtn", "fp8"):
-        if spec.method == "fp8" and calibration_text:
-            raise InvalidRequestError("method fp8 uses no calibration data", param="calibration")
+    row_scaled = spec.method in ROW_SCALED
+    qconfig = (
+        row_scaled_quantization_config(spec.method, spec.lm_head) if row_scaled else quantization_config(spec)
+    )
+    if spec.method == "rtn" or row_scaled:
+        if row_scaled and calibration_text:
+            raise InvalidRequestError(f"method {spec.method} uses no calibration data", param="calibration")
         tensors = _rtn_stream(model_dir, mc, spec, dev)
     else:
         if not calibration_text:
@@ -428,8 +440,8 @@ def quantize_checkpoint(
         _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
     out = write_checkpoint(model_dir, out_dir, tensors, qconfig)
     summary = {
-        # an fp8 checkpoint has no grid: its spec is the method and the lm_head choice
-        "spec": {"method": "fp8", "lm_head": spec.lm_head} if spec.method == "fp8" else asdict(spec),
+        # an fp8 / int8 checkpoint has no grid: its spec is the method and the lm_head choice
+        "spec": {"method": spec.method, "lm_head": spec.lm_head} if row_scaled else asdict(spec),
         "seconds": time.perf_counter() - t0,
         "layers": [asdict(r) for r in reports],
     }
@@ -441,7 +453,7 @@ def _rtn_stream(
     model_dir: str | Path, mc: ModelConfig, spec: QuantizeSpec, dev: torch.device
 ) -> dict[str, torch.Tensor]:
     """Round to nearest, one checkpoint tensor at a time (on `dev`): into the GPTQ layout (rtn), or
-    e4m3 codes and float32 per-channel scales as quant/fp8.py quantizes at load (fp8)."""
+    8-bit codes and float32 per-channel scales as the fp8 / int8 methods quantize at load."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mc.torch_dtype or "", torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     # the weights it quantizes arrive as stored (not rounded to the model dtype first), as the loader
@@ -452,8 +464,8 @@ def _rtn_stream(
         if module is None:
             tensors[name] = x.to("cpu", copy=True)  # never a view of the input's mapping
             continue
-        if spec.method == "fp8":
-            q, scale = quantize_weight_fp8(x)
+        if spec.method in ROW_SCALED:
+            q, scale = ROW_SCALED[spec.method](x)
             tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"] = (
                 q.cpu(),
                 scale.reshape(-1, 1).cpu(),
