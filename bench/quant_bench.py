@@ -137,10 +137,9 @@ def ensure_checkpoints(methods: list[str], args: argparse.Namespace) -> dict[str
 def build_llm(method: str, model_dir: str, kv_cache_dtype: str = "auto") -> LLM:
     """The engine every per-precision bench measures (the gptq method's checkpoint is already
     quantized, so it loads with quantization none), warmed up."""
-    at_load = method.endswith("-lm-head-at-load")  # --quantize-lm-head on the bf16 checkpoint
-    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8"}.get(
-        method.split("-")[0] if at_load else method, "none"
-    )
+    base = method.removesuffix("-lm-head-at-load")  # --quantize-lm-head on the bf16 checkpoint
+    at_load = base != method
+    quantization = {"bf16": "none", "fp8": "fp8", "int8": "int8"}.get(base, "none")
     llm = LLM(
         model=model_dir, dtype="bfloat16", device="cuda", max_num_seqs=256, max_model_len=4096,
         max_num_batched_tokens=8192, quantization=quantization, kv_cache_dtype=kv_cache_dtype,

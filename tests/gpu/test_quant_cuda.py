@@ -181,28 +181,11 @@ def test_int8_cuda_matches_cpu_engine(arch: str, tiny_models: dict[str, Path]) -
 
 
 def test_int8_compressed_tensors_checkpoint_on_cuda(tiny_llama: Path, tmp_path: Path) -> None:
-    """llm-compressor's W8A8 INT8 checkpoint (int-quantized): detected, served weight-only on the
-    INT8 kernels with the stored codes, against the CPU engine loading the same checkpoint."""
-    from inferfleet.worker.quant.int8 import quantize_weight_int8
-    from safetensors.torch import load_file
-
+    """llm-compressor's W8A8 INT8 checkpoint (int-quantized, as `inferfleet-worker quantize --method
+    int8` writes it): detected, served weight-only on the INT8 kernels with the stored codes, against
+    the CPU engine loading the same checkpoint."""
     dst = tmp_path / "w8a8"
-    shutil.copytree(tiny_llama, dst, ignore=shutil.ignore_patterns("*.safetensors"))
-    tensors = {}
-    for name, w in load_file(str(tiny_llama / "model.safetensors")).items():
-        proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-        if proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            q, s = quantize_weight_int8(w)
-            tensors[name], tensors[name[: -len("weight")] + "weight_scale"] = q, s.reshape(-1, 1)
-        else:
-            tensors[name] = w
-    save_safetensors(tensors, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    qc = fp8_quantization_config()
-    qc["format"] = "int-quantized"
-    group = qc["config_groups"]["group_0"]
-    group["weights"]["type"] = group["input_activations"]["type"] = "int"
-    (dst / "config.json").write_text(json.dumps(cfg | {"quantization_config": qc}))
+    quantize_checkpoint(tiny_llama, dst, QuantizeSpec(method="int8"), device="cpu")
     eng = cuda_engine(dst)
     assert eng.config.quantization == "int8" and eng.config.model_config.quant.from_checkpoint  # type: ignore[union-attr]
     check_against_reference(

@@ -185,24 +185,19 @@ class DecoderModel(nn.Module):
         for name, module in list(self.model.named_modules(prefix="model")):
             if not isinstance(module, Linear) or module.method is None:
                 continue
-            stored = [quant.stores_quantized(m) for m in _checkpoint_modules(name)]
-            if all(stored):
-                continue
-            if any(stored) and quant.method == "gptq":  # packed codes cannot be made at load
-                raise UnsupportedModelError(
-                    f"{name}: the checkpoint quantizes only some of {', '.join(_checkpoint_modules(name))}; "
-                    "a merged GPTQ layer needs all of them quantized or none"
-                )
-            if any(stored):
-                log.warning(
-                    "%s: the checkpoint quantizes only some of %s; the others are quantized at load",
-                    name,
-                    ", ".join(_checkpoint_modules(name)),
-                )
-                continue
-            parent, _, attr = name.rpartition(".")
-            plain = Linear(module.in_features, module.output_sizes, bias=module.bias is not None)
-            setattr(self.get_submodule(parent), attr, plain)
+            parts = _checkpoint_modules(name)
+            stored = [quant.stores_quantized(m) for m in parts]
+            if not any(stored):
+                parent, _, attr = name.rpartition(".")
+                plain = Linear(module.in_features, module.output_sizes, bias=module.bias is not None)
+                setattr(self.get_submodule(parent), attr, plain)
+            elif not all(stored):
+                some = f"{name}: the checkpoint quantizes only some of {', '.join(parts)}"
+                if quant.method == "gptq":  # packed codes cannot be made at load
+                    raise UnsupportedModelError(
+                        f"{some}; a merged GPTQ layer needs all of them quantized or none"
+                    )
+                log.warning("%s; the others are quantized at load", some)
 
     @property
     def quantized_lm_head(self) -> bool:

@@ -466,10 +466,8 @@ def _rtn_stream(
             continue
         if spec.method in ROW_SCALED:
             q, scale = ROW_SCALED[spec.method](x)
-            tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"] = (
-                q.cpu(),
-                scale.reshape(-1, 1).cpu(),
-            )
+            tensors[f"{module}.weight"] = q.cpu()
+            tensors[f"{module}.weight_scale"] = scale.reshape(-1, 1).cpu()
             continue
         res = rtn_quantize(x.float(), spec.bits, spec.group_size, spec.sym)
         for key, value in gptq_tensors(res, spec.bits).items():

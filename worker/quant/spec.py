@@ -66,7 +66,7 @@ class QuantConfig:
         (_matches); llm-compressor keeps the modules a recipe ignores in the model dtype."""
         if self.targets is None:
             return True
-        return _matches(self.targets, module) and not _matches(self.ignore, module)
+        return _selected(self.targets, self.ignore, module)
 
     def describe(self) -> str:
         if self.method == "gptq":
@@ -136,7 +136,7 @@ def _autofp8_config(qc: dict[str, Any]) -> QuantConfig:
     return QuantConfig(
         method="fp8",
         from_checkpoint=True,
-        lm_head=not _matches(ignore, "lm_head"),
+        lm_head=_selected(("Linear",), ignore, "lm_head"),
         targets=("Linear",),
         ignore=ignore,
         static_input_scales=scheme == "static",
@@ -174,7 +174,8 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     groups = qc.get("config_groups") or {}
     if not groups:
         raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
-    if str(qc.get("format", "")).lower() == "pack-quantized":
+    fmt = str(qc.get("format", "")).lower()
+    if fmt == "pack-quantized":
         return _pack_quantized_config(qc, groups)
     kinds = set()
     for name, g in groups.items():
@@ -205,22 +206,19 @@ def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
             )
     if len(kinds) > 1:
         raise UnsupportedModelError("compressed-tensors config groups mix FP8 and INT8 weights")
-    fmt = str(qc.get("format", "")).lower()
     if kinds == {"int"} and fmt not in ("int-quantized", "naive-quantized"):
         raise UnsupportedModelError(
             f"compressed-tensors INT8 weights must be stored as int8 tensors (format int-quantized), got "
             f"format {fmt!r} (pack-quantized INT8 is read only weight-only, as W8A16)"
         )
-    targets = tuple(t for g in groups.values() for t in g.get("targets", []))
-    ignore = tuple(qc.get("ignore") or [])
-    lm_head = _matches(targets, "lm_head") and not _matches(ignore, "lm_head")
+    targets, ignore = _targets_and_ignore(qc, groups)
     static = any(
         g.get("input_activations") and not g["input_activations"].get("dynamic") for g in groups.values()
     )
     return QuantConfig(
         method="int8" if kinds == {"int"} else "fp8",
         from_checkpoint=True,
-        lm_head=lm_head,
+        lm_head=_selected(targets, ignore, "lm_head"),
         targets=targets,
         ignore=ignore,
         static_input_scales=static,
@@ -263,8 +261,7 @@ def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantC
     group_size = int(w.get("group_size") or -1) if strategy == "group" else -1
     if strategy == "group" and group_size < 1:
         raise UnsupportedModelError(f"compressed-tensors group {name!r}: strategy group needs a group_size")
-    targets = tuple(g.get("targets", []))
-    ignore = tuple(qc.get("ignore") or [])
+    targets, ignore = _targets_and_ignore(qc, groups)
     return QuantConfig(
         method="gptq",
         from_checkpoint=True,
@@ -273,7 +270,7 @@ def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantC
         desc_act=actorder == "group",  # "weight": reordered while quantizing, stored in order
         sym=True,
         zero_offset=0,
-        lm_head=_matches(targets, "lm_head") and not _matches(ignore, "lm_head"),
+        lm_head=_selected(targets, ignore, "lm_head"),
         targets=targets,
         ignore=ignore,
         kv_scales=_kv_cache_scheme(qc),
@@ -296,6 +293,18 @@ def _kv_cache_scheme(qc: dict[str, Any]) -> bool:
             f"strategy={kv.get('strategy')!r}"
         )
     return bool(kv)
+
+
+def _targets_and_ignore(
+    qc: dict[str, Any], groups: dict[str, Any]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A compressed-tensors config's targets (every config group's) and its ignore list."""
+    return tuple(t for g in groups.values() for t in g.get("targets", [])), tuple(qc.get("ignore") or [])
+
+
+def _selected(targets: tuple[str, ...], ignore: tuple[str, ...], module: str) -> bool:
+    """Whether a config quantizes `module`: some target names it and no ignore entry does."""
+    return _matches(targets, module) and not _matches(ignore, module)
 
 
 def _matches(entries: tuple[str, ...], module: str) -> bool:
