@@ -4,9 +4,16 @@ A decode step's kernels take every varying quantity (tokens, positions, cache sl
 lengths, block tables) from device buffers, and its grid sizes depend only on the batch size, so
 one capture per padded batch size serves every later step. Padding rows have slot -1 (the cache
 write skips them) and context length 0 (attention writes zeros), so they never touch real state.
-The logits projection is captured too; sampling runs after the replay. Between two replays the
-stream carries two host->device copies (the step's per-row inputs, packed in one buffer, and the
-block-table rows in use) and the feed of the previous step's sampled ids (two kernels).
+The logits projection is captured too; sampling runs after the replay.
+
+Between two replays the engine's stream carries one kernel: DecoderModel.embed's launch, which
+takes each row's token id (from the previous step's sampled ids, still on the device, where the
+row's input is a placeholder), writes the embedding and the first layer's normalized input where
+the graph reads them, and moves the step's inputs (packed per-row fields, block-table rows) from
+a device staging set into the graph's buffers. The staging sets (two, used in turn) are filled
+from pinned host memory on a side stream while the previous step still runs: copy-engine
+transfers on the engine's stream left the GPU idle ~5 us around each (H100 profile,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import time
 import numpy as np
 import torch
 
+from .kernels.elementwise import StagedInputs
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
-from .runner import Feed, apply_feed
+from .runner import Feed, feed_rows
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,7 @@ _FIELDS = (
     ("input_ids", torch.int64),
     ("positions", torch.int64),
     ("slots", torch.int64),
-    ("feed_dst", torch.int64),
-    ("feed_src", torch.int64),
+    ("feed_rows", torch.int64),  # the previous step's row whose sampled id is this row's input, or -1
     ("seq_lens", torch.int32),
 )
 _STEP_BYTES_PER_ROW = sum(dt.itemsize for _, dt in _FIELDS)
@@ -88,31 +95,39 @@ class DecodeGraphs:
         cfg = model.config
         self.num_sms = num_sms  # the device's multiprocessor count (decode_splits)
         n = self.max_batch
-        # a step's per-row inputs live in one byte buffer, so one host->device copy moves them all:
-        # five int64 fields (token ids, positions, cache slots, and the feed's destination and
-        # source rows) then the int32 context lengths, max_batch entries each (_FIELDS)
+        # the buffers the graphs read: a step's per-row inputs in one byte buffer laid out as
+        # _FIELDS (four int64 fields, then the int32 context lengths, max_batch entries each), the
+        # block tables, and the embedding's outputs (residual stream, first layer's input)
         self._inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8, device=device)
-        self.input_ids, self.positions, self.slots, self.feed_dst, self.feed_src, self.seq_lens = _fields(
-            self._inputs, n
-        )
-        self.slots.fill_(-1)
+        self.input_ids, self.positions, self.slots, self.feed_rows, self.seq_lens = _fields(self._inputs, n)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.slots.fill_(-1)  # padding rows write no KV (capture runs the graphs once)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
+        emb = model.model.embed_tokens.weight
+        self.residual = torch.zeros((n, cfg.hidden_size), dtype=emb.dtype, device=device)
+        self.hidden = torch.zeros_like(self.residual)
         max_splits = decode_splits(1, cfg.num_kv_heads, self.num_sms)
         self.workspace = (
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
         )
-        # pinned staging, two sets: the engine prepares step N+1 while step N's copies may still be
-        # queued behind step N-1 on the stream, and a set is rewritten only after the step that
-        # used it has finished (the engine waits for it). Per step: one copy of the row inputs, one
-        # of the block-table rows in use.
+        # two staging sets, used in turn: pinned host buffers the step is written into, device
+        # copies filled on the side stream, and two events: `copied` (the set's host->device copies
+        # are done: its pinned memory may be rewritten, its device copy read) and `consumed` (the
+        # launch that read its device copy has run: the copy may be refilled)
+        self._copy_in = torch.cuda.Stream(device)
         self._staging = []
         for _ in range(2):
             h_inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8).pin_memory()
             h_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory()
             views = tuple(t.numpy() for t in _fields(h_inputs, n))  # numpy views of the pinned bytes
-            self._staging.append((h_inputs, h_tables, views, h_tables.numpy()))
+            d_inputs = torch.zeros_like(self._inputs)
+            d_tables = torch.zeros_like(self.block_tables)
+            d_ids, _, _, d_feed, _ = _fields(d_inputs, n)
+            self._staging.append(
+                (h_inputs, h_tables, views, h_tables.numpy(), d_inputs, d_tables, d_ids, d_feed,
+                 torch.cuda.Event(), torch.cuda.Event())
+            )  # fmt: skip
         self._flip = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -144,7 +159,10 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        embedded = (self.residual[:bs], self.hidden[:bs])
+        hidden = self.model(
+            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs), embedded=embedded
+        )
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -183,21 +201,34 @@ class DecodeGraphs:
         """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        h_inputs, h_tables, views, ht = self._staging[self._flip]
+        h_inputs, h_tables, views, ht, d_inputs, d_tables, d_ids, d_feed, copied, consumed = self._staging[
+            self._flip
+        ]
         self._flip ^= 1
-        h_ids, h_pos, h_slots, h_dst, h_src, h_lens = views
+        copied.synchronize()  # this set's last copies (two steps ago) have left its pinned memory
+        h_ids, h_pos, h_slots, h_feed, h_lens = views
         h_ids[:n], h_pos[:n], h_slots[:n], h_lens[:n] = ids, positions, slots, seq_lens
         h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
+        h_feed[:bs] = -1
         if feed is not None:
-            dst, src, source = feed
-            h_dst[: len(dst)], h_src[: len(src)] = dst, src
+            h_feed[:n] = feed_rows(feed, n)
         width = max(len(t) for t in tables)
         for i, t in enumerate(tables):
             ht[i, : len(t)] = t
-        self._inputs.copy_(h_inputs, non_blocking=True)
-        self.block_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
-        if feed is not None:
-            apply_feed(self.input_ids, self.feed_dst[: len(dst)], self.feed_src[: len(src)], source)
+        side = self._copy_in
+        side.wait_event(consumed)  # the launch that last read this set's device copy has run
+        with torch.cuda.stream(side):
+            d_inputs.copy_(h_inputs, non_blocking=True)
+            d_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
+            copied.record(side)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(copied)
+        staged = StagedInputs(
+            d_inputs.view(torch.int32), self._inputs.view(torch.int32), d_tables, self.block_tables, width
+        )
+        fed = (d_feed[:bs], feed[2]) if feed is not None else None
+        self.model.embed(d_ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
+        consumed.record(stream)
         g, logits = self.graphs[bs]
         g.replay()
         return logits[:n]

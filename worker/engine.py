@@ -296,7 +296,7 @@ class LLMEngine:
                 if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                     seq.stop_pending = True
         self.scheduler.advance(sched)
-        return _Inflight(reqs, positions, *to_host_async(tokens, lp))
+        return _Inflight(reqs, positions, *to_host_async(tokens, lp, self.runner.copy_out_stream))
 
     def _resolve(self, step: _Inflight) -> list[RequestOutput]:
         if step.event is not None:

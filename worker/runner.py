@@ -26,7 +26,6 @@ from .layers.attention import (
 )
 from .loader import load_model_weights
 from .models import DecoderModel
-from .sampling import to_device_index
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -35,10 +34,13 @@ log = logging.getLogger(__name__)
 Feed = tuple[list[int], list[int], torch.Tensor]
 
 
-def apply_feed(ids: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, source: torch.Tensor) -> None:
-    """ids[dst] = source[src] on the device (placeholder inputs from the previous step's sampled
-    ids); dst and src are int64 index tensors on ids' device."""
-    ids.index_copy_(0, dst, source.index_select(0, src))
+def feed_rows(feed: Feed, n: int) -> np.ndarray:
+    """A feed (token indices, rows of the source) as one int64 entry per token of the batch: the
+    source row its id comes from, or -1 (DecoderModel.embed's `feed` rows)."""
+    dst, src, _ = feed
+    rows = np.full(n, -1, dtype=np.int64)
+    rows[dst] = src
+    return rows
 
 
 @dataclass
@@ -157,6 +159,8 @@ class ModelRunner:
             self.num_blocks * self.bytes_per_block() / 2**30,
             str(self.kv_dtype).removeprefix("torch."),
         )
+        # a side stream for the sampled ids' device->host copies (sampling.to_host_async)
+        self.copy_out_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs = None
         self.use_graphs = (
             self.device.type == "cuda"
@@ -304,14 +308,15 @@ class ModelRunner:
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
         ids = torch.from_numpy(hb.ids).to(dev, non_blocking=True)
+        fed = None
         if feed is not None:
-            dst, src, source = feed
-            apply_feed(ids, to_device_index(dst, dev), to_device_index(src, dev), source)
+            fed = (torch.from_numpy(feed_rows(feed, len(hb.ids))).to(dev, non_blocking=True), feed[2])
         hidden = self.model(
             ids,
             torch.from_numpy(hb.positions).to(dev, non_blocking=True),
             self.kv_caches,
             meta,
+            feed=fed,
         )
         if not hb.sample_index:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])

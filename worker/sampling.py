@@ -13,6 +13,7 @@ the same tokens for a given seed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -209,22 +210,26 @@ def _values(
 
 
 def to_host_async(
-    tokens: torch.Tensor, lp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    tokens: torch.Tensor,
+    lp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    stream: torch.cuda.Stream | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, torch.cuda.Event | None]:
     """(device tokens, host tokens, host logprob tensors, event); on CUDA the copies are async and
-    the event marks their completion."""
+    the event marks their completion. With `stream` they run there, after the work queued so far
+    on the current stream, so that the current stream goes on without waiting for the copy engine
+    (ModelRunner.copy_out_stream)."""
     if tokens.device.type != "cuda":
         return tokens, tokens, lp, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    lp_host = None
-    if lp is not None:
-        lp_host = tuple(
-            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in lp
-        )
-    event = torch.cuda.Event()
-    event.record()
-    return tokens, host, lp_host, event
+    src = (tokens, *(lp or ()))
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(tokens.device))
+        for t in src:
+            t.record_stream(stream)  # the allocator keeps them until the copies are done
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in src]
+        event = torch.cuda.Event()
+        event.record()
+    return tokens, host[0], tuple(host[1:]) if lp is not None else None, event
 
 
 def unpack_logprobs(

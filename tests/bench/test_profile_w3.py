@@ -83,3 +83,29 @@ def test_a_layer_is_charged_position_by_position() -> None:
     assert [r["us"] for r in rows] == [pytest.approx(5.0), pytest.approx(2.0), pytest.approx(11.0)]
     assert [r["gap_us"] for r in rows] == [pytest.approx(2.0), 0.0, 0.0]  # 18 -> 20 before each attention
     assert profile_w3.per_layer(trace[:4]) == []  # no second attention: no complete layer
+
+
+def test_the_step_boundary_is_charged_position_by_position() -> None:
+    rows = profile_w3.step_boundary(profile_w3.split_steps(TRACE))
+    # only the first step reaches an attention kernel; its boundary is the LM head to the attention
+    assert [r["kernel"] for r in rows] == [n for n, _, _ in TRACE[:5]]
+    assert [r["us"] for r in rows] == [300.0, 10.0, 2.0, 3.0, pytest.approx(355.0 - 336.0)]
+    assert [r["gap_us"] for r in rows] == [0.0, 0.0, 20.0, 1.0, 0.0]
+    assert profile_w3.step_boundary(profile_w3.split_steps(TRACE)[1:]) == []
+
+
+def test_an_lm_head_that_starts_under_the_previous_step_is_charged_past_it() -> None:
+    # the previous step's last projection runs until 20 us into the LM head (PDL): that overlap
+    # belongs to the previous step only
+    trace = [
+        ("_gemv_kernel", 0.0, 300.0),  # LM head
+        ("_gemv_kernel", 300.0, 50.0),  # the last layer's projection
+        ("_gemv_kernel", 330.0, 300.0),  # next LM head, from 330 (PDL), ends 630
+        ("_gemv_kernel", 640.0, 300.0),
+    ]
+    steps = profile_w3.split_steps(trace)
+    priors = profile_w3.step_priors(trace)
+    assert priors == [None, 350.0]
+    second = profile_w3.charge(steps[1], priors[1])
+    assert second["lm_head"] == pytest.approx(630.0 - 350.0) and second["gaps"] == pytest.approx(10.0)
+    assert profile_w3.charge(steps[1])["lm_head"] == 300.0  # without the prior: its whole duration

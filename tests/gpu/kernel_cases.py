@@ -30,7 +30,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from inferfleet.worker.config import RopeConfig  # noqa: E402
 from inferfleet.worker.kernels.elementwise import (  # noqa: E402
+    StagedInputs,
     argmax_rows,
+    embed_rmsnorm,
     rmsnorm,
     rope_and_cache,
     sample_rows,
@@ -139,6 +141,43 @@ def test_rmsnorm_kernel_matches_layer() -> None:
     out = rmsnorm(x, layer.weight, 1e-6, residual=res_k)
     assert rel(out, ref_out) < 1e-6 and rel(res_k, ref_res) < 1e-6
     assert rel(rmsnorm(x, layer.weight, 1e-6), layer(x)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_rmsnorm_kernel_matches_embedding_then_norm(dtype: torch.dtype) -> None:
+    """The feed (placeholder ids taken from the previous step's sampled ids), the embedding rows
+    and the first norm in one launch, as the embedding and the rmsnorm kernel give them; and the
+    staged decode inputs it moves into a graph's buffers."""
+    torch.manual_seed(0)
+    vocab, h = 50, 48
+    emb = torch.randn(vocab, h, device=DEV).to(dtype)
+    layer = RMSNorm(h, 1e-6).to(DEV)
+    layer.weight.data.normal_(1.0, 0.1)
+    w = layer.weight.data.to(dtype)
+    ids = torch.tensor([3, -1, 7, -1, 49], device=DEV)  # -1: placeholders the feed fills
+    rows = torch.tensor([-1, 2, -1, 0, -1], device=DEV)
+    prev = torch.tensor([11, 12, 13], device=DEV)
+    want = emb[[3, 13, 7, 11, 49]]
+    res, x = embed_rmsnorm(ids, emb, w, 1e-6, feed=(rows, prev))
+    assert torch.equal(res, want)
+    assert torch.equal(x, rmsnorm(want, w, 1e-6))
+    ref = layer.to(dtype)(want.cpu() if DEV == "cpu" else want)
+    assert rel(x.float(), ref.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # no feed: the ids as given; preallocated outputs; staged inputs moved (a slice of the packed
+    # words per program, each row's first `width` block-table entries)
+    out = (torch.zeros(3, h, dtype=dtype, device=DEV), torch.zeros(3, h, dtype=dtype, device=DEV))
+    words = torch.arange(37, dtype=torch.int32, device=DEV)
+    words_out = torch.zeros_like(words)
+    tables = torch.randint(0, 1000, (4, 10), dtype=torch.int32, device=DEV)
+    tables_out = torch.full((4, 12), -5, dtype=torch.int32, device=DEV)
+    got = embed_rmsnorm(
+        ids[[0, 2, 4]], emb, w, 1e-6, out=out, staged=StagedInputs(words, words_out, tables, tables_out, 7)
+    )
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0], emb[[3, 7, 49]]) and torch.equal(out[1], rmsnorm(emb[[3, 7, 49]], w, 1e-6))
+    assert torch.equal(words_out, words)
+    assert torch.equal(tables_out[:3, :7], tables[:3, :7])
+    assert (tables_out[:3, 7:] == -5).all() and (tables_out[3] == -5).all()  # only rows and columns in use
 
 
 def test_silu_and_mul_kernel() -> None:
@@ -543,7 +582,8 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
     ):  # the one-row path (CUDA-core FMAs, PDL where the engine turned it on) and the tensor-core path
         # prefetch: weight tiles loaded before the PDL wait, past K too (k=64: one tile of 64 on CPU)
         variants = ({"fma": False}, {"use_pdl": DEV == "cuda"}, {"prefetch": 0}, {"prefetch": 2},
-                    {"prefetch": 3, "use_pdl": DEV == "cuda"}, {"prefetch": 3, "fma": False})  # fmt: skip
+                    {"prefetch": 3, "use_pdl": DEV == "cuda"}, {"prefetch": 3, "fma": False},
+                    {"prefetch": 4, "use_pdl": DEV == "cuda"})  # fmt: skip
         for kw in variants:
             got = gemv(x, w, bias=b, block_k=64 if DEV == "cpu" else None, **kw)
             assert rel(got.float(), ref) < tol, kw

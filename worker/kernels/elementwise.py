@@ -8,6 +8,8 @@ it is normalized, the normalized value is rounded before the weight multiply.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -102,6 +104,128 @@ def rmsnorm(
         **LAUNCH_OPTIONS,
     )
     return out
+
+
+@triton.jit
+def _embed_rmsnorm_kernel(
+    ids_ptr,
+    feed_ptr,
+    prev_ptr,
+    emb_ptr,
+    w_ptr,
+    res_ptr,
+    out_ptr,
+    emb_stride,
+    n_cols,
+    eps,
+    src_words_ptr,
+    dst_words_ptr,
+    n_words,
+    src_tab_ptr,
+    dst_tab_ptr,
+    src_tab_stride,
+    dst_tab_stride,
+    tab_width,
+    HAS_FEED: tl.constexpr,
+    STAGED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WORDS_BLOCK: tl.constexpr,
+    TAB_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # one program per token: its id (from the previous step's sampled ids where the feed says so),
+    # its embedding row into the residual stream, and that row normalized (as _rmsnorm_kernel);
+    # STAGED: also copies a decode step's staged inputs into the buffers its graph reads (a slice
+    # of the packed per-row fields, and this row's block table)
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
+    r = tl.program_id(0).to(tl.int64)
+    if STAGED:
+        w = r * WORDS_BLOCK + tl.arange(0, WORDS_BLOCK)
+        tl.store(dst_words_ptr + w, tl.load(src_words_ptr + w, mask=w < n_words), mask=w < n_words)
+        for c0 in range(0, tab_width, TAB_BLOCK):
+            c = c0 + tl.arange(0, TAB_BLOCK)
+            ok = c < tab_width
+            t = tl.load(src_tab_ptr + r * src_tab_stride + c, mask=ok)
+            tl.store(dst_tab_ptr + r * dst_tab_stride + c, t, mask=ok)
+    tok = tl.load(ids_ptr + r)
+    if HAS_FEED:
+        src = tl.load(feed_ptr + r)
+        if src >= 0:
+            tok = tl.load(prev_ptr + src)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(emb_ptr + tok * emb_stride + cols, mask=mask, other=0.0)
+    tl.store(res_ptr + r * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    nw = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + r * n_cols + cols, (y.to(tl.float32) * nw.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+@dataclass
+class StagedInputs:
+    """A decode step's inputs staged on the device, for embed_rmsnorm to copy into the buffers a
+    CUDA graph reads: `words` (int32 view of the packed per-row fields) into `words_out`, and the
+    first `width` columns of `tables`' rows into `tables_out` (int32 [rows, >= width] each)."""
+
+    words: torch.Tensor
+    words_out: torch.Tensor
+    tables: torch.Tensor
+    tables_out: torch.Tensor
+    width: int
+
+
+def embed_rmsnorm(
+    ids: torch.Tensor,
+    embedding: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    staged: StagedInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T] -> (embedding rows [T, H], those rows RMS-normalized by `weight`), in one launch: the
+    first layer's input and the residual stream, as embedding(ids) then rmsnorm give them.
+
+    `feed` = (rows [T] int64, previous [R] int64): where rows[t] >= 0 the token's id is
+    previous[rows[t]] instead of ids[t] (an input taken on the device from the step before's
+    sampled ids). `out`: the two [T, H] tensors to write. `staged`: the same launch also moves a
+    decode step's inputs into its graph's buffers (cuda_graphs.DecodeGraphs)."""
+    t = ids.shape[0]
+    n = embedding.shape[1]
+    assert embedding.stride(1) == 1
+    if out is None:
+        res = torch.empty((t, n), dtype=embedding.dtype, device=ids.device)
+        y = torch.empty_like(res)
+    else:
+        res, y = out
+    assert res.shape == y.shape == (t, n) and res.is_contiguous() and y.is_contiguous()
+    if not t:
+        return res, y
+    rows, prev = feed if feed is not None else (ids, ids)
+    st = staged
+    words_block, tab_block = 1, 1
+    if st is not None:
+        assert st.words.dtype == st.words_out.dtype == torch.int32 and st.words.shape == st.words_out.shape
+        assert st.tables.shape[0] >= t and st.tables_out.shape[0] >= t
+        words_block = triton.next_power_of_2(triton.cdiv(st.words.numel(), t))
+        tab_block = min(triton.next_power_of_2(max(st.width, 1)), 1024)
+    block = triton.next_power_of_2(n)
+    _embed_rmsnorm_kernel[(t,)](
+        ids, rows, prev, embedding, weight, res, y, embedding.stride(0), n, eps,
+        *(
+            (st.words, st.words_out, st.words.numel(), st.tables, st.tables_out, st.tables.stride(0),
+             st.tables_out.stride(0), st.width)
+            if st is not None else (ids, ids, 0, ids, ids, 0, 0, 0)
+        ),
+        HAS_FEED=feed is not None, STAGED=st is not None, BLOCK=block, WORDS_BLOCK=words_block,
+        TAB_BLOCK=tab_block, USE_PDL=pdl.enabled(), num_warps=min(max(block // 256, 1), 8),
+        launch_pdl=pdl.enabled(),
+        **LAUNCH_OPTIONS,
+    )  # fmt: skip
+    return res, y
 
 
 @triton.jit
@@ -352,7 +476,11 @@ def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
 
 
 def argmax_rows(
-    x: torch.Tensor, block: int = 8192, num_warps: int = 16, splits: int | None = None
+    x: torch.Tensor,
+    block: int = 8192,
+    num_warps: int = 16,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [N, V] (V contiguous) -> each row's first maximum [N] int64, NaN counting as the largest
     value (torch.argmax's rule), in one launch: greedy sampling of decode rows, where torch's argmax
@@ -360,10 +488,13 @@ def argmax_rows(
     were just written, so they come from L2). Up to ARGMAX_SPLIT_ROWS rows each row is split over
     `splits` programs (default 16) whose last one reduces their partials: one program per row spent
     13 us on a Llama-3 vocabulary at batch 1 on the H100, the split launch 6 us (docs/benchmarks.md);
-    more rows, one program per row (`splits` 1; `block` and `num_warps` are that launch's)."""
+    more rows, one program per row (`splits` 1; `block` and `num_warps` are that launch's).
+    `out`: an int64 [N] tensor to write the indices into (a decode graph's fixed buffer)."""
     n, v = x.shape
     assert x.stride(1) == 1 and v < _NO_INDEX
-    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    if out is None:
+        out = torch.empty(n, dtype=torch.int64, device=x.device)
+    assert out.shape == (n,) and out.dtype == torch.int64 and out.is_contiguous()
     if not n:
         return out
     if splits is None:

@@ -158,6 +158,8 @@ def _gemv_kernel(
         w1 = _w_tile(w_rows, BLOCK_K + offs_k, n_ok, K, EVEN_K)
     if PREFETCH >= 3:
         w2 = _w_tile(w_rows, 2 * BLOCK_K + offs_k, n_ok, K, EVEN_K)
+    if PREFETCH >= 4:
+        w3 = _w_tile(w_rows, 3 * BLOCK_K + offs_k, n_ok, K, EVEN_K)
     pdl.wait(USE_PDL)
     # only now may the next kernel's programs take free SM slots (earlier, kernels further down
     # the chain would pile up on the SMs waiting, taking slots this one still needs)
@@ -172,6 +174,8 @@ def _gemv_kernel(
         acc = _tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
     if PREFETCH >= 3:
         acc = _tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
+    if PREFETCH >= 4:
+        acc = _tile(acc, w3, x_rows, 3 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
     for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
         acc = _tile(
             acc, _w_tile(w_rows, k0 + offs_k, n_ok, K, EVEN_K), x_rows, k0 + offs_k, m_ok, K, FMA, EVEN_K
@@ -305,7 +309,7 @@ def gemv(
     block_n = block_n or (cfg_n if fma else max(16, cfg_n))  # tl.dot: N >= 16
     block_k = block_k or cfg_k
     prefetch = cfg_prefetch if prefetch is None else int(prefetch)
-    assert 0 <= prefetch <= 3, "prefetch: 0-3 weight tiles loaded before the PDL wait"
+    assert 0 <= prefetch <= 4, "prefetch: 0-4 weight tiles loaded before the PDL wait"
     if silu_mul:
         assert fma and n % 2 == 0 and add_norm is None, "silu_mul: one row, [gate; up] rows"
         assert block_n % 2 == 0

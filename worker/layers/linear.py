@@ -34,6 +34,12 @@ FUSED_NORM = os.environ.get("INFERFLEET_FUSED_NORM", "1") != "0"
 # likewise, one-row gate/up projections return silu(gate) * up from their own launch
 # (Linear.silu_mul); INFERFLEET_FUSED_SILU=0 keeps the separate kernel
 FUSED_SILU = os.environ.get("INFERFLEET_FUSED_SILU", "1") != "0"
+# weight tiles a one-row 16-bit projection that follows attention (o_proj: `follows_attention`)
+# loads before its PDL wait, while attention leaves DRAM nearly idle (kernels/gemv.gemv's
+# `prefetch`; the default elsewhere is 2). H100 W3 bf16 5.385-5.389 -> 5.345 ms with 4 (3: 5.364);
+# 8-bit o_proj stays at 2: 4 made fp8 slower, 3.194 -> 3.239 (docs/benchmarks.md, eleventh session).
+# INFERFLEET_O_PREFETCH overrides it, for A/B measurements.
+AFTER_ATTENTION_PREFETCH = int(os.environ.get("INFERFLEET_O_PREFETCH", "4"))
 
 
 class Linear(nn.Module):
@@ -41,10 +47,16 @@ class Linear(nn.Module):
     QKV is [q, k, v], gate/up is [gate, up]; each shard loads into its own row range."""
 
     def __init__(
-        self, in_features: int, output_sizes: list[int], bias: bool = False, quant: QuantConfig | None = None
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        quant: QuantConfig | None = None,
+        follows_attention: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
+        self.follows_attention = follows_attention  # its input is attention's output (o_proj)
         self.output_sizes = list(output_sizes)
         out = sum(output_sizes)
         self.method: LinearMethod | None = None
@@ -90,6 +102,8 @@ class Linear(nn.Module):
             return None
         from ..kernels.gemv import gemv
 
+        if self.follows_attention:
+            epilogue.setdefault("prefetch", AFTER_ATTENTION_PREFETCH)
         return gemv(x, self.weight, bias=self.bias, **epilogue)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from ..layers.attention import AttentionBackend, AttentionMetadata
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..kernels.elementwise import StagedInputs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(
             cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias, quant=cfg.quant
         )
-        self.o_proj = Linear(self.q_size, [cfg.hidden_size], quant=cfg.quant)
+        self.o_proj = Linear(self.q_size, [cfg.hidden_size], quant=cfg.quant, follows_attention=True)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -165,15 +169,44 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+        embedded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        residual = self.model.embed_tokens(input_ids)
+        """`feed`: see embed. `embedded`: embed's (residual, x) for these tokens, computed before
+        (a decode graph starts from them); then input_ids and feed are not read."""
         layers = self.model.layers
         assert len(kv_caches) == len(layers), "one KV cache per layer (the last layer applies the final norm)"
-        x = layers[0].input_layernorm(residual)
+        residual, x = embedded if embedded is not None else self.embed(input_ids, feed)
         next_norms = [*(layer.input_layernorm for layer in layers[1:]), self.model.norm]
         for layer, kv, nxt in zip(layers, kv_caches, next_norms):
             x, residual = layer(positions, x, residual, kv, meta, nxt)
         return x
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        staged: StagedInputs | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, first layer's normalized input) for input_ids [T].
+
+        `feed` = (rows [T], previous [R]): where rows[t] >= 0, token t's id is previous[rows[t]]
+        (the previous step's sampled ids, still on the device) instead of input_ids[t]. On CUDA one
+        launch does the feed, the embedding and the norm (kernels/elementwise.embed_rmsnorm, which
+        also takes its `out` buffers and `staged` inputs to move); elsewhere torch ops."""
+        first = self.model.layers[0].input_layernorm
+        emb = self.model.embed_tokens.weight
+        if emb.is_cuda and kernels.AVAILABLE:
+            from ..kernels.elementwise import embed_rmsnorm
+
+            return embed_rmsnorm(input_ids, emb, first.weight, first.eps, feed, out, staged)
+        assert out is None and staged is None, "preallocated outputs and staged inputs: CUDA only"
+        if feed is not None:
+            rows, prev = feed
+            input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
+        residual = self.model.embed_tokens(input_ids)
+        return residual, first(residual)
 
     def _plain_where_stored_plain(self) -> None:
         """Decoder projections the checkpoint stores unquantized (a compressed-tensors FP8 checkpoint
@@ -189,7 +222,12 @@ class DecoderModel(nn.Module):
             stored = [quant.stores_quantized(m) for m in parts]
             if not any(stored):
                 parent, _, attr = name.rpartition(".")
-                plain = Linear(module.in_features, module.output_sizes, bias=module.bias is not None)
+                plain = Linear(
+                    module.in_features,
+                    module.output_sizes,
+                    bias=module.bias is not None,
+                    follows_attention=module.follows_attention,
+                )
                 setattr(self.get_submodule(parent), attr, plain)
             elif not all(stored):
                 some = f"{name}: the checkpoint quantizes only some of {', '.join(parts)}"
