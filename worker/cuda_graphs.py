@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from .kernels.elementwise import StagedInputs
+from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
 from .runner import Feed, feed_rows
@@ -77,6 +77,34 @@ def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return tuple(views)
 
 
+class _Inputs:
+    """A decode step's inputs on the device: the per-row fields in one byte buffer laid out as
+    _FIELDS (four int64 fields, then the int32 context lengths, `rows` entries each) and the block
+    tables."""
+
+    def __init__(self, rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.bytes = torch.zeros(_STEP_BYTES_PER_ROW * rows, dtype=torch.uint8, device=device)
+        self.ids, self.positions, self.slots, self.feed_rows, self.seq_lens = _fields(self.bytes, rows)
+        self.slots.fill_(-1)  # padding rows write no KV (capture runs each graph once)
+        self.tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32, device=device)
+
+
+class _Staging:
+    """One of the two staging sets used in turn: pinned host buffers a step is written into, their
+    device copy (filled on the side stream), and two events: `copied` (the host->device copies are
+    done: the pinned memory may be rewritten, the device copy read) and `consumed` (what read the
+    device copy has run: it may be refilled)."""
+
+    def __init__(self, rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.h_bytes = torch.zeros(_STEP_BYTES_PER_ROW * rows, dtype=torch.uint8).pin_memory()
+        self.h_tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32).pin_memory()
+        self.views = tuple(t.numpy() for t in _fields(self.h_bytes, rows))  # numpy views, pinned bytes
+        self.tables_np = self.h_tables.numpy()
+        self.dev = _Inputs(rows, max_blocks_per_seq, device)
+        self.copied = torch.cuda.Event()
+        self.consumed = torch.cuda.Event()
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -95,14 +123,10 @@ class DecodeGraphs:
         cfg = model.config
         self.num_sms = num_sms  # the device's multiprocessor count (decode_splits)
         n = self.max_batch
-        # the buffers the graphs read: a step's per-row inputs in one byte buffer laid out as
-        # _FIELDS (four int64 fields, then the int32 context lengths, max_batch entries each), the
-        # block tables, and the embedding's outputs (residual stream, first layer's input)
-        self._inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8, device=device)
-        self.input_ids, self.positions, self.slots, self.feed_rows, self.seq_lens = _fields(self._inputs, n)
+        # what the graphs above one row read: the step's inputs and the embedding's outputs
+        # (residual stream, first layer's input), written by the launch before the replay
+        self.inputs = _Inputs(n, max_blocks_per_seq, device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.slots.fill_(-1)  # padding rows write no KV (capture runs the graphs once)
-        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         emb = model.model.embed_tokens.weight
         self.residual = torch.zeros((n, cfg.hidden_size), dtype=emb.dtype, device=device)
         self.hidden = torch.zeros_like(self.residual)
@@ -111,34 +135,24 @@ class DecodeGraphs:
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
         )
-        # two staging sets, used in turn: pinned host buffers the step is written into, device
-        # copies filled on the side stream, and two events: `copied` (the set's host->device copies
-        # are done: its pinned memory may be rewritten, its device copy read) and `consumed` (the
-        # launch that read its device copy has run: the copy may be refilled)
         self._copy_in = torch.cuda.Stream(device)
-        self._staging = []
-        for _ in range(2):
-            h_inputs = torch.zeros(_STEP_BYTES_PER_ROW * n, dtype=torch.uint8).pin_memory()
-            h_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32).pin_memory()
-            views = tuple(t.numpy() for t in _fields(h_inputs, n))  # numpy views of the pinned bytes
-            d_inputs = torch.zeros_like(self._inputs)
-            d_tables = torch.zeros_like(self.block_tables)
-            d_ids, _, _, d_feed, _ = _fields(d_inputs, n)
-            self._staging.append(
-                (h_inputs, h_tables, views, h_tables.numpy(), d_inputs, d_tables, d_ids, d_feed,
-                 torch.cuda.Event(), torch.cuda.Event())
-            )  # fmt: skip
+        self._staging = [_Staging(n, max_blocks_per_seq, device) for _ in range(2)]
         self._flip = 0
+        # one-row steps: a graph per staging set, which reads that set's device copy itself and
+        # writes the row's greedy token into tokens[set] (its feed comes from tokens[other set])
+        self.tokens = torch.zeros((2, n), dtype=torch.int64, device=device)
+        self._best = torch.full((1,), ARGMAX_KEY_MIN, dtype=torch.int64, device=device)
+        self.one_row: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, inputs: _Inputs) -> AttentionMetadata:
         splits = decode_splits(bs, self.model.config.num_kv_heads, self.num_sms)
         return AttentionMetadata(
-            slot_mapping=self.slots[:bs],
+            slot_mapping=inputs.slots[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
+            seq_lens=inputs.seq_lens[:bs],
+            block_tables=inputs.tables[:bs],
             max_query_len=1,
             query_lens_host=[],
             seq_lens_host=[],
@@ -160,30 +174,57 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         embedded = (self.residual[:bs], self.hidden[:bs])
+        inp = self.inputs
         hidden = self.model(
-            self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs), embedded=embedded
+            inp.ids[:bs], inp.positions[:bs], self.kv_caches, self._meta(bs, inp), embedded=embedded
         )
         return self.model.compute_logits(hidden)
+
+    def _forward_one_row(self, f: int) -> torch.Tensor:
+        """A one-row step from staging set f, start to end: the feed from tokens[1 - f], embedding
+        and first norm, the layers, the logits, and the greedy token into tokens[f] (from the
+        lm_head launch where its kernel can, kernels/gemv.argmax_epilogue, else an argmax launch)."""
+        inp = self._staging[f].dev
+        out = (self.residual[:1], self.hidden[:1])
+        embedded = self.model.embed(inp.ids[:1], (inp.feed_rows[:1], self.tokens[1 - f]), out=out)
+        hidden = self.model(
+            inp.ids[:1], inp.positions[:1], self.kv_caches, self._meta(1, inp), embedded=embedded
+        )
+        logits = self.model.lm_head.float_output_argmax(hidden, self._best)
+        if logits is not None:
+            argmax_finish(self._best, self.tokens[f, :1])
+        else:
+            logits = self.model.compute_logits(hidden)
+            argmax_rows(logits, out=self.tokens[f, :1])
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> float:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+        # largest first, so smaller graphs reuse its pool memory; one row last, once per set
+        plan = [(bs, None) for bs in reversed(self.sizes) if bs > 1] + [(1, 0), (1, 1)]
+        for bs, f in plan:
+            forward = (
+                (lambda bs=bs: self._forward(bs)) if f is None else (lambda f=f: self._forward_one_row(f))
+            )
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._forward(bs)  # warm-up: Triton compilation, cuBLAS handles and workspaces
+                forward()  # warm-up: Triton compilation, cuBLAS handles and workspaces
             torch.cuda.current_stream(self.device).wait_stream(stream)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, stream=stream):
-                logits = self._forward(bs)
-            self.graphs[bs] = (g, logits)
+                logits = forward()
+            if f is None:
+                self.graphs[bs] = (g, logits)
+            else:
+                self.one_row.append((g, logits))
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode CUDA graphs (batch 1..%d) in %.2fs",
-            len(self.graphs),
+            len(self.graphs) + len(self.one_row),
             self.max_batch,
             self.capture_seconds,
         )
@@ -197,16 +238,16 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         tables: list[np.ndarray],
         feed: Feed | None = None,
-    ) -> torch.Tensor:
-        """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the smallest graph that holds len(ids) rows; returns logits [n, V] (a view) and,
+        for one row, its greedy token [1] (a view of `tokens`), else None."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        h_inputs, h_tables, views, ht, d_inputs, d_tables, d_ids, d_feed, copied, consumed = self._staging[
-            self._flip
-        ]
+        f = self._flip
         self._flip ^= 1
-        copied.synchronize()  # this set's last copies (two steps ago) have left its pinned memory
-        h_ids, h_pos, h_slots, h_feed, h_lens = views
+        st = self._staging[f]
+        st.copied.synchronize()  # this set's last copies (two steps ago) have left its pinned memory
+        h_ids, h_pos, h_slots, h_feed, h_lens = st.views
         h_ids[:n], h_pos[:n], h_slots[:n], h_lens[:n] = ids, positions, slots, seq_lens
         h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
         h_feed[:bs] = -1
@@ -214,21 +255,33 @@ class DecodeGraphs:
             h_feed[:n] = feed_rows(feed, n)
         width = max(len(t) for t in tables)
         for i, t in enumerate(tables):
-            ht[i, : len(t)] = t
+            st.tables_np[i, : len(t)] = t
         side = self._copy_in
-        side.wait_event(consumed)  # the launch that last read this set's device copy has run
+        side.wait_event(st.consumed)  # what last read this set's device copy has run
         with torch.cuda.stream(side):
-            d_inputs.copy_(h_inputs, non_blocking=True)
-            d_tables[:n, :width].copy_(h_tables[:n, :width], non_blocking=True)
-            copied.record(side)
+            st.dev.bytes.copy_(st.h_bytes, non_blocking=True)
+            st.dev.tables[:n, :width].copy_(st.h_tables[:n, :width], non_blocking=True)
+            st.copied.record(side)
         stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(copied)
+        stream.wait_event(st.copied)
+        if bs == 1:
+            source = feed[2] if feed is not None else None
+            if source is not None and source.data_ptr() != self.tokens[1 - f].data_ptr():
+                self.tokens[1 - f, : len(source)].copy_(source)  # fed from a step of another shape
+            g, logits = self.one_row[f]
+            g.replay()
+            st.consumed.record(stream)
+            return logits, self.tokens[f, :1]
         staged = StagedInputs(
-            d_inputs.view(torch.int32), self._inputs.view(torch.int32), d_tables, self.block_tables, width
+            st.dev.bytes.view(torch.int32),
+            self.inputs.bytes.view(torch.int32),
+            st.dev.tables,
+            self.inputs.tables,
+            width,
         )
-        fed = (d_feed[:bs], feed[2]) if feed is not None else None
-        self.model.embed(d_ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
-        consumed.record(stream)
+        fed = (st.dev.feed_rows[:bs], feed[2]) if feed is not None else None
+        self.model.embed(st.dev.ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
+        st.consumed.record(stream)
         g, logits = self.graphs[bs]
         g.replay()
-        return logits[:n]
+        return logits[:n], None

@@ -287,7 +287,8 @@ class LLMEngine:
             for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
                 if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
                     r.sampler.banned_token_ids = []
-            tokens, lp = sample_device(step_logits.logits, [r.sampler for r in reqs], self._noise)
+            samplers = [r.sampler for r in reqs]
+            tokens, lp = sample_device(step_logits.logits, samplers, self._noise, step_logits.greedy)
             for row, r in enumerate(reqs):
                 seq = r.seq
                 positions.append(len(seq.token_ids))

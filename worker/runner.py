@@ -47,6 +47,9 @@ def feed_rows(feed: Feed, n: int) -> np.ndarray:
 class StepLogits:
     logits: torch.Tensor  # [N, V] float32, one row per scheduled sequence that samples
     rows: list[int]  # index into SchedulerOutput.scheduled for each logits row
+    # each row's first maximum [N] int64 where the step computed it already (a one-row decode
+    # graph does), else None; sampling starts from it (sampling.sample_device's `greedy`)
+    greedy: torch.Tensor | None = None
 
 
 def select_backend(device: torch.device, choice: str) -> AttentionBackend:
@@ -302,9 +305,9 @@ class ModelRunner:
         dev = self.device
         if self.graphs is not None and hb.decode_only and len(hb.ids) <= self.graphs.max_batch:
             seq_lens = np.asarray(hb.seq_lens, dtype=np.int32)
-            logits = self.graphs.run(hb.ids, hb.positions, hb.slots, seq_lens, hb.arrays, feed)
+            logits, greedy = self.graphs.run(hb.ids, hb.positions, hb.slots, seq_lens, hb.arrays, feed)
             # in a decode-only step every row samples, in order (build_host_batch checks it)
-            return StepLogits(logits, hb.rows)
+            return StepLogits(logits, hb.rows, greedy)
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
         ids = torch.from_numpy(hb.ids).to(dev, non_blocking=True)

@@ -58,14 +58,19 @@ def filter_batch(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
 
 
 def sample_device(
-    logits: torch.Tensor, requests: list[SampleRequest], generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    requests: list[SampleRequest],
+    generator: torch.Generator | None = None,
+    greedy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """logits: [N, V] float32, one row per request -> sampled ids [N] on the logits' device, and
     for the rows that asked for logprobs (chosen [R], top values [R, K], top ids [R, K]).
 
     Nothing here waits for the device. Rows whose request has its own generator (an explicit
     seed) draw their noise from it, one row at a time, so their tokens do not depend on the batch;
-    all other rows share `generator`.
+    all other rows share `generator`. `greedy`: each row's first maximum [N] int64, computed with
+    the logits (a one-row decode graph's); the sampled ids are then written into it, unless some
+    row bans tokens (its maximum is taken again without them).
     """
     n = logits.shape[0]
     assert n == len(requests)
@@ -75,7 +80,8 @@ def sample_device(
         rows = [i for i, r in enumerate(requests) for _ in r.banned_token_ids]
         cols = [t for r in requests for t in r.banned_token_ids]
         logits[to_device_index(rows, dev), to_device_index(cols, dev)] = float("-inf")
-    tokens = argmax_rows(logits)
+        greedy = None
+    tokens = greedy if greedy is not None else argmax_rows(logits)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     # rows without top-k / top-p take the one-pass kernel on CUDA, the others torch's path: per row,
     # so a seeded request draws the same way whatever else the batch holds

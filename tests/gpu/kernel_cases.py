@@ -593,6 +593,36 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
         assert wide.dtype == torch.float32 and torch.equal(wide, plain.float())
 
 
+def test_gemv_argmax_epilogue_is_torch_argmax_of_its_output() -> None:
+    """gemv(argmax_best=) then argmax_finish: the first maximum of the launch's (float32) output as
+    torch.argmax gives it, across programs: a tie over three programs (the first index wins), NaN
+    (the first NaN wins), every output negative, and a partial last program; the best key is back
+    at its minimum after each launch (four runs)."""
+    from inferfleet.worker.kernels.elementwise import ARGMAX_KEY_MIN, argmax_finish
+    from inferfleet.worker.kernels.gemv import gemv
+
+    torch.manual_seed(2)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    n, k = 301, 64
+    x = torch.randn(1, k, device=DEV, dtype=dt)
+    w = torch.randn(n, k, device=DEV, dtype=dt)
+    tied = w.clone()
+    tied[5] = tied[17] = tied[250] = 4 * x[0].sign()  # the largest output, three times
+    nan = w.clone()
+    nan[123, 3] = float("nan")
+    nan[200, 0] = float("nan")
+    neg = -x[0].sign().expand(n, k) * torch.rand(n, 1, device=DEV, dtype=dt)  # every output < 0
+    best = torch.full((1,), ARGMAX_KEY_MIN, dtype=torch.int64, device=DEV)
+    tok = torch.empty(1, dtype=torch.int64, device=DEV)
+    for xx, ww, want in ((x, tied, 5), (x, nan, 123), (x, neg.contiguous(), None), (x, w, None)):
+        y = gemv(xx, ww, out_dtype=torch.float32, argmax_best=best, block_k=64 if DEV == "cpu" else None)
+        argmax_finish(best, tok)
+        assert int(tok) == int(y[0].argmax()), want
+        if want is not None:
+            assert int(tok) == want
+        assert int(best) == ARGMAX_KEY_MIN
+
+
 @pytest.mark.parametrize(
     ("n", "k", "bias", "block_n"),
     [(40, 64, False, None), (19, 300, True, None), (256, 128, True, 16), (48, 2048, False, None)],

@@ -5,6 +5,9 @@
   (padded batch sizes) and split-KV decode.
 - bf16 on the GPU against the float32 CPU reference: logits within bf16 tolerance.
 - kv_cache_dtype fp8 (bf16, CUDA graphs) against the CPU engine with the same fp8 KV cache.
+- One-row decode graphs (their own input staging, greedy ids from the lm_head launch) in bf16
+  against eager steps on the same GPU: identical tokens through batches that shrink to one row
+  and grow again, temperature rows, banned ids and logprobs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import common_prefix, greedy_run
-from inferfleet.worker import LLMEngine
+from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -217,3 +220,51 @@ def test_temperature_rows_one_pass_on_cuda(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [n, 1, 3, 2]  # the top-p row went through torch's path, the other two not
     assert with_filter[2].item() == alone[0].item()
     assert with_filter[0].item() == logits[0].argmax().item()
+
+
+def test_one_row_graphs_bf16_equal_eager_steps(tiny_llama: Path) -> None:
+    """A request alone (one-row graphs, fed from the prefill's sampled id, then from each other),
+    then three more: batches of 4 down to 1 row and back, a seeded temperature row (its draw
+    replaces the graph's greedy id in place), a min_tokens row (banned stop id: the maximum is
+    taken again) and a logprobs row. The same kernels run eagerly, so every token must match."""
+    ps = prompts(5)
+
+    def go(**kw: object) -> tuple[dict[str, list[int]], dict[str, list[float]], LLMEngine]:
+        eng = LLMEngine(
+            EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16", max_num_seqs=8, **kw)
+        )
+        eng.warmup()
+        greedy = {"max_tokens": 30, "ignore_eos": True}
+        eng.add_request("a", params=SamplingParams(**greedy, logprobs=2), prompt_token_ids=ps[0])
+        out: dict[str, list[int]] = {}
+        lps: dict[str, list[float]] = {}
+
+        def keep(outputs: list) -> None:
+            for o in outputs:
+                if o.finished:
+                    out[o.request_id] = o.token_ids
+                    if o.logprobs:
+                        lps[o.request_id] = [lp.logprob for lp in o.logprobs]
+
+        for _ in range(10):
+            keep(eng.step())
+        eng.add_request("b", params=SamplingParams(max_tokens=4, ignore_eos=True), prompt_token_ids=ps[1])
+        eng.add_request(
+            "c",
+            params=SamplingParams(max_tokens=9, temperature=0.8, seed=7, ignore_eos=True),
+            prompt_token_ids=ps[2],
+        )
+        eng.add_request(
+            "d",
+            params=SamplingParams(max_tokens=14, min_tokens=10, stop_token_ids=[7], ignore_eos=True),
+            prompt_token_ids=ps[3],
+        )
+        while eng.has_unfinished_requests():
+            keep(eng.step())
+        return out, lps, eng
+
+    got, got_lp, eng = go()
+    assert eng.runner.graphs is not None and len(eng.runner.graphs.one_row) == 2
+    want, want_lp, _ = go(enforce_eager=True)
+    assert set(got) == {"a", "b", "c", "d"} and got == want
+    assert got_lp["a"] == pytest.approx(want_lp["a"], abs=1e-5)

@@ -518,6 +518,28 @@ def argmax_rows(
 
 
 @triton.jit
+def _argmax_finish_kernel(best_ptr, out_ptr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
+    pdl.launch_dependents(USE_PDL)
+    key = tl.atomic_xchg(best_ptr, tl.full((), -2147483648, tl.int64) << 32, sem="acq_rel", scope="gpu")
+    low = (tl.full((), 1, tl.int64) << 32) - 1
+    tl.store(out_ptr, low - (key & low))
+
+
+ARGMAX_KEY_MIN = -(2**63)  # below every key of gemv.argmax_key: what argmax_finish resets to
+
+
+def argmax_finish(best: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [1] int64 <- the token id of the key a launch with `gemv(argmax_best=best)` left in
+    best, which goes back to ARGMAX_KEY_MIN for the next launch; one program, after that launch."""
+    assert best.dtype == out.dtype == torch.int64 and best.numel() == out.numel() == 1
+    _argmax_finish_kernel[(1,)](
+        best, out, USE_PDL=pdl.enabled(), num_warps=1, launch_pdl=pdl.enabled(), **LAUNCH_OPTIONS
+    )
+    return out
+
+
+@triton.jit
 def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr):
     """Fold columns `cols` into each lane's running best of logit / T + Gumbel(u) (the exponential
     race: -log(-log u) = -log E with E = -log u ~ Exp(1), so this is log(p / E) up to the row's

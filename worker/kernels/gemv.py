@@ -72,6 +72,27 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
         tl.store(cnt_ptr, 0)  # ready for the next launch (which starts after this one has finished)
 
 
+@triton.jit
+def argmax_key(v, idx):
+    """int64 keys that order (value, index) pairs as torch.argmax picks: by value, NaN above every
+    number (the first NaN wins), -0.0 equal to 0.0, then the smaller index. The value's float32
+    bits, made to order as signed integers, in the high half; 2^32 - 1 - index in the low half."""
+    v = tl.where(v == 0.0, 0.0, v)
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = tl.where(v != v, 0x7FFFFFFF, bits ^ ((bits >> 31) & 0x7FFFFFFF))
+    low = (tl.full((), 1, tl.int64) << 32) - 1
+    return (ordered.to(tl.int64) << 32) | (low - idx.to(tl.int64))
+
+
+@triton.jit
+def argmax_epilogue(v, offs_n, n_ok, best_ptr):
+    """v [BLOCK_N] float32 (this program's logits, columns offs_n) -> best = max(best, the key of
+    its first maximum) (argmax_key), one atomic per program; kernels/elementwise.argmax_finish turns
+    the launch's best key into the token id and resets it."""
+    key = tl.where(n_ok, argmax_key(v, offs_n), tl.full((), -2147483648, tl.int64) << 32)
+    tl.atomic_max(best_ptr, tl.max(key, axis=0), sem="relaxed", scope="gpu")
+
+
 NUM_WARPS = 4  # the default configurations' warps (tc_launch's and callers' launches aside)
 
 
@@ -123,13 +144,13 @@ def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_ym, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-    SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
+    SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, ARGMAX: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -197,6 +218,8 @@ def _gemv_kernel(
         # rounded to x's dtype first: a float32 output (logits) holds what the 16-bit one would
         y_val = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
         tl.store(y, y_val, mask=m_ok[:, None] & n_ok[None, :])
+        if ARGMAX:  # one row (the wrapper checks)
+            argmax_epilogue(tl.sum(y_val.to(tl.float32), axis=0), offs_n, n_ok, best_ptr)
 
 
 def epilogue_args(add_norm: AddNorm | None, y: torch.Tensor) -> tuple[AddNorm, int]:
@@ -287,6 +310,7 @@ def gemv(
     silu_mul: bool = False,
     out_dtype: torch.dtype | None = None,
     block_m: int | None = None,
+    argmax_best: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
     float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
@@ -294,7 +318,8 @@ def gemv(
     `silu_mul` (one row) weight is a merged [gate; up] matrix of 2 I rows and the launch returns
     silu(gate) * up [1, I] (elementwise.silu_and_mul of the projection, in one launch).
     `out_dtype` float32 returns the result rounded to x's dtype and widened (logits for sampling,
-    without a widening pass of their own)."""
+    without a widening pass of their own). `argmax_best` (int64 [1], one row): the launch also
+    folds its outputs' first maximum into it (argmax_epilogue; elementwise.argmax_finish reads it)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
@@ -316,15 +341,18 @@ def gemv(
     y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
     assert add_norm is None or fma, "add_norm: one row on the CUDA-core path"
     an, norm_block = epilogue_args(add_norm, y)
+    if argmax_best is not None:
+        assert fma and add_norm is None and not silu_mul, "argmax_best: one row, plain output"
+        assert argmax_best.dtype == torch.int64 and argmax_best.numel() == 1
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
-        an.residual, an.weight, an.counter,
+        an.residual, an.weight, an.counter, argmax_best if argmax_best is not None else y,
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), an.eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
-        NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
+        NORM_BLOCK=norm_block, SILU_MUL=silu_mul, ARGMAX=argmax_best is not None,
         # whole tiles only, the prefetched ones included: then no load needs a column mask
         EVEN_K=k % block_k == 0 and k >= prefetch * block_k,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,

@@ -126,6 +126,16 @@ class Linear(nn.Module):
                 return y, residual
         return norm(self(x), residual)
 
+    def float_output_argmax(self, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor | None:
+        """float_output(x) for one row, whose launch also folds the row's first maximum into `best`
+        (int64 [1]; kernels/gemv.gemv's argmax_best, read by elementwise.argmax_finish); None where
+        the layer's one-row kernel has no such epilogue (GPTQ, no one-row input)."""
+        if not self._one_row_input(x):
+            return None
+        if self.method.one_row_argmax if self.method is not None else SKINNY_MAX_M >= 1:
+            return self._one_row_kernel(x, out_dtype=torch.float32, argmax_best=best)
+        return None
+
     def float_output(self, x: torch.Tensor) -> torch.Tensor:
         """self(x).float() (logits for sampling); one row on CUDA gets it from the projection's own
         launch, the same values without a widening pass."""

@@ -33,6 +33,8 @@ class LinearMethod:
     optional_params: tuple[str, ...] = ()
     # checkpoint tensors `load` takes besides the parameters' own names (another layout's names)
     extra_tensors: tuple[str, ...] = ()
+    # whether apply_one_row takes gemv's `argmax_best` epilogue (Linear.float_output_argmax)
+    one_row_argmax: bool = False
 
     def __init__(self, quant: QuantConfig) -> None:
         self.quant = quant
@@ -103,6 +105,7 @@ class RowScaledMethod(LinearMethod):
     16-bit activations) stream the codes through kernels/gemv.py; other batches take `fallback`."""
 
     weight_dtype: torch.dtype
+    one_row_argmax = True  # its one-row kernel is kernels/gemv.gemv
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A float weight [N, K] -> (codes [N, K] `weight_dtype`, scales [N] float32)."""
