@@ -198,6 +198,20 @@ class DecodeGraphs:
             argmax_rows(logits, out=self.tokens[f, :1])
         return logits
 
+    def _warm_embed(self) -> None:
+        """Compile DecoderModel.embed's launch in each form the engine uses (with and without a
+        feed; eager steps, and the staging launch before a replay above one row) now, not at their
+        first use while serving. Writes only the working buffers (their contents are per step)."""
+        st = self._staging[0].dev
+        n = self.max_batch
+        out = (self.residual, self.hidden)
+        staged = StagedInputs(
+            st.bytes.view(torch.int32), self.inputs.bytes.view(torch.int32), st.tables, self.inputs.tables, 1
+        )
+        for fed in (None, (st.feed_rows, self.tokens[0])):
+            for stage in (None, staged):
+                self.model.embed(st.ids[:n], fed, out=out, staged=stage)
+
     @torch.inference_mode()
     def capture(self) -> float:
         t0 = time.perf_counter()
@@ -205,6 +219,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         # largest first, so smaller graphs reuse its pool memory; one row last, once per set
         plan = [(bs, None) for bs in reversed(self.sizes) if bs > 1] + [(1, 0), (1, 1)]
+        self._warm_embed()
         for bs, f in plan:
             forward = (
                 (lambda bs=bs: self._forward(bs)) if f is None else (lambda f=f: self._forward_one_row(f))

@@ -164,20 +164,25 @@ def test_embed_rmsnorm_kernel_matches_embedding_then_norm(dtype: torch.dtype) ->
     ref = layer.to(dtype)(want.cpu() if DEV == "cpu" else want)
     assert rel(x.float(), ref.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
     # no feed: the ids as given; preallocated outputs; staged inputs moved (a slice of the packed
-    # words per program, each row's first `width` block-table entries)
-    out = (torch.zeros(3, h, dtype=dtype, device=DEV), torch.zeros(3, h, dtype=dtype, device=DEV))
-    words = torch.arange(37, dtype=torch.int32, device=DEV)
-    words_out = torch.zeros_like(words)
-    tables = torch.randint(0, 1000, (4, 10), dtype=torch.int32, device=DEV)
-    tables_out = torch.full((4, 12), -5, dtype=torch.int32, device=DEV)
-    got = embed_rmsnorm(
-        ids[[0, 2, 4]], emb, w, 1e-6, out=out, staged=StagedInputs(words, words_out, tables, tables_out, 7)
-    )
-    assert got[0] is out[0] and got[1] is out[1]
-    assert torch.equal(out[0], emb[[3, 7, 49]]) and torch.equal(out[1], rmsnorm(emb[[3, 7, 49]], w, 1e-6))
-    assert torch.equal(words_out, words)
-    assert torch.equal(tables_out[:3, :7], tables[:3, :7])
-    assert (tables_out[:3, 7:] == -5).all() and (tables_out[3] == -5).all()  # only rows and columns in use
+    # words per program, each row's first `width` block-table entries; both in chunks of 256)
+    words = torch.arange(600, dtype=torch.int32, device=DEV)
+    tables = torch.randint(0, 1000, (4, 310), dtype=torch.int32, device=DEV)
+    for rows, width in ((3, 7), (1, 300)):
+        out = (torch.zeros(rows, h, dtype=dtype, device=DEV), torch.zeros(rows, h, dtype=dtype, device=DEV))
+        words_out = torch.zeros_like(words)
+        tables_out = torch.full((4, 312), -5, dtype=torch.int32, device=DEV)
+        pick = [3, 7, 49][:rows]
+        got = embed_rmsnorm(
+            torch.tensor(pick, device=DEV), emb, w, 1e-6, out=out,
+            staged=StagedInputs(words, words_out, tables, tables_out, width),
+        )  # fmt: skip
+        assert got[0] is out[0] and got[1] is out[1]
+        assert torch.equal(out[0], emb[pick]) and torch.equal(out[1], rmsnorm(emb[pick], w, 1e-6))
+        assert torch.equal(words_out, words)
+        assert torch.equal(tables_out[:rows, :width], tables[:rows, :width])
+        assert (tables_out[:rows, width:] == -5).all() and (
+            tables_out[rows:] == -5
+        ).all()  # only what is in use
 
 
 def test_silu_and_mul_kernel() -> None:

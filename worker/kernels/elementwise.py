@@ -121,6 +121,7 @@ def _embed_rmsnorm_kernel(
     src_words_ptr,
     dst_words_ptr,
     n_words,
+    words_per_row,
     src_tab_ptr,
     dst_tab_ptr,
     src_tab_stride,
@@ -141,8 +142,11 @@ def _embed_rmsnorm_kernel(
     pdl.launch_dependents(USE_PDL)
     r = tl.program_id(0).to(tl.int64)
     if STAGED:
-        w = r * WORDS_BLOCK + tl.arange(0, WORDS_BLOCK)
-        tl.store(dst_words_ptr + w, tl.load(src_words_ptr + w, mask=w < n_words), mask=w < n_words)
+        lo = r * words_per_row
+        hi = tl.minimum(lo + words_per_row, n_words)
+        for w0 in range(lo, hi, WORDS_BLOCK):
+            w = w0 + tl.arange(0, WORDS_BLOCK)
+            tl.store(dst_words_ptr + w, tl.load(src_words_ptr + w, mask=w < hi), mask=w < hi)
         for c0 in range(0, tab_width, TAB_BLOCK):
             c = c0 + tl.arange(0, TAB_BLOCK)
             ok = c < tab_width
@@ -162,6 +166,9 @@ def _embed_rmsnorm_kernel(
     y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     nw = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + r * n_cols + cols, (y.to(tl.float32) * nw.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+_STAGE_BLOCK = 256  # int32 words a program moves per load of embed_rmsnorm's staged copy
 
 
 @dataclass
@@ -206,22 +213,21 @@ def embed_rmsnorm(
         return res, y
     rows, prev = feed if feed is not None else (ids, ids)
     st = staged
-    words_block, tab_block = 1, 1
     if st is not None:
         assert st.words.dtype == st.words_out.dtype == torch.int32 and st.words.shape == st.words_out.shape
         assert st.tables.shape[0] >= t and st.tables_out.shape[0] >= t
-        words_block = triton.next_power_of_2(triton.cdiv(st.words.numel(), t))
-        tab_block = min(triton.next_power_of_2(max(st.width, 1)), 1024)
     block = triton.next_power_of_2(n)
     _embed_rmsnorm_kernel[(t,)](
         ids, rows, prev, embedding, weight, res, y, embedding.stride(0), n, eps,
         *(
-            (st.words, st.words_out, st.words.numel(), st.tables, st.tables_out, st.tables.stride(0),
-             st.tables_out.stride(0), st.width)
-            if st is not None else (ids, ids, 0, ids, ids, 0, 0, 0)
+            (st.words, st.words_out, st.words.numel(), triton.cdiv(st.words.numel(), t), st.tables,
+             st.tables_out, st.tables.stride(0), st.tables_out.stride(0), st.width)
+            if st is not None else (ids, ids, 0, 0, ids, ids, 0, 0, 0)
         ),
-        HAS_FEED=feed is not None, STAGED=st is not None, BLOCK=block, WORDS_BLOCK=words_block,
-        TAB_BLOCK=tab_block, USE_PDL=pdl.enabled(), num_warps=min(max(block // 256, 1), 8),
+        # fixed chunks (the runtime sizes vary by step: a constexpr per size would compile a
+        # variant per batch size and block-table width while serving)
+        HAS_FEED=feed is not None, STAGED=st is not None, BLOCK=block, WORDS_BLOCK=_STAGE_BLOCK,
+        TAB_BLOCK=_STAGE_BLOCK, USE_PDL=pdl.enabled(), num_warps=min(max(block // 256, 1), 8),
         launch_pdl=pdl.enabled(),
         **LAUNCH_OPTIONS,
     )  # fmt: skip
