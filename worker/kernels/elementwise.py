@@ -106,7 +106,9 @@ def rmsnorm(
     return out
 
 
-@triton.jit
+# sizes that change from step to step are not specialized on (Triton compiles a variant for an
+# integer argument of 1 or a multiple of 16): each variant would compile while serving
+@triton.jit(do_not_specialize=["words_per_row", "tab_width"])
 def _embed_rmsnorm_kernel(
     ids_ptr,
     feed_ptr,
