@@ -6,14 +6,15 @@ one capture per padded batch size serves every later step. Padding rows have slo
 write skips them) and context length 0 (attention writes zeros), so they never touch real state.
 The logits projection is captured too; sampling runs after the replay.
 
-Between two replays the engine's stream carries one kernel: DecoderModel.embed's launch, which
-takes each row's token id (from the previous step's sampled ids, still on the device, where the
-row's input is a placeholder), writes the embedding and the first layer's normalized input where
-the graph reads them, and moves the step's inputs (packed per-row fields, block-table rows) from
-a device staging set into the graph's buffers. The staging sets (two, used in turn) are filled
-from pinned host memory on a side stream while the previous step still runs: copy-engine
-transfers on the engine's stream left the GPU idle ~5 us around each (H100 profile,
-docs/benchmarks.md).
+A step's inputs are staged through two sets used in turn: pinned host buffers, copied on a side
+stream into a device copy while the previous step still runs (copy-engine transfers on the
+engine's stream left the GPU idle ~5 us around each: H100 profile, docs/benchmarks.md). Above
+one row, one kernel runs between two replays: DecoderModel.embed's launch, which moves the staged
+inputs into the graph's buffers, takes each fed row's token id from the previous step's sampled
+ids (still on the device), and writes the embedding and the first layer's normalized input where
+the graph reads them. One row has a graph per staging set that does all of that itself and ends
+with the row's greedy token in a fixed buffer (`tokens`): between two greedy one-row replays the
+engine's stream runs nothing else.
 """
 
 from __future__ import annotations
