@@ -416,3 +416,22 @@ def test_a_blocked_admission_is_not_recounted_every_step(tiny_llama: Path) -> No
         eng.step()
     assert "next" in [s.request_id for s in eng.scheduler.waiting]
     assert eng.block_manager.prefix_queries == queries
+
+
+def test_embed_takes_fed_ids_from_the_previous_step(tiny_llama: Path) -> None:
+    """DecoderModel.embed's feed on the CPU path: where a token's feed row is >= 0 its id comes
+    from the previous step's sampled ids, elsewhere from input_ids; the result is the embedding of
+    the resolved ids and their first-layer norm. runner.feed_rows builds those rows from the
+    engine's (token indices, source rows) feed."""
+    from inferfleet.worker.runner import feed_rows
+
+    model = engine(tiny_llama).runner.model
+    ids = torch.tensor([5, -1, 9, -1])  # placeholders where the feed fills
+    prev = torch.tensor([40, 41, 42])
+    rows = torch.from_numpy(feed_rows(([1, 3], [2, 0], prev), 4))
+    assert rows.tolist() == [-1, 2, -1, 0]
+    residual, x = model.embed(ids, (rows, prev))
+    want_residual, want_x = model.embed(torch.tensor([5, 42, 9, 40]))
+    assert torch.equal(residual, want_residual) and torch.equal(x, want_x)
+    assert torch.equal(residual, model.model.embed_tokens(torch.tensor([5, 42, 9, 40])))
+    assert torch.equal(x, model.model.layers[0].input_layernorm(residual))
