@@ -65,26 +65,35 @@ _FIELDS = (
     ("feed_rows", torch.int64),  # the previous step's row whose sampled id is this row's input, or -1
     ("seq_lens", torch.int32),
 )
-_STEP_BYTES_PER_ROW = sum(dt.itemsize for _, dt in _FIELDS)
+
+
+def _span(n: int, dt: torch.dtype) -> int:
+    """Bytes a field of n entries takes, rounded up to 16 (every field starts 16-byte aligned, as
+    Triton assumes of the pointers it compiled for: an odd max_batch would otherwise compile other
+    variants of the kernels that read them while serving)."""
+    return -(-n * dt.itemsize // 16) * 16
+
+
+def _step_bytes(n: int) -> int:
+    return sum(_span(n, dt) for _, dt in _FIELDS)
 
 
 def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Typed views of a byte buffer laid out as _FIELDS (every field starts 8-byte aligned: the
-    int32 field comes last)."""
+    """Typed views of a byte buffer laid out as _FIELDS, n entries each, each 16-byte aligned."""
     views, at = [], 0
     for _, dt in _FIELDS:
         views.append(buf[at : at + n * dt.itemsize].view(dt))
-        at += n * dt.itemsize
+        at += _span(n, dt)
     return tuple(views)
 
 
 class _Inputs:
     """A decode step's inputs on the device: the per-row fields in one byte buffer laid out as
-    _FIELDS (four int64 fields, then the int32 context lengths, `rows` entries each) and the block
-    tables."""
+    _FIELDS (four int64 fields, then the int32 context lengths, `rows` entries each; _fields) and
+    the block tables."""
 
     def __init__(self, rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        self.bytes = torch.zeros(_STEP_BYTES_PER_ROW * rows, dtype=torch.uint8, device=device)
+        self.bytes = torch.zeros(_step_bytes(rows), dtype=torch.uint8, device=device)
         self.ids, self.positions, self.slots, self.feed_rows, self.seq_lens = _fields(self.bytes, rows)
         self.slots.fill_(-1)  # padding rows write no KV (capture runs each graph once)
         self.tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32, device=device)
@@ -97,7 +106,7 @@ class _Staging:
     device copy has run: it may be refilled)."""
 
     def __init__(self, rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        self.h_bytes = torch.zeros(_STEP_BYTES_PER_ROW * rows, dtype=torch.uint8).pin_memory()
+        self.h_bytes = torch.zeros(_step_bytes(rows), dtype=torch.uint8).pin_memory()
         self.h_tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32).pin_memory()
         self.views = tuple(t.numpy() for t in _fields(self.h_bytes, rows))  # numpy views, pinned bytes
         self.tables_np = self.h_tables.numpy()
@@ -141,7 +150,7 @@ class DecodeGraphs:
         self._flip = 0
         # one-row steps: a graph per staging set, which reads that set's device copy itself and
         # writes the row's greedy token into tokens[set] (its feed comes from tokens[other set])
-        self.tokens = torch.zeros((2, n), dtype=torch.int64, device=device)
+        self.tokens = torch.zeros((2, n + n % 2), dtype=torch.int64, device=device)  # rows 16-byte aligned
         self._best = torch.full((1,), ARGMAX_KEY_MIN, dtype=torch.int64, device=device)
         self.one_row: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -191,7 +200,7 @@ class DecodeGraphs:
         hidden = self.model(
             inp.ids[:1], inp.positions[:1], self.kv_caches, self._meta(1, inp), embedded=embedded
         )
-        logits = self.model.lm_head.float_output_argmax(hidden, self._best)
+        logits = self.model.compute_logits(hidden, argmax_best=self._best)
         if logits is not None:
             argmax_finish(self._best, self.tokens[f, :1])
         else:

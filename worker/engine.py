@@ -78,7 +78,8 @@ class LLMEngine:
             if self.tokenizer.eos_token_id is not None
             else frozenset()
         )
-        # observability hook: called with (request ids, logits [N, V]) before sampling each step
+        # observability hook: called with (request ids, logits [N, V]) before sampling each step;
+        # it must not change them (a one-row decode graph has taken the greedy ids already)
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         self._inflight: _Inflight | None = None  # the launched step whose tokens are not read yet
         # phase -> seconds (load_weights, engine_init; warmup and cuda_graphs after warmup())

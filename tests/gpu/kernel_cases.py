@@ -564,8 +564,8 @@ def test_rmsnorm_kernel_per_head_in_place() -> None:
         (33, 50, 96, True),
         (64, 16, 512, False),
         # whole tiles (no column masks; one row loads x as a broadcast tile): K = 4 and 2 one-row
-        # tiles of 512 on CUDA (32 and 16 of 64 on the CPU); on CUDA prefetch 3 reaches past
-        # K = 1024 and takes the masked loads (on the CPU (1, 40, 64) does, at prefetch 2 and 3)
+        # tiles of 512 on CUDA (32 and 16 of 64 on the CPU); a prefetch past K is cut to K's tiles
+        # there (gemv), and (1, 19, 300) takes the masked loads with prefetched tiles past K
         (1, 24, 2048, True),
         (1, 40, 1024, False),
     ],
@@ -680,3 +680,19 @@ def test_gemv_silu_mul_matches_projection_then_silu(
     got = gemv(x, w, bias=b, silu_mul=True, **kw)
     assert got.shape == (1, inter)
     assert torch.equal(got, want) if DEV == "cuda" else rel(got, want) < 1e-6
+
+
+def test_gemv_prefetch_past_whole_tiles_is_cut_to_k() -> None:
+    """A prefetch of more tiles than K holds, K whole tiles: the launch loads K's tiles only (the
+    unmasked whole-tile code); K not whole tiles keeps the prefetch (masked loads past K)."""
+    from inferfleet.worker.kernels.gemv import gemv, prefetch_tiles
+
+    assert prefetch_tiles(4, 1024, 512) == 2 and prefetch_tiles(4, 4096, 512) == 4
+    assert prefetch_tiles(3, 300, 64) == 3 and prefetch_tiles(2, 32, 64) == 2
+    torch.manual_seed(3)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.randn(1, 128, device=DEV, dtype=dt)
+    w = torch.randn(24, 128, device=DEV, dtype=dt)
+    got = gemv(x, w, block_k=64, prefetch=4)
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    assert rel(got.float(), ref) < (1e-2 if dt == torch.bfloat16 else 1e-5)

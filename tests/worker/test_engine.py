@@ -435,3 +435,21 @@ def test_embed_takes_fed_ids_from_the_previous_step(tiny_llama: Path) -> None:
     assert torch.equal(residual, want_residual) and torch.equal(x, want_x)
     assert torch.equal(residual, model.model.embed_tokens(torch.tensor([5, 42, 9, 40])))
     assert torch.equal(x, model.model.layers[0].input_layernorm(residual))
+
+
+@pytest.mark.parametrize("n", [1, 7, 256])
+def test_decode_graph_input_fields_are_16_byte_aligned(n: int) -> None:
+    """DecodeGraphs' packed per-row inputs: every field starts 16-byte aligned whatever the batch
+    (Triton compiles for aligned pointers; an odd max_num_seqs must not give other variants), the
+    fields do not overlap, and the buffer holds them all (int32 words for the staging copy)."""
+    pytest.importorskip("triton")
+    from inferfleet.worker.cuda_graphs import _FIELDS, _fields, _step_bytes
+
+    buf = torch.zeros(_step_bytes(n), dtype=torch.uint8)
+    assert buf.numel() % 4 == 0
+    views = _fields(buf, n)
+    starts = [v.data_ptr() - buf.data_ptr() for v in views]
+    assert all(s % 16 == 0 for s in starts)
+    ends = [s + n * dt.itemsize for s, (_, dt) in zip(starts, _FIELDS)]
+    assert all(e <= s for e, s in zip(ends, starts[1:])) and ends[-1] <= buf.numel()
+    assert [v.numel() for v in views] == [n] * len(_FIELDS)

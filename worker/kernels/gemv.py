@@ -235,6 +235,15 @@ def epilogue_args(add_norm: AddNorm | None, y: torch.Tensor) -> tuple[AddNorm, i
     return add_norm, triton.next_power_of_2(y.shape[1])
 
 
+def prefetch_tiles(prefetch: int, k: int, block_k: int) -> int:
+    """Weight tiles a launch loads before its PDL wait: `prefetch`, but none past K where K is whole
+    tiles, so that its loads stay unmasked (EVEN_K; e.g. the 16-bit o_proj's 4 of a 1,024-wide K
+    in 512-wide tiles). Where K is not whole tiles the loads are masked anyway."""
+    if k % block_k == 0 and k >= block_k:
+        return min(prefetch, k // block_k)
+    return prefetch
+
+
 def tc_block_m(m: int) -> int:
     """Rows of x per program on the tensor-core path (tl.dot needs M >= 16; batches above 64 rows
     tile M on the grid)."""
@@ -335,6 +344,7 @@ def gemv(
     block_k = block_k or cfg_k
     prefetch = cfg_prefetch if prefetch is None else int(prefetch)
     assert 0 <= prefetch <= 4, "prefetch: 0-4 weight tiles loaded before the PDL wait"
+    prefetch = prefetch_tiles(prefetch, k, block_k)
     if silu_mul:
         assert fma and n % 2 == 0 and add_norm is None, "silu_mul: one row, [gate; up] rows"
         assert block_n % 2 == 0
