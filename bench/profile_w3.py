@@ -70,21 +70,24 @@ def classify(name: str) -> str:
     return "other: " + name[:48]
 
 
+def _lm_heads(kernels: list[tuple[str, float, float]]) -> list[int]:
+    """Indices of the LM head launches: the longest weight-streaming kernels by far (1 GB in bf16)."""
+    proj = [d for n, _, d in kernels if classify(n) == "projection"]
+    return [i for i, (n, _, d) in enumerate(kernels) if classify(n) == "projection" and d >= 0.5 * max(proj)]
+
+
 def split_steps(kernels: list[tuple[str, float, float]]) -> list[list[tuple[str, float, float]]]:
     """kernels (name, start us, duration us) sorted by start -> one list per decode step, from its
     LM head to the next step's LM head included (the engine runs steps back to back, so idle time
-    cannot separate them): the LM head is the longest weight-streaming kernel by far (1 GB in bf16)."""
-    proj = [d for n, _, d in kernels if classify(n) == "projection"]
-    heads = [i for i, (n, _, d) in enumerate(kernels) if classify(n) == "projection" and d >= 0.5 * max(proj)]
-    return [kernels[a : b + 1] for a, b in itertools.pairwise(heads)]
+    cannot separate them)."""
+    return [kernels[a : b + 1] for a, b in itertools.pairwise(_lm_heads(kernels))]
 
 
 def step_priors(kernels: list[tuple[str, float, float]]) -> list[float | None]:
     """For each step of split_steps(kernels): the latest end among the kernels before its LM head
     (the previous step's last kernels may still run when it starts, under PDL), or None."""
-    proj = [d for n, _, d in kernels if classify(n) == "projection"]
-    heads = [i for i, (n, _, d) in enumerate(kernels) if classify(n) == "projection" and d >= 0.5 * max(proj)]
-    return [max((t + d for _, t, d in kernels[:a]), default=None) for a in heads[:-1]]
+    ends = [None, *itertools.accumulate((t + d for _, t, d in kernels), max)]  # ends[i]: before kernel i
+    return [ends[a] for a in _lm_heads(kernels)[:-1]]
 
 
 def _extensions(

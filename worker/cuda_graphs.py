@@ -28,7 +28,7 @@ import torch
 from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
-from .runner import Feed, feed_rows
+from .runner import Feed
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class _Inputs:
 
     def __init__(self, rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.bytes = torch.zeros(_step_bytes(rows), dtype=torch.uint8, device=device)
+        self.words = self.bytes.view(torch.int32)  # what embed's staged copy moves
         self.ids, self.positions, self.slots, self.feed_rows, self.seq_lens = _fields(self.bytes, rows)
         self.slots.fill_(-1)  # padding rows write no KV (capture runs each graph once)
         self.tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32, device=device)
@@ -200,7 +201,7 @@ class DecodeGraphs:
         hidden = self.model(
             inp.ids[:1], inp.positions[:1], self.kv_caches, self._meta(1, inp), embedded=embedded
         )
-        logits = self.model.compute_logits(hidden, argmax_best=self._best)
+        logits = self.model.compute_logits_argmax(hidden, self._best)
         if logits is not None:
             argmax_finish(self._best, self.tokens[f, :1])
         else:
@@ -215,9 +216,7 @@ class DecodeGraphs:
         st = self._staging[0].dev
         n = self.max_batch
         out = (self.residual, self.hidden)
-        staged = StagedInputs(
-            st.bytes.view(torch.int32), self.inputs.bytes.view(torch.int32), st.tables, self.inputs.tables, 1
-        )
+        staged = StagedInputs(st.words, self.inputs.words, st.tables, self.inputs.tables, 1)
         for fed in (None, (st.feed_rows, self.tokens[0])):
             for stage in (None, staged):
                 self.model.embed(st.ids[:n], fed, out=out, staged=stage)
@@ -277,7 +276,7 @@ class DecodeGraphs:
         h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
         h_feed[:bs] = -1
         if feed is not None:
-            h_feed[:n] = feed_rows(feed, n)
+            h_feed[feed[0]] = feed[1]  # as runner.feed_rows, in place
         width = max(len(t) for t in tables)
         for i, t in enumerate(tables):
             st.tables_np[i, : len(t)] = t
@@ -290,20 +289,13 @@ class DecodeGraphs:
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(st.copied)
         if bs == 1:
-            source = feed[2] if feed is not None else None
-            if source is not None and source.data_ptr() != self.tokens[1 - f].data_ptr():
-                self.tokens[1 - f, : len(source)].copy_(source)  # fed from a step of another shape
+            if feed is not None and feed[2].data_ptr() != self.tokens[1 - f].data_ptr():
+                self.tokens[1 - f, : len(feed[2])].copy_(feed[2])  # fed from a step of another shape
             g, logits = self.one_row[f]
             g.replay()
             st.consumed.record(stream)
             return logits, self.tokens[f, :1]
-        staged = StagedInputs(
-            st.dev.bytes.view(torch.int32),
-            self.inputs.bytes.view(torch.int32),
-            st.dev.tables,
-            self.inputs.tables,
-            width,
-        )
+        staged = StagedInputs(st.dev.words, self.inputs.words, st.dev.tables, self.inputs.tables, width)
         fed = (st.dev.feed_rows[:bs], feed[2]) if feed is not None else None
         self.model.embed(st.dev.ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
         st.consumed.record(stream)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
 from . import LAUNCH_OPTIONS, pdl
+from .gemv import argmax_key_index, argmax_key_min
 
 
 @triton.jit
@@ -529,12 +530,11 @@ def argmax_rows(
 def _argmax_finish_kernel(best_ptr, out_ptr, USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
-    key = tl.atomic_xchg(best_ptr, tl.full((), -2147483648, tl.int64) << 32, sem="acq_rel", scope="gpu")
-    low = (tl.full((), 1, tl.int64) << 32) - 1
-    tl.store(out_ptr, low - (key & low))
+    key = tl.atomic_xchg(best_ptr, argmax_key_min(), sem="acq_rel", scope="gpu")
+    tl.store(out_ptr, argmax_key_index(key))
 
 
-ARGMAX_KEY_MIN = -(2**63)  # below every key of gemv.argmax_key: what argmax_finish resets to
+ARGMAX_KEY_MIN = -(2**63)  # gemv.argmax_key_min: what a best key holds between launches
 
 
 def argmax_finish(best: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

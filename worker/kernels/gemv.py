@@ -73,6 +73,19 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
 
 
 @triton.jit
+def argmax_key_min():
+    """Below every key argmax_key makes (ARGMAX_KEY_MIN): a best key's value between launches."""
+    return tl.full((), -2147483648, tl.int64) << 32
+
+
+@triton.jit
+def argmax_key_index(key):
+    """The index a key of argmax_key holds."""
+    low = (tl.full((), 1, tl.int64) << 32) - 1
+    return low - (key & low)
+
+
+@triton.jit
 def argmax_key(v, idx):
     """int64 keys that order (value, index) pairs as torch.argmax picks: by value, NaN above every
     number (the first NaN wins), -0.0 equal to 0.0, then the smaller index. The value's float32
@@ -89,7 +102,7 @@ def argmax_epilogue(v, offs_n, n_ok, best_ptr):
     """v [BLOCK_N] float32 (this program's logits, columns offs_n) -> best = max(best, the key of
     its first maximum) (argmax_key), one atomic per program; kernels/elementwise.argmax_finish turns
     the launch's best key into the token id and resets it."""
-    key = tl.where(n_ok, argmax_key(v, offs_n), tl.full((), -2147483648, tl.int64) << 32)
+    key = tl.where(n_ok, argmax_key(v, offs_n), argmax_key_min())
     tl.atomic_max(best_ptr, tl.max(key, axis=0), sem="relaxed", scope="gpu")
 
 

@@ -130,10 +130,9 @@ class Linear(nn.Module):
         """float_output(x) for one row, whose launch also folds the row's first maximum into `best`
         (int64 [1]; kernels/gemv.gemv's argmax_best, read by elementwise.argmax_finish); None where
         the layer's one-row kernel has no such epilogue (GPTQ, no one-row input)."""
-        has_epilogue = self.method.one_row_argmax if self.method is not None else SKINNY_MAX_M >= 1
-        if not (has_epilogue and self._one_row_input(x)):
+        if self.method is not None and not self.method.one_row_argmax:
             return None
-        return self._one_row_kernel(x, out_dtype=torch.float32, argmax_best=best)
+        return self._one_row(x, out_dtype=torch.float32, argmax_best=best)
 
     def float_output(self, x: torch.Tensor) -> torch.Tensor:
         """self(x).float() (logits for sampling); one row on CUDA gets it from the projection's own

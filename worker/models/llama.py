@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -241,19 +241,13 @@ class DecoderModel(nn.Module):
     def quantized_lm_head(self) -> bool:
         return self.config.quant is not None and self.config.quant.lm_head
 
-    @overload
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-    @overload
-    def compute_logits(self, hidden: torch.Tensor, argmax_best: torch.Tensor) -> torch.Tensor | None: ...
-    def compute_logits(
-        self, hidden: torch.Tensor, argmax_best: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """[N, V] float32 logits for sampling. With `argmax_best` (one row, CUDA graphs): the same
-        launch also folds the row's first maximum into it (Linear.float_output_argmax), or None
-        where the lm_head's kernel cannot, and nothing is computed."""
-        if argmax_best is not None:
-            return self.lm_head.float_output_argmax(hidden, argmax_best)
-        return self.lm_head.float_output(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.float_output(hidden)  # [N, V] float32 for sampling
+
+    def compute_logits_argmax(self, hidden: torch.Tensor, best: torch.Tensor) -> torch.Tensor | None:
+        """compute_logits for one row (CUDA graphs) whose launch also folds the row's first maximum
+        into `best` (Linear.float_output_argmax), or None where the lm_head's kernel cannot."""
+        return self.lm_head.float_output_argmax(hidden, best)
 
     # -- weights ---------------------------------------------------------------------------------
 
