@@ -33,7 +33,7 @@ def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefe
     consts = {
         "HAS_SCALE": wbytes == 1, "HAS_BIAS": False, "FMA": True, "BLOCK_M": 1, "BLOCK_N": block_n,
         "BLOCK_K": block_k, "USE_PDL": True, "PREFETCH": prefetch, "ADD_NORM": False, "NORM_BLOCK": 1,
-        "SILU_MUL": False, "EVEN_K": even_k, "ARGMAX": False,
+        "SILU_MUL": False, "EVEN_K": even_k, "ARGMAX": False, "ADD_INTO": False, "NORM_IN": False,
     }  # fmt: skip
     types = {name: TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in ARGS}
     sig = types | {"w_ptr": wty} | {k: "constexpr" for k in consts}

@@ -660,6 +660,39 @@ def test_gemv_add_norm_matches_projection_then_norm(n: int, k: int, bias: bool, 
 
 
 @pytest.mark.parametrize(
+    ("n", "k", "bias", "block_n"),
+    [(40, 64, False, None), (19, 300, True, None), (256, 128, True, 16), (48, 2048, False, None)],
+)
+def test_gemv_add_into_then_norm_in_is_add_norm(n: int, k: int, bias: bool, block_n: int | None) -> None:
+    """The deferred norm: gemv(add_into=) adds the projection into the residual in place (the bits
+    AddNorm's add writes) and returns it; a launch with norm_in= over that residual equals the same
+    launch over RMSNorm(residual) (K 300: masked tiles; 2048: whole tiles, the unmasked path)."""
+    from inferfleet.worker.kernels.gemv import NormIn, gemv
+
+    torch.manual_seed(4)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.randn(1, n, device=DEV, dtype=dt)
+    w_in = torch.randn(k, n, device=DEV, dtype=dt)  # the producer: n -> k, adds into a [1, k] stream
+    w = torch.randn(n, k, device=DEV, dtype=dt)  # the consumer: k -> n, reads the normalized stream
+    b = torch.randn(n, device=DEV, dtype=dt) if bias else None
+    norm = RMSNorm(k, 1e-5).to(DEV)
+    norm.weight.data = torch.randn(k, device=DEV)
+    norm = norm.to(dt)
+    kw = {"block_k": 64 if DEV == "cpu" else None, "block_n": block_n}
+    residual = torch.randn(1, k, device=DEV, dtype=dt) * 4
+    want_res = (gemv(x, w_in, block_k=kw["block_k"]).float() + residual.float()).to(dt)
+    got_res = residual.clone()
+    assert gemv(x, w_in, add_into=got_res, block_k=kw["block_k"]) is got_res
+    assert torch.equal(got_res, want_res)
+    want = gemv(rmsnorm(got_res, norm.weight, norm.eps), w, bias=b, **kw)
+    got = gemv(got_res, w, bias=b, norm_in=NormIn(norm.weight, norm.eps), **kw)
+    assert torch.equal(got_res, want_res), "norm_in must not write its input"
+    assert rel(got.float(), want.float()) < (1e-2 if dt == torch.bfloat16 else 1e-6)
+    # the norm is applied: the raw residual gives another result
+    assert rel(gemv(got_res, w, bias=b, **kw).float(), want.float()) > 0.1
+
+
+@pytest.mark.parametrize(
     ("inter", "k", "bias", "block_n"),
     [(20, 64, False, None), (37, 300, True, None), (64, 128, False, 16), (36, 2048, True, None)],
 )

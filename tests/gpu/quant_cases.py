@@ -319,6 +319,31 @@ def test_gemv_8bit_add_norm(kind: str, n: int, k: int) -> None:
     _check_add_norm(lambda add: gemv(x, q, s, block_k=bk, add_norm=add), norm, residual, TOL)
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048)])
+def test_gemv_8bit_add_into_and_norm_in(kind: str, n: int, k: int) -> None:
+    """8-bit weights under the deferred norm: add_into adds the projection into the residual (the
+    bits of the projection rounded, then added), and norm_in over a residual equals the projection
+    of RMSNorm(residual)."""
+    from inferfleet.worker.kernels.elementwise import rmsnorm
+    from inferfleet.worker.kernels.gemv import NormIn
+
+    g = torch.Generator().manual_seed(n + 7)
+    quantize = quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8
+    q, s = (t.to(DEV) for t in quantize(torch.randn(n, k, generator=g)))
+    q_in, s_in = (t.to(DEV) for t in quantize(torch.randn(k, n, generator=g)))
+    x = torch.randn(1, n, generator=g).to(DEV, DT)
+    norm, residual = _norm_and_residual(k, DT, seed=n + 8)
+    bk = 64 if DEV == "cpu" else None
+    want_res = (gemv(x, q_in, s_in, block_k=bk).float() + residual.float()).to(DT)
+    got_res = residual.clone()
+    assert gemv(x, q_in, s_in, block_k=bk, add_into=got_res) is got_res
+    assert torch.equal(got_res, want_res)
+    want = gemv(rmsnorm(got_res, norm.weight, norm.eps), q, s, block_k=bk)
+    got = gemv(got_res, q, s, block_k=bk, norm_in=NormIn(norm.weight, norm.eps))
+    assert rel(got.float(), want.float()) < TOL
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
 @pytest.mark.parametrize(
     ("k", "sizes", "act", "cfg"),

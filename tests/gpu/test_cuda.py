@@ -268,3 +268,54 @@ def test_one_row_graphs_bf16_equal_eager_steps(tiny_llama: Path) -> None:
     want, want_lp, _ = go(enforce_eager=True)
     assert set(got) == {"a", "b", "c", "d"} and got == want
     assert got_lp["a"] == pytest.approx(want_lp["a"], abs=1e-5)
+
+
+def test_add_norm_defers_the_norm_to_a_gemv_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear.add_norm with a consumer whose one-row kernel is gemv: the projection only adds into
+    the stream and hands on a PendingNorm (no norm launch), and the consumer's output equals the
+    consumer over the normalized stream (forward and silu_mul); a consumer without one-row kernels
+    gets the norm computed first, and no consumer keeps the norm in the projection's launch."""
+    from inferfleet.worker.layers import linear
+    from inferfleet.worker.layers.linear import Linear
+    from inferfleet.worker.layers.norm import PendingNorm, RMSNorm
+
+    monkeypatch.setattr(linear, "DEFER_NORM", True)
+    torch.manual_seed(0)
+    dt, dev = torch.bfloat16, "cuda"
+
+    def layer(k: int, sizes: list[int]) -> Linear:
+        lin = Linear(k, sizes).to(dev, dt)
+        lin.weight.data.normal_(0, k**-0.5)
+        return lin
+
+    o_proj, gate_up, qkv = layer(512, [256]), layer(256, [384, 384]), layer(256, [320])
+    norm = RMSNorm(256, 1e-5).to(dev)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm = norm.to(dt)
+    x = torch.randn(1, 512, device=dev, dtype=dt)
+    residual = torch.randn(1, 256, device=dev, dtype=dt)
+    want_normed, want_res = norm(o_proj(x), residual.clone())
+    got_res = residual.clone()
+    monkeypatch.setattr(norm, "forward", lambda *a: pytest.fail("the norm ran as a launch of its own"))
+    pending, res = o_proj.add_norm(x, got_res, norm, consumer=qkv)
+    assert isinstance(pending, PendingNorm) and res is got_res and torch.equal(got_res, want_res)
+    tol = 1e-2
+    assert rel(qkv(pending).float(), qkv(want_normed).float()) < tol
+    assert rel(gate_up.silu_mul(pending).float(), gate_up.silu_mul(want_normed).float()) < tol
+    monkeypatch.undo()
+    # one-row kernels off: the consumer cannot take it, and the pending norm runs as its own launch
+    monkeypatch.setattr(linear, "SKINNY_MAX_M", 0)
+    assert not qkv.takes_norm_in()
+    assert torch.equal(qkv(pending), qkv(norm(got_res)))
+    assert rel(qkv(pending).float(), qkv(want_normed).float()) < tol
+    monkeypatch.undo()
+    monkeypatch.setattr(linear, "DEFER_NORM", True)
+    # without a consumer (the model's last layer) the norm is fused into the projection's launch
+    got_res = residual.clone()
+    normed, _ = o_proj.add_norm(x, got_res, norm)
+    assert isinstance(normed, torch.Tensor) and torch.equal(got_res, want_res)
+    assert rel(normed.float(), want_normed.float()) < tol
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())

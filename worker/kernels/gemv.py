@@ -49,14 +49,33 @@ class AddNorm(NamedTuple):
     counter: torch.Tensor
 
 
+class NormIn(NamedTuple):
+    """A one-row launch whose input is the raw residual stream, RMS-normalized inside the launch
+    (`gemv(..., norm_in=)`): every program reads the row once for its 1 / rms, then normalizes each x
+    tile as it reads it, rounding as layers/norm.RMSNorm does. The projection before it then only adds
+    into the stream (`gemv(..., add_into=)`): no ticket, no last program normalizing the row while
+    every other SM waits, and the next launch's programs all compute the norm side by side."""
+
+    weight: torch.Tensor  # [K] the norm's weight, contiguous
+    eps: float
+
+
+@triton.jit
+def residual_add(y, offs_n, n_ok, res_ptr):
+    """residual[offs_n] += y (y [BLOCK_N] float32, rounded to the activations' dtype first, the sum
+    rounded again: as the unfused projection and add round)."""
+    dtype = res_ptr.dtype.element_ty
+    r = tl.load(res_ptr + offs_n, mask=n_ok, other=0.0)
+    tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype), mask=n_ok)
+
+
 @triton.jit
 def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps, NORM_BLOCK: tl.constexpr):
     """y [BLOCK_N] float32 (rows offs_n of the projection) -> residual[offs_n] += y; the launch's last
     program then writes rmsnorm(residual) * w into out (AddNorm). Rounding as the unfused pair:
     y rounded to the activations' dtype, the sum rounded, the norm in float32 as _rmsnorm_kernel."""
     dtype = res_ptr.dtype.element_ty
-    r = tl.load(res_ptr + offs_n, mask=n_ok, other=0.0)
-    tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype), mask=n_ok)
+    residual_add(y, offs_n, n_ok, res_ptr)
     # every thread's stores come before the ticket (one thread takes it, with release semantics)
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
@@ -70,6 +89,24 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
         normed = (x * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
         tl.store(out_ptr + cols, (normed * w).to(dtype), mask=ok)
         tl.store(cnt_ptr, 0)  # ready for the next launch (which starts after this one has finished)
+
+
+@triton.jit
+def norm_in_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
+    """1 / rms of the input row x [K] (float32, as _rmsnorm_kernel computes it): a norm_in launch's
+    every program reads the whole row once (8 KB at Llama-8B's width, from L2) before its K loop."""
+    cols = tl.arange(0, NORM_BLOCK)
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+
+
+@triton.jit
+def norm_in_tile(x, w, rstd):
+    """Input elements x and their norm weights w -> rmsnorm(x) * w, rounded as _rmsnorm_kernel rounds
+    (normalized to the activations' dtype, times the weight, rounded again)."""
+    dtype = x.dtype
+    normed = (x.to(tl.float32) * rstd).to(dtype).to(tl.float32)
+    return (normed * w.to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -139,16 +176,23 @@ def _w_tile(w_rows, ks, n_ok, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr, EVEN_K: tl.constexpr):
+def _tile(acc, w, x_rows, nw_rows, rstd, ks, m_ok, K, FMA: tl.constexpr, EVEN_K: tl.constexpr,
+          NORM_IN: tl.constexpr):  # fmt: skip
     """One weight tile into the accumulator: one row (FMA) widens it to float32 into a
     [BLOCK_N, BLOCK_K] accumulator (x broadcasts); more rows widen it to x's dtype in registers
-    and go through the tensor cores into [BLOCK_M, BLOCK_N]."""
+    and go through the tensor cores into [BLOCK_M, BLOCK_N]. NORM_IN (one row): x is the raw
+    residual row, normalized here (norm_in_tile) with its weights at nw_rows and 1 / rms `rstd`."""
     if FMA and EVEN_K:
         # unmasked, so that the compiler sees x constant down the tile's rows and each thread loads
         # and widens its columns of x once (a masked load is issued per element)
         x = tl.load(x_rows + ks[None, :])
+        if NORM_IN:
+            x = norm_in_tile(x, tl.load(nw_rows + ks[None, :]), rstd)
     else:
-        x = tl.load(x_rows + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+        ok = m_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(x_rows + ks[None, :], mask=ok, other=0.0)
+        if NORM_IN:
+            x = norm_in_tile(x, tl.load(nw_rows + ks[None, :], mask=ok, other=0.0), rstd)
     if FMA:
         return acc + w.to(tl.float32) * x.to(tl.float32)
     else:
@@ -157,13 +201,14 @@ def _tile(acc, w, x_rows, ks, m_ok, K, FMA: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr, xnw_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_ym, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
     SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, ARGMAX: tl.constexpr,
+    ADD_INTO: tl.constexpr, NORM_IN: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -182,8 +227,10 @@ def _gemv_kernel(
         # BLOCK_K], x got a layout of its own and every weight tile was converted to it through
         # shared memory, with barriers, in every K step); each thread loads x once per column
         x_rows = x_ptr + (offs_n * 0)[:, None]
+        nw_rows = xnw_ptr + (offs_n * 0)[:, None]
     else:
         x_rows = x_ptr + offs_m[:, None] * stride_xm
+        nw_rows = xnw_ptr + (offs_m * 0)[:, None]
     # the first PREFETCH weight tiles do not depend on the previous kernel: load them before waiting
     # (under PDL the previous kernel's tail then overlaps this one's first DRAM round trips)
     if PREFETCH >= 1:
@@ -198,22 +245,25 @@ def _gemv_kernel(
     # only now may the next kernel's programs take free SM slots (earlier, kernels further down
     # the chain would pile up on the SMs waiting, taking slots this one still needs)
     pdl.launch_dependents(USE_PDL)
+    if NORM_IN:  # one row (the wrapper checks): x is the residual row, normalized as it is read
+        rstd = norm_in_rstd(x_ptr, K, eps, NORM_BLOCK)
+    else:
+        rstd = 1.0
     if FMA:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PREFETCH >= 1:
-        acc = _tile(acc, w0, x_rows, offs_k, m_ok, K, FMA, EVEN_K)
+        acc = _tile(acc, w0, x_rows, nw_rows, rstd, offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if PREFETCH >= 2:
-        acc = _tile(acc, w1, x_rows, BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
+        acc = _tile(acc, w1, x_rows, nw_rows, rstd, BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if PREFETCH >= 3:
-        acc = _tile(acc, w2, x_rows, 2 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
+        acc = _tile(acc, w2, x_rows, nw_rows, rstd, 2 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if PREFETCH >= 4:
-        acc = _tile(acc, w3, x_rows, 3 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K)
+        acc = _tile(acc, w3, x_rows, nw_rows, rstd, 3 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
-        acc = _tile(
-            acc, _w_tile(w_rows, k0 + offs_k, n_ok, K, EVEN_K), x_rows, k0 + offs_k, m_ok, K, FMA, EVEN_K
-        )
+        w = _w_tile(w_rows, k0 + offs_k, n_ok, K, EVEN_K)
+        acc = _tile(acc, w, x_rows, nw_rows, rstd, k0 + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if FMA:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
     if HAS_SCALE:
@@ -226,6 +276,8 @@ def _gemv_kernel(
         add_norm_epilogue(
             tl.sum(acc, axis=0), offs_n, n_ok, res_ptr, nw_ptr, y_ptr, cnt_ptr, N, eps, NORM_BLOCK
         )
+    elif ADD_INTO:  # one row (the wrapper checks)
+        residual_add(tl.sum(acc, axis=0), offs_n, n_ok, res_ptr)
     else:
         y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         # rounded to x's dtype first: a float32 output (logits) holds what the 16-bit one would
@@ -333,6 +385,8 @@ def gemv(
     out_dtype: torch.dtype | None = None,
     block_m: int | None = None,
     argmax_best: torch.Tensor | None = None,
+    add_into: torch.Tensor | None = None,
+    norm_in: NormIn | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
     float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
@@ -341,7 +395,10 @@ def gemv(
     silu(gate) * up [1, I] (elementwise.silu_and_mul of the projection, in one launch).
     `out_dtype` float32 returns the result rounded to x's dtype and widened (logits for sampling,
     without a widening pass of their own). `argmax_best` (int64 [1], one row): the launch also
-    folds its outputs' first maximum into it (argmax_epilogue; elementwise.argmax_finish reads it)."""
+    folds its outputs' first maximum into it (argmax_epilogue; elementwise.argmax_finish reads it).
+    `add_into` ([1, N], x's dtype, one row): the result is added into it in place and it is returned
+    (residual_add). `norm_in` (one row): x is a residual row, and the launch multiplies
+    rmsnorm(x) * norm_in.weight by the weights instead of x (NormIn)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
@@ -361,21 +418,32 @@ def gemv(
     if silu_mul:
         assert fma and n % 2 == 0 and add_norm is None, "silu_mul: one row, [gate; up] rows"
         assert block_n % 2 == 0
-    y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
+    if add_into is not None:  # written in place, no output of its own
+        assert fma and add_norm is None and not silu_mul and argmax_best is None and out_dtype is None
+        assert add_into.shape == (m, n) and add_into.dtype == x.dtype and add_into.is_contiguous()
+        y = add_into
+    else:
+        y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
     assert add_norm is None or fma, "add_norm: one row on the CUDA-core path"
     an, norm_block = epilogue_args(add_norm, y)
+    if norm_in is not None:
+        assert fma and add_norm is None, "norm_in: one row on the CUDA-core path, no add_norm"
+        assert norm_in.weight.shape == (k,) and norm_in.weight.is_contiguous()
+        an, norm_block = an._replace(eps=norm_in.eps), triton.next_power_of_2(k)
     if argmax_best is not None:
         assert fma and add_norm is None and not silu_mul, "argmax_best: one row, plain output"
         assert argmax_best.dtype == torch.int64 and argmax_best.numel() == 1
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
         an.residual, an.weight, an.counter, argmax_best if argmax_best is not None else y,
+        norm_in.weight if norm_in is not None else x,
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), an.eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
         NORM_BLOCK=norm_block, SILU_MUL=silu_mul, ARGMAX=argmax_best is not None,
+        ADD_INTO=add_into is not None, NORM_IN=norm_in is not None,
         # whole tiles only, the prefetched ones included: then no load needs a column mask
         EVEN_K=k % block_k == 0 and k >= prefetch * block_k,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,

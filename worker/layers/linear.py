@@ -14,11 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import kernels
+from .norm import PendingNorm, RMSNorm
 
 if TYPE_CHECKING:
     from ..quant.methods import LinearMethod
     from ..quant.spec import QuantConfig
-    from .norm import RMSNorm
 
 # decode batches up to this many rows stream the weights through kernels/gemv.py; larger batches
 # (and prefill) go to cuBLAS. Measured on the H100: timed alone (the first session's tile sweep,
@@ -31,6 +31,11 @@ SKINNY_MAX_M = 16
 # next RMSNorm in their own launch (Linear.add_norm); INFERFLEET_FUSED_NORM=0 (or False here, before
 # the decode graphs are captured) keeps the separate norm kernel, for A/B measurements
 FUSED_NORM = os.environ.get("INFERFLEET_FUSED_NORM", "1") != "0"
+# where the next layer's one-row launch can normalize its input itself (kernels/gemv.NormIn), the
+# projection only adds into the stream and hands on a PendingNorm (Linear.add_norm's `consumer`):
+# no ticket and no last program normalizing while the other SMs wait. INFERFLEET_DEFER_NORM=0
+# keeps AddNorm's fused norm everywhere, for A/B measurements
+DEFER_NORM = os.environ.get("INFERFLEET_DEFER_NORM", "1") != "0"
 # likewise, one-row gate/up projections return silu(gate) * up from their own launch
 # (Linear.silu_mul); INFERFLEET_FUSED_SILU=0 keeps the separate kernel
 FUSED_SILU = os.environ.get("INFERFLEET_FUSED_SILU", "1") != "0"
@@ -73,7 +78,12 @@ class Linear(nn.Module):
         start = sum(self.output_sizes[:shard])
         return start, start + self.output_sizes[shard]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        if isinstance(x, PendingNorm):
+            y = self._one_row(x)
+            if y is not None:
+                return y
+            x = x.value()
         if self.method is not None:  # methods take [M, K]: leading dims flattened here, once
             y = self.method.apply(self, x.reshape(-1, x.shape[-1]))
             return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -88,37 +98,52 @@ class Linear(nn.Module):
         """One row of 16-bit CUDA activations, where the one-row kernels (Triton) can run."""
         return x.dim() == 2 and x.shape[0] == 1 and kernels.triton_ok(x)
 
-    def _one_row(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+    def _one_row(self, x: torch.Tensor | PendingNorm, **epilogue: Any) -> torch.Tensor | None:
         """One row x [1, K] of CUDA activations through the layer's one-row kernel with a fused
         epilogue (kernels/gemv.gemv's or gptq_row4's `add_norm`, `silu_mul`, `out_dtype`); None where
-        the layer does not run on one (the caller then runs the plain layer and the rest unfused)."""
+        the layer does not run on one (the caller then runs the plain layer and the rest unfused).
+        A PendingNorm goes in as gemv's `norm_in` where the layer takes one (takes_norm_in)."""
+        if isinstance(x, PendingNorm):
+            if not (self.takes_norm_in() and self._one_row_input(x.residual)):
+                return None
+            from ..kernels.gemv import NormIn
+
+            return self._one_row_kernel(x.residual, norm_in=NormIn(x.norm.weight, x.norm.eps), **epilogue)
         return self._one_row_kernel(x, **epilogue) if self._one_row_input(x) else None
 
-    def _one_row_kernel(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
-        """_one_row for an input already checked by _one_row_input."""
+    def runs_gemv(self) -> bool:
+        """Whether the layer's one-row kernel is kernels/gemv.gemv, with the epilogues only it has
+        (`argmax_best`, `add_into`)."""
         if self.method is not None:
-            return self.method.apply_one_row(self, x, **epilogue)
-        if SKINNY_MAX_M < 1:
-            return None
-        from ..kernels.gemv import gemv
+            return self.method.one_row_gemv
+        return SKINNY_MAX_M >= 1
 
-        if self.follows_attention:
-            epilogue.setdefault("prefetch", AFTER_ATTENTION_PREFETCH)
-        return gemv(x, self.weight, bias=self.bias, **epilogue)
+    def takes_norm_in(self) -> bool:
+        """Whether a one-row input may come as a PendingNorm, which the launch normalizes as it reads
+        it (gemv's `norm_in`): 16-bit weights only. In an 8-bit layer the per-element norm costs more
+        than the ticket it saves: H100 FP8 W3 3.001 -> 3.038 ms with qkv normalizing its input, 3.003
+        with gate/up (bf16 5.339 -> 5.306 with both; docs/benchmarks.md, twelfth session)."""
+        return self.method is None and SKINNY_MAX_M >= 1
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def silu_mul(self, x: torch.Tensor | PendingNorm) -> torch.Tensor | None:
         """silu(gate) * up [1, I] of a merged [gate; up] layer for one row x [1, K] on CUDA, in the
         projection's launch where its kernel can (kernels/gemv.silu_mul_epilogue); else None."""
         assert len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
         return self._one_row(x, silu_mul=True) if FUSED_SILU else None
 
     def add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, consumer: Linear | None = None
+    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
         """norm(self(x), residual): (normalized new stream, new stream). One row on CUDA (a batch-1
         decode step) takes one launch, the projection's, where its kernel can (kernels/gemv.AddNorm:
-        the stream is updated in place); otherwise the projection and the norm run one after the other."""
+        the stream is updated in place); otherwise the projection and the norm run one after the other.
+        `consumer`: the layer the normalized stream goes to. Where both one-row launches are gemv's,
+        this one only adds into the stream and returns a PendingNorm, which the consumer normalizes
+        as it reads it (DEFER_NORM)."""
         if FUSED_NORM and residual.is_contiguous() and self._one_row_input(x):
+            defer = DEFER_NORM and consumer is not None and self.runs_gemv() and consumer.takes_norm_in()
+            if defer and self._one_row_kernel(x, add_into=residual) is not None:
+                return PendingNorm(residual, norm), residual
             from ..kernels.gemv import AddNorm  # imports Triton: CUDA activations only
 
             y = self._one_row_kernel(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))
@@ -130,7 +155,7 @@ class Linear(nn.Module):
         """float_output(x) for one row, whose launch also folds the row's first maximum into `best`
         (int64 [1]; kernels/gemv.gemv's argmax_best, read by elementwise.argmax_finish); None where
         the layer's one-row kernel has no such epilogue (GPTQ, no one-row input)."""
-        if self.method is not None and not self.method.one_row_argmax:
+        if not self.runs_gemv():
             return None
         return self._one_row(x, out_dtype=torch.float32, argmax_best=best)
 

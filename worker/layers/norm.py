@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -39,3 +41,18 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         residual = x + residual
         return self._norm(residual), residual
+
+
+class PendingNorm(NamedTuple):
+    """norm(residual) of one row, left for its consumer to compute: the projection before it only
+    added into the residual stream (Linear.add_norm with a `consumer`), and the consumer's one-row
+    launch normalizes the row as it reads it (kernels/gemv.NormIn). `value()` computes it for a
+    consumer that cannot. The residual must not change before the consumer runs."""
+
+    residual: torch.Tensor  # [1, hidden], the stream after the add
+    norm: RMSNorm
+
+    def value(self) -> torch.Tensor:
+        out = self.norm(self.residual)
+        assert isinstance(out, torch.Tensor)
+        return out

@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..layers.attention import AttentionBackend, AttentionMetadata
 from ..layers.linear import Linear
-from ..layers.norm import RMSNorm
+from ..layers.norm import PendingNorm, RMSNorm
 from ..layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def attend(
-        self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+        self, positions: torch.Tensor, x: torch.Tensor | PendingNorm, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Attention up to o_proj's input (the decoder layer fuses o_proj with the next norm)."""
         return self.backend.forward(self, positions, self.qkv_proj(x), kv[0], kv[1], meta)
@@ -93,7 +93,7 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, [self.inter, self.inter], quant=cfg.quant)
         self.down_proj = Linear(self.inter, [cfg.hidden_size], quant=cfg.quant)
 
-    def act(self, x: torch.Tensor) -> torch.Tensor:
+    def act(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
         """silu(gate) * up: down_proj's input (the decoder layer fuses down_proj with the next norm).
         One row on CUDA takes it from the gate/up projection's own launch (Linear.silu_mul)."""
         fused = self.gate_up_proj.silu_mul(x)
@@ -122,19 +122,24 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        x: torch.Tensor,
+        x: torch.Tensor | PendingNorm,
         residual: torch.Tensor,
         kv: KVCache,
         meta: AttentionMetadata,
         next_norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: this layer's input, already normalized by input_layernorm; residual: the stream.
-        Returns next_norm's output (the next layer's input_layernorm, or the final norm) and the
-        new stream: each projection that feeds the stream adds into it and normalizes it in one
-        launch where the kernels can (Linear.add_norm)."""
+        next_proj: Linear | None = None,
+    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+        """x: this layer's input, normalized by input_layernorm (or pending: PendingNorm);
+        residual: the stream. Returns next_norm's output (the next layer's input_layernorm, or the
+        final norm) and the new stream: each projection that feeds the stream adds into it and
+        normalizes it in one launch where the kernels can (Linear.add_norm), or leaves the norm to
+        the projection after it (the post-attention norm to gate/up, next_norm to `next_proj`)."""
         o = self.self_attn.attend(positions, x, kv, meta)
-        x, residual = self.self_attn.o_proj.add_norm(o, residual, self.post_attention_layernorm)
-        return self.mlp.down_proj.add_norm(self.mlp.act(x), residual, next_norm)
+        mlp = self.mlp
+        x, residual = self.self_attn.o_proj.add_norm(
+            o, residual, self.post_attention_layernorm, mlp.gate_up_proj
+        )
+        return mlp.down_proj.add_norm(mlp.act(x), residual, next_norm, next_proj)
 
 
 class Backbone(nn.Module):
@@ -178,8 +183,12 @@ class DecoderModel(nn.Module):
         assert len(kv_caches) == len(layers), "one KV cache per layer (the last layer applies the final norm)"
         residual, x = embedded if embedded is not None else self.embed(input_ids, feed)
         next_norms = [*(layer.input_layernorm for layer in layers[1:]), self.model.norm]
-        for layer, kv, nxt in zip(layers, kv_caches, next_norms):
-            x, residual = layer(positions, x, residual, kv, meta, nxt)
+        # the last layer's norm is computed in full: the model's output is the final hidden state
+        next_projs = [*(layer.self_attn.qkv_proj for layer in layers[1:]), None]
+        x: torch.Tensor | PendingNorm
+        for layer, kv, nxt, proj in zip(layers, kv_caches, next_norms, next_projs):
+            x, residual = layer(positions, x, residual, kv, meta, nxt, proj)
+        assert isinstance(x, torch.Tensor)
         return x
 
     def embed(

@@ -33,8 +33,9 @@ class LinearMethod:
     optional_params: tuple[str, ...] = ()
     # checkpoint tensors `load` takes besides the parameters' own names (another layout's names)
     extra_tensors: tuple[str, ...] = ()
-    # whether apply_one_row takes gemv's `argmax_best` epilogue (Linear.float_output_argmax)
-    one_row_argmax: bool = False
+    # whether apply_one_row runs kernels/gemv.gemv, with the epilogues only it has (`argmax_best`,
+    # Linear.float_output_argmax; `add_into` and `norm_in`, Linear.add_norm's consumer)
+    one_row_gemv: bool = False
 
     def __init__(self, quant: QuantConfig) -> None:
         self.quant = quant
@@ -105,7 +106,7 @@ class RowScaledMethod(LinearMethod):
     16-bit activations) stream the codes through kernels/gemv.py; other batches take `fallback`."""
 
     weight_dtype: torch.dtype
-    one_row_argmax = True  # its one-row kernel is kernels/gemv.gemv
+    one_row_gemv = True
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A float weight [N, K] -> (codes [N, K] `weight_dtype`, scales [N] float32)."""
