@@ -125,6 +125,18 @@ class Linear(nn.Module):
         with gate/up (bf16 5.339 -> 5.306 with both; docs/benchmarks.md, twelfth session)."""
         return self.method is None and SKINNY_MAX_M >= 1
 
+    def _one_row_kernel(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
+        """_one_row for an input already checked by _one_row_input."""
+        if self.method is not None:
+            return self.method.apply_one_row(self, x, **epilogue)
+        if SKINNY_MAX_M < 1:
+            return None
+        from ..kernels.gemv import gemv
+
+        if self.follows_attention:
+            epilogue.setdefault("prefetch", AFTER_ATTENTION_PREFETCH)
+        return gemv(x, self.weight, bias=self.bias, **epilogue)
+
     def silu_mul(self, x: torch.Tensor | PendingNorm) -> torch.Tensor | None:
         """silu(gate) * up [1, I] of a merged [gate; up] layer for one row x [1, K] on CUDA, in the
         projection's launch where its kernel can (kernels/gemv.silu_mul_epilogue); else None."""
