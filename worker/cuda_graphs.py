@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
+from .kernels.paged_attention import decode_tile_keys
 from .layers.attention import AttentionMetadata
 from .models import DecoderModel
 from .runner import Feed
@@ -50,11 +51,31 @@ def batch_size_ladder(max_bs: int) -> list[int]:
     return sizes
 
 
-def decode_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """Context splits so that a small decode batch still puts ~2 programs on every SM."""
+# a decode batch whose longest context spans at most this many key tiles takes this many context
+# splits where it would take more (decode_splits)
+SHORT_CONTEXT_SPLITS = 8
+
+
+def decode_splits(batch: int, num_kv_heads: int, num_sms: int, max_tiles: int | None = None) -> int:
+    """Context splits so that a small decode batch still puts ~2 programs on every SM. Where the
+    longest context spans at most SHORT_CONTEXT_SPLITS key tiles (`max_tiles`: the attention
+    kernel's decode tiles, kernels/paged_attention.decode_tile_keys), that many instead of more:
+    every split still holds one tile at most, and the programs with no keys and the partials the
+    merge reads halve (H100 W3, FP8 with an FP8 lm_head, 128 + 256 tokens: 3.019-3.020 ms with 16
+    splits, 2.997-3.001 with 8, 3.047 with 4, whose splits hold two tiles; docs/benchmarks.md,
+    twelfth session)."""
     programs = batch * num_kv_heads
     want = min(16, max(1, -(-2 * num_sms // programs)))
-    return 1 << (want.bit_length() - 1)  # a power of two (the merge kernel's arange needs one)
+    splits = 1 << (want.bit_length() - 1)  # a power of two (the merge kernel's arange needs one)
+    if max_tiles is not None and max_tiles <= SHORT_CONTEXT_SPLITS < splits:
+        return SHORT_CONTEXT_SPLITS
+    return splits
+
+
+def split_levels(batch: int, num_kv_heads: int, num_sms: int) -> list[int]:
+    """Every split count decode_splits gives a batch of this size, whatever its contexts: one decode
+    graph is captured per count."""
+    return sorted({decode_splits(batch, num_kv_heads, num_sms, t) for t in (None, 1)})
 
 
 # DecodeGraphs' per-row step inputs, in this order: (name, dtype) of max_batch entries each
@@ -142,6 +163,7 @@ class DecodeGraphs:
         self.residual = torch.zeros((n, cfg.hidden_size), dtype=emb.dtype, device=device)
         self.hidden = torch.zeros_like(self.residual)
         max_splits = decode_splits(1, cfg.num_kv_heads, self.num_sms)
+        self.tile_keys = decode_tile_keys(kv_caches[0][0].dtype)  # decode_splits' key tiles
         self.workspace = (
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
@@ -153,12 +175,16 @@ class DecodeGraphs:
         # writes the row's greedy token into tokens[set] (its feed comes from tokens[other set])
         self.tokens = torch.zeros((2, n + n % 2), dtype=torch.int64, device=device)  # rows 16-byte aligned
         self._best = torch.full((1,), ARGMAX_KEY_MIN, dtype=torch.int64, device=device)
-        self.one_row: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # graphs by (rows, context splits): a batch size takes one per split count (split_levels),
+        # one rows by staging set too: (1, splits) -> [set 0's, set 1's]
+        self.one_row: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
-    def _meta(self, bs: int, inputs: _Inputs) -> AttentionMetadata:
-        splits = decode_splits(bs, self.model.config.num_kv_heads, self.num_sms)
+    def _levels(self, bs: int) -> list[int]:
+        return split_levels(bs, self.model.config.num_kv_heads, self.num_sms)
+
+    def _meta(self, bs: int, inputs: _Inputs, splits: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=inputs.slots[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
@@ -183,15 +209,14 @@ class DecodeGraphs:
             ml.view(2, splits, bs, cfg.num_heads),
         )
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, splits: int) -> torch.Tensor:
         embedded = (self.residual[:bs], self.hidden[:bs])
         inp = self.inputs
-        hidden = self.model(
-            inp.ids[:bs], inp.positions[:bs], self.kv_caches, self._meta(bs, inp), embedded=embedded
-        )
+        meta = self._meta(bs, inp, splits)
+        hidden = self.model(inp.ids[:bs], inp.positions[:bs], self.kv_caches, meta, embedded=embedded)
         return self.model.compute_logits(hidden)
 
-    def _forward_one_row(self, f: int) -> torch.Tensor:
+    def _forward_one_row(self, f: int, splits: int) -> torch.Tensor:
         """A one-row step from staging set f, start to end: the feed from tokens[1 - f], embedding
         and first norm, the layers, the logits, and the greedy token into tokens[f] (from the
         lm_head launch where its kernel can, kernels/gemv.argmax_epilogue, else an argmax launch)."""
@@ -199,7 +224,7 @@ class DecodeGraphs:
         out = (self.residual[:1], self.hidden[:1])
         embedded = self.model.embed(inp.ids[:1], (inp.feed_rows[:1], self.tokens[1 - f]), out=out)
         hidden = self.model(
-            inp.ids[:1], inp.positions[:1], self.kv_caches, self._meta(1, inp), embedded=embedded
+            inp.ids[:1], inp.positions[:1], self.kv_caches, self._meta(1, inp, splits), embedded=embedded
         )
         logits = self.model.compute_logits_argmax(hidden, self._best)
         if logits is not None:
@@ -227,12 +252,14 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # largest first, so smaller graphs reuse its pool memory; one row last, once per set
-        plan = [(bs, None) for bs in reversed(self.sizes) if bs > 1] + [(1, 0), (1, 1)]
+        plan = [(bs, s, None) for bs in reversed(self.sizes) if bs > 1 for s in self._levels(bs)]
+        plan += [(1, s, f) for s in self._levels(1) for f in (0, 1)]
         self._warm_embed()
-        for bs, f in plan:
-            forward = (
-                (lambda bs=bs: self._forward(bs)) if f is None else (lambda f=f: self._forward_one_row(f))
-            )
+        for bs, s, f in plan:
+            if f is None:
+                forward = lambda bs=bs, s=s: self._forward(bs, s)  # noqa: E731
+            else:
+                forward = lambda f=f, s=s: self._forward_one_row(f, s)  # noqa: E731
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 forward()  # warm-up: Triton compilation, cuBLAS handles and workspaces
@@ -241,14 +268,14 @@ class DecodeGraphs:
             with torch.cuda.graph(g, pool=pool, stream=stream):
                 logits = forward()
             if f is None:
-                self.graphs[bs] = (g, logits)
+                self.graphs[bs, s] = (g, logits)
             else:
-                self.one_row.append((g, logits))
+                self.one_row.setdefault(s, []).append((g, logits))
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode CUDA graphs (batch 1..%d) in %.2fs",
-            len(self.graphs) + len(self.one_row),
+            len(self.graphs) + 2 * len(self.one_row),
             self.max_batch,
             self.capture_seconds,
         )
@@ -267,6 +294,8 @@ class DecodeGraphs:
         for one row, its greedy token [1] (a view of `tokens`), else None."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
+        tiles = -(-int(seq_lens[:n].max()) // self.tile_keys)
+        splits = decode_splits(bs, self.model.config.num_kv_heads, self.num_sms, tiles)
         f = self._flip
         self._flip ^= 1
         st = self._staging[f]
@@ -291,7 +320,7 @@ class DecodeGraphs:
         if bs == 1:
             if feed is not None and feed[2].data_ptr() != self.tokens[1 - f].data_ptr():
                 self.tokens[1 - f, : len(feed[2])].copy_(feed[2])  # fed from a step of another shape
-            g, logits = self.one_row[f]
+            g, logits = self.one_row[splits][f]
             g.replay()
             st.consumed.record(stream)
             return logits, self.tokens[f, :1]
@@ -299,6 +328,6 @@ class DecodeGraphs:
         fed = (st.dev.feed_rows[:bs], feed[2]) if feed is not None else None
         self.model.embed(st.dev.ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
         st.consumed.record(stream)
-        g, logits = self.graphs[bs]
+        g, logits = self.graphs[bs, splits]
         g.replay()
         return logits[:n], None

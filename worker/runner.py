@@ -281,8 +281,10 @@ class ModelRunner:
         splits = 1
         if max_q == 1 and isinstance(self.backend, TritonAttentionBackend):
             from .cuda_graphs import decode_splits
+            from .kernels.paged_attention import decode_tile_keys
 
-            splits = decode_splits(len(query_lens), self.mc.num_kv_heads, self.num_sms)
+            tiles = -(-max(seq_lens) // decode_tile_keys(self.kv_dtype))
+            splits = decode_splits(len(query_lens), self.mc.num_kv_heads, self.num_sms, tiles)
         return AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=torch.from_numpy(qsl).to(dev, non_blocking=True),

@@ -453,3 +453,22 @@ def test_decode_graph_input_fields_are_16_byte_aligned(n: int) -> None:
     ends = [s + n * dt.itemsize for s, (_, dt) in zip(starts, _FIELDS)]
     assert all(e <= s for e, s in zip(ends, starts[1:])) and ends[-1] <= buf.numel()
     assert [v.numel() for v in views] == [n] * len(_FIELDS)
+
+
+def test_decode_splits_short_contexts_take_one_tile_per_split() -> None:
+    """A small decode batch splits its contexts to fill the SMs (16 for one row of 8 KV heads on
+    132 SMs); when its longest context spans at most SHORT_CONTEXT_SPLITS key tiles it takes that
+    many, where each split still holds one tile at most; the levels a batch size can take are the
+    graphs captured for it."""
+    pytest.importorskip("triton")
+    from inferfleet.worker.cuda_graphs import SHORT_CONTEXT_SPLITS, decode_splits, split_levels
+
+    assert SHORT_CONTEXT_SPLITS == 8
+    assert decode_splits(1, 8, 132) == 16 and decode_splits(1, 8, 132, max_tiles=9) == 16
+    for tiles in (1, 6, 8):  # W3's 128 + 256 tokens: 6 tiles of 64 keys
+        s = decode_splits(1, 8, 132, max_tiles=tiles)
+        assert s == 8 and -(-tiles // s) == -(-tiles // 16) == 1
+    assert decode_splits(4, 8, 132) == 8 == decode_splits(4, 8, 132, max_tiles=2)  # never more
+    assert decode_splits(64, 8, 132, max_tiles=1) == 1
+    assert split_levels(1, 8, 132) == [8, 16] and split_levels(2, 8, 132) == [8, 16]
+    assert split_levels(4, 8, 132) == [8] and split_levels(256, 8, 132) == [1]

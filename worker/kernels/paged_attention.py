@@ -289,6 +289,11 @@ DEFAULT_TUNING: dict[str, Any] = {
 }
 
 
+def decode_tile_keys(cache_dtype: torch.dtype) -> int:
+    """Keys per tile of a decode launch with the default tuning (the unit of cuda_graphs.decode_splits)."""
+    return DEFAULT_TUNING["decode_block_n_fp8" if cache_dtype == FP8_DTYPE else "decode_block_n"]
+
+
 class NewKV(NamedTuple):
     """A decode step's new tokens for `paged_attention(new_kv=...)`: K and V as the QKV projection
     wrote them (not rotated), and what elementwise.rope_and_cache would take to place them."""
