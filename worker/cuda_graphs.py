@@ -27,7 +27,7 @@ import torch
 
 from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
 from .kernels.paged_attention import decode_tile_keys
-from .layers.attention import AttentionMetadata
+from .layers.attention import AttentionMetadata, table_width
 from .models import DecoderModel
 from .runner import Feed
 
@@ -149,6 +149,7 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        max_blocks_per_seq = table_width(max_blocks_per_seq)  # the tables' row stride, padded
         self.device = device
         self.sizes = batch_size_ladder(max_batch)
         self.max_batch = self.sizes[-1]

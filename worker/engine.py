@@ -95,10 +95,16 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         self.runner.warmup()
-        rid = "__warmup__"
         n = min(8, self.max_model_len - 2)
-        self.add_request(rid, params=SamplingParams(max_tokens=2, ignore_eos=True), prompt_token_ids=[1] * n)
-        self.generate_all([rid])
+        # a greedy request and a sampled one, batched: the sampling kernels compile now, not at the
+        # first request with a temperature (bench/compile_watch.py)
+        warm = {
+            "__warmup__": SamplingParams(max_tokens=2, ignore_eos=True),
+            "__warmup_sampled__": SamplingParams(max_tokens=2, ignore_eos=True, temperature=1.0, seed=0),
+        }
+        for rid, params in warm.items():
+            self.add_request(rid, params=params, prompt_token_ids=[1] * n)
+        self.generate_all(list(warm))
         self.drain_inflight()
         self.stats = EngineStats()  # warm-up traffic is not user traffic
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0

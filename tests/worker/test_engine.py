@@ -472,3 +472,16 @@ def test_decode_splits_short_contexts_take_one_tile_per_split() -> None:
     assert decode_splits(64, 8, 132, max_tiles=1) == 1
     assert split_levels(1, 8, 132) == [8, 16] and split_levels(2, 8, 132) == [8, 16]
     assert split_levels(4, 8, 132) == [8] and split_levels(256, 8, 132) == [1]
+
+
+def test_block_table_rows_are_padded_to_16_entries(tiny_llama: Path) -> None:
+    """Block-table rows are padded to a multiple of 16 entries whatever the step's longest table:
+    Triton specializes integer arguments that are 1 or multiples of 16, so any other row stride
+    compiled another attention variant at the first step that had it."""
+    from inferfleet.worker.layers.attention import table_width
+
+    assert [table_width(n) for n in (0, 1, 15, 16, 17, 256, 257)] == [16, 16, 16, 16, 32, 256, 272]
+    eng = engine(tiny_llama)
+    meta = eng.runner._metadata([3, 1], [3, 40], [[5], [1, 2, 3]], torch.tensor([0, 1, 2, 3]))
+    assert meta.block_tables.shape == (2, 16)
+    assert meta.block_tables[1, :3].tolist() == [1, 2, 3] and meta.block_tables[1, 3:].eq(0).all()

@@ -25,6 +25,17 @@ import torch
 from ..quant.fp8 import FP8_DTYPE as KV_FP8_DTYPE
 from ..quant.fp8 import FP8_MAX as KV_FP8_MAX
 
+# block-table rows are padded to a multiple of this many entries: Triton specializes integer
+# arguments on being 1 or a multiple of 16, so every other row width (the attention kernels' table
+# stride) compiled another variant at the first step that had it, ~1 s on a new pod while a request
+# waited (bench/compile_watch.py, docs/benchmarks.md twelfth session)
+TABLE_ALIGN = 16
+
+
+def table_width(blocks: int) -> int:
+    """The padded width of block-table rows holding up to `blocks` entries (at least TABLE_ALIGN)."""
+    return max(1, -(-blocks // TABLE_ALIGN)) * TABLE_ALIGN
+
 
 @dataclass
 class AttentionMetadata:
