@@ -89,7 +89,8 @@ class LLMEngine:
             log.info("startup phase %s: %.2fs", phase, self.startup_seconds[phase])
 
     def warmup(self) -> float:
-        """Run a short request end to end (and, on CUDA, capture graphs) before reporting ready.
+        """Run two short requests end to end, one greedy and one sampled (and, on CUDA, capture
+        graphs and compile the launches they do not hold) before reporting ready.
 
         Returns the seconds it took; also recorded in startup_seconds["warmup"].
         """

@@ -281,7 +281,8 @@ def test_add_norm_defers_the_norm_to_a_gemv_consumer(monkeypatch: pytest.MonkeyP
     from inferfleet.worker.layers.linear import Linear
     from inferfleet.worker.layers.norm import PendingNorm, RMSNorm
 
-    monkeypatch.setattr(linear, "DEFER_NORM", True)
+    for switch in ("DEFER_NORM", "FUSED_NORM", "FUSED_SILU"):  # whatever the environment set
+        monkeypatch.setattr(linear, switch, True)
     torch.manual_seed(0)
     dt, dev = torch.bfloat16, "cuda"
 
@@ -311,7 +312,8 @@ def test_add_norm_defers_the_norm_to_a_gemv_consumer(monkeypatch: pytest.MonkeyP
     assert torch.equal(qkv(pending), qkv(norm(got_res)))
     assert rel(qkv(pending).float(), qkv(want_normed).float()) < tol
     monkeypatch.undo()
-    monkeypatch.setattr(linear, "DEFER_NORM", True)
+    for switch in ("DEFER_NORM", "FUSED_NORM", "FUSED_SILU"):
+        monkeypatch.setattr(linear, switch, True)
     # without a consumer (the model's last layer) the norm is fused into the projection's launch
     got_res = residual.clone()
     normed, _ = o_proj.add_norm(x, got_res, norm)

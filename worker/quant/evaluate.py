@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..layers.attention import AttentionMetadata, alloc_kv_cache
+from ..layers.attention import AttentionMetadata, alloc_kv_cache, table_width
 from .methods import FUSED_MAX_M
 
 # method -> (max relative logits error, min top-1 agreement) per architecture, on the tiny models'
@@ -57,7 +57,7 @@ def prompt_logits(
             alloc_kv_cache(nb, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, dev)
             for _ in range(cfg.num_layers)
         ]
-        table = list(range(nb))
+        table = list(range(nb)) + [0] * (table_width(nb) - nb)  # rows padded as the runner pads them
         meta = AttentionMetadata(
             slot_mapping=torch.arange(t, device=dev),
             query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=dev),
