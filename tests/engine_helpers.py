@@ -53,3 +53,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while k < min(len(a), len(b)) and a[k] == b[k]:
         k += 1
     return k
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against b (Frobenius norm, in float64)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

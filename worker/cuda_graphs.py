@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
-from .kernels.paged_attention import decode_tile_keys
+from .kernels.paged_attention import decode_tiles
 from .layers.attention import AttentionMetadata, table_width
 from .models import DecoderModel
-from .runner import Feed
+from .runner import Feed, feed_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ SHORT_CONTEXT_SPLITS = 8
 def decode_splits(batch: int, num_kv_heads: int, num_sms: int, max_tiles: int | None = None) -> int:
     """Context splits so that a small decode batch still puts ~2 programs on every SM. Where the
     longest context spans at most SHORT_CONTEXT_SPLITS key tiles (`max_tiles`: the attention
-    kernel's decode tiles, kernels/paged_attention.decode_tile_keys), that many instead of more:
+    kernel's decode tiles, kernels/paged_attention.decode_tiles), that many instead of more:
     every split still holds one tile at most, and the programs with no keys and the partials the
     merge reads halve (H100 W3, FP8 with an FP8 lm_head, 128 + 256 tokens: 3.019-3.020 ms with 16
     splits, 2.997-3.001 with 8, 3.047 with 4, whose splits hold two tiles; docs/benchmarks.md,
@@ -164,7 +164,7 @@ class DecodeGraphs:
         self.residual = torch.zeros((n, cfg.hidden_size), dtype=emb.dtype, device=device)
         self.hidden = torch.zeros_like(self.residual)
         max_splits = decode_splits(1, cfg.num_kv_heads, self.num_sms)
-        self.tile_keys = decode_tile_keys(kv_caches[0][0].dtype)  # decode_splits' key tiles
+        self.cache_dtype = kv_caches[0][0].dtype  # decode_tiles' tile size
         self.workspace = (
             torch.empty((max_splits, n, cfg.num_heads, cfg.head_dim), dtype=torch.float32, device=device),
             torch.empty((2, max_splits, n, cfg.num_heads), dtype=torch.float32, device=device),
@@ -295,7 +295,7 @@ class DecodeGraphs:
         for one row, its greedy token [1] (a view of `tokens`), else None."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
-        tiles = -(-int(seq_lens[:n].max()) // self.tile_keys)
+        tiles = decode_tiles(int(seq_lens[:n].max()), self.cache_dtype)
         splits = decode_splits(bs, self.model.config.num_kv_heads, self.num_sms, tiles)
         f = self._flip
         self._flip ^= 1
@@ -304,9 +304,7 @@ class DecodeGraphs:
         h_ids, h_pos, h_slots, h_feed, h_lens = st.views
         h_ids[:n], h_pos[:n], h_slots[:n], h_lens[:n] = ids, positions, slots, seq_lens
         h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
-        h_feed[:bs] = -1
-        if feed is not None:
-            h_feed[feed[0]] = feed[1]  # as runner.feed_rows, in place
+        feed_rows(feed, bs, out=h_feed[:bs])
         width = max(len(t) for t in tables)
         for i, t in enumerate(tables):
             st.tables_np[i, : len(t)] = t

@@ -35,12 +35,14 @@ log = logging.getLogger(__name__)
 Feed = tuple[list[int], list[int], torch.Tensor]
 
 
-def feed_rows(feed: Feed, n: int) -> np.ndarray:
-    """A feed (token indices, rows of the source) as one int64 entry per token of the batch: the
-    source row its id comes from, or -1 (DecoderModel.embed's `feed` rows)."""
-    dst, src, _ = feed
-    rows = np.full(n, -1, dtype=np.int64)
-    rows[dst] = src
+def feed_rows(feed: Feed | None, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """A feed (token indices, rows of the source) as one int64 entry per token of the batch of n:
+    the source row its id comes from, or -1 (DecoderModel.embed's `feed` rows); written into `out`
+    (int64 [n], e.g. a decode graph's pinned staging) where given."""
+    rows = np.empty(n, dtype=np.int64) if out is None else out
+    rows[:] = -1
+    if feed is not None:
+        rows[feed[0]] = feed[1]
     return rows
 
 
@@ -192,15 +194,14 @@ class ModelRunner:
             )
             self.timings["cuda_graphs"] = self.graphs.capture()
         if self.device.type == "cuda" and kernels.AVAILABLE:
-            # the greedy launch of batches above ARGMAX_SPLIT_ROWS rows (one program per row) compiles
-            # now, not at the first such batch (bench/compile_watch.py); its only per-call integers
-            # are the vocabulary size and row stride, the same for every batch
-            from .kernels.elementwise import ARGMAX_SPLIT_ROWS, argmax_rows
+            # the greedy launch of batches above elementwise.ARGMAX_SPLIT_ROWS rows (one program per
+            # row) compiles now, not at the first such batch (bench/compile_watch.py); its only
+            # per-call integers are the vocabulary size and row stride, the same for every batch
+            from .kernels.elementwise import argmax_rows
 
-            rows = torch.zeros(
-                (ARGMAX_SPLIT_ROWS + 1, self.mc.vocab_size), dtype=torch.float32, device=self.device
+            argmax_rows(
+                torch.zeros((1, self.mc.vocab_size), dtype=torch.float32, device=self.device), splits=1
             )
-            argmax_rows(rows)
 
     def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) caches of `num_blocks` blocks for every layer."""
@@ -293,9 +294,9 @@ class ModelRunner:
         splits = 1
         if max_q == 1 and isinstance(self.backend, TritonAttentionBackend):
             from .cuda_graphs import decode_splits
-            from .kernels.paged_attention import decode_tile_keys
+            from .kernels.paged_attention import decode_tiles
 
-            tiles = -(-max(seq_lens) // decode_tile_keys(self.kv_dtype))
+            tiles = decode_tiles(max(seq_lens), self.kv_dtype)
             splits = decode_splits(len(query_lens), self.mc.num_kv_heads, self.num_sms, tiles)
         return AttentionMetadata(
             slot_mapping=slots,

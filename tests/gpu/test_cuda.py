@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_run
+from engine_helpers import common_prefix, greedy_run, rel
 from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.cuda
@@ -319,7 +319,3 @@ def test_add_norm_defers_the_norm_to_a_gemv_consumer(monkeypatch: pytest.MonkeyP
     normed, _ = o_proj.add_norm(x, got_res, norm)
     assert isinstance(normed, torch.Tensor) and torch.equal(got_res, want_res)
     assert rel(normed.float(), want_normed.float()) < tol
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from engine_helpers import greedy_rows
+from engine_helpers import greedy_rows, rel
 from inferfleet.worker import EngineConfig, LLMEngine
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.linear import Linear
@@ -82,10 +82,6 @@ class Tol(NamedTuple):
 
 WEIGHT_ONLY = Tol(2e-2, 1.5e-2)  # INT8, GPTQ, FP8 W8A16: see the module docstring
 W8A8 = Tol(8e-2, 7e-2)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def prompts(seed: int, n: int = 6) -> list[list[int]]:

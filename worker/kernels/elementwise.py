@@ -17,6 +17,7 @@ import triton.language as tl
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
 from . import LAUNCH_OPTIONS, pdl
 from .gemv import argmax_key_index, argmax_key_min
+from .rms import rms_rstd, rms_scale
 
 
 @triton.jit
@@ -50,11 +51,8 @@ def _rmsnorm_kernel(
         rv = tl.load(res_ptr + outer * res_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + rv.to(tl.float32)).to(rv.dtype)
         tl.store(res_ptr + outer * res_stride + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / n_cols
-    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    out = (y.to(tl.float32) * w.to(tl.float32)).to(x.dtype)
+    rstd = rms_rstd(x.to(tl.float32), n_cols, eps)
+    out = rms_scale(x, tl.load(w_ptr + cols, mask=mask, other=0.0), rstd)
     tl.store(out_ptr + outer * out_stride + inner * out_inner_stride + cols, out, mask=mask)
 
 
@@ -164,11 +162,9 @@ def _embed_rmsnorm_kernel(
     mask = cols < n_cols
     x = tl.load(emb_ptr + tok * emb_stride + cols, mask=mask, other=0.0)
     tl.store(res_ptr + r * n_cols + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / n_cols
-    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    nw = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + r * n_cols + cols, (y.to(tl.float32) * nw.to(tl.float32)).to(x.dtype), mask=mask)
+    rstd = rms_rstd(x.to(tl.float32), n_cols, eps)
+    y = rms_scale(x, tl.load(w_ptr + cols, mask=mask, other=0.0), rstd)
+    tl.store(out_ptr + r * n_cols + cols, y, mask=mask)
 
 
 _STAGE_BLOCK = 256  # int32 words a program moves per load of embed_rmsnorm's staged copy

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCH_OPTIONS, MAX_M, pdl, sm90
+from .rms import rms_rstd, rms_scale
 
 
 class AddNorm(NamedTuple):
@@ -74,7 +75,6 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
     """y [BLOCK_N] float32 (rows offs_n of the projection) -> residual[offs_n] += y; the launch's last
     program then writes rmsnorm(residual) * w into out (AddNorm). Rounding as the unfused pair:
     y rounded to the activations' dtype, the sum rounded, the norm in float32 as _rmsnorm_kernel."""
-    dtype = res_ptr.dtype.element_ty
     residual_add(y, offs_n, n_ok, res_ptr)
     # every thread's stores come before the ticket (one thread takes it, with release semantics)
     tl.debug_barrier()
@@ -83,11 +83,9 @@ def add_norm_epilogue(y, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, cnt_ptr, N, eps
         cols = tl.arange(0, NORM_BLOCK)
         ok = cols < N
         # the other programs' rows: read at L2 (.cg), where their stores are visible after the ticket
-        x = tl.load(res_ptr + cols, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        w = tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        var = tl.sum(x * x, axis=0) / N
-        normed = (x * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
-        tl.store(out_ptr + cols, (normed * w).to(dtype), mask=ok)
+        x = tl.load(res_ptr + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        w = tl.load(nw_ptr + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + cols, rms_scale(x, w, rms_rstd(x.to(tl.float32), N, eps)), mask=ok)
         tl.store(cnt_ptr, 0)  # ready for the next launch (which starts after this one has finished)
 
 
@@ -96,17 +94,7 @@ def norm_in_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
     """1 / rms of the input row x [K] (float32, as _rmsnorm_kernel computes it): a norm_in launch's
     every program reads the whole row once (8 KB at Llama-8B's width, from L2) before its K loop."""
     cols = tl.arange(0, NORM_BLOCK)
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    return tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
-
-
-@triton.jit
-def norm_in_tile(x, w, rstd):
-    """Input elements x and their norm weights w -> rmsnorm(x) * w, rounded as _rmsnorm_kernel rounds
-    (normalized to the activations' dtype, times the weight, rounded again)."""
-    dtype = x.dtype
-    normed = (x.to(tl.float32) * rstd).to(dtype).to(tl.float32)
-    return (normed * w.to(tl.float32)).to(dtype)
+    return rms_rstd(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32), K, eps)
 
 
 @triton.jit
@@ -181,18 +169,18 @@ def _tile(acc, w, x_rows, nw_rows, rstd, ks, m_ok, K, FMA: tl.constexpr, EVEN_K:
     """One weight tile into the accumulator: one row (FMA) widens it to float32 into a
     [BLOCK_N, BLOCK_K] accumulator (x broadcasts); more rows widen it to x's dtype in registers
     and go through the tensor cores into [BLOCK_M, BLOCK_N]. NORM_IN (one row): x is the raw
-    residual row, normalized here (norm_in_tile) with its weights at nw_rows and 1 / rms `rstd`."""
+    residual row, normalized here (rms_scale) with its weights at nw_rows and 1 / rms `rstd`."""
     if FMA and EVEN_K:
         # unmasked, so that the compiler sees x constant down the tile's rows and each thread loads
         # and widens its columns of x once (a masked load is issued per element)
         x = tl.load(x_rows + ks[None, :])
         if NORM_IN:
-            x = norm_in_tile(x, tl.load(nw_rows + ks[None, :]), rstd)
+            x = rms_scale(x, tl.load(nw_rows + ks[None, :]), rstd)
     else:
         ok = m_ok[:, None] & (ks < K)[None, :]
         x = tl.load(x_rows + ks[None, :], mask=ok, other=0.0)
         if NORM_IN:
-            x = norm_in_tile(x, tl.load(nw_rows + ks[None, :], mask=ok, other=0.0), rstd)
+            x = rms_scale(x, tl.load(nw_rows + ks[None, :], mask=ok, other=0.0), rstd)
     if FMA:
         return acc + w.to(tl.float32) * x.to(tl.float32)
     else:
@@ -426,10 +414,11 @@ def gemv(
         y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
     assert add_norm is None or fma, "add_norm: one row on the CUDA-core path"
     an, norm_block = epilogue_args(add_norm, y)
+    eps = an.eps  # the kernel's one eps: add_norm's, or norm_in's (never both)
     if norm_in is not None:
         assert fma and add_norm is None, "norm_in: one row on the CUDA-core path, no add_norm"
         assert norm_in.weight.shape == (k,) and norm_in.weight.is_contiguous()
-        an, norm_block = an._replace(eps=norm_in.eps), triton.next_power_of_2(k)
+        eps, norm_block = norm_in.eps, triton.next_power_of_2(k)
     if argmax_best is not None:
         assert fma and add_norm is None and not silu_mul, "argmax_best: one row, plain output"
         assert argmax_best.dtype == torch.int64 and argmax_best.numel() == 1
@@ -438,7 +427,7 @@ def gemv(
         an.residual, an.weight, an.counter, argmax_best if argmax_best is not None else y,
         norm_in.weight if norm_in is not None else x,
         m, n, k,
-        x.stride(0), weight.stride(0), y.stride(0), an.eps,
+        x.stride(0), weight.stride(0), y.stride(0), eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,

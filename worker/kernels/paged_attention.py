@@ -289,9 +289,11 @@ DEFAULT_TUNING: dict[str, Any] = {
 }
 
 
-def decode_tile_keys(cache_dtype: torch.dtype) -> int:
-    """Keys per tile of a decode launch with the default tuning (the unit of cuda_graphs.decode_splits)."""
-    return DEFAULT_TUNING["decode_block_n_fp8" if cache_dtype == FP8_DTYPE else "decode_block_n"]
+def decode_tiles(context: int, cache_dtype: torch.dtype) -> int:
+    """Key tiles a decode launch with the default tuning walks over a context of `context` tokens
+    (the unit of cuda_graphs.decode_splits)."""
+    keys = DEFAULT_TUNING["decode_block_n_fp8" if cache_dtype == FP8_DTYPE else "decode_block_n"]
+    return -(-context // keys)
 
 
 class NewKV(NamedTuple):
