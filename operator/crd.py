@@ -165,7 +165,8 @@ def _spec_schema() -> Schema:
                 enum=["auto", "fp8"],
                 default="auto",
                 description="KV cache element type (--kv-cache-dtype): auto = the model dtype; fp8 = "
-                "float8_e4m3fn, scale 1.0, values clamped to +-448 (twice the KV capacity). fp8 needs "
+                "float8_e4m3fn with the checkpoint's per-layer k/v scales (kv_cache_scheme) or 1.0, values "
+                "clamped to +-448 x scale (twice the KV capacity). fp8 needs "
                 "resources.gpus >= 1 (compute capability >= 8.9).",
             ),
             "maxModelLen": _integer(16, 1048576, default=4096),

@@ -14,8 +14,9 @@ from .config import DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig  # conf
 
 API_KEY_ENV = "INFERFLEET_API_KEY"
 KV_CACHE_DTYPE_HELP = (
-    "KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn, scale 1.0, values clamped "
-    "to +-448 (half the KV bytes, twice the blocks; CUDA needs compute capability >= 8.9)"
+    "KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn with the checkpoint's per-layer "
+    "k/v scales (kv_cache_scheme) or 1.0, values clamped to +-448 x scale (half the KV bytes, twice the "
+    "blocks; CUDA needs compute capability >= 8.9)"
 )
 
 

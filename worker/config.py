@@ -27,9 +27,9 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
-# KV cache element types: auto = the model dtype; fp8 = float8_e4m3fn with a fixed scale of 1.0
-# (values clamped to +-448 and rounded to nearest even on write; no calibration, as vLLM's
-# uncalibrated fp8_e4m3). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
+# KV cache element types: auto = the model dtype; fp8 = float8_e4m3fn with per-layer K and V scales,
+# the checkpoint's (a kv_cache_scheme) or 1.0 (as vLLM's uncalibrated fp8_e4m3): values divided by
+# the scale, clamped to +-448 and rounded to nearest even on write (layers/attention.py). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -200,7 +200,7 @@ class EngineConfig:
     quantization: str = "none"
     # fp8 / int8 at load: quantize lm_head too (quant/spec.resolve_quantization; untied models)
     quantize_lm_head: bool = False
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn, scale 1.0 (KV_CACHE_DTYPES)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn (KV_CACHE_DTYPES)
     seed: int = 0
     served_model_name: str | None = None
     model_config: ModelConfig = field(init=False, repr=False)

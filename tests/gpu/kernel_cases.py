@@ -45,6 +45,7 @@ from inferfleet.worker.layers.attention import (  # noqa: E402
     AttentionMetadata,
     TorchAttentionBackend,
     alloc_kv_cache,
+    to_fp8_cache,
     write_kv,
 )
 from inferfleet.worker.layers.norm import RMSNorm  # noqa: E402
@@ -422,6 +423,93 @@ def test_fused_decode_matches_rope_then_attention(h, kvh, d, page, ctx, splits, 
     else:
         assert_e4m3_close(flat[0][slots], flat[2][slots], "K", one_step=True)
         assert_e4m3_close(flat[1][slots], flat[3][slots], "V", one_step=False)
+
+
+KV_SCALE = (3.0, 5.0)  # a checkpoint's (k_scale, v_scale): the cache holds K / 3 and V / 5
+
+
+@pytest.mark.parametrize(("h", "kvh", "d", "page", "qlens", "ctx", "splits"), FP8_CASES)
+def test_paged_attention_applies_fp8_cache_scales(h, kvh, d, page, qlens, ctx, splits) -> None:
+    """An fp8 cache with per-layer scales (K and V up to ~+-1,300, beyond e4m3's 448 unscaled): the
+    new tokens are written divided by the scales (layers/attention.to_fp8_cache), and the kernel's
+    output equals the torch backend's over the same cache with the same scales; without the scales
+    the same cache gives a different output."""
+    torch.manual_seed(0)
+    nb = 64
+    meta = make_batch(qlens, ctx, page, nb, seed=1)
+    t = sum(qlens)
+    kc, vc = alloc_kv_cache(nb, page, kvh, d, KV_FP8_DTYPE, torch.device(DEV))
+    kc.copy_(torch.randn(nb, page, kvh, d, device=DEV).mul(100).clamp(-400, 400).to(KV_FP8_DTYPE))
+    vc.copy_(torch.randn(nb, page, kvh, d, device=DEV).mul(100).clamp(-400, 400).to(KV_FP8_DTYPE))
+    q = torch.randn(t, h, d, dtype=DT, device=DEV) / 100
+    k = torch.randn(t, kvh, d, dtype=DT, device=DEV) * 300
+    v = torch.randn(t, kvh, d, dtype=DT, device=DEV) * 300
+    scale = d**-0.5
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref = TorchAttentionBackend().attend(q, k, v, kc_ref, vc_ref, meta, scale, KV_SCALE)
+    slots = meta.slot_mapping
+    flat_k, flat_v = kc_ref.reshape(-1, kvh, d), vc_ref.reshape(-1, kvh, d)
+    assert torch.equal(flat_k[slots].float(), to_fp8_cache(k, KV_SCALE[0]).float())
+    assert torch.equal(flat_v[slots].float(), to_fp8_cache(v, KV_SCALE[1]).float())
+    assert float(flat_v[slots].float().abs().max()) > 100  # the stored values use e4m3's range
+    out = torch.full_like(q, float("nan"))
+    paged_attention(
+        q, kc_ref, vc_ref, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        meta.max_query_len, scale, num_splits=splits, kv_scale=KV_SCALE,
+    )  # fmt: skip
+    assert rel(out, ref) < 1e-5
+    unscaled = run_paged_attention(q, kc_ref, vc_ref, meta, scale, splits)
+    assert rel(unscaled, ref) > 0.1
+
+
+def test_rope_and_cache_and_fused_decode_apply_fp8_cache_scales() -> None:
+    """rope_and_cache and the fused decode kernel (paged_attention(new_kv=...)) store the rotated K
+    and V divided by the cache's scales: the codes of to_fp8_cache (one e4m3 step for K, whose
+    rotation the two compute in different float32 expressions), and the same attention output."""
+    torch.manual_seed(0)
+    h, kvh, d, page, nb = 8, 2, 32, 16, 64
+    rope = RopeConfig(theta=10000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=32)
+    rot = RotaryEmbedding(rope, d, 256).to(DEV)
+    ctx = [100, 7, 40]
+    meta = make_batch([1] * len(ctx), ctx, page, nb, seed=2)
+    positions = torch.tensor([c - 1 for c in ctx], device=DEV)
+    scale = d**-0.5
+    kc, vc = alloc_kv_cache(nb, page, kvh, d, KV_FP8_DTYPE, torch.device(DEV))
+    kc.copy_(torch.randn(nb, page, kvh, d, device=DEV).mul(100).clamp(-400, 400).to(KV_FP8_DTYPE))
+    vc.copy_(torch.randn(nb, page, kvh, d, device=DEV).mul(100).clamp(-400, 400).to(KV_FP8_DTYPE))
+    qkv = torch.randn(len(ctx), (h + 2 * kvh) * d, device=DEV) * 300
+    q_ref, k_ref = rot(
+        positions, qkv[:, : h * d].reshape(-1, h, d), qkv[:, h * d : (h + kvh) * d].reshape(-1, kvh, d)
+    )
+    v_ref = qkv[:, (h + kvh) * d :].reshape(-1, kvh, d)
+
+    work, kc_ref, vc_ref = qkv.clone(), kc.clone(), vc.clone()
+    rope_and_cache(
+        work, positions, rot.cos, rot.sin, kc_ref, vc_ref, meta.slot_mapping, h, kvh, d, kv_scale=KV_SCALE
+    )
+    slots = meta.slot_mapping
+    got_k, got_v = kc_ref.reshape(-1, kvh, d)[slots], vc_ref.reshape(-1, kvh, d)[slots]
+    assert_e4m3_close(got_k, to_fp8_cache(k_ref, KV_SCALE[0]), "K", one_step=True)
+    assert_e4m3_close(got_v, to_fp8_cache(v_ref, KV_SCALE[1]), "V", one_step=False)
+    want = torch.full_like(q_ref, float("nan"))
+    paged_attention(
+        work[:, : h * d].view(-1, h, d), kc_ref, vc_ref, want, meta.query_start_loc, meta.seq_lens,
+        meta.block_tables, 1, scale, num_splits=2, kv_scale=KV_SCALE,
+    )  # fmt: skip
+
+    fused = qkv.clone()
+    out = torch.full_like(q_ref, float("nan"))
+    new_kv = NewKV(
+        fused[:, h * d : (h + kvh) * d].view(-1, kvh, d), fused[:, (h + kvh) * d :].view(-1, kvh, d),
+        positions, rot.cos, rot.sin, meta.slot_mapping,
+    )  # fmt: skip
+    paged_attention(
+        fused[:, : h * d].view(-1, h, d), kc, vc, out, meta.query_start_loc, meta.seq_lens,
+        meta.block_tables, 1, scale, num_splits=2, new_kv=new_kv, kv_scale=KV_SCALE,
+    )  # fmt: skip
+    assert_e4m3_close(kc.reshape(-1, kvh, d)[slots], got_k, "K", one_step=True)
+    assert_e4m3_close(vc.reshape(-1, kvh, d)[slots], got_v, "V", one_step=False)
+    assert rel(out, want) < 1e-3
 
 
 @pytest.mark.parametrize(("v", "block"), [(1000, 256), (1000, 1024), (4096, 512), (37, 64)])

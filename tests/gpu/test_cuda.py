@@ -138,6 +138,42 @@ def test_fp8_kv_cache_logits_close_to_cpu_fp8_kv_cache(arch: str, tiny_models: d
     assert max(errs) < 3.5e-2
 
 
+def test_fp8_kv_cache_scales_on_cuda(tiny_llama: Path) -> None:
+    """Per-layer fp8 cache scales through the Triton prefill path (rope_and_cache, paged attention)
+    on a bf16 model: the model rescaled so that K and V reach ~1,000x their size (q and o_proj's
+    input side divided by 1,024, K and V multiplied: the same function, exactly in bf16) with
+    k_scale = v_scale = 1,024 gives the original model's fp8-cache logits; with scale 1.0 its K and
+    V saturate at 448 and the logits are far off (tests/worker/test_kv_cache_fp8.py on the CPU)."""
+    import copy
+
+    from inferfleet.worker.quant.evaluate import logits_error, prompt_logits
+
+    eng = LLMEngine(
+        EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8")
+    )
+    base = eng.runner.model
+    model = copy.deepcopy(base)
+    big = 1024.0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.qkv_proj.weight[: attn.q_size] /= big
+            attn.qkv_proj.weight[attn.q_size :] *= big
+            attn.o_proj.weight /= big
+    ps = prompts(5)
+    fp8 = torch.float8_e4m3fn
+    original = prompt_logits(base, ps, kv_dtype=fp8)
+    unscaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
+    for layer in model.model.layers:
+        layer.self_attn.k_scale = layer.self_attn.v_scale = big
+    scaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
+    print(
+        f"\nfp8 KV x1024 on CUDA: rel error {scaled['rel_err']:.2e} with the scales, {unscaled['rel_err']:.3f} without"
+    )
+    assert scaled["rel_err"] < 1e-2 and scaled["top1"] > 0.99
+    assert unscaled["rel_err"] > 0.1
+
+
 def test_greedy_one_launch_argmax_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode batches of a few rows take sampling.argmax_rows's one-launch kernel on CUDA: same ids
     as torch.argmax over a Llama-3 vocabulary, for float32 and bf16 logits; 17 rows take torch's."""

@@ -1,4 +1,5 @@
-"""kv_cache_dtype fp8: float8_e4m3fn KV cache, scale 1.0 (docs/quantization.md, "FP8 KV cache").
+"""kv_cache_dtype fp8: float8_e4m3fn KV cache, per-layer scales (1.0 unless a checkpoint has them;
+docs/quantization.md, "FP8 KV cache").
 
 The engine runs the tiny Llama in float32 on the CPU with kv_cache_dtype "fp8" and "auto" and
 compares them step by step: the prefill step and every decode step whose context is still the
@@ -9,6 +10,7 @@ print the measurements.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -203,6 +205,51 @@ def test_teacher_forced_error_over_every_prompt_position(runs: dict) -> None:
         f"\nteacher-forced, {int(err['positions'])} positions: rel error {err['rel_err']:.4f}, top-1 {err['top1']:.3f}"
     )
     assert err["rel_err"] < TF_REL_ERROR and err["top1"] > TF_MIN_TOP1
+
+
+def test_checkpoint_kv_scales_hold_values_beyond_e4m3(runs: dict) -> None:
+    """The tiny model rescaled so that its K and V reach far beyond +-448 and compute the same
+    function (q and o_proj's input side divided by F, K and V multiplied by F): an fp8 cache with
+    the layers' k_scale / v_scale = F (what a checkpoint's kv_cache_scheme sets) stores the same
+    codes as the original model's and gives its error; with the scales left at 1.0 the values
+    saturate at 448 and the logits are far off."""
+    base = runs["auto"][2].runner.model
+    model = copy.deepcopy(base)
+    big = 1024.0  # a power of two: the rescaled weights are exact
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.qkv_proj.weight[: attn.q_size] /= big
+            attn.qkv_proj.weight[attn.q_size :] *= big
+            attn.o_proj.weight /= big
+    ps = prompts()
+    ref = prompt_logits(base, ps)
+    assert logits_error(ref, prompt_logits(model, ps))["rel_err"] < 1e-5  # the same function
+    fp8 = torch.float8_e4m3fn
+    original = logits_error(ref, prompt_logits(base, ps, kv_dtype=fp8))
+    unscaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
+    for layer in model.model.layers:
+        layer.self_attn.k_scale = layer.self_attn.v_scale = big
+    scaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
+    print(
+        f"\nK/V x{big:g}: rel error {unscaled['rel_err']:.4f} with scale 1.0, {scaled['rel_err']:.4f} with the"
+        f" scales (original model {original['rel_err']:.4f}); top-1 {unscaled['top1']:.3f} / {scaled['top1']:.3f}"
+    )
+    assert abs(scaled["rel_err"] - original["rel_err"]) < 0.1 * original["rel_err"]
+    assert scaled["rel_err"] < TF_REL_ERROR and scaled["top1"] > TF_MIN_TOP1
+    assert unscaled["rel_err"] > 5 * scaled["rel_err"]
+
+
+def test_torch_write_path_applies_the_scale() -> None:
+    """write_kv with a cache scale stores value / scale (times the float32 reciprocal), clamped and
+    rounded like unscaled values: 960 / 4 = 240 is an e4m3 value, 4000 / 4 saturates at 448."""
+    kc = torch.zeros(2, 4, 1, 3, dtype=torch.float8_e4m3fn)
+    vc = torch.zeros_like(kc)
+    k = torch.tensor([[[960.0, -4000.0, 0.3]]])
+    write_kv(k, k * 10, kc, vc, torch.tensor([2]), kv_scale=(4.0, 40.0))
+    got_k, got_v = kc.view(-1, 1, 3)[2].float(), vc.view(-1, 1, 3)[2].float()
+    assert got_k.tolist() == [[240.0, -KV_FP8_MAX, 0.078125]]  # 0.075 rounds to the nearest e4m3
+    assert torch.equal(got_v, got_k)
 
 
 def test_cuda_below_compute_capability_8_9_is_refused(

@@ -301,13 +301,22 @@ def test_autofp8_checkpoints() -> None:
 
 def test_fp8_checkpoint_with_kv_cache_scales() -> None:
     """A compressed-tensors kv_cache_scheme (FP8 KV, per-tensor k_scale / v_scale): accepted, the
-    scales read and not applied, and said; a non-FP8 KV scheme is refused."""
+    scales set on the layers for an fp8 cache, and said; a non-FP8 KV scheme and a KV-cache-only
+    checkpoint are refused."""
     qc = fp8_quantization_config()
     qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
     got = checkpoint_quantization(qc)
-    assert got is not None and got.kv_scales and "KV cache scales not applied" in got.describe()
+    assert (
+        got is not None
+        and got.kv_scales
+        and "KV cache scales (applied with kv_cache_dtype fp8)" in got.describe()
+    )
     plain = checkpoint_quantization(fp8_quantization_config())
     assert plain is not None and not plain.kv_scales
+    # a KV-cache-only checkpoint: no weight groups, only the cache scheme
+    kv_only = {"quant_method": "compressed-tensors", "kv_cache_scheme": qc["kv_cache_scheme"]}
+    with pytest.raises(UnsupportedModelError, match=r"quantizes only the KV cache"):
+        checkpoint_quantization(kv_only)
     for bad in ({"type": "int", "num_bits": 8}, {"type": "float", "num_bits": 8, "strategy": "attn_head"}):
         qc["kv_cache_scheme"] = bad
         with pytest.raises(UnsupportedModelError, match="kv_cache_scheme must be FP8 per tensor"):

@@ -476,7 +476,7 @@ def test_fp8_checkpoint_keeps_ignored_projections_in_the_model_dtype(
 def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_path: Path) -> None:
     """The static FP8 scheme's checkpoints (weight and input_scale per tensor) load; input_scale is
     read and not applied, so the model equals the dynamic-scheme one. An input_scale of more than
-    one element is a load error. KV cache scales (kv_cache_scheme) are read and not applied too."""
+    one element is a load error. KV cache scales (kv_cache_scheme) load onto their attention layers."""
     from inferfleet.worker.quant.spec import checkpoint_quantization
 
     def load(ck: Path) -> torch.nn.Module:
@@ -501,10 +501,27 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
             tensors[f"model.layers.{i}.self_attn.{kv}"] = torch.tensor([0.05])
     qc = json.loads((ck / "config.json").read_text())["quantization_config"]
     qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor([0.125])
     with_kv = load(copy_with(tiny_llama, tmp_path / "kv", tensors, qc))
     assert with_kv.config.quant.kv_scales
     for a, b in zip(with_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
         assert torch.equal(a.float(), b.float())
+    # each attention layer takes its scales (float32 kept: 0.05 is not a bf16 value), which an fp8
+    # KV cache applies (layers/attention.kv_scales); a layer without them keeps 1.0
+    attn = [layer.self_attn for layer in with_kv.model.layers]
+    assert [a.k_scale for a in attn] == [float(torch.tensor(0.05))] * len(attn)
+    assert attn[1].v_scale == 0.125 and attn[0].v_scale == float(torch.tensor(0.05))
+    assert dynamic.model.layers[0].self_attn.k_scale == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        broken = dict(tensors, **{"model.layers.0.self_attn.k_scale": torch.tensor([bad])})
+        with pytest.raises(
+            ModelLoadError,
+            match=r"layers\.0\.self_attn\.k_scale: a KV cache scale must be finite and positive",
+        ):
+            load(copy_with(tiny_llama, tmp_path / f"kv-bad{bad}", broken, qc))
+    stray = dict(tensors, **{"model.layers.99.self_attn.k_scale": torch.tensor([0.05])})
+    with pytest.raises(ModelLoadError, match=r"no attention layer model\.layers\.99\.self_attn"):
+        load(copy_with(tiny_llama, tmp_path / "kv-stray", stray, qc))
     del qc["kv_cache_scheme"]  # the same tensors without the scheme: they have no place
     with pytest.raises(ModelLoadError, match=r"k_scale"):
         load(copy_with(tiny_llama, tmp_path / "kv-unlisted", tensors, qc))
@@ -514,6 +531,7 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     auto_qc = {"quant_method": "fp8", "activation_scheme": "static", "kv_cache_scheme": "static"}
     auto_kv = load(copy_with(tiny_llama, tmp_path / "auto-kv", auto, auto_qc))
     assert auto_kv.config.quant.kv_scales
+    assert auto_kv.model.layers[1].self_attn.v_scale == 0.125
     for a, b in zip(auto_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
         assert torch.equal(a.float(), b.float())
 

@@ -273,6 +273,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def fp8_range(x, inv, FP8_MAX: tl.constexpr):
+    """float32 values -> what an fp8 KV cache stores before the cast: x times 1 / the cache's scale,
+    clamped to +-FP8_MAX (layers/attention.to_fp8_cache)."""
+    return tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
+
+
+@triton.jit
 def _rope_cache_kernel(
     qkv_ptr,
     pos_ptr,
@@ -285,6 +292,8 @@ def _rope_cache_kernel(
     kc_stride_blk,
     kc_stride_slot,
     kc_stride_head,
+    k_inv,
+    v_inv,
     NUM_HEADS: tl.constexpr,
     NUM_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -298,7 +307,8 @@ def _rope_cache_kernel(
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
     # one program per token: rotate q in place, rotate k and write k, v into their cache slot
-    # (cast to the cache's element type; an fp8 cache is clamped to +-FP8_MAX (448) first: scale 1.0)
+    # (cast to the cache's element type; an fp8 cache takes them times 1 / its scale, k_inv and
+    # v_inv, clamped to +-FP8_MAX (448): layers/attention.to_fp8_cache)
     t = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     pos = tl.load(pos_ptr + t)
@@ -334,10 +344,10 @@ def _rope_cache_kernel(
         v1 = tl.load(vp, mask=km, other=0.0)
         v2 = tl.load(vp + half, mask=km, other=0.0)
         if CLAMP_FP8:
-            kr1 = tl.minimum(tl.maximum(kr1, -FP8_MAX), FP8_MAX)
-            kr2 = tl.minimum(tl.maximum(kr2, -FP8_MAX), FP8_MAX)
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -FP8_MAX), FP8_MAX)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -FP8_MAX), FP8_MAX)
+            kr1 = fp8_range(kr1, k_inv, FP8_MAX)
+            kr2 = fp8_range(kr2, k_inv, FP8_MAX)
+            v1 = fp8_range(v1.to(tl.float32), v_inv, FP8_MAX)
+            v2 = fp8_range(v2.to(tl.float32), v_inv, FP8_MAX)
         tl.store(dst, kr1.to(kc_ptr.dtype.element_ty), mask=km)
         tl.store(dst + half, kr2.to(kc_ptr.dtype.element_ty), mask=km)
         vdst = vc_ptr + blk * kc_stride_blk + off * kc_stride_slot + kh[:, None] * kc_stride_head + d[None, :]
@@ -356,6 +366,7 @@ def rope_and_cache(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    kv_scale: tuple[float, float] = (1.0, 1.0),  # an fp8 cache's (K, V) scales (stored = value / scale)
 ) -> None:
     t = qkv.shape[0]
     if t == 0:
@@ -374,6 +385,8 @@ def rope_and_cache(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        1.0 / kv_scale[0],
+        1.0 / kv_scale[1],
         NUM_HEADS=num_heads,
         NUM_KV=num_kv_heads,
         HEAD_DIM=head_dim,

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
 from . import LAUNCH_OPTIONS, pdl
+from .elementwise import fp8_range
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def _running_max(m_i, top):
 @triton.jit
 def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
     """One key tile into the online softmax (log2 domain, float32): returns the new (m_i, l_i, acc)."""
-    k = k.to(q.dtype)  # an fp8 cache (kv_cache_dtype fp8, scale 1.0) widens; else a no-op
+    k = k.to(q.dtype)  # an fp8 cache widens (its K scale is in scale_log2); else a no-op
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
     visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
@@ -116,6 +117,9 @@ def _paged_attention_kernel(
     kc_stride_slot,
     kc_stride_head,
     scale_log2,
+    k_inv,
+    v_inv,
+    v_scale,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr,
@@ -205,8 +209,8 @@ def _paged_attention_kernel(
         k_new = tl.load(kn_row + d).to(tl.float32) * cos + tl.load(kn_row + partner).to(tl.float32) * sin
         v_new = tl.load(vn_ptr + t_new * vn_stride_t + kvh * HEAD_DIM + d).to(tl.float32)
         if CLAMP_FP8:
-            k_new = tl.minimum(tl.maximum(k_new, -FP8_MAX), FP8_MAX)
-            v_new = tl.minimum(tl.maximum(v_new, -FP8_MAX), FP8_MAX)
+            k_new = fp8_range(k_new, k_inv, FP8_MAX)
+            v_new = fp8_range(v_new, v_inv, FP8_MAX)
         k_new = k_new.to(kc_ptr.dtype.element_ty)
         v_new = v_new.to(vc_ptr.dtype.element_ty)
         if owner & (slot >= 0):
@@ -235,6 +239,9 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if CLAMP_FP8:
+        # an fp8 cache holds V / v_scale (K's scale is in scale_log2); the partials are linear in acc
+        acc = acc * v_scale
     o_rows = q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + d[None, :]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -322,6 +329,7 @@ def paged_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     tuning: dict[str, Any] | None = None,
     new_kv: NewKV | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Grid sizes depend only on (B, max_query_len, num_splits), never on context lengths, so a
     decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts.
@@ -329,6 +337,9 @@ def paged_attention(
     `new_kv` (decode only): q is not rotated yet and the new tokens are not in the cache; the kernel
     rotates q and K, writes K and V into their slots and attends over them (module docstring); q is
     left as it was. Without it the caller has run rope_and_cache first.
+
+    `kv_scale` (an fp8 cache): the cache holds K / kv_scale[0] and V / kv_scale[1]; K's scale joins
+    the softmax scale, V's multiplies the output, and new_kv's K/V are divided by them when written.
 
     `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
@@ -389,7 +400,10 @@ def paged_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        scale * LOG2E,
+        scale * LOG2E * (kv_scale[0] if fp8_cache else 1.0),
+        1.0 / kv_scale[0],
+        1.0 / kv_scale[1],
+        kv_scale[1],
         G=g,
         HEAD_DIM=d,
         PAGE=k_cache.shape[1],

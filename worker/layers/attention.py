@@ -19,9 +19,12 @@ from typing import Protocol
 
 import torch
 
-# kv_cache_dtype fp8: float8_e4m3fn (quant/fp8.py's FP8_DTYPE) with a fixed scale of 1.0. Values are
-# clamped to +-448 (FP8_MAX, the largest finite e4m3 value) before the cast, so an outlier saturates
-# instead of becoming NaN, and the cast rounds to nearest even.
+# kv_cache_dtype fp8: float8_e4m3fn (quant/fp8.py's FP8_DTYPE), one scale per layer for K and one for
+# V: the cache holds value / scale, and readers multiply by the scale. The scales are the checkpoint's
+# (a compressed-tensors `kv_cache_scheme`: k_scale / v_scale per attention layer; AutoFP8's
+# k_proj / v_proj output_scale), else 1.0. Scaled values are clamped to +-448 (FP8_MAX, the largest
+# finite e4m3 value) before the cast, so an outlier saturates instead of becoming NaN, and the cast
+# rounds to nearest even.
 from ..quant.fp8 import FP8_DTYPE as KV_FP8_DTYPE
 from ..quant.fp8 import FP8_MAX as KV_FP8_MAX
 
@@ -62,6 +65,25 @@ class AttentionLayer(Protocol):
     q_norm: torch.nn.Module | None
     k_norm: torch.nn.Module | None
     rotary: torch.nn.Module
+    # an fp8 cache's per-layer scales (stored = value / scale); 1.0 without checkpoint scales
+    k_scale: float
+    v_scale: float
+
+
+def kv_scales(layer: AttentionLayer, k_cache: torch.Tensor) -> tuple[float, float]:
+    """(K scale, V scale) of a layer's cache: the layer's for an fp8 cache, else (1.0, 1.0) (a
+    16-bit cache stores the values as they are)."""
+    if k_cache.dtype != KV_FP8_DTYPE:
+        return 1.0, 1.0
+    return float(getattr(layer, "k_scale", 1.0)), float(getattr(layer, "v_scale", 1.0))
+
+
+def to_fp8_cache(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Values -> an fp8 cache's elements: x / scale (as x times the float32 reciprocal, as the
+    kernels compute it), clamped to +-FP8_MAX, rounded to e4m3."""
+    if scale != 1.0:
+        x = x.float() * (1.0 / scale)
+    return x.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8_DTYPE)
 
 
 class AttentionBackend(Protocol):
@@ -100,14 +122,19 @@ def qkv_heads(
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> None:
-    """Write new K/V rows into their slots (any cache strides: alloc_kv_cache's are permuted)."""
+    """Write new K/V rows into their slots (any cache strides: alloc_kv_cache's are permuted); an
+    fp8 cache stores them divided by `kv_scale` (to_fp8_cache)."""
     bs = k_cache.shape[1]
     blk, off = slots // bs, slots % bs
     if k_cache.dtype == KV_FP8_DTYPE:
-        k = k.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8_DTYPE)
-        v = v.clamp(-KV_FP8_MAX, KV_FP8_MAX).to(KV_FP8_DTYPE)
+        k, v = to_fp8_cache(k, kv_scale[0]), to_fp8_cache(v, kv_scale[1])
         # index_put_ has no float8 kernel on the CPU: copy the (same-sized) bytes instead
         k_cache.view(torch.uint8)[blk, off] = k.view(torch.uint8)
         v_cache.view(torch.uint8)[blk, off] = v.view(torch.uint8)
@@ -152,7 +179,7 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = qkv_heads(layer, positions, qkv)
-        out = self.attend(q, k, v, k_cache, v_cache, meta, layer.scale)
+        out = self.attend(q, k, v, k_cache, v_cache, meta, layer.scale, kv_scales(layer, k_cache))
         return out.reshape(qkv.shape[0], layer.num_heads * layer.head_dim)
 
     def attend(
@@ -164,8 +191,11 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        """Write the new K/V (write_kv), then attend over each sequence's context in float32; an
+        fp8 cache's elements are multiplied back by `kv_scale`."""
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
         num_heads, head_dim = q.shape[1], q.shape[2]
         kvh = k_cache.shape[2]
         group = num_heads // kvh
@@ -179,6 +209,8 @@ class TorchAttentionBackend:
             vals = v_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]
             # the math is float32: widen once (exact from bf16/fp16 and from an fp8 cache)
             keys, vals = keys.float(), vals.float()
+            if kv_scale != (1.0, 1.0):
+                keys, vals = keys * kv_scale[0], vals * kv_scale[1]
             qs = q[start : start + qlen]  # [n, H, D]
             if group > 1:
                 keys = keys.repeat_interleave(group, dim=1)
@@ -229,14 +261,16 @@ class TritonAttentionBackend:
             rmsnorm(q, layer.q_norm.weight, layer.q_norm.eps, out=q)
             rmsnorm(k, layer.k_norm.weight, layer.k_norm.eps, out=k)
         rotary = layer.rotary
+        kv_scale = kv_scales(layer, k_cache)
         new_kv = None
         if meta.max_query_len == 1 and t <= FUSED_DECODE_MAX_ROWS:
             v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
             new_kv = NewKV(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping)
         else:
             rope_and_cache(
-                qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d
-            )
+                qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d,
+                kv_scale=kv_scale,
+            )  # fmt: skip
         out = torch.empty((t, h, d), dtype=qkv.dtype, device=qkv.device)
         paged_attention(
             q,
@@ -251,5 +285,6 @@ class TritonAttentionBackend:
             num_splits=meta.num_splits,
             workspace=meta.split_workspace,
             new_kv=new_kv,
+            kv_scale=kv_scale,
         )
         return out.view(t, h * d)

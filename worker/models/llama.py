@@ -9,6 +9,7 @@ tied embeddings. Parameter names follow transformers' modules, except that q/k/v
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,14 @@ _STACKED = {
     ".up_proj.": (".gate_up_proj.", 1),
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# an FP8 KV cache's per-layer scales (QuantConfig.kv_scales): compressed-tensors' names, then
+# AutoFP8's -> the attention module's attribute
+_KV_SCALES = {
+    ".self_attn.k_scale": "k_scale",
+    ".self_attn.v_scale": "v_scale",
+    ".self_attn.k_proj.output_scale": "k_scale",
+    ".self_attn.v_proj.output_scale": "v_scale",
+}
 
 
 def _checkpoint_modules(name: str) -> list[str]:
@@ -73,6 +82,10 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
         self.rotary = rotary
+        # an fp8 KV cache holds K / k_scale and V / v_scale (layers/attention.kv_scales): the
+        # checkpoint's scales where it has them (load_weights), else 1.0
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def attend(
         self, positions: torch.Tensor, x: torch.Tensor | PendingNorm, kv: KVCache, meta: AttentionMetadata
@@ -281,18 +294,23 @@ class DecoderModel(nn.Module):
                     continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
         unused = self._unused_scale_suffixes()
+        kv_scales = self.config.quant is not None and self.config.quant.kv_scales
+        kv_scaled: set[str] = set()
         # the config says lm_head is stored quantized (not quantized here at load)
         stored_quantized_head = self.quantized_lm_head and self.config.quant.from_checkpoint
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
                 continue
-            if unused and ck_name.endswith(unused):
-                # static activation or KV cache scales of an FP8 checkpoint: read, not applied
-                # (QuantConfig.static_input_scales, kv_scales)
+            if (unused and ck_name.endswith(unused)) or (kv_scales and ck_name.endswith(tuple(_KV_SCALES))):
+                # static activation scales of an FP8 checkpoint: read, not applied
+                # (QuantConfig.static_input_scales); KV cache scales: set on their attention layer
                 if tensor.numel() != 1:
                     raise ModelLoadError(
                         f"{ck_name}: a per-tensor scale is one element, got {tuple(tensor.shape)}"
                     )
+                if kv_scales and ck_name.endswith(tuple(_KV_SCALES)):
+                    self._set_kv_scale(ck_name, float(tensor.float()))
+                    kv_scaled.add(ck_name)
                 continue
             target, shard = _our_name(ck_name)
             owner_name, _, pname = target.rpartition(".")
@@ -343,15 +361,35 @@ class DecoderModel(nn.Module):
             layer.method.process_after_loading(layer)
         if self.config.quant is not None:
             log.info("quantized projections: %s", self.config.quant.describe())
+        if kv_scales:
+            log.info(
+                "KV cache scales for %d of %d attention layers (applied with kv_cache_dtype fp8; 1.0 "
+                "where the checkpoint has none)",
+                len({n.rpartition(".self_attn.")[0] for n in kv_scaled}),
+                len(self.model.layers),
+            )
+
+    def _set_kv_scale(self, ck_name: str, value: float) -> None:
+        """A checkpoint's KV cache scale (a name of _KV_SCALES) onto its attention layer."""
+        suffix = next(sfx for sfx in _KV_SCALES if ck_name.endswith(sfx))
+        attn_name = ck_name[: -len(suffix)] + ".self_attn"
+        try:
+            attn = self.get_submodule(attn_name)
+        except AttributeError:
+            raise ModelLoadError(
+                f"{ck_name}: no attention layer {attn_name} for this KV cache scale"
+            ) from None
+        if not (math.isfinite(value) and value > 0.0):
+            raise ModelLoadError(f"{ck_name}: a KV cache scale must be finite and positive, got {value}")
+        setattr(attn, _KV_SCALES[suffix], value)
 
     def _unused_scale_suffixes(self) -> tuple[str, ...]:
-        """Per-tensor scales an FP8 checkpoint stores that this engine reads and does not apply."""
+        """Per-tensor scales an FP8 checkpoint stores that this engine reads and does not apply
+        (static activation scales; KV cache scales are applied: _KV_SCALES)."""
         quant = self.config.quant
         suffixes: tuple[str, ...] = ()
         if quant is not None and quant.static_input_scales:
             suffixes += (".input_scale", ".input_zero_point")
-        if quant is not None and quant.kv_scales:  # compressed-tensors' names, then AutoFP8's
-            suffixes += (".k_scale", ".v_scale", ".k_proj.output_scale", ".v_proj.output_scale")
         return suffixes
 
     def keep_checkpoint_dtype(self, name: str) -> bool:
@@ -361,7 +399,7 @@ class DecoderModel(nn.Module):
         checkpoint's values (a float32 checkpoint served in bf16 is not rounded twice)."""
         if self.config.quant is None:
             return False
-        if name.endswith((".scales", ".weight_scale")):
+        if name.endswith((".scales", ".weight_scale")) or name.endswith(tuple(_KV_SCALES)):
             return True
         if not name.endswith(".weight"):
             return False

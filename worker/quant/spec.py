@@ -55,8 +55,8 @@ class QuantConfig:
     # are read and not applied; activations get dynamic per-token scales like FP8_DYNAMIC's
     static_input_scales: bool = False
     # an FP8 KV cache scheme (compressed-tensors `kv_cache_scheme`: per-tensor `k_scale` / `v_scale`;
-    # AutoFP8's: `k_proj.output_scale` / `v_proj.output_scale`): read and not applied (the KV cache
-    # is the model dtype, or --kv-cache-dtype fp8 with scale 1.0)
+    # AutoFP8's: `k_proj.output_scale` / `v_proj.output_scale`): each attention layer takes its
+    # scales, which an fp8 KV cache (--kv-cache-dtype fp8) applies; a 16-bit cache does not need them
     kv_scales: bool = False
 
     def stores_quantized(self, module: str) -> bool:
@@ -83,7 +83,7 @@ class QuantConfig:
         src = "checkpoint" if self.from_checkpoint else "quantized at load"
         kept = "activations not quantized" if self.method == "int8" else "per-token scales"
         static = f", static input scales not applied ({kept})" if self.static_input_scales else ""
-        kv = ", KV cache scales not applied" if self.kv_scales else ""
+        kv = ", KV cache scales (applied with kv_cache_dtype fp8)" if self.kv_scales else ""
         return f"{self.method} ({src}{', lm_head quantized' if self.lm_head else ''}{static}{kv})"
 
 
@@ -172,6 +172,12 @@ def _gptq_config(qc: dict[str, Any]) -> QuantConfig:
 
 def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     groups = qc.get("config_groups") or {}
+    if not groups and qc.get("kv_cache_scheme"):
+        raise UnsupportedModelError(
+            "compressed-tensors quantization_config quantizes only the KV cache (kv_cache_scheme, no "
+            "config_groups), which is not supported: its k_scale / v_scale apply only alongside quantized "
+            "weights; serve the model without it, with --kv-cache-dtype fp8 for an FP8 cache of scale 1.0"
+        )
     if not groups:
         raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
     fmt = str(qc.get("format", "")).lower()
@@ -280,7 +286,7 @@ def _pack_quantized_config(qc: dict[str, Any], groups: dict[str, Any]) -> QuantC
 
 def _kv_cache_scheme(qc: dict[str, Any]) -> bool:
     """Whether a compressed-tensors config quantizes the KV cache (FP8 only; per-tensor k_scale and
-    v_scale per attention layer, which the loader reads and does not apply)."""
+    v_scale per attention layer, which the loader sets on the layers: layers/attention.kv_scales)."""
     kv = qc.get("kv_cache_scheme")
     if kv and not (
         kv.get("type", "float") == "float"
