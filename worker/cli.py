@@ -58,7 +58,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="rtn: GPTQ layout, round to nearest, no data; fp8 / int8: 8-bit codes per channel "
         "(compressed-tensors FP8_DYNAMIC / W8A8 INT8)",
     )
-    p.add_argument("--calibration", default=None, help="text file of calibration data (gptq)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="text file of calibration data (gptq; fp8 / int8 --kv-cache-scales)",
+    )
+    p.add_argument(
+        "--kv-cache-scales",
+        action="store_true",
+        help="fp8 / int8: also write per-layer FP8 KV cache scales (kv_cache_scheme; max |K|, |V| on the "
+        "calibration text / 448), applied by --kv-cache-dtype fp8",
+    )
     p.add_argument("--model", required=True, help="input Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)

@@ -39,7 +39,7 @@ from ..errors import InvalidRequestError
 from ..layers.attention import qkv_heads
 from ..loader import SafetensorsFile, iter_weights, safetensors_files
 from .evaluate import build_model
-from .fp8 import quantize_weight_fp8
+from .fp8 import FP8_MAX, quantize_weight_fp8
 from .gptq import pack_int32
 from .gptq_quantizer import QuantResult, gptq_quantize, reconstruction_error, rtn_quantize
 from .int8 import quantize_weight_int8
@@ -73,6 +73,8 @@ class QuantizeSpec:
     batch_size: int = 8  # calibration sequences per forward chunk
     seed: int = 0
     lm_head: bool = False  # quantize lm_head too (GPTQModel's lm_head=True), from the final norm's outputs
+    # fp8 / int8: also calibrate per-layer FP8 KV cache scales (a compressed-tensors kv_cache_scheme)
+    kv_cache_scales: bool = False
 
     def validate(self) -> None:
         if self.method not in ("gptq", "rtn", *ROW_SCALED):
@@ -85,6 +87,11 @@ class QuantizeSpec:
             raise InvalidRequestError("damp must be in (0, 1)", param="damp")
         if self.act_order and self.method != "gptq":
             raise InvalidRequestError("act-order needs calibration (method gptq)", param="act_order")
+        if self.kv_cache_scales and self.method not in ROW_SCALED:
+            raise InvalidRequestError(
+                "kv-cache-scales go into a compressed-tensors checkpoint: methods fp8 and int8",
+                param="kv_cache_scales",
+            )
         if self.method in ROW_SCALED:  # 8-bit codes with per-channel scales: no grid to choose
             gptq_only = {"bits": 4, "group_size": 128, "sym": True}
             for name, default in gptq_only.items():
@@ -176,6 +183,37 @@ def dense_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 def _load_dense_model(model_dir: str | Path, device: torch.device, max_position: int) -> Any:
     return build_model(model_dir, None, device, torch.float32, max_position=max_position)
+
+
+# the kv_cache_scheme of the checkpoints `--kv-cache-scales` writes: compressed-tensors' static FP8 per
+# tensor, one k_scale and one v_scale per attention layer
+KV_CACHE_SCHEME = {"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True, "dynamic": False}
+
+
+def kv_cache_scales(
+    model_dir: str | Path, samples: torch.Tensor, device: torch.device, batch_size: int
+) -> dict[int, tuple[float, float]]:
+    """Per attention layer, (k_scale, v_scale) = (max |K|, max |V|) / 448 over the calibration samples:
+    K after the q/k norm and rotary, as the cache receives it, so that the largest value seen lands
+    on e4m3's largest (layers/attention.to_fp8_cache divides by the scale). From the unquantized model
+    (float32), layer by layer; a layer whose K or V is all zeros gets 1.0."""
+    model = _load_dense_model(model_dir, device, max(samples.shape[1], 1))
+    scales: dict[int, tuple[float, float]] = {}
+    with torch.inference_mode():
+        positions = torch.arange(samples.shape[1], device=device)
+        hidden = [model.model.embed_tokens(c).float() for c in samples.to(device).split(batch_size)]
+        for li, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            k_max = v_max = 0.0
+            for h in hidden:
+                s, t = h.shape[:2]
+                qkv = attn.qkv_proj(layer.input_layernorm(h)).reshape(s * t, -1)
+                _, k, v = qkv_heads(attn, positions.repeat(s), qkv)
+                k_max, v_max = max(k_max, float(k.abs().amax())), max(v_max, float(v.abs().amax()))
+            scales[li] = tuple(m / FP8_MAX if m > 0 else 1.0 for m in (k_max, v_max))  # type: ignore[assignment]
+            hidden = [layer_forward(layer, h, positions, "out") for h in hidden]
+    log.info("KV cache scales of %d layers from %d calibration sequences", len(scales), samples.shape[0])
+    return scales
 
 
 # (module name, its result, the module's output_sizes: the checkpoint tensors stacked in it)
@@ -412,10 +450,25 @@ def quantize_checkpoint(
     qconfig = (
         row_scaled_quantization_config(spec.method, spec.lm_head) if row_scaled else quantization_config(spec)
     )
+    kv_scales: dict[int, tuple[float, float]] = {}
     if spec.method == "rtn" or row_scaled:
-        if row_scaled and calibration_text:
-            raise InvalidRequestError(f"method {spec.method} uses no calibration data", param="calibration")
+        if row_scaled and calibration_text and not spec.kv_cache_scales:
+            raise InvalidRequestError(
+                f"method {spec.method} uses no calibration data (unless --kv-cache-scales)",
+                param="calibration",
+            )
+        if spec.kv_cache_scales:
+            if not calibration_text:
+                raise InvalidRequestError("--kv-cache-scales needs --calibration text", param="calibration")
+            seqlen = min(spec.seqlen, mc.max_position_embeddings)
+            samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
+            kv_scales = kv_cache_scales(model_dir, samples, dev, spec.batch_size)
         tensors = _rtn_stream(model_dir, mc, spec, dev)
+        for li, (k_scale, v_scale) in kv_scales.items():
+            tensors[f"model.layers.{li}.self_attn.k_scale"] = torch.tensor([k_scale], dtype=torch.float32)
+            tensors[f"model.layers.{li}.self_attn.v_scale"] = torch.tensor([v_scale], dtype=torch.float32)
+        if kv_scales:
+            qconfig["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
     else:
         if not calibration_text:
             raise InvalidRequestError("GPTQ needs --calibration text", param="calibration")
@@ -441,10 +494,18 @@ def quantize_checkpoint(
     out = write_checkpoint(model_dir, out_dir, tensors, qconfig)
     summary = {
         # an fp8 / int8 checkpoint has no grid: its spec is the method and the lm_head choice
-        "spec": {"method": spec.method, "lm_head": spec.lm_head} if row_scaled else asdict(spec),
+        "spec": (
+            {"method": spec.method, "lm_head": spec.lm_head, "kv_cache_scales": spec.kv_cache_scales}
+            if row_scaled
+            else asdict(spec)
+        ),
         "seconds": time.perf_counter() - t0,
         "layers": [asdict(r) for r in reports],
     }
+    if kv_scales:
+        summary["kv_cache_scales"] = [
+            {"layer": li, "k_scale": k, "v_scale": v} for li, (k, v) in kv_scales.items()
+        ]
     (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return reports
 
