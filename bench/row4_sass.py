@@ -74,7 +74,7 @@ def count(launch: tuple[int, ...], x_bf16: bool = True) -> tuple[float, Counter]
     consts = {
         "GROUP": 128, "HAS_BIAS": False, "MASKED": False, "X_BF16": x_bf16, "ROWS": rows, "WPT": wpt,
         "WARPS_N": warps_n, "WARPS_K": warps_k, "CHAINS": chains, "DEPTH": depth, "USE_PDL": True,
-        "ADD_NORM": False, "NORM_BLOCK": 1, "SILU_MUL": False,
+        "ADD_NORM": False, "NORM_BLOCK": 1, "SILU_MUL": False, "GUARD": True,
     }  # fmt: skip
     sig = dict(SIG, **{k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13)}

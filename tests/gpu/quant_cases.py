@@ -285,6 +285,35 @@ def test_gptq_row4_large_activations(cfg, dtype) -> None:  # type: ignore[no-unt
     assert torch.isfinite(got).all() and rel(got.float(), ref) < TOL
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")
+@pytest.mark.parametrize("cfg", [None, (4, 2, 4, 2, 0, 2), (8, 2, 2, 2, 0, 2), (4, 2, 2, 2, 0, 1)])
+def test_gptq_row4_overflowing_fp16_products_fall_back_to_float32(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Activations beyond what fp16 products hold (a run of 32 channels at 20,000, one channel at
+    70,000, past fp16's 65,504 but a bf16 value): the launch's fp16 sums overflow, the rows come out
+    inf or NaN, and the program redoes them in float32, matching the reference; without the check
+    the same launch returns non-finite rows. Rows of programs that did not overflow are the fp16
+    launch's own (bit for bit those of the unchecked launch)."""
+    from inferfleet.worker.kernels.gptq_row4 import gptq_row4
+
+    layer, w_ref = _gptq_layer(4096, [4096], 4, 128, False, seed=22)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 4096, generator=g) * 3.0
+    x[0, 2048:2080] = 20000.0
+    x[0, 3001] = -70000.0
+    x = x.to(DEV, torch.bfloat16)
+    args = (x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k)
+    unchecked = gptq_row4(*args, config=cfg, overflow_guard=False)
+    assert not torch.isfinite(unchecked).all()
+    got = gptq_row4(*args, config=cfg)
+    ref = x.float() @ w_ref.t()
+    assert torch.isfinite(got).all() and rel(got.float(), ref) < TOL
+    small = (torch.randn(1, 4096, generator=g) * 3.0).to(DEV, torch.bfloat16)
+    small_args = (small, *args[1:])
+    assert torch.equal(
+        gptq_row4(*small_args, config=cfg), gptq_row4(*small_args, config=cfg, overflow_guard=False)
+    )
+
+
 def _norm_and_residual(n: int, dtype: torch.dtype, seed: int) -> tuple[RMSNorm, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     norm = RMSNorm(n, 1e-5)

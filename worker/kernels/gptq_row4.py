@@ -362,13 +362,32 @@ def _silu_mul_epilogue(y, pid, out_ptr, n_inter, BLOCK_N: gl.constexpr, NUM_WARP
 
 
 @gluon.jit
+def _row4_rows_f32(
+    xw_ptr, qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, K, KW, G, stride_w,
+    GROUP: gl.constexpr, MASKED: gl.constexpr, X_BF16: gl.constexpr, BLOCK_N: gl.constexpr,
+    CW: gl.constexpr, WPT: gl.constexpr, L3: gl.constexpr,
+):  # fmt: skip
+    """The program's rows again with float32 products (one chain per word), one tile at a time: the
+    fallback where the fp16 products overflowed (GUARD)."""
+    BLOCK_K: gl.constexpr = CW * WPT * 8
+    acc = gl.zeros([BLOCK_N, CW, WPT], gl.float32, L3)
+    for k0 in range(0, K, BLOCK_K):
+        words, s, z = _row4_fetch_w(
+            qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, k0, KW, G, stride_w, GROUP, MASKED
+        )
+        p0, p1, p2, p3 = _row4_fetch_x(xw_ptr, wcol, k0, KW, MASKED)
+        acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, 1)
+    return gl.sum(gl.sum(acc, axis=2), axis=1)
+
+
+@gluon.jit
 def _gptq_row4_kernel(
     xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr,
     N, K, KW, G, stride_w, eps,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, MASKED: gl.constexpr, X_BF16: gl.constexpr,
     ROWS: gl.constexpr, WPT: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
     CHAINS: gl.constexpr, DEPTH: gl.constexpr, USE_PDL: gl.constexpr,
-    ADD_NORM: gl.constexpr, NORM_BLOCK: gl.constexpr, SILU_MUL: gl.constexpr,
+    ADD_NORM: gl.constexpr, NORM_BLOCK: gl.constexpr, SILU_MUL: gl.constexpr, GUARD: gl.constexpr,
 ):  # fmt: skip
     """One row of x against 4-bit codes in contiguous groups (see the module docstring)."""
     BLOCK_N: gl.constexpr = ROWS * WARPS_N
@@ -428,6 +447,15 @@ def _gptq_row4_kernel(
         acc = _row4_step(acc, words, s, z, p0, p1, p2, p3, X_BF16, CHAINS)
     if CHAINS == 0:
         y = gl.sum(acc, axis=1)
+        if GUARD:
+            # fp16 products overflow where |x| passes ~17,000 / WPT over a run (or 65,504 alone):
+            # a row that came out inf or NaN sends the program through its rows again in float32
+            bad = gl.max(gl.where(gl.abs(y) < float("inf"), 0, 1), axis=0)
+            if bad != 0:
+                y = _row4_rows_f32(
+                    xw_ptr, qw_ptr, s_ptr, z_ptr, rows64, n_ok, wcol, cstart, K, KW, G, stride_w,
+                    GROUP, MASKED, X_BF16, BLOCK_N, CW, WPT, L3,
+                )  # fmt: skip
     else:
         y = gl.sum(gl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
@@ -454,13 +482,16 @@ def gptq_row4(
     add_norm: AddNorm | None = None,
     silu_mul: bool = False,
     out_dtype: torch.dtype | None = None,
+    overflow_guard: bool = True,
 ) -> torch.Tensor:
     """y [1, N] = x [1, K] . W^T (+ bias) in x's dtype, for 4-bit codes in contiguous groups of
     `group_k` (a multiple of 8); the layout is kernels/gptq_gemm.py's. PDL as the engine set it
     (kernels/pdl.py) unless `use_pdl` says otherwise. With `add_norm` y goes into the residual and
     the launch returns the normalized residual (gemv.AddNorm). With `silu_mul` the rows are a
     merged [gate; up] matrix of 2 I rows and the launch returns silu(gate) * up [1, I] (as gemv's);
-    `out_dtype` float32 as gemv's."""
+    `out_dtype` float32 as gemv's. Launches with fp16 products (the defaults) check their rows and
+    redo a program's rows in float32 where one came out inf or NaN (`overflow_guard`; off only to
+    test that the check is what keeps such inputs finite)."""
     n, g = scales_t.shape
     k = x.shape[1]
     assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
@@ -485,7 +516,7 @@ def gptq_row4(
         GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
         X_BF16=x.dtype == torch.bfloat16,
         ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
-        ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
+        ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul, GUARD=overflow_guard,
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
         **LAUNCH_OPTIONS,
     )  # fmt: skip
