@@ -307,6 +307,10 @@ def test_gptq_row4_overflowing_fp16_products_fall_back_to_float32(cfg) -> None: 
     got = gptq_row4(*args, config=cfg)
     ref = x.float() @ w_ref.t()
     assert torch.isfinite(got).all() and rel(got.float(), ref) < TOL
+    # an input bound under fp16's reach (Linear.input_bound: a norm's output) skips the check, so a
+    # (false) bound of 100 on these inputs lets them overflow; the true one keeps the check
+    assert not torch.isfinite(gptq_row4(*args, config=cfg, input_bound=100.0)).all()
+    assert torch.equal(gptq_row4(*args, config=cfg, input_bound=70000.0), got)
     small = (torch.randn(1, 4096, generator=g) * 3.0).to(DEV, torch.bfloat16)
     small_args = (small, *args[1:])
     assert torch.equal(

@@ -685,6 +685,28 @@ def test_quantize_writes_kv_cache_scales(
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_projections_after_a_norm_know_their_input_bound(tiny_llama: Path) -> None:
+    """Linear.input_bound: qkv, gate/up and lm_head read an RMSNorm's output, no larger than
+    sqrt(K) max |weight| (1% over for rounding); o_proj and down_proj have no bound. The one-row
+    GPTQ kernel skips its fp16 overflow check where the bound proves the sums finite."""
+    from inferfleet.worker.kernels.gptq_row4 import fp16_products_hold
+
+    model = build_model(str(tiny_llama), None)
+    for layer in model.model.layers:
+        w = layer.input_layernorm.weight
+        want = 1.01 * w.numel() ** 0.5 * float(w.abs().max())
+        assert layer.self_attn.qkv_proj.input_bound == pytest.approx(want)
+        w2 = layer.post_attention_layernorm.weight
+        assert layer.mlp.gate_up_proj.input_bound == pytest.approx(
+            1.01 * w2.numel() ** 0.5 * float(w2.abs().max())
+        )
+        assert layer.self_attn.o_proj.input_bound is None and layer.mlp.down_proj.input_bound is None
+    assert model.lm_head.input_bound is not None
+    # runs of 2 words: 8 products of at most 15 / 16 |x| in fp16 (65,504)
+    assert fp16_products_hold(8700.0, 2) and not fp16_products_hold(8800.0, 2)
+    assert not fp16_products_hold(None, 1) and fp16_products_hold(17000.0, 1)
+
+
 def test_quantize_lm_head_needs_the_checkpoints_own_lm_head(tiny_llama: Path, tmp_path: Path) -> None:
     tensors = {
         k: v for k, v in load_file(str(tiny_llama / "model.safetensors")).items() if k != "lm_head.weight"

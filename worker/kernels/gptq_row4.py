@@ -45,6 +45,15 @@ from triton.experimental.gluon import language as gl
 from . import LAUNCH_OPTIONS, pdl
 from .gemv import AddNorm, epilogue_args
 
+# fp16 products (CHAINS 0): a thread run's lane sums add 4 WPT products of at most 15 / 16 |x|
+FP16_MAX = 65504.0
+
+
+def fp16_products_hold(input_bound: float | None, wpt: int) -> bool:
+    """Whether inputs no larger than `input_bound` in magnitude keep every fp16 lane sum of a run
+    of `wpt` words finite (False for an unknown bound)."""
+    return input_bound is not None and input_bound * 4 * wpt * 15 / 16 < FP16_MAX
+
 
 def default_config(n: int) -> tuple[int, int, int, int, int, int]:
     """The launch (rows per thread, words per thread run, warps along N, warps along K, products:
@@ -483,6 +492,7 @@ def gptq_row4(
     silu_mul: bool = False,
     out_dtype: torch.dtype | None = None,
     overflow_guard: bool = True,
+    input_bound: float | None = None,
 ) -> torch.Tensor:
     """y [1, N] = x [1, K] . W^T (+ bias) in x's dtype, for 4-bit codes in contiguous groups of
     `group_k` (a multiple of 8); the layout is kernels/gptq_gemm.py's. PDL as the engine set it
@@ -491,7 +501,8 @@ def gptq_row4(
     merged [gate; up] matrix of 2 I rows and the launch returns silu(gate) * up [1, I] (as gemv's);
     `out_dtype` float32 as gemv's. Launches with fp16 products (the defaults) check their rows and
     redo a program's rows in float32 where one came out inf or NaN (`overflow_guard`; off only to
-    test that the check is what keeps such inputs finite)."""
+    test that the check is what keeps such inputs finite), unless `input_bound` (the largest |x|
+    the input can hold: Linear.input_bound) proves the fp16 sums finite (fp16_products_hold)."""
     n, g = scales_t.shape
     k = x.shape[1]
     assert x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16), "one row of 16-bit activations"
@@ -516,7 +527,8 @@ def gptq_row4(
         GROUP=group_k, HAS_BIAS=bias is not None, MASKED=bool(n % block_n or k % block_k),
         X_BF16=x.dtype == torch.bfloat16,
         ROWS=rows, WPT=wpt, WARPS_N=warps_n, WARPS_K=warps_k, CHAINS=chains, DEPTH=depth, USE_PDL=use_pdl,
-        ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul, GUARD=overflow_guard,
+        ADD_NORM=add_norm is not None, NORM_BLOCK=norm_block, SILU_MUL=silu_mul,
+        GUARD=overflow_guard and not fp16_products_hold(input_bound, wpt),
         num_warps=warps_n * warps_k, launch_pdl=use_pdl,
         **LAUNCH_OPTIONS,
     )  # fmt: skip

@@ -62,6 +62,9 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.follows_attention = follows_attention  # its input is attention's output (o_proj)
+        # the largest |x| the layer's input can hold, where the model knows one (an RMSNorm's output:
+        # sqrt(K) * max |weight|); None: unbounded. kernels/gptq_row4 skips its overflow check below it
+        self.input_bound: float | None = None
         self.output_sizes = list(output_sizes)
         out = sum(output_sizes)
         self.method: LinearMethod | None = None

@@ -359,6 +359,7 @@ class DecoderModel(nn.Module):
             raise ModelLoadError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}{hint}")
         for layer in quantized.values():
             layer.method.process_after_loading(layer)
+        self._bound_normed_inputs()
         if self.config.quant is not None:
             log.info("quantized projections: %s", self.config.quant.describe())
         if kv_scales:
@@ -368,6 +369,20 @@ class DecoderModel(nn.Module):
                 len({n.rpartition(".self_attn.")[0] for n in kv_scaled}),
                 len(self.model.layers),
             )
+
+    def _bound_normed_inputs(self) -> None:
+        """Linear.input_bound of the projections that read an RMSNorm's output (qkv, gate/up, lm_head):
+        |w_i x_i / rms(x)| <= sqrt(K) max |w|, since no |x_i| exceeds sqrt(K) rms(x); 1% over it
+        for the rounding to the activations' dtype."""
+        pairs = [(self.model.norm, self.lm_head)]
+        for layer in self.model.layers:
+            pairs += [
+                (layer.input_layernorm, layer.self_attn.qkv_proj),
+                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
+            ]
+        for norm, proj in pairs:
+            w = norm.weight.detach()
+            proj.input_bound = 1.01 * math.sqrt(w.numel()) * float(w.abs().max())
 
     def _set_kv_scale(self, ck_name: str, value: float) -> None:
         """A checkpoint's KV cache scale (a name of _KV_SCALES) onto its attention layer."""

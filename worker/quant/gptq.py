@@ -269,8 +269,9 @@ class GptqLinearMethod(LinearMethod):
         if layer.perm is not None:
             x = x.index_select(1, layer.perm)
         return gptq_row4(
-            x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, layer.bias, **epilogue
-        )
+            x, layer.qweight_t, layer.scales_t, layer.zeros_t, layer.group_k, layer.bias,
+            input_bound=layer.input_bound, **epilogue,
+        )  # fmt: skip
 
     def kernel_reference(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """What kernels/gptq_gemm.py's per-block-scale path computes for x [M, K]: x . W + b in
