@@ -58,3 +58,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of a against b (Frobenius norm, in float64)."""
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def kv_rescaled(model: Any, big: float) -> Any:
+    """A copy of `model` computing the same function with K and V `big` times larger: the QKV
+    projection's q rows and o_proj divided by `big`, its K and V rows multiplied (exact in any
+    float dtype for a power of two). Its fp8 KV cache scales (k_scale, v_scale) stay at 1.0."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in out.model.layers:
+            attn = layer.self_attn
+            attn.qkv_proj.weight[: attn.q_size] /= big
+            attn.qkv_proj.weight[attn.q_size :] *= big
+            attn.o_proj.weight /= big
+    return out
+
+
+def set_kv_scales(model: Any, scale: float) -> None:
+    """Every attention layer's fp8 KV cache scales (k_scale and v_scale) to `scale`."""
+    for layer in model.model.layers:
+        layer.self_attn.k_scale = layer.self_attn.v_scale = scale

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_run, rel
+from engine_helpers import common_prefix, greedy_run, kv_rescaled, rel, set_kv_scales
 from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.cuda
@@ -144,28 +144,19 @@ def test_fp8_kv_cache_scales_on_cuda(tiny_llama: Path) -> None:
     input side divided by 1,024, K and V multiplied: the same function, exactly in bf16) with
     k_scale = v_scale = 1,024 gives the original model's fp8-cache logits; with scale 1.0 its K and
     V saturate at 448 and the logits are far off (tests/worker/test_kv_cache_fp8.py on the CPU)."""
-    import copy
-
     from inferfleet.worker.quant.evaluate import logits_error, prompt_logits
 
     eng = LLMEngine(
         EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8")
     )
     base = eng.runner.model
-    model = copy.deepcopy(base)
-    big = 1024.0
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.qkv_proj.weight[: attn.q_size] /= big
-            attn.qkv_proj.weight[attn.q_size :] *= big
-            attn.o_proj.weight /= big
+    big = 1024.0  # a power of two: the rescaled weights are exact
+    model = kv_rescaled(base, big)
     ps = prompts(5)
     fp8 = torch.float8_e4m3fn
     original = prompt_logits(base, ps, kv_dtype=fp8)
     unscaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
-    for layer in model.model.layers:
-        layer.self_attn.k_scale = layer.self_attn.v_scale = big
+    set_kv_scales(model, big)
     scaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
     print(
         f"\nfp8 KV x1024 on CUDA: rel error {scaled['rel_err']:.2e} with the scales, {unscaled['rel_err']:.3f} without"

@@ -10,13 +10,12 @@ print the measurements.
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_run
+from engine_helpers import common_prefix, greedy_run, kv_rescaled, set_kv_scales
 from inferfleet.worker import EngineConfig, LLMEngine, cli
 from inferfleet.worker.config import KV_CACHE_DTYPES
 from inferfleet.worker.errors import InvalidRequestError
@@ -214,22 +213,15 @@ def test_checkpoint_kv_scales_hold_values_beyond_e4m3(runs: dict) -> None:
     codes as the original model's and gives its error; with the scales left at 1.0 the values
     saturate at 448 and the logits are far off."""
     base = runs["auto"][2].runner.model
-    model = copy.deepcopy(base)
     big = 1024.0  # a power of two: the rescaled weights are exact
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.qkv_proj.weight[: attn.q_size] /= big
-            attn.qkv_proj.weight[attn.q_size :] *= big
-            attn.o_proj.weight /= big
+    model = kv_rescaled(base, big)
     ps = prompts()
     ref = prompt_logits(base, ps)
     assert logits_error(ref, prompt_logits(model, ps))["rel_err"] < 1e-5  # the same function
     fp8 = torch.float8_e4m3fn
     original = logits_error(ref, prompt_logits(base, ps, kv_dtype=fp8))
     unscaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
-    for layer in model.model.layers:
-        layer.self_attn.k_scale = layer.self_attn.v_scale = big
+    set_kv_scales(model, big)
     scaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
     print(
         f"\nK/V x{big:g}: rel error {unscaled['rel_err']:.4f} with scale 1.0, {scaled['rel_err']:.4f} with the"
