@@ -98,6 +98,8 @@ def variants(precision: str) -> dict[str, object]:
         current = lambda x, p, **kw: gptq_row4(x, *p, GROUP, **kw)  # noqa: E731
     v["new"] = functools.partial(current, use_pdl=False)
     v["new+pdl"] = functools.partial(current, use_pdl=True)
+    if precision == "gptq":  # the engine skips the overflow check for a norm's output (qkv, gate/up)
+        v["new+pdl, no overflow check"] = functools.partial(current, use_pdl=True, overflow_guard=False)
     if precision != "gptq":  # gemv.py: weight tiles loaded before the PDL wait (the default is 2)
         for tiles in (1, 3):
             v[f"pdl, prefetch {tiles}"] = functools.partial(current, use_pdl=True, prefetch=tiles)

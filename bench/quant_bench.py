@@ -242,6 +242,7 @@ def kernel_table() -> list[dict[str, Any]]:
                 cases["bf16 gemv tensor cores"] = (lambda j: gemv(x, bf[j], fma=False), 2.0)
                 cases["fp8 gemv tensor cores"] = (lambda j: gemv(x, f8[j], scale, fma=False), 1.0)
                 cases["gptq stream (Triton)"] = (lambda j: gptq_stream(x, q4[j], s4, z4, 4, 128), b4)
+                # with its overflow check, as o_proj / down_proj run; qkv, gate/up skip it
                 cases["gptq row4 (Gluon)"] = (lambda j: gptq_row4(x, q4[j], s4, z4, 128), b4)
                 for bn, bk, sk in ((16, 256, None), (32, 128, None), (16, 128, 1), (64, 128, None)):
                     cases[f"gptq bn{bn} bk{bk} sk{sk or 'auto'}"] = (

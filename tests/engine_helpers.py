@@ -60,23 +60,28 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def kv_rescaled(model: Any, big: float) -> Any:
-    """A copy of `model` computing the same function with K and V `big` times larger: the QKV
-    projection's q rows and o_proj divided by `big`, its K and V rows multiplied (exact in any
-    float dtype for a power of two). Its fp8 KV cache scales (k_scale, v_scale) stay at 1.0."""
+def kv_rescaled(model: Any, k_factor: float, v_factor: float) -> Any:
+    """A copy of `model` computing the same function with K `k_factor` and V `v_factor` times larger:
+    the QKV projection's q rows divided by k_factor and its K rows multiplied, its V rows multiplied
+    by v_factor and o_proj divided (exact in any float dtype for powers of two). Models with a q/k
+    norm or a QKV bias would not compute the same function: refused. The copy's fp8 KV cache scales
+    (k_scale, v_scale) stay at 1.0."""
     import copy
 
     out = copy.deepcopy(model)
     with torch.no_grad():
         for layer in out.model.layers:
             attn = layer.self_attn
-            attn.qkv_proj.weight[: attn.q_size] /= big
-            attn.qkv_proj.weight[attn.q_size :] *= big
-            attn.o_proj.weight /= big
+            assert attn.q_norm is None and attn.qkv_proj.bias is None, "q/k norm or QKV bias: not rescalable"
+            q, kv = attn.q_size, attn.kv_size
+            attn.qkv_proj.weight[:q] /= k_factor
+            attn.qkv_proj.weight[q : q + kv] *= k_factor
+            attn.qkv_proj.weight[q + kv :] *= v_factor
+            attn.o_proj.weight /= v_factor
     return out
 
 
-def set_kv_scales(model: Any, scale: float) -> None:
-    """Every attention layer's fp8 KV cache scales (k_scale and v_scale) to `scale`."""
+def set_kv_scales(model: Any, k_scale: float, v_scale: float) -> None:
+    """Every attention layer's fp8 KV cache scales."""
     for layer in model.model.layers:
-        layer.self_attn.k_scale = layer.self_attn.v_scale = scale
+        layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale

@@ -150,13 +150,13 @@ def test_fp8_kv_cache_scales_on_cuda(tiny_llama: Path) -> None:
         EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8")
     )
     base = eng.runner.model
-    big = 1024.0  # a power of two: the rescaled weights are exact
-    model = kv_rescaled(base, big)
+    big_k, big_v = 1024.0, 2048.0  # powers of two: the rescaled weights are exact
+    model = kv_rescaled(base, big_k, big_v)
     ps = prompts(5)
     fp8 = torch.float8_e4m3fn
     original = prompt_logits(base, ps, kv_dtype=fp8)
     unscaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
-    set_kv_scales(model, big)
+    set_kv_scales(model, big_k, big_v)
     scaled = logits_error(original, prompt_logits(model, ps, kv_dtype=fp8))
     print(
         f"\nfp8 KV x1024 on CUDA: rel error {scaled['rel_err']:.2e} with the scales, {unscaled['rel_err']:.3f} without"

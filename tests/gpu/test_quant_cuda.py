@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from engine_helpers import greedy_rows, rel
+from engine_helpers import common_prefix, greedy_rows, rel
 from inferfleet.worker import EngineConfig, LLMEngine
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.linear import Linear
@@ -314,6 +314,63 @@ def test_fp8_compressed_tensors_checkpoint_on_cuda(tiny_llama: Path, tmp_path: P
         "fp8 compressed-tensors prefill",
         [(a, b, served_tol(len(p)), len(p)) for a, b, p in zip(got, want, ps)],
     )
+
+
+@needs_fp8
+def test_fp8_checkpoint_kv_cache_scales_through_decode_graphs(tiny_llama: Path, tmp_path: Path) -> None:
+    """A checkpoint computing the tiny Llama's function with K 1,024x and V 2,048x larger (q rows
+    and o_proj divided; FP8 codes identical, their scales absorb the powers of two), with its
+    kv_cache_scheme's k_scale / v_scale of 1,024 / 2,048, served with an fp8 KV cache: prefill and
+    decode steps (CUDA graphs captured after the scales loaded, split-KV among them) give the
+    original checkpoint's logits with scale 1.0; the same checkpoint without its scales saturates
+    K and V at 448 and is far off."""
+    from safetensors.torch import load_file
+
+    big_k, big_v = 1024.0, 2048.0
+    tensors = load_file(str(tiny_llama / "model.safetensors"))
+    for name in list(tensors):
+        for proj, factor in (
+            ("q_proj", 1 / big_k),
+            ("k_proj", big_k),
+            ("v_proj", big_v),
+            ("o_proj", 1 / big_v),
+        ):
+            if name.endswith(f"{proj}.weight"):
+                tensors[name] = tensors[name] * factor
+    src = tmp_path / "big-kv"
+    shutil.copytree(tiny_llama, src, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_safetensors(tensors, src)
+    plain = fp8_checkpoint(tiny_llama, tmp_path / "fp8")
+    unscaled = fp8_checkpoint(src, tmp_path / "fp8-big")
+    scaled = tmp_path / "fp8-big-scales"
+    shutil.copytree(unscaled, scaled)
+    weights = load_file(str(scaled / "model.safetensors"))
+    layers = json.loads((scaled / "config.json").read_text())["num_hidden_layers"]
+    for i in range(layers):
+        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([big_k])
+        weights[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([big_v])
+    save_safetensors(weights, scaled)
+    cfg = json.loads((scaled / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor"}
+    (scaled / "config.json").write_text(json.dumps(cfg))
+
+    ps = prompts(5)
+    want_tokens, want = greedy_rows(cuda_engine(plain, kv_cache_dtype="fp8"), ps, 8)
+    eng = cuda_engine(scaled, kv_cache_dtype="fp8")
+    attn = eng.runner.model.model.layers[0].self_attn
+    assert (attn.k_scale, attn.v_scale) == (big_k, big_v)
+    got_tokens, got = greedy_rows(eng, ps, 8)
+    _, off = greedy_rows(cuda_engine(unscaled, kv_cache_dtype="fp8"), ps, 8)
+    errs, off_errs = [], []
+    for a, b, rows_w, rows_g, rows_o in zip(want_tokens, got_tokens, want, got, off):
+        k = min(common_prefix(a, b) + 1, len(rows_w))
+        errs += [rel(g, w) for g, w in zip(rows_g[:k], rows_w[:k])]
+        off_errs += [rel(o, w) for o, w in zip(rows_o[:1], rows_w[:1])]  # the prefill rows
+    print(
+        f"\nfp8 KV scales on CUDA: {len(errs)} rows, max rel {max(errs):.2e}; without them {min(off_errs):.3f}+"
+    )
+    assert len(errs) > len(ps) and max(errs) < 2e-2
+    assert min(off_errs) > 0.1
 
 
 @needs_fp8

@@ -213,18 +213,18 @@ def test_checkpoint_kv_scales_hold_values_beyond_e4m3(runs: dict) -> None:
     codes as the original model's and gives its error; with the scales left at 1.0 the values
     saturate at 448 and the logits are far off."""
     base = runs["auto"][2].runner.model
-    big = 1024.0  # a power of two: the rescaled weights are exact
-    model = kv_rescaled(base, big)
+    big_k, big_v = 1024.0, 2048.0  # powers of two: the rescaled weights are exact
+    model = kv_rescaled(base, big_k, big_v)
     ps = prompts()
     ref = prompt_logits(base, ps)
     assert logits_error(ref, prompt_logits(model, ps))["rel_err"] < 1e-5  # the same function
     fp8 = torch.float8_e4m3fn
     original = logits_error(ref, prompt_logits(base, ps, kv_dtype=fp8))
     unscaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
-    set_kv_scales(model, big)
+    set_kv_scales(model, big_k, big_v)
     scaled = logits_error(ref, prompt_logits(model, ps, kv_dtype=fp8))
     print(
-        f"\nK/V x{big:g}: rel error {unscaled['rel_err']:.4f} with scale 1.0, {scaled['rel_err']:.4f} with the"
+        f"\nK x{big_k:g}, V x{big_v:g}: rel error {unscaled['rel_err']:.4f} with scale 1.0, {scaled['rel_err']:.4f} with the"
         f" scales (original model {original['rel_err']:.4f}); top-1 {unscaled['top1']:.3f} / {scaled['top1']:.3f}"
     )
     assert abs(scaled["rel_err"] - original["rel_err"]) < 0.1 * original["rel_err"]

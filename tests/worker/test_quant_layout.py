@@ -502,6 +502,7 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     qc = json.loads((ck / "config.json").read_text())["quantization_config"]
     qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
     tensors["model.layers.1.self_attn.v_scale"] = torch.tensor([0.125])
+    del tensors["model.layers.0.self_attn.v_scale"]
     with_kv = load(copy_with(tiny_llama, tmp_path / "kv", tensors, qc))
     assert with_kv.config.quant.kv_scales
     for a, b in zip(with_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
@@ -510,9 +511,19 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     # KV cache applies (layers/attention.kv_scales); a layer without them keeps 1.0
     attn = [layer.self_attn for layer in with_kv.model.layers]
     assert [a.k_scale for a in attn] == [float(torch.tensor(0.05))] * len(attn)
-    assert attn[1].v_scale == 0.125 and attn[0].v_scale == float(torch.tensor(0.05))
+    assert attn[1].v_scale == 0.125 and attn[0].v_scale == 1.0
     assert dynamic.model.layers[0].self_attn.k_scale == 1.0
-    for bad in (0.0, -1.0, float("nan")):
+    # an older checkpoint's one `kv_scale` per layer sets both
+    shared = {
+        n.replace("self_attn.k_scale", "self_attn.kv_scale"): t
+        for n, t in tensors.items()
+        if "v_scale" not in n
+    }
+    both = load(copy_with(tiny_llama, tmp_path / "kv-shared", shared, qc))
+    assert all(
+        a.self_attn.k_scale == a.self_attn.v_scale == float(torch.tensor(0.05)) for a in both.model.layers
+    )
+    for bad in (0.0, -1.0, float("nan"), 1e-39):  # 1e-39: a float32 reciprocal of inf
         broken = dict(tensors, **{"model.layers.0.self_attn.k_scale": torch.tensor([bad])})
         with pytest.raises(
             ModelLoadError,

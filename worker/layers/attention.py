@@ -194,7 +194,8 @@ class TorchAttentionBackend:
         kv_scale: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         """Write the new K/V (write_kv), then attend over each sequence's context in float32; an
-        fp8 cache's elements are multiplied back by `kv_scale`."""
+        fp8 cache's elements are multiplied back by `kv_scale` (a 16-bit cache ignores it, as
+        write_kv and the kernels do)."""
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scale)
         num_heads, head_dim = q.shape[1], q.shape[2]
         kvh = k_cache.shape[2]
@@ -209,7 +210,7 @@ class TorchAttentionBackend:
             vals = v_cache.index_select(0, blocks).reshape(-1, kvh, head_dim)[:ctx]
             # the math is float32: widen once (exact from bf16/fp16 and from an fp8 cache)
             keys, vals = keys.float(), vals.float()
-            if kv_scale != (1.0, 1.0):
+            if k_cache.dtype == KV_FP8_DTYPE and kv_scale != (1.0, 1.0):
                 keys, vals = keys * kv_scale[0], vals * kv_scale[1]
             qs = q[start : start + qlen]  # [n, H, D]
             if group > 1:

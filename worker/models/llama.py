@@ -44,10 +44,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # an FP8 KV cache's per-layer scales (QuantConfig.kv_scales): compressed-tensors' names, then
 # AutoFP8's -> the attention module's attribute
 _KV_SCALES = {
-    ".self_attn.k_scale": "k_scale",
-    ".self_attn.v_scale": "v_scale",
-    ".self_attn.k_proj.output_scale": "k_scale",
-    ".self_attn.v_proj.output_scale": "v_scale",
+    ".self_attn.k_scale": ("k_scale",),
+    ".self_attn.v_scale": ("v_scale",),
+    ".self_attn.k_proj.output_scale": ("k_scale",),
+    ".self_attn.v_proj.output_scale": ("v_scale",),
+    ".self_attn.kv_scale": ("k_scale", "v_scale"),  # older checkpoints: one scale for both, as vLLM reads it
 }
 
 
@@ -394,9 +395,14 @@ class DecoderModel(nn.Module):
             raise ModelLoadError(
                 f"{ck_name}: no attention layer {attn_name} for this KV cache scale"
             ) from None
-        if not (math.isfinite(value) and value > 0.0):
-            raise ModelLoadError(f"{ck_name}: a KV cache scale must be finite and positive, got {value}")
-        setattr(attn, _KV_SCALES[suffix], value)
+        # the kernels multiply by the float32 reciprocal: it must be finite too
+        if not (math.isfinite(value) and value > 0.0 and math.isfinite(float(torch.tensor(1.0 / value)))):
+            raise ModelLoadError(
+                f"{ck_name}: a KV cache scale must be finite and positive (with a finite float32 "
+                f"reciprocal), got {value}"
+            )
+        for attr in _KV_SCALES[suffix]:
+            setattr(attn, attr, value)
 
     def _unused_scale_suffixes(self) -> tuple[str, ...]:
         """Per-tensor scales an FP8 checkpoint stores that this engine reads and does not apply
