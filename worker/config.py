@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
-from .quant.spec import FP8_MIN_CAPABILITY, QuantConfig, resolve_quantization
+from .quant.spec import FP8_MIN_CAPABILITY, QuantConfig, checkpoint_kv_scales, resolve_quantization
 from .quant.spec import METHODS as QUANTIZATIONS
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = None
     # resolved by EngineConfig from --quantization and quantization_config (None: plain weights)
     quant: QuantConfig | None = None
+    # the checkpoint stores per-layer FP8 KV cache scales (quant.spec.checkpoint_kv_scales), with
+    # quantized weights or without
+    kv_cache_scales: bool = False
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
@@ -162,6 +165,7 @@ class ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos)),
             bos_token_id=int(bos) if isinstance(bos, int) else None,
             quantization_config=cfg.get("quantization_config"),
+            kv_cache_scales=checkpoint_kv_scales(cfg.get("quantization_config")),
         )
 
     @classmethod

@@ -232,6 +232,59 @@ def test_checkpoint_kv_scales_hold_values_beyond_e4m3(runs: dict) -> None:
     assert unscaled["rel_err"] > 5 * scaled["rel_err"]
 
 
+def test_kv_cache_only_checkpoint_serves_with_its_scales(tiny_llama: Path, tmp_path: Path) -> None:
+    """A KV-cache-only checkpoint (compressed-tensors `kv_cache_scheme` without `config_groups`: plain
+    weights, one k_scale / v_scale per layer) through the engine on the CPU with kv_cache_dtype fp8,
+    prefill and decode steps: the tiny Llama rescaled so that K is 1,024x and V 2,048x larger (the
+    same function), with those scales, gives the original checkpoint's fp8-cache logits at every
+    step; the same weights without the scales saturate K and V and are far off."""
+    import json
+    import shutil
+
+    from inferfleet.worker.tiny import save_safetensors
+    from safetensors.torch import load_file
+
+    big_k, big_v = 1024.0, 2048.0
+    tensors = load_file(str(tiny_llama / "model.safetensors"))
+    factors = {"q_proj": 1 / big_k, "k_proj": big_k, "v_proj": big_v, "o_proj": 1 / big_v}
+    for name in list(tensors):
+        proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+        if proj in factors:
+            tensors[name] = tensors[name] * factors[proj]
+
+    def checkpoint(dst: Path, scales: bool) -> Path:
+        shutil.copytree(tiny_llama, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+        out = dict(tensors)
+        cfg = json.loads((dst / "config.json").read_text())
+        if scales:
+            for i in range(cfg["num_hidden_layers"]):
+                out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([big_k])
+                out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([big_v])
+            scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+            cfg["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": scheme}
+            (dst / "config.json").write_text(json.dumps(cfg))
+        save_safetensors(out, dst)
+        return dst
+
+    ps = prompts(3, n=6)
+    want_tokens, want, _ = run(tiny_llama, "fp8", ps)
+    got_tokens, got, eng = run(checkpoint(tmp_path / "kv-only", True), "fp8", ps)
+    assert eng.config.quantization == "none" and eng.config.model_config.kv_cache_scales
+    attn = eng.runner.model.model.layers[1].self_attn
+    assert (attn.k_scale, attn.v_scale) == (big_k, big_v)
+    _, off, _ = run(checkpoint(tmp_path / "no-scales", False), "fp8", ps)
+    errs = []
+    for a, b, rows_w, rows_g in zip(want_tokens, got_tokens, want, got):
+        k = min(common_prefix(a, b) + 1, len(rows_w))
+        errs += [float((g - w).norm() / w.norm()) for g, w in zip(rows_g[:k], rows_w[:k])]
+    off_err = min(float((o[0] - w[0]).norm() / w[0].norm()) for o, w in zip(off, want))
+    print(
+        f"\nKV-cache-only checkpoint: {len(errs)} rows, max rel {max(errs):.2e}; without the scales {off_err:.3f}+"
+    )
+    assert len(errs) > len(ps) and max(errs) < 1e-4
+    assert off_err > 0.1
+
+
 def test_torch_write_path_applies_the_scale() -> None:
     """write_kv with a cache scale stores value / scale (times the float32 reciprocal), clamped and
     rounded like unscaled values: 960 / 4 = 240 is an e4m3 value, 4000 / 4 saturates at 448."""

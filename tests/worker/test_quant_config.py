@@ -11,7 +11,12 @@ import pytest
 from inferfleet.worker import cli
 from inferfleet.worker.config import QUANTIZATIONS, EngineConfig
 from inferfleet.worker.errors import InvalidRequestError, UnsupportedModelError
-from inferfleet.worker.quant.spec import QuantConfig, checkpoint_quantization, resolve_quantization
+from inferfleet.worker.quant.spec import (
+    QuantConfig,
+    checkpoint_kv_scales,
+    checkpoint_quantization,
+    resolve_quantization,
+)
 from quant_helpers import fp8_quantization_config
 
 GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": True}
@@ -301,8 +306,8 @@ def test_autofp8_checkpoints() -> None:
 
 def test_fp8_checkpoint_with_kv_cache_scales() -> None:
     """A compressed-tensors kv_cache_scheme (FP8 KV, per-tensor k_scale / v_scale): accepted, the
-    scales set on the layers for an fp8 cache, and said; a non-FP8 KV scheme and a KV-cache-only
-    checkpoint are refused."""
+    scales set on the layers for an fp8 cache, and said, also without quantized weights; a non-FP8
+    KV scheme is refused."""
     qc = fp8_quantization_config()
     qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
     got = checkpoint_quantization(qc)
@@ -313,10 +318,13 @@ def test_fp8_checkpoint_with_kv_cache_scales() -> None:
     )
     plain = checkpoint_quantization(fp8_quantization_config())
     assert plain is not None and not plain.kv_scales
-    # a KV-cache-only checkpoint: no weight groups, only the cache scheme
+    assert checkpoint_kv_scales(qc) and not checkpoint_kv_scales(fp8_quantization_config())
+    # a KV-cache-only checkpoint (llm-compressor's kv_cache_scheme recipe without config_groups):
+    # plain weights, and the KV cache scales
     kv_only = {"quant_method": "compressed-tensors", "kv_cache_scheme": qc["kv_cache_scheme"]}
-    with pytest.raises(UnsupportedModelError, match=r"quantizes only the KV cache"):
-        checkpoint_quantization(kv_only)
+    assert checkpoint_quantization(kv_only) is None and checkpoint_kv_scales(kv_only)
+    with pytest.raises(UnsupportedModelError, match="has no config_groups"):
+        checkpoint_quantization({"quant_method": "compressed-tensors"})
     for bad in ({"type": "int", "num_bits": 8}, {"type": "float", "num_bits": 8, "strategy": "attn_head"}):
         qc["kv_cache_scheme"] = bad
         with pytest.raises(UnsupportedModelError, match="kv_cache_scheme must be FP8 per tensor"):

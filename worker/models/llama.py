@@ -41,7 +41,7 @@ _STACKED = {
     ".up_proj.": (".gate_up_proj.", 1),
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# an FP8 KV cache's per-layer scales (QuantConfig.kv_scales): compressed-tensors' names, then
+# an FP8 KV cache's per-layer scales (ModelConfig.kv_cache_scales): compressed-tensors' names, then
 # AutoFP8's -> the attention module's attribute
 _KV_SCALES = {
     ".self_attn.k_scale": ("k_scale",),
@@ -295,7 +295,7 @@ class DecoderModel(nn.Module):
                     continue
             pending[name] = set(range(len(owner.output_sizes) if isinstance(owner, Linear) else 1))
         unused = self._unused_scale_suffixes()
-        kv_scales = self.config.quant is not None and self.config.quant.kv_scales
+        kv_scales = self.config.kv_cache_scales
         kv_scaled: set[str] = set()
         # the config says lm_head is stored quantized (not quantized here at load)
         stored_quantized_head = self.quantized_lm_head and self.config.quant.from_checkpoint

@@ -105,6 +105,9 @@ def checkpoint_quantization(qc: dict[str, Any] | None) -> QuantConfig | None:
     if method == "gptq":
         return _gptq_config(qc)
     if method == "compressed-tensors":
+        if not qc.get("config_groups") and qc.get("kv_cache_scheme"):
+            _kv_cache_scheme(qc)  # checked; the weights are plain: checkpoint_kv_scales says the rest
+            return None
         return _compressed_tensors_config(qc)
     if method == "fp8":
         return _autofp8_config(qc)
@@ -113,6 +116,21 @@ def checkpoint_quantization(qc: dict[str, Any] | None) -> QuantConfig | None:
         "(AutoGPTQ/GPTQModel), compressed-tensors (FP8, INT8, pack-quantized W4A16/W8A16) and AutoFP8 "
         "checkpoints"
     )
+
+
+def checkpoint_kv_scales(qc: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint stores per-layer FP8 KV cache scales (a compressed-tensors
+    `kv_cache_scheme`, also without quantized weights, as llm-compressor writes a KV-cache-only
+    recipe; AutoFP8's `kv_cache_scheme: static`), which the loader sets on the attention layers and
+    an fp8 KV cache applies. Schemes this engine cannot apply raise UnsupportedModelError."""
+    if not qc or not qc.get("kv_cache_scheme"):
+        return False
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return _kv_cache_scheme(qc)
+    if method == "fp8":
+        return _autofp8_config(qc).kv_scales
+    return False
 
 
 def _autofp8_config(qc: dict[str, Any]) -> QuantConfig:
@@ -172,12 +190,6 @@ def _gptq_config(qc: dict[str, Any]) -> QuantConfig:
 
 def _compressed_tensors_config(qc: dict[str, Any]) -> QuantConfig:
     groups = qc.get("config_groups") or {}
-    if not groups and qc.get("kv_cache_scheme"):
-        raise UnsupportedModelError(
-            "compressed-tensors quantization_config quantizes only the KV cache (kv_cache_scheme, no "
-            "config_groups), which is not supported: its k_scale / v_scale apply only alongside quantized "
-            "weights; serve the model without it, with --kv-cache-dtype fp8 for an FP8 cache of scale 1.0"
-        )
     if not groups:
         raise UnsupportedModelError("compressed-tensors quantization_config has no config_groups")
     fmt = str(qc.get("format", "")).lower()
