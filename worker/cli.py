@@ -53,10 +53,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=("gptq", "rtn", "fp8", "int8"),
+        choices=("gptq", "rtn", "fp8", "int8", "kv"),
         default="gptq",
         help="rtn: GPTQ layout, round to nearest, no data; fp8 / int8: 8-bit codes per channel "
-        "(compressed-tensors FP8_DYNAMIC / W8A8 INT8)",
+        "(compressed-tensors FP8_DYNAMIC / W8A8 INT8); kv: the weights as they are, with FP8 KV cache "
+        "scales from --calibration (a compressed-tensors kv_cache_scheme)",
     )
     p.add_argument(
         "--calibration",

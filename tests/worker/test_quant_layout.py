@@ -687,9 +687,33 @@ def test_quantize_writes_kv_cache_scales(
         )
     assert scaled["rel_err"] < 0.06 and scaled["top1"] > 0.9  # measured 0.0360 (torch 2.13 CPU)
     assert unscaled["rel_err"] > 5 * scaled["rel_err"]
+    # method kv: the weights as they are, with the scales (a KV-cache-only checkpoint), served with
+    # quantization none and an fp8 KV cache
+    kv_out = tmp_path / "kv-only"
+    assert cli.main([*base, "--out", str(kv_out), "--method", "kv", "--calibration", str(calib)]) == 0
+    kv_qc = json.loads((kv_out / "config.json").read_text())["quantization_config"]
+    assert "config_groups" not in kv_qc and kv_qc["kv_cache_scheme"]["type"] == "float"
+    stored = load_file(str(kv_out / "model.safetensors"))
+    assert all(torch.equal(stored[n], t) for n, t in tensors.items())
+    eng = LLMEngine(EngineConfig(model=str(kv_out), device="cpu", kv_cache_dtype="fp8"))
+    assert eng.config.quantization == "none" and eng.config.model_config.kv_cache_scales
+    kv_model = eng.runner.model
+    assert all(layer.self_attn.k_scale > 1.0 for layer in kv_model.model.layers)
+    kv_ref = prompt_logits(kv_model, ps)
+    kv_scaled = logits_error(kv_ref, prompt_logits(kv_model, ps, kv_dtype=torch.float8_e4m3fn))
+    for layer in kv_model.model.layers:
+        layer.self_attn.k_scale = layer.self_attn.v_scale = 1.0
+    kv_unscaled = logits_error(kv_ref, prompt_logits(kv_model, ps, kv_dtype=torch.float8_e4m3fn))
+    with capsys.disabled():
+        print(f"method kv: rel error {kv_scaled['rel_err']:.4f}, at scale 1.0 {kv_unscaled['rel_err']:.4f}")
+    assert kv_scaled["rel_err"] < 0.06 and kv_unscaled["rel_err"] > 5 * kv_scaled["rel_err"]
     # refused: without calibration text, and for the GPTQ layout (no kv_cache_scheme there)
     assert cli.main([*base, "--out", str(tmp_path / "x"), "--kv-cache-scales"]) == 2
     assert "--kv-cache-scales needs --calibration text" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(tmp_path / "x"), "--method", "kv"]) == 2
+    assert "method kv needs --calibration text" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(tmp_path / "x"), "--method", "kv", "--lm-head"]) == 2
+    assert "method kv only adds KV cache scales" in capsys.readouterr().err
     gptq = ["--method", "rtn", "--kv-cache-scales", "--calibration", str(calib)]
     assert cli.main([*base, "--out", str(tmp_path / "y"), *gptq]) == 2
     assert "kv-cache-scales go into a compressed-tensors checkpoint" in capsys.readouterr().err

@@ -73,12 +73,17 @@ class QuantizeSpec:
     batch_size: int = 8  # calibration sequences per forward chunk
     seed: int = 0
     lm_head: bool = False  # quantize lm_head too (GPTQModel's lm_head=True), from the final norm's outputs
-    # fp8 / int8: also calibrate per-layer FP8 KV cache scales (a compressed-tensors kv_cache_scheme)
+    # fp8 / int8: also calibrate per-layer FP8 KV cache scales (a compressed-tensors kv_cache_scheme);
+    # method kv writes only those, beside the weights as they are
     kv_cache_scales: bool = False
 
     def validate(self) -> None:
-        if self.method not in ("gptq", "rtn", *ROW_SCALED):
-            raise InvalidRequestError("method must be gptq, rtn, fp8 or int8", param="method")
+        if self.method not in ("gptq", "rtn", *ROW_SCALED, "kv"):
+            raise InvalidRequestError("method must be gptq, rtn, fp8, int8 or kv", param="method")
+        if self.method == "kv" and self.lm_head:
+            raise InvalidRequestError(
+                "--lm-head quantizes weights; method kv only adds KV cache scales", param="lm_head"
+            )
         if self.bits not in (2, 4, 8):
             raise InvalidRequestError("bits must be 2, 4 or 8", param="bits")
         if self.group_size != -1 and self.group_size < 1:
@@ -92,7 +97,7 @@ class QuantizeSpec:
                 "kv-cache-scales go into a compressed-tensors checkpoint: methods fp8 and int8",
                 param="kv_cache_scales",
             )
-        if self.method in ROW_SCALED:  # 8-bit codes with per-channel scales: no grid to choose
+        if self.method in (*ROW_SCALED, "kv"):  # 8-bit codes with per-channel scales, or none: no grid
             gptq_only = {"bits": 4, "group_size": 128, "sym": True}
             for name, default in gptq_only.items():
                 if getattr(self, name) != default:
@@ -447,23 +452,34 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
     row_scaled = spec.method in ROW_SCALED
-    qconfig = (
-        row_scaled_quantization_config(spec.method, spec.lm_head) if row_scaled else quantization_config(spec)
-    )
+    kv_only = (
+        spec.method == "kv"
+    )  # the weights as they are, with KV cache scales (llm-compressor's KV-only recipe)
+    if kv_only:
+        qconfig: dict[str, Any] = {"quant_method": "compressed-tensors", "quantizer": ["inferfleet", "kv"]}
+    else:
+        qconfig = (
+            row_scaled_quantization_config(spec.method, spec.lm_head)
+            if row_scaled
+            else quantization_config(spec)
+        )
     kv_scales: dict[int, tuple[float, float]] = {}
-    if spec.method == "rtn" or row_scaled:
+    if spec.method == "rtn" or row_scaled or kv_only:
         if row_scaled and calibration_text and not spec.kv_cache_scales:
             raise InvalidRequestError(
                 f"method {spec.method} uses no calibration data (unless --kv-cache-scales)",
                 param="calibration",
             )
-        if spec.kv_cache_scales:
+        if spec.kv_cache_scales or kv_only:
             if not calibration_text:
-                raise InvalidRequestError("--kv-cache-scales needs --calibration text", param="calibration")
+                raise InvalidRequestError(
+                    f"{'method kv' if kv_only else '--kv-cache-scales'} needs --calibration text",
+                    param="calibration",
+                )
             seqlen = min(spec.seqlen, mc.max_position_embeddings)
             samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
             kv_scales = kv_cache_scales(model_dir, samples, dev, spec.batch_size)
-        tensors = _rtn_stream(model_dir, mc, spec, dev)
+        tensors = _original_tensors(model_dir) if kv_only else _rtn_stream(model_dir, mc, spec, dev)
         for li, (k_scale, v_scale) in kv_scales.items():
             tensors[f"model.layers.{li}.self_attn.k_scale"] = torch.tensor([k_scale], dtype=torch.float32)
             tensors[f"model.layers.{li}.self_attn.v_scale"] = torch.tensor([v_scale], dtype=torch.float32)
@@ -497,6 +513,8 @@ def quantize_checkpoint(
         "spec": (
             {"method": spec.method, "lm_head": spec.lm_head, "kv_cache_scales": spec.kv_cache_scales}
             if row_scaled
+            else {"method": "kv"}
+            if kv_only
             else asdict(spec)
         ),
         "seconds": time.perf_counter() - t0,
