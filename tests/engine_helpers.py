@@ -85,3 +85,26 @@ def set_kv_scales(model: Any, k_scale: float, v_scale: float) -> None:
     """Every attention layer's fp8 KV cache scales."""
     for layer in model.model.layers:
         layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale
+
+
+def kv_rescaled_tensors(
+    tensors: dict[str, torch.Tensor], k_factor: float, v_factor: float
+) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (transformers' q/k/v/o_proj names) rescaled as kv_rescaled rescales a
+    model: q_proj / k_factor, k_proj * k_factor, v_proj * v_factor, o_proj / v_factor."""
+    factors = {"q_proj": 1 / k_factor, "k_proj": k_factor, "v_proj": v_factor, "o_proj": 1 / v_factor}
+    out = dict(tensors)
+    for name, t in tensors.items():
+        proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+        if proj in factors:
+            out[name] = t * factors[proj]
+    return out
+
+
+def kv_scale_tensors(num_layers: int, k_scale: float, v_scale: float) -> dict[str, torch.Tensor]:
+    """Every layer's KV cache scales as a compressed-tensors checkpoint stores them."""
+    out = {}
+    for i in range(num_layers):
+        out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([k_scale])
+        out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([v_scale])
+    return out

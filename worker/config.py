@@ -29,7 +29,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 # KV cache element types: auto = the model dtype; fp8 = float8_e4m3fn with per-layer K and V scales,
 # the checkpoint's (a kv_cache_scheme) or 1.0 (as vLLM's uncalibrated fp8_e4m3): values divided by
-# the scale, clamped to +-448 and rounded to nearest even on write (layers/attention.py). CUDA needs compute capability >= 8.9 for Triton's e4m3 conversions.
+# the scale, clamped to +-448 and rounded to nearest even on write (layers/attention.py). CUDA needs
+# compute capability >= 8.9 for Triton's e4m3 conversions.
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 

@@ -44,12 +44,12 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_rows, rel
+from engine_helpers import common_prefix, greedy_rows, kv_rescaled_tensors, kv_scale_tensors, rel
 from inferfleet.worker import EngineConfig, LLMEngine
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.layers.linear import Linear
 from inferfleet.worker.quant import fp8 as qfp8
-from inferfleet.worker.quant.calibrate import QuantizeSpec, quantize_checkpoint
+from inferfleet.worker.quant.calibrate import KV_CACHE_SCHEME, QuantizeSpec, quantize_checkpoint
 from inferfleet.worker.quant.evaluate import (
     ERROR_BOUNDS,
     build_model,
@@ -327,16 +327,7 @@ def test_fp8_checkpoint_kv_cache_scales_through_decode_graphs(tiny_llama: Path, 
     from safetensors.torch import load_file
 
     big_k, big_v = 1024.0, 2048.0
-    tensors = load_file(str(tiny_llama / "model.safetensors"))
-    for name in list(tensors):
-        for proj, factor in (
-            ("q_proj", 1 / big_k),
-            ("k_proj", big_k),
-            ("v_proj", big_v),
-            ("o_proj", 1 / big_v),
-        ):
-            if name.endswith(f"{proj}.weight"):
-                tensors[name] = tensors[name] * factor
+    tensors = kv_rescaled_tensors(load_file(str(tiny_llama / "model.safetensors")), big_k, big_v)
     src = tmp_path / "big-kv"
     shutil.copytree(tiny_llama, src, ignore=shutil.ignore_patterns("*.safetensors"))
     save_safetensors(tensors, src)
@@ -346,12 +337,9 @@ def test_fp8_checkpoint_kv_cache_scales_through_decode_graphs(tiny_llama: Path, 
     shutil.copytree(unscaled, scaled)
     weights = load_file(str(scaled / "model.safetensors"))
     layers = json.loads((scaled / "config.json").read_text())["num_hidden_layers"]
-    for i in range(layers):
-        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([big_k])
-        weights[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([big_v])
-    save_safetensors(weights, scaled)
+    save_safetensors(weights | kv_scale_tensors(layers, big_k, big_v), scaled)
     cfg = json.loads((scaled / "config.json").read_text())
-    cfg["quantization_config"]["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor"}
+    cfg["quantization_config"]["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
     (scaled / "config.json").write_text(json.dumps(cfg))
 
     ps = prompts(5)

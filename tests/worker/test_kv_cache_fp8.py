@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_run, kv_rescaled, set_kv_scales
+from engine_helpers import (
+    common_prefix,
+    greedy_run,
+    kv_rescaled,
+    kv_rescaled_tensors,
+    kv_scale_tensors,
+    set_kv_scales,
+)
 from inferfleet.worker import EngineConfig, LLMEngine, cli
 from inferfleet.worker.config import KV_CACHE_DTYPES
 from inferfleet.worker.errors import InvalidRequestError
@@ -241,26 +248,20 @@ def test_kv_cache_only_checkpoint_serves_with_its_scales(tiny_llama: Path, tmp_p
     import json
     import shutil
 
+    from inferfleet.worker.quant.calibrate import KV_CACHE_SCHEME
     from inferfleet.worker.tiny import save_safetensors
     from safetensors.torch import load_file
 
     big_k, big_v = 1024.0, 2048.0
-    tensors = load_file(str(tiny_llama / "model.safetensors"))
-    factors = {"q_proj": 1 / big_k, "k_proj": big_k, "v_proj": big_v, "o_proj": 1 / big_v}
-    for name in list(tensors):
-        proj = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-        if proj in factors:
-            tensors[name] = tensors[name] * factors[proj]
+    tensors = kv_rescaled_tensors(load_file(str(tiny_llama / "model.safetensors")), big_k, big_v)
 
     def checkpoint(dst: Path, scales: bool) -> Path:
         shutil.copytree(tiny_llama, dst, ignore=shutil.ignore_patterns("*.safetensors"))
         out = dict(tensors)
         cfg = json.loads((dst / "config.json").read_text())
         if scales:
-            for i in range(cfg["num_hidden_layers"]):
-                out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([big_k])
-                out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([big_v])
-            scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}
+            out |= kv_scale_tensors(cfg["num_hidden_layers"], big_k, big_v)
+            scheme = dict(KV_CACHE_SCHEME)
             cfg["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": scheme}
             (dst / "config.json").write_text(json.dumps(cfg))
         save_safetensors(out, dst)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from engine_helpers import kv_rescaled_tensors
 from inferfleet.worker import LLM, EngineConfig, LLMEngine, SamplingParams
 from inferfleet.worker.errors import ModelLoadError
 from inferfleet.worker.loader import iter_weights
@@ -654,12 +655,7 @@ def test_quantize_writes_kv_cache_scales(
     from inferfleet.worker.tiny import _CORPUS
 
     big = 1024.0
-    tensors = load_file(str(tiny_llama / "model.safetensors"))
-    for name in list(tensors):
-        if name.endswith(("q_proj.weight", "o_proj.weight")):
-            tensors[name] = tensors[name] / big
-        elif name.endswith(("k_proj.weight", "v_proj.weight")):
-            tensors[name] = tensors[name] * big
+    tensors = kv_rescaled_tensors(load_file(str(tiny_llama / "model.safetensors")), big, big)
     src = copy_with(tiny_llama, tmp_path / "big-kv", tensors, None)
     calib = tmp_path / "calib.txt"
     calib.write_text(_CORPUS)

@@ -75,7 +75,7 @@ def kv_scales(layer: AttentionLayer, k_cache: torch.Tensor) -> tuple[float, floa
     16-bit cache stores the values as they are)."""
     if k_cache.dtype != KV_FP8_DTYPE:
         return 1.0, 1.0
-    return float(getattr(layer, "k_scale", 1.0)), float(getattr(layer, "v_scale", 1.0))
+    return layer.k_scale, layer.v_scale
 
 
 def to_fp8_cache(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ _KV_SCALES = {
     ".self_attn.v_proj.output_scale": ("v_scale",),
     ".self_attn.kv_scale": ("k_scale", "v_scale"),  # older checkpoints: one scale for both, as vLLM reads it
 }
+_KV_SUFFIXES = tuple(_KV_SCALES)
 
 
 def _checkpoint_modules(name: str) -> list[str]:
@@ -302,14 +303,15 @@ class DecoderModel(nn.Module):
         for ck_name, tensor in weights:
             if ck_name.endswith(_IGNORED_SUFFIXES) or (tied and ck_name == "lm_head.weight"):
                 continue
-            if (unused and ck_name.endswith(unused)) or (kv_scales and ck_name.endswith(tuple(_KV_SCALES))):
+            kv_scale = kv_scales and ck_name.endswith(_KV_SUFFIXES)
+            if kv_scale or (unused and ck_name.endswith(unused)):
                 # static activation scales of an FP8 checkpoint: read, not applied
                 # (QuantConfig.static_input_scales); KV cache scales: set on their attention layer
                 if tensor.numel() != 1:
                     raise ModelLoadError(
                         f"{ck_name}: a per-tensor scale is one element, got {tuple(tensor.shape)}"
                     )
-                if kv_scales and ck_name.endswith(tuple(_KV_SCALES)):
+                if kv_scale:
                     self._set_kv_scale(ck_name, float(tensor.float()))
                     kv_scaled.add(ck_name)
                 continue
@@ -420,7 +422,7 @@ class DecoderModel(nn.Module):
         checkpoint's values (a float32 checkpoint served in bf16 is not rounded twice)."""
         if self.config.quant is None:
             return False
-        if name.endswith((".scales", ".weight_scale")) or name.endswith(tuple(_KV_SCALES)):
+        if name.endswith((".scales", ".weight_scale", *_KV_SUFFIXES)):
             return True
         if not name.endswith(".weight"):
             return False

@@ -452,44 +452,46 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     reports: list[LayerReport] = []
     row_scaled = spec.method in ROW_SCALED
-    kv_only = (
-        spec.method == "kv"
-    )  # the weights as they are, with KV cache scales (llm-compressor's KV-only recipe)
+    # method kv: the weights as stored, with KV cache scales (llm-compressor's KV-only recipe)
+    kv_only = spec.method == "kv"
+
+    def samples(what: str) -> torch.Tensor:
+        if not calibration_text:
+            raise InvalidRequestError(f"{what} needs --calibration text", param="calibration")
+        seqlen = min(spec.seqlen, mc.max_position_embeddings)
+        return calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
+
+    # what quantize_report.json says of the spec: an fp8 / int8 checkpoint has no grid, its spec is the
+    # method, the lm_head choice and the KV cache scales; method kv has only its name
     if kv_only:
         qconfig: dict[str, Any] = {"quant_method": "compressed-tensors", "quantizer": ["inferfleet", "kv"]}
+        spec_report: dict[str, Any] = {"method": "kv"}
+    elif row_scaled:
+        qconfig = row_scaled_quantization_config(spec.method, spec.lm_head)
+        spec_report = {
+            "method": spec.method,
+            "lm_head": spec.lm_head,
+            "kv_cache_scales": spec.kv_cache_scales,
+        }
     else:
-        qconfig = (
-            row_scaled_quantization_config(spec.method, spec.lm_head)
-            if row_scaled
-            else quantization_config(spec)
-        )
+        qconfig, spec_report = quantization_config(spec), asdict(spec)
     kv_scales: dict[int, tuple[float, float]] = {}
-    if spec.method == "rtn" or row_scaled or kv_only:
+    if spec.method != "gptq":
         if row_scaled and calibration_text and not spec.kv_cache_scales:
             raise InvalidRequestError(
                 f"method {spec.method} uses no calibration data (unless --kv-cache-scales)",
                 param="calibration",
             )
         if spec.kv_cache_scales or kv_only:
-            if not calibration_text:
-                raise InvalidRequestError(
-                    f"{'method kv' if kv_only else '--kv-cache-scales'} needs --calibration text",
-                    param="calibration",
-                )
-            seqlen = min(spec.seqlen, mc.max_position_embeddings)
-            samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
-            kv_scales = kv_cache_scales(model_dir, samples, dev, spec.batch_size)
+            ids = samples("method kv" if kv_only else "--kv-cache-scales")
+            kv_scales = kv_cache_scales(model_dir, ids, dev, spec.batch_size)
+            qconfig["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
         tensors = _original_tensors(model_dir) if kv_only else _rtn_stream(model_dir, mc, spec, dev)
         for li, (k_scale, v_scale) in kv_scales.items():
             tensors[f"model.layers.{li}.self_attn.k_scale"] = torch.tensor([k_scale], dtype=torch.float32)
             tensors[f"model.layers.{li}.self_attn.v_scale"] = torch.tensor([v_scale], dtype=torch.float32)
-        if kv_scales:
-            qconfig["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
     else:
-        if not calibration_text:
-            raise InvalidRequestError("GPTQ needs --calibration text", param="calibration")
-        seqlen = min(spec.seqlen, mc.max_position_embeddings)
-        samples = calibration_samples(calibration_text, model_dir, spec.nsamples, seqlen, spec.seed)
+        ids = samples("GPTQ")
         tensors = _original_tensors(model_dir)
 
         # packed on the CPU as each matrix is done, split into the checkpoint tensors stacked in it
@@ -506,17 +508,10 @@ def quantize_checkpoint(
                 for key, value in gptq_tensors(sub, spec.bits).items():
                     tensors[f"{module}.{key}"] = value
 
-        _, reports = gptq_model(model_dir, samples, spec, dev, sink=write)
+        _, reports = gptq_model(model_dir, ids, spec, dev, sink=write)
     out = write_checkpoint(model_dir, out_dir, tensors, qconfig)
     summary = {
-        # an fp8 / int8 checkpoint has no grid: its spec is the method and the lm_head choice
-        "spec": (
-            {"method": spec.method, "lm_head": spec.lm_head, "kv_cache_scales": spec.kv_cache_scales}
-            if row_scaled
-            else {"method": "kv"}
-            if kv_only
-            else asdict(spec)
-        ),
+        "spec": spec_report,
         "seconds": time.perf_counter() - t0,
         "layers": [asdict(r) for r in reports],
     }
