@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import kv_rescaled_tensors
+from engine_helpers import kv_rescaled_tensors, kv_scale_tensors
 from inferfleet.worker import LLM, EngineConfig, LLMEngine, SamplingParams
 from inferfleet.worker.errors import ModelLoadError
 from inferfleet.worker.loader import iter_weights
@@ -546,6 +546,25 @@ def test_fp8_checkpoint_with_static_input_scales_loads(tiny_llama: Path, tmp_pat
     assert auto_kv.model.layers[1].self_attn.v_scale == 0.125
     for a, b in zip(auto_kv.state_dict().values(), dynamic.state_dict().values(), strict=True):
         assert torch.equal(a.float(), b.float())
+
+
+def test_kv_cache_only_checkpoint_keeps_float32_scales(tiny_llama: Path, tmp_path: Path) -> None:
+    """A KV-cache-only checkpoint (plain weights) served in bf16: its KV cache scales load in float32,
+    as a quantized checkpoint's do (0.05 is not a bf16 value), not rounded to the model dtype."""
+    tensors = load_file(str(tiny_llama / "model.safetensors"))
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    qc = {
+        "quant_method": "compressed-tensors",
+        "kv_cache_scheme": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False},
+    }
+    ck = copy_with(tiny_llama, tmp_path / "kv-only", tensors | kv_scale_tensors(layers, 0.05, 0.3), qc)
+    model = build_model(str(ck), None, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    for layer in model.model.layers:
+        assert (layer.self_attn.k_scale, layer.self_attn.v_scale) == (
+            float(torch.tensor(0.05)),
+            float(torch.tensor(0.3)),
+        )
 
 
 def test_autofp8_checkpoint_loads(tiny_llama: Path, tmp_path: Path) -> None:

@@ -419,10 +419,13 @@ class DecoderModel(nn.Module):
         """Checkpoint tensors the loader must not convert to the model dtype: quantization scales
         (GPTQ's fp16 scales would lose bits as bf16; FP8 weight scales are kept exact), and the float
         weights of layers that quantize them at load, so that their codes and scales come from the
-        checkpoint's values (a float32 checkpoint served in bf16 is not rounded twice)."""
+        checkpoint's values (a float32 checkpoint served in bf16 is not rounded twice). KV cache
+        scales stay float32 with plain weights too (a KV-cache-only checkpoint)."""
+        if self.config.kv_cache_scales and name.endswith(_KV_SUFFIXES):
+            return True
         if self.config.quant is None:
             return False
-        if name.endswith((".scales", ".weight_scale", *_KV_SUFFIXES)):
+        if name.endswith((".scales", ".weight_scale")):
             return True
         if not name.endswith(".weight"):
             return False
