@@ -26,25 +26,21 @@ LAUNCHES = [  # (block_m, block_n, block_k, num_warps, num_stages)
     if not (bm == 128 and bn == 128 and w == 4)
 ]
 
-# bf16: (block_n, block_k, num_warps, num_stages) for each block_m of bf16_launches, K cut into 1-4
+# bf16: (block_n, block_k, num_warps, num_stages) for each block_m of bf16_launches (the fourteenth
+# session's sweep also cut K into 1-4 ranges, with a split-K gemv since removed: commit c7630b3)
 BF16_TILES = [(64, 128, 4, 4), (64, 128, 4, 6), (128, 64, 4, 4), (128, 64, 4, 6), (128, 128, 4, 3),
               (128, 128, 8, 4), (64, 256, 4, 3), (256, 64, 8, 4), (32, 256, 4, 4)]  # fmt: skip
 
 
 def bf16_launches(m: int) -> list[dict]:
     """The bf16 sweep's launches at m rows: blocks of rows from m's power of two (at least 32) up
-    to two of them, every BF16_TILES tile, split-K 1-4."""
+    to two of them, every BF16_TILES tile."""
     bm0 = max(32, 1 << (m - 1).bit_length())
     return [
-        dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
+        dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
         for bm in sorted({max(32, bm0 // 2), bm0})
         for bn, bk, w, st in BF16_TILES
-        for sk in (1, 2, 3, 4)
     ]
-
-
-def launch_key(cfg: dict) -> str:
-    return LAUNCH_KEY.format(**cfg) + (f" k{cfg['split_k']}" if cfg.get("split_k", 1) > 1 else "")
 
 
 def bf16_rows(rows: list[int], res: dict, best_rows: list) -> None:
@@ -59,7 +55,9 @@ def bf16_rows(rows: list[int], res: dict, best_rows: list) -> None:
                 "default": lambda j: gemv(x, bf[j]),
             }
             for cfg in bf16_launches(m):
-                cases[launch_key(cfg)] = lambda j, cfg=cfg: gemv(x, bf[j], fma=False, prefetch=0, **cfg)
+                cases[LAUNCH_KEY.format(**cfg)] = lambda j, cfg=cfg: gemv(
+                    x, bf[j], fma=False, prefetch=0, **cfg
+                )
             us, err = sweep_row(cases, ref, 2e-2)
             res["cases"].append({"precision": "bf16", "layer": name, "m": m, "us": us, "err": err})
             timed, best = best_launch(us, "bf16", name, m)
@@ -112,7 +110,7 @@ def main() -> None:
                 else:
                     cases["W8A8 _scaled_mm"] = lambda j: qfp8.fp8_scaled_mm(x, w8[j], scale, None)
                 for cfg in LAUNCHES:
-                    cases[launch_key(cfg)] = lambda j, cfg=cfg: gemv(
+                    cases[LAUNCH_KEY.format(**cfg)] = lambda j, cfg=cfg: gemv(
                         x, w8[j], scale, fma=False, prefetch=0, **cfg
                     )
                 us, err = sweep_row(cases, ref, 5e-2, unchecked=("bf16 cuBLAS",))

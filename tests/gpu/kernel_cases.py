@@ -703,60 +703,6 @@ def test_gemv_matches_linear(m: int, n: int, k: int, bias: bool) -> None:
         assert wide.dtype == torch.float32 and torch.equal(wide, plain.float())
 
 
-@pytest.mark.parametrize(
-    ("m", "n", "k", "split_k", "scale"),
-    [
-        (40, 96, 512, 3, False),  # 3 ranges of whole tiles
-        (130, 64, 1024, 4, True),  # M past one block, 8-bit weights with row scales
-        (17, 48, 320, 2, False),  # K not whole tiles: the last range's last tile is masked
-        (64, 80, 256, 64, False),  # more ranges asked than tiles: one tile each
-    ],
-)
-def test_gemv_split_k_matches_linear(m: int, n: int, k: int, split_k: int, scale: bool) -> None:
-    """gemv(split_k=) (the tensor-core path with K cut into ranges, the last program of a tile adding
-    the partials): the projection, the same bits launch after launch (the partials are added in
-    range order whichever program finishes last), and the ticket counters left at zero."""
-    from inferfleet.worker.kernels.gemv import gemv, split_counters, split_ranges
-
-    torch.manual_seed(0)
-    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    x = torch.randn(m, k, device=DEV, dtype=dt)
-    b = torch.randn(n, device=DEV, dtype=dt)
-    if scale:
-        w = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
-        s = torch.rand(n, device=DEV) * 1e-2
-        ref = torch.nn.functional.linear(x.float(), w.float() * s[:, None], b.float())
-    else:
-        w, s = torch.randn(n, k, device=DEV, dtype=dt), None
-        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
-    block_k = 64
-    kw = {"block_m": 64, "block_n": 32, "block_k": block_k, "num_warps": 4, "num_stages": 2, "fma": False}
-    got = gemv(x, w, s, b, split_k=split_k, **kw)
-    assert split_ranges(split_k, k, block_k)[0] > 1
-    assert rel(got.float(), ref) < (1e-2 if dt == torch.bfloat16 else 1e-5)
-    for _ in range(3):
-        assert torch.equal(gemv(x, w, s, b, split_k=split_k, **kw), got)
-    assert not split_counters(x.device).any()
-    whole = gemv(x, w, s, b, **kw)  # one range: the same sum up to float32 reassociation
-    assert rel(got.float(), whole.float()) < (1e-2 if dt == torch.bfloat16 else 1e-6)
-
-
-def test_gemv_split_k_refuses_what_it_cannot_do() -> None:
-    """split_k is for the tensor-core path without prefetched tiles: the one-row path and a
-    prefetch refuse it with a message, and split_ranges never leaves a range empty."""
-    from inferfleet.worker.kernels.gemv import gemv, split_ranges
-
-    assert split_ranges(3, 4096, 128) == (3, 1408)
-    assert split_ranges(64, 256, 64) == (4, 64)
-    assert split_ranges(1, 300, 64) == (1, 320)
-    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    x, w = torch.randn(1, 256, device=DEV, dtype=dt), torch.randn(32, 256, device=DEV, dtype=dt)
-    with pytest.raises(AssertionError, match="split_k"):
-        gemv(x, w, split_k=2, block_k=64)  # one row: the CUDA-core path
-    with pytest.raises(AssertionError, match="split_k"):
-        gemv(x.expand(2, -1).contiguous(), w, split_k=2, block_k=64, prefetch=2)  # tiles before a wait
-
-
 def test_gemv_argmax_epilogue_is_torch_argmax_of_its_output() -> None:
     """gemv(argmax_best=) then argmax_finish: the first maximum of the launch's (float32) output as
     torch.argmax gives it, across programs: a tie over three programs (the first index wins), NaN

@@ -21,7 +21,6 @@ tail.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -158,48 +157,6 @@ def silu_mul_epilogue(y, pid, out_ptr, n_inter, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def scale_bias(acc, s_ptr, b_ptr, offs_n, n_ok, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] float32 times the weights' row scales, plus the bias, where there are."""
-    if HAS_SCALE:
-        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def store_rows(acc, x_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym):
-    """y[offs_m, offs_n] = acc, rounded to x's dtype first (a float32 output, logits, then holds what
-    the 16-bit one would); returns the stored values."""
-    y_val = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y_val, mask=m_ok[:, None] & n_ok[None, :])
-    return y_val
-
-
-@triton.jit
-def split_k_sum(acc, ws_ptr, cnt_ptr, pid_m, pid_n, offs_m, offs_n, m_ok, n_ok, M, N, SPLIT_K):
-    """A split-K program's partial sum acc [BLOCK_M, BLOCK_N] float32 -> (last, total): each of
-    the tile's SPLIT_K programs writes its partial to its slice of the workspace ws [SPLIT_K, M, N]
-    and takes a ticket from the tile's counter; the program drawing the last one adds the
-    SPLIT_K partials in split order (the same sum whichever program finishes last), resets the
-    counter for the next launch and returns last = True with the total."""
-    mask = m_ok[:, None] & n_ok[None, :]
-    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(ws + tl.program_id(2) * M * N, acc, mask=mask)
-    # every thread's stores come before the ticket (one thread takes it, with release semantics)
-    tl.debug_barrier()
-    tile = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
-    last = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
-    total = tl.zeros_like(acc)
-    if last:
-        for s in range(SPLIT_K):
-            # the other programs' partials: read at L2 (.cg), where their stores are visible now
-            total += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(tile, 0)  # ready for the next launch (which starts after this one has finished)
-    return last, total
-
-
-@triton.jit
 def _w_tile(w_rows, ks, n_ok, K, EVEN_K: tl.constexpr):
     if EVEN_K:  # K a multiple of BLOCK_K: no column mask
         return tl.load(w_rows + ks[None, :], mask=n_ok[:, None], other=0.0)
@@ -232,8 +189,8 @@ def _tile(acc, w, x_rows, nw_rows, rstd, ks, m_ok, K, FMA: tl.constexpr, EVEN_K:
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr, xnw_ptr, ws_ptr,
-    M, N, K, SPLIT_K, K_PER_SPLIT,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr, xnw_ptr,
+    M, N, K,
     stride_xm, stride_wn, stride_ym, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -243,10 +200,6 @@ def _gemv_kernel(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # split-K (SPLIT_K > 1, tensor-core path): program (m, n, s) sums K_PER_SPLIT columns of K
-    # (whole tiles) from s * K_PER_SPLIT; SPLIT_K 1 (Triton specializes it) is the whole of K
-    k_lo = tl.program_id(2) * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if SILU_MUL:  # [gate; up] rows, a program's gate and up rows of the same channels side by side
         offs_n, n_ok = merged_rows(pid_n, N // 2, BLOCK_N, tl.arange(0, BLOCK_N))
     else:
@@ -296,18 +249,15 @@ def _gemv_kernel(
         acc = _tile(acc, w2, x_rows, nw_rows, rstd, 2 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if PREFETCH >= 4:
         acc = _tile(acc, w3, x_rows, nw_rows, rstd, 3 * BLOCK_K + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
-    for k0 in range(k_lo + PREFETCH * BLOCK_K, k_hi, BLOCK_K):
+    for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
         w = _w_tile(w_rows, k0 + offs_k, n_ok, K, EVEN_K)
         acc = _tile(acc, w, x_rows, nw_rows, rstd, k0 + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if FMA:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-    if SPLIT_K > 1:  # tensor-core path, plain output (the wrapper checks)
-        last, acc = split_k_sum(acc, ws_ptr, cnt_ptr, pid_m, pid_n, offs_m, offs_n, m_ok, n_ok, M, N, SPLIT_K)
-        if last:
-            acc = scale_bias(acc, s_ptr, b_ptr, offs_n, n_ok, HAS_SCALE, HAS_BIAS)
-            store_rows(acc, x_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym)
-        return
-    acc = scale_bias(acc, s_ptr, b_ptr, offs_n, n_ok, HAS_SCALE, HAS_BIAS)
+    if HAS_SCALE:
+        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if SILU_MUL:  # one row (the wrapper checks)
         silu_mul_epilogue(tl.sum(acc, axis=0), pid_n, y_ptr, N // 2, BLOCK_N)
     elif ADD_NORM:  # one row (the wrapper checks)
@@ -317,7 +267,10 @@ def _gemv_kernel(
     elif ADD_INTO:  # one row (the wrapper checks)
         residual_add(tl.sum(acc, axis=0), offs_n, n_ok, res_ptr)
     else:
-        y_val = store_rows(acc, x_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym)
+        y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        # rounded to x's dtype first: a float32 output (logits) holds what the 16-bit one would
+        y_val = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
+        tl.store(y, y_val, mask=m_ok[:, None] & n_ok[None, :])
         if ARGMAX:  # one row (the wrapper checks)
             argmax_epilogue(tl.sum(y_val.to(tl.float32), axis=0), offs_n, n_ok, best_ptr)
 
@@ -402,27 +355,6 @@ def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, in
     return None
 
 
-# tiles (grid_m x grid_n) a split-K launch may have: one int32 ticket counter each
-SPLIT_TILES = 4096
-
-
-@functools.cache
-def split_counters(device: torch.device) -> torch.Tensor:
-    """The split-K launches' ticket counters on `device` (zero between launches: each tile's last
-    program resets its own). Launches on one stream run one after the other (the tensor-core path
-    does not launch under PDL), so they share it."""
-    return torch.zeros(SPLIT_TILES, dtype=torch.int32, device=device)
-
-
-def split_ranges(split_k: int, k: int, block_k: int) -> tuple[int, int]:
-    """(splits, columns per split) of a launch asking for `split_k` ranges of K: whole tiles per
-    range, and no range left empty (K = 4,096 in 128-wide tiles asked for 3 gives 3 of 1,408 columns;
-    asked for 64, 32 of one tile)."""
-    assert split_k >= 1, "split_k >= 1"
-    per = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    return triton.cdiv(k, per), per
-
-
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -443,7 +375,6 @@ def gemv(
     argmax_best: torch.Tensor | None = None,
     add_into: torch.Tensor | None = None,
     norm_in: NormIn | None = None,
-    split_k: int | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
     float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
@@ -455,10 +386,7 @@ def gemv(
     folds its outputs' first maximum into it (argmax_epilogue; elementwise.argmax_finish reads it).
     `add_into` ([1, N], x's dtype, one row): the result is added into it in place and it is returned
     (residual_add). `norm_in` (one row): x is a residual row, and the launch multiplies
-    rmsnorm(x) * norm_in.weight by the weights instead of x (NormIn). `split_k` (tensor-core path,
-    plain output): K is cut into that many ranges of whole tiles, each summed by programs of its
-    own, and the last of a tile's programs adds the partials (split_k_sum): more programs for
-    layers with few weight tiles per SM."""
+    rmsnorm(x) * norm_in.weight by the weights instead of x (NormIn)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
@@ -494,22 +422,11 @@ def gemv(
     if argmax_best is not None:
         assert fma and add_norm is None and not silu_mul, "argmax_best: one row, plain output"
         assert argmax_best.dtype == torch.int64 and argmax_best.numel() == 1
-    grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
-    splits, per_split = split_ranges(split_k or 1, k, block_k)
-    ws, counter = y, an.counter
-    if splits > 1:
-        assert not fma and prefetch == 0 and norm_in is None, "split_k: tensor-core path, no prefetch"
-        assert add_norm is None and not silu_mul and add_into is None and argmax_best is None, (
-            "split_k: plain output"
-        )
-        assert grid_m * grid_n <= SPLIT_TILES, f"split_k: at most {SPLIT_TILES} tiles"
-        ws = torch.empty((splits, m, y.shape[1]), dtype=torch.float32, device=x.device)
-        counter = split_counters(x.device)
-    _gemv_kernel[(grid_m, grid_n, splits)](
+    _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
-        an.residual, an.weight, counter, argmax_best if argmax_best is not None else y,
-        norm_in.weight if norm_in is not None else x, ws,
-        m, n, k, splits, per_split,
+        an.residual, an.weight, an.counter, argmax_best if argmax_best is not None else y,
+        norm_in.weight if norm_in is not None else x,
+        m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
