@@ -1,6 +1,6 @@
 """Decode batches of 16-256 rows through kernels/gemv.py's tensor-core path over a sweep of launches:
 8-bit weights (int8, fp8 e4m3, per-row scales) against bf16 cuBLAS, widen + cuBLAS (int8) and W8A8
-_scaled_mm (fp8), and bf16 weights (with split-K launches, and the LM head) against cuBLAS, on the
+_scaled_mm (fp8), and bf16 weights (the LM head too) against cuBLAS, on the
 Llama-3.1-8B projection shapes.
 
     python bench/gemv_tc_sweep.py --out DIR [--rows 16,64,128,256] [--only int8,fp8,bf16]
