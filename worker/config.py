@@ -192,6 +192,13 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None  # per-step token budget (prefill chunks + decodes)
+    # a step's token budget while sequences are decoding (their one token each, then prefill chunks
+    # up to it); None: max_num_batched_tokens. A smaller one spreads prompts over decode steps whose
+    # matmuls have compute to spare, instead of steps of prefill alone (scheduler.py)
+    decode_step_tokens: int | None = None
+    # order of admission: "fifo" (arrival), or "longest_first" (most max_tokens first; for offline
+    # batches, where the longest generation bounds the batch's steps: LLM's default on CUDA)
+    admission: str = "fifo"
     block_size: int = 16
     enable_prefix_caching: bool = True
     # KV pool size: an explicit number of blocks wins; else a byte budget; else (CUDA) a fraction of
@@ -282,6 +289,12 @@ class EngineConfig:
             self.max_num_batched_tokens = max(8192 if self.device != "cpu" else 2048, self.max_num_seqs)
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be >= 1", param="max_num_batched_tokens")
+        if self.decode_step_tokens is not None and (
+            not isinstance(self.decode_step_tokens, int) or self.decode_step_tokens < 1
+        ):
+            raise InvalidRequestError("decode_step_tokens must be >= 1 or None", param="decode_step_tokens")
+        if self.admission not in ("fifo", "longest_first"):
+            raise InvalidRequestError("admission must be fifo or longest_first", param="admission")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InvalidRequestError(
                 "attention_backend must be auto, torch or triton", param="attention_backend"

@@ -330,3 +330,115 @@ class DecodeGraphs:
         g, logits = self.graphs[bs, splits]
         g.replay()
         return logits[:n], None
+
+
+# token counts of the piecewise graphs for steps with prefill chunks (MixedGraphs), up to the
+# engine's per-step budget: a step takes the smallest that holds it. Above the largest, a step's
+# GPU time outlasts launching it eagerly.
+MIXED_SIZES = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+
+
+class MixedGraphs:
+    """Piecewise CUDA graphs for steps that hold a prefill chunk (and decodes beside it).
+
+    Such a step launched eagerly costs ~14.5 ms of host time for a Llama-8B (~160 Triton launches and
+    ~130 cuBLAS calls through the Python layers), about twice its GPU time at 300 tokens (H100,
+    docs/benchmarks.md, fourteenth session): the card waits for the host. Everything in a step but
+    attention depends only on its token count, so for each size of MIXED_SIZES this captures the
+    stretch between two attention launches as one graph: graph 0 is layer 0's QKV projection (from
+    the embedding, which is launched eagerly and also takes the step's fed token ids), graph i
+    layer i - 1's output projection, norms and MLP up to layer i's QKV projection, and the last one
+    ends with the final norm. Attention (rotary, KV write, paged attention) runs eagerly between
+    them on the step's real tokens and metadata, reading and writing fixed buffers. Rows past the
+    real tokens are padding: their residual and input rows are zeroed each step (no values grow
+    there) and every captured kernel treats rows independently, so they never reach a real row.
+    """
+
+    def __init__(self, model: DecoderModel, max_tokens: int, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.sizes = [t for t in MIXED_SIZES if t <= max_tokens]
+        self.max_tokens = self.sizes[-1] if self.sizes else 0
+        cfg = model.config
+        n, dt = self.max_tokens, model.model.embed_tokens.weight.dtype
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.residual = torch.zeros((n, cfg.hidden_size), dtype=dt, device=device)
+        self.hidden = torch.zeros_like(self.residual)  # layer 0's input, then the final norm's output
+        self.qkv = torch.zeros((n, q_size + 2 * kv_size), dtype=dt, device=device)
+        self.attn = torch.zeros((n, q_size), dtype=dt, device=device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.replays = 0  # steps run through the graphs (tests read it)
+        self.capture_seconds = 0.0
+
+    def _segment(self, i: int, t: int) -> None:
+        """Graph i at t tokens: from layer i - 1's attention output (self.attn) to layer i's QKV
+        projection (self.qkv), or the final hidden state (self.hidden) after the last layer."""
+        layers = self.model.model.layers
+        residual = self.residual[:t]
+        if i == 0:
+            x = self.hidden[:t]
+        else:
+            last = i == len(layers)
+            nxt = self.model.model.norm if last else layers[i].input_layernorm
+            proj = None if last else layers[i].self_attn.qkv_proj
+            x, stream = layers[i - 1].after_attention(self.attn[:t], residual, nxt, proj)
+            assert isinstance(x, torch.Tensor) and stream is residual  # rows > 1: norms in place
+            if last:
+                self.hidden[:t].copy_(x)
+                return
+        self.qkv[:t].copy_(layers[i].self_attn.qkv_proj(x))
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        count = len(self.model.model.layers) + 1
+        for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for i in range(count):  # warm-up: Triton compilation, cuBLAS handles and workspaces
+                    self._segment(i, t)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graphs = []
+            for i in range(count):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self._segment(i, t)
+                graphs.append(g)
+            self.graphs[t] = graphs
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+        log.info(
+            "captured %d piecewise CUDA graphs for steps with prefill chunks (%d sizes up to %d tokens) in %.2fs",
+            sum(len(g) for g in self.graphs.values()),
+            len(self.graphs),
+            self.max_tokens,
+            self.capture_seconds,
+        )
+        return self.capture_seconds
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """DecoderModel.forward for a step of len(ids) <= max_tokens tokens: the final hidden states
+        [len(ids), hidden] (a view of a buffer the next step overwrites)."""
+        n = len(ids)
+        t = next(s for s in self.sizes if s >= n)
+        self.residual[n:t].zero_()
+        self.hidden[n:t].zero_()
+        self.model.embed(ids, feed, out=(self.residual[:n], self.hidden[:n]))
+        graphs = self.graphs[t]
+        graphs[0].replay()
+        for i, (layer, kv) in enumerate(zip(self.model.model.layers, kv_caches)):
+            attn = layer.self_attn
+            attn.backend.forward(attn, positions, self.qkv[:n], kv[0], kv[1], meta, out=self.attn[:n])
+            graphs[i + 1].replay()
+        self.replays += 1
+        return self.hidden[:n]

@@ -68,7 +68,13 @@ class LLMEngine:
         )
         assert config.max_num_batched_tokens is not None and config.max_model_len is not None
         self.max_model_len = config.max_model_len
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            decode_step_tokens=config.decode_step_tokens,
+            longest_first=config.admission == "longest_first",
+        )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         # noise for sampled requests without a seed of their own (one batched draw per step)
@@ -113,6 +119,9 @@ class LLMEngine:
         if "cuda_graphs" in self.runner.timings:
             self.startup_seconds["cuda_graphs"] = self.runner.timings["cuda_graphs"]
             log.info("startup phase cuda_graphs: %.2fs", self.startup_seconds["cuda_graphs"])
+        if "mixed_graphs" in self.runner.timings:
+            self.startup_seconds["mixed_graphs"] = self.runner.timings["mixed_graphs"]
+            log.info("startup phase mixed_graphs: %.2fs", self.startup_seconds["mixed_graphs"])
         log.info("startup phase warmup: %.2fs", self.startup_seconds["warmup"])
         return self.startup_seconds["warmup"]
 

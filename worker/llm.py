@@ -5,11 +5,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import torch
+
 from .config import EngineConfig
 from .engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+# an offline CUDA batch's token budget for steps with decodes (EngineConfig.decode_step_tokens). H100,
+# Llama-3.1-8B shape, bf16 W1 (docs/benchmarks.md, fourteenth session): with longest_first, budgets
+# of 320 / 384 / 512 / 640 / 768 / 1,024 gave 8,795 / 8,879 / 8,924-8,970 / 8,786 / 8,819 / 8,724
+# out tok/s (a first form of the setting that held back every prompt; in W1's order the final one
+# holds back nearly the same ones: 8,921-8,969 at 512), against 8,595-8,634 with fifo admission
+# and one budget of 8,192
+OFFLINE_DECODE_STEP_TOKENS = 512
 
 
 class LLM:
@@ -24,6 +34,13 @@ class LLM:
         enable_prefix_caching: bool = True,
         **kwargs: object,
     ) -> None:
+        """Extra keyword arguments are EngineConfig's. An offline batch on CUDA defaults to the
+        scheduler's offline settings (scheduler.py): admission longest_first and decode steps of
+        OFFLINE_DECODE_STEP_TOKENS tokens; pass admission="fifo" or decode_step_tokens=None to
+        turn them off."""
+        if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            kwargs.setdefault("admission", "longest_first")
+            kwargs.setdefault("decode_step_tokens", OFFLINE_DECODE_STEP_TOKENS)
         config = EngineConfig(
             model=model,
             dtype=dtype,

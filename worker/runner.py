@@ -8,6 +8,7 @@ prefill chunks run eagerly through the same Triton kernels.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -168,6 +169,7 @@ class ModelRunner:
         # a side stream for the sampled ids' device->host copies (sampling.to_host_async)
         self.copy_out_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs = None
+        self.mixed = None  # piecewise graphs for steps with prefill chunks (cuda_graphs.MixedGraphs)
         self.use_graphs = (
             self.device.type == "cuda"
             and not config.enforce_eager
@@ -193,6 +195,15 @@ class ModelRunner:
                 self.num_sms,
             )
             self.timings["cuda_graphs"] = self.graphs.capture()
+        if self.use_graphs and self.mixed is None and os.environ.get("INFERFLEET_MIXED_GRAPHS", "1") != "0":
+            from .cuda_graphs import MixedGraphs
+
+            assert self.config.max_num_batched_tokens is not None
+            self.mixed = MixedGraphs(self.model, self.config.max_num_batched_tokens, self.device)
+            if self.mixed.sizes:
+                self.timings["mixed_graphs"] = self.mixed.capture()
+            else:
+                self.mixed = None
         if self.device.type == "cuda" and kernels.AVAILABLE:
             # the greedy launch of batches above elementwise.ARGMAX_SPLIT_ROWS rows (one program per
             # row) compiles now, not at the first such batch (bench/compile_watch.py); its only
@@ -329,13 +340,11 @@ class ModelRunner:
         fed = None
         if feed is not None:
             fed = (torch.from_numpy(feed_rows(feed, len(hb.ids))).to(dev, non_blocking=True), feed[2])
-        hidden = self.model(
-            ids,
-            torch.from_numpy(hb.positions).to(dev, non_blocking=True),
-            self.kv_caches,
-            meta,
-            feed=fed,
-        )
+        positions = torch.from_numpy(hb.positions).to(dev, non_blocking=True)
+        if self.mixed is not None and len(hb.ids) <= self.mixed.max_tokens:
+            hidden = self.mixed.run(ids, positions, self.kv_caches, meta, fed)
+        else:
+            hidden = self.model(ids, positions, self.kv_caches, meta, feed=fed)
         if not hb.sample_index:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])
         idx = torch.from_numpy(np.asarray(hb.sample_index, dtype=np.int64)).to(dev, non_blocking=True)

@@ -251,7 +251,9 @@ class TritonAttentionBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output [t, heads * head_dim], into `out` (contiguous, that shape) where given."""
         from ..kernels.elementwise import rmsnorm, rope_and_cache
         from ..kernels.paged_attention import NewKV, paged_attention
 
@@ -272,12 +274,14 @@ class TritonAttentionBackend:
                 qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping, h, kvh, d,
                 kv_scale=kv_scale,
             )  # fmt: skip
-        out = torch.empty((t, h, d), dtype=qkv.dtype, device=qkv.device)
+        if out is None:
+            out = torch.empty((t, h * d), dtype=qkv.dtype, device=qkv.device)
+        assert out.shape == (t, h * d) and out.is_contiguous()
         paged_attention(
             q,
             k_cache,
             v_cache,
-            out,
+            out.view(t, h, d),
             meta.query_start_loc,
             meta.seq_lens,
             meta.block_tables,
@@ -288,4 +292,4 @@ class TritonAttentionBackend:
             new_kv=new_kv,
             kv_scale=kv_scale,
         )
-        return out.view(t, h * d)
+        return out

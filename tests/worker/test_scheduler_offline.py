@@ -1,0 +1,109 @@
+"""The scheduler's offline settings: longest_first admission and decode_step_tokens (scheduler.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from inferfleet.worker import EngineConfig, SamplingParams
+from inferfleet.worker.errors import InvalidRequestError
+from inferfleet.worker.kv_cache import BlockManager
+from inferfleet.worker.scheduler import Scheduler, SchedulerOutput
+from inferfleet.worker.sequence import Sequence
+
+
+def seq(rid: str, prompt_len: int, max_tokens: int) -> Sequence:
+    return Sequence(rid, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(sched: Scheduler) -> dict[str, int]:
+    """One step without a model: schedule, advance, a token for every sequence that sampled;
+    returns {request id: tokens scheduled}."""
+    out: SchedulerOutput = sched.schedule()
+    sched.check_invariants()
+    sched.advance(out)
+    for s in out.scheduled:
+        if s.seq.num_computed_tokens == s.seq.num_tokens:
+            s.seq.token_ids.append(1)
+            if s.seq.num_output_tokens >= s.seq.params.max_tokens:
+                sched.finish(s.seq, "length")
+    return {s.seq.request_id: s.num_new_tokens for s in out.scheduled}
+
+
+def test_longest_first_keeps_waiting_in_order_of_max_tokens() -> None:
+    sched = Scheduler(BlockManager(64, 4), 1, 8, longest_first=True)
+    for rid, m in (("a", 5), ("b", 20), ("c", 10), ("d", 20), ("e", 1)):
+        sched.add(seq(rid, 3, m))
+    assert [s.request_id for s in sched.waiting] == ["b", "d", "c", "a", "e"]  # ties keep arrival order
+    fifo = Scheduler(BlockManager(64, 4), 1, 8)
+    for rid, m in (("a", 5), ("b", 20)):
+        fifo.add(seq(rid, 3, m))
+    assert [s.request_id for s in fifo.waiting] == ["a", "b"]
+
+
+def test_decode_step_tokens_holds_back_only_prompts_that_end_first() -> None:
+    sched = Scheduler(
+        BlockManager(256, 4, enable_prefix_caching=False), 8, 64, decode_step_tokens=16, longest_first=True
+    )
+    sched.add(seq("long", 4, 50))
+    assert run_step(sched) == {"long": 4}  # nothing decodes yet: the whole budget
+    sched.add(seq("short", 40, 10))
+    sched.add(seq("longer", 40, 60))
+    # "long" decodes with 49 tokens to go: "longer" (60) would outlast it and takes its whole prompt;
+    # "short" (10) would end first and waits while the step already holds 41 > 16 tokens
+    assert run_step(sched) == {"long": 1, "longer": 40}
+    # two decodes, then "short" fills the step up to 16 tokens, chunk by chunk
+    assert run_step(sched) == {"long": 1, "longer": 1, "short": 14}
+    assert run_step(sched) == {"long": 1, "longer": 1, "short": 14}
+    assert run_step(sched) == {"long": 1, "longer": 1, "short": 12}
+    assert run_step(sched) == {"long": 1, "longer": 1, "short": 1}
+
+
+def test_equal_lengths_schedule_as_without_the_setting() -> None:
+    """A batch of equal max_tokens (W2's 1000 / 1000): no prompt ends before the decodes, so no
+    prompt is held back and every step is what the plain scheduler makes of it."""
+
+    def steps(decode_step_tokens: int | None) -> list[dict[str, int]]:
+        sched = Scheduler(BlockManager(512, 4), 6, 48, decode_step_tokens=decode_step_tokens)
+        for i in range(10):
+            sched.add(seq(f"r{i}", 30, 8))
+        return [run_step(sched) for _ in range(40)]
+
+    assert steps(8) == steps(None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=10),
+    num_blocks=st.integers(10, 24),
+    budget=st.integers(1, 20),
+    decode_budget=st.integers(1, 20),
+    longest_first=st.booleans(),
+)
+def test_offline_settings_never_starve_or_leak(
+    reqs: list[tuple[int, int]], num_blocks: int, budget: int, decode_budget: int, longest_first: bool
+) -> None:
+    """Preemption, chunking and held-back prompts together: every sequence finishes, every block
+    comes back, and no step exceeds its budget."""
+    bm = BlockManager(num_blocks, 4, enable_prefix_caching=True)
+    sched = Scheduler(bm, 3, budget, decode_step_tokens=decode_budget, longest_first=longest_first)
+    for i, (n, m) in enumerate(reqs):
+        sched.add(seq(str(i), min(n, num_blocks * 4 - 16), m))
+    for _ in range(2000):
+        if not sched.num_unfinished:
+            break
+        assert sum(run_step(sched).values()) <= budget
+    assert not sched.num_unfinished
+    assert bm.num_free_blocks == num_blocks
+
+
+def test_config_checks_and_offline_defaults(tiny_llama: Path) -> None:
+    for bad in ({"decode_step_tokens": 0}, {"admission": "shortest_first"}):
+        with pytest.raises(InvalidRequestError):
+            EngineConfig(model=str(tiny_llama), device="cpu", **bad)  # type: ignore[arg-type]
+    from inferfleet.worker import LLM
+
+    cpu = LLM(model=str(tiny_llama), device="cpu").engine.scheduler
+    assert cpu.decode_step_tokens is None and not cpu.longest_first  # the offline settings are CUDA's
