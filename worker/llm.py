@@ -36,11 +36,12 @@ class LLM:
     ) -> None:
         """Extra keyword arguments are EngineConfig's. An offline batch on CUDA defaults to the
         scheduler's offline settings (scheduler.py): admission longest_first and decode steps of
-        OFFLINE_DECODE_STEP_TOKENS tokens; pass admission="fifo" or decode_step_tokens=None to
-        turn them off."""
+        OFFLINE_DECODE_STEP_TOKENS tokens; admission="fifo" turns both off (decode_step_tokens=None
+        the budget alone)."""
         if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
             kwargs.setdefault("admission", "longest_first")
-            kwargs.setdefault("decode_step_tokens", OFFLINE_DECODE_STEP_TOKENS)
+            if kwargs["admission"] == "longest_first":  # the budget pays with that order (scheduler.py)
+                kwargs.setdefault("decode_step_tokens", OFFLINE_DECODE_STEP_TOKENS)
         config = EngineConfig(
             model=model,
             dtype=dtype,

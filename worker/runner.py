@@ -199,7 +199,13 @@ class ModelRunner:
             from .cuda_graphs import MixedGraphs
 
             assert self.config.max_num_batched_tokens is not None
-            self.mixed = MixedGraphs(self.model, self.config.max_num_batched_tokens, self.device)
+            limit = self.config.max_num_batched_tokens
+            quant = self.mc.quant
+            if quant is not None and quant.method in ("int8", "gptq"):
+                # above kernels.MAX_M rows these widen whole weight matrices: in a graph, its pool
+                # would hold the widened copies for good
+                limit = min(limit, kernels.MAX_M)
+            self.mixed = MixedGraphs(self.model, limit, self.device)
             if self.mixed.sizes:
                 self.timings["mixed_graphs"] = self.mixed.capture()
             else:

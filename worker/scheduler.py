@@ -27,6 +27,9 @@ Two settings for offline batches (LLM's defaults on CUDA, off for serving):
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
   request with fewer tokens to generate can wait behind later ones: not for serving.
+  A prompt held back is passed by those behind it that are not; a running one held back mid-prompt
+  keeps its blocks (preemption takes the latest admitted first), so under steady arrivals a short
+  prompt could wait long: both settings are for batches queued at once (LLM.generate).
 """
 
 from __future__ import annotations
@@ -81,14 +84,14 @@ class Scheduler:
         self.longest_first = longest_first  # waiting queue ordered by max_tokens, most first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        # (head of the queue, free_epoch, budget) of an admission that did not fit
-        self._blocked: tuple[Sequence, int, int] | None = None
+        # (sequence, free_epoch, budget, horizon) of an admission that did not fit
+        self._blocked: tuple[Sequence, int, int, int | None] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         if self.longest_first:
-            # behind every waiting sequence with at least as many tokens to generate (stable);
-            # preempted sequences, back at the front, stay there
+            # behind every waiting sequence with at least as many tokens to generate (stable); a
+            # preempted sequence (put back at the front) may be passed by a longer later arrival
             i = len(self.waiting)
             while i > 0 and self.waiting[i - 1].params.max_tokens < seq.params.max_tokens:
                 i -= 1
@@ -129,21 +132,23 @@ class Scheduler:
         if out.preempted:
             return out
         now = time.monotonic()
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if self._blocked == (seq, self.bm.free_epoch, budget):
+        j = 0  # the queue position considered (0 unless a prompt ahead is held back this step)
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[j]
+            if self._blocked == (seq, self.bm.free_epoch, budget, horizon):
                 break  # it did not fit last step and no block has been freed since
             if self._deferred(seq, seq.num_tokens, budget, horizon) == 0:
-                break
+                j += 1  # held back (decode_step_tokens); one behind it may not be
+                continue
             cached = self.bm.match_prefix(seq)
             n = self._deferred(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), budget, horizon)
             if not self.bm.allocate(seq, n):
                 self.bm.free(seq)  # give back the cached blocks it just took
-                self._blocked = (seq, self.bm.free_epoch, budget)
+                self._blocked = (seq, self.bm.free_epoch, budget, horizon)
                 break
             self._blocked = None
             self.bm.record_admission(seq, cached)
-            self.waiting.popleft()
+            del self.waiting[j]
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now

@@ -107,3 +107,46 @@ def test_config_checks_and_offline_defaults(tiny_llama: Path) -> None:
 
     cpu = LLM(model=str(tiny_llama), device="cpu").engine.scheduler
     assert cpu.decode_step_tokens is None and not cpu.longest_first  # the offline settings are CUDA's
+
+
+def test_a_held_back_prompt_does_not_hold_up_the_ones_behind_it() -> None:
+    """FIFO order with a decode budget: the head of the queue would end before the decodes and is
+    held back (the step's one token is a decode's), the request behind it would outlast them and
+    is admitted past it; the held-back one starts once no decode is left to outlast it."""
+    sched = Scheduler(BlockManager(256, 4, enable_prefix_caching=False), 8, 64, decode_step_tokens=1)
+    sched.add(seq("long", 4, 4))
+    assert run_step(sched) == {"long": 4}
+    sched.add(seq("short", 20, 2))
+    sched.add(seq("longer", 20, 5))
+    # "long" may generate 3 more: "short" (2) would end first, "longer" (5) would outlast it
+    assert run_step(sched) == {"long": 1, "longer": 20}
+    assert [s.request_id for s in sched.waiting] == ["short"]
+    for _ in range(10):
+        horizon = sched._horizon()
+        if "short" in run_step(sched):
+            assert horizon is None or horizon <= 2  # admitted once it would no longer end first
+            break
+    else:
+        raise AssertionError("the held-back prompt was never admitted")
+
+
+def test_llm_offline_defaults_follow_admission(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLM on CUDA takes longest_first with a decode budget, or neither with admission="fifo"
+    (EngineConfig is built on a CPU device here: only the defaults LLM passes are checked)."""
+    from inferfleet.worker import llm as llm_mod
+
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_config(**kw: object) -> None:
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(llm_mod, "EngineConfig", fake_config)
+    for extra in ({}, {"admission": "fifo"}):
+        with pytest.raises(Stop):
+            llm_mod.LLM(model=str(tiny_llama), device="cuda", **extra)
+    assert seen[0]["admission"] == "longest_first" and seen[0]["decode_step_tokens"] == 512
+    assert seen[1]["admission"] == "fifo" and "decode_step_tokens" not in seen[1]
