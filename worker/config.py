@@ -184,6 +184,15 @@ class ModelConfig:
         return cls.from_dict(cfg, gen)
 
 
+def resolve_device(device: str) -> str:
+    """A device setting with "auto" resolved: cuda where a CUDA device is available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -192,9 +201,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None  # per-step token budget (prefill chunks + decodes)
-    # a step's token budget while sequences are decoding (their one token each, then prefill chunks
-    # up to it); None: max_num_batched_tokens. A smaller one spreads prompts over decode steps whose
-    # matmuls have compute to spare, instead of steps of prefill alone (scheduler.py)
+    # while sequences are decoding, the step's token budget for prompts that would finish before
+    # them (None: no such limit): they fill decode steps whose matmuls have compute to spare instead
+    # of steps of prefill alone (scheduler.py)
     decode_step_tokens: int | None = None
     # order of admission: "fifo" (arrival), or "longest_first" (most max_tokens first; for offline
     # batches, where the longest generation bounds the batch's steps: LLM's default on CUDA)
@@ -221,8 +230,7 @@ class EngineConfig:
         import torch
 
         self.model_config = ModelConfig.from_pretrained(self.model)
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device(self.device)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidRequestError(f"device must be cpu or cuda, got {self.device!r}", param="device")
         if self.device != "cpu" and not torch.cuda.is_available():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +51,22 @@ def batch_size_ladder(max_bs: int) -> list[int]:
     if sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes
+
+
+def capture_graph(
+    fn: Callable[[], Any], pool: Any, stream: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """fn() run once on `stream` (warm-up: Triton compilation, cuBLAS handles and workspaces), then
+    captured into a graph drawing on `pool`: (the graph, fn's output as captured)."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        fn()
+    current.wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, stream=stream):
+        out = fn()
+    return g, out
 
 
 # a decode batch whose longest context spans at most this many key tiles takes this many context
@@ -261,13 +279,7 @@ class DecodeGraphs:
                 forward = lambda bs=bs, s=s: self._forward(bs, s)  # noqa: E731
             else:
                 forward = lambda f=f, s=s: self._forward_one_row(f, s)  # noqa: E731
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                forward()  # warm-up: Triton compilation, cuBLAS handles and workspaces
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, stream=stream):
-                logits = forward()
+            g, logits = capture_graph(forward, pool, stream)
             if f is None:
                 self.graphs[bs, s] = (g, logits)
             else:
@@ -369,7 +381,6 @@ class MixedGraphs:
         self.attn = torch.zeros((n, q_size), dtype=dt, device=device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.replays = 0  # steps run through the graphs (tests read it)
-        self.capture_seconds = 0.0
 
     def _segment(self, i: int, t: int) -> None:
         """Graph i at t tokens: from layer i - 1's attention output (self.attn) to layer i's QKV
@@ -396,28 +407,19 @@ class MixedGraphs:
         stream = torch.cuda.Stream(self.device)
         count = len(self.model.model.layers) + 1
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for i in range(count):  # warm-up: Triton compilation, cuBLAS handles and workspaces
-                    self._segment(i, t)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graphs = []
-            for i in range(count):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    self._segment(i, t)
-                graphs.append(g)
-            self.graphs[t] = graphs
+            self.graphs[t] = [
+                capture_graph(lambda i=i, t=t: self._segment(i, t), pool, stream)[0] for i in range(count)
+            ]
         torch.cuda.synchronize(self.device)
-        self.capture_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         log.info(
             "captured %d piecewise CUDA graphs for steps with prefill chunks (%d sizes up to %d tokens) in %.2fs",
-            sum(len(g) for g in self.graphs.values()),
+            count * len(self.graphs),
             len(self.graphs),
             self.max_tokens,
-            self.capture_seconds,
+            seconds,
         )
-        return self.capture_seconds
+        return seconds
 
     def run(
         self,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import torch
-
-from .config import EngineConfig
+from .config import EngineConfig, resolve_device
 from .engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import RequestOutput
@@ -38,7 +36,7 @@ class LLM:
         scheduler's offline settings (scheduler.py): admission longest_first and decode steps of
         OFFLINE_DECODE_STEP_TOKENS tokens; admission="fifo" turns both off (decode_step_tokens=None
         the budget alone)."""
-        if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        if resolve_device(device).startswith("cuda"):
             kwargs.setdefault("admission", "longest_first")
             if kwargs["admission"] == "longest_first":  # the budget pays with that order (scheduler.py)
                 kwargs.setdefault("decode_step_tokens", OFFLINE_DECODE_STEP_TOKENS)

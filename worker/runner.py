@@ -2,7 +2,8 @@
 
 It knows nothing about requests beyond token ids, positions and block tables; sampling and
 stopping stay in the engine. On CUDA, decode-only steps replay a captured graph; steps with
-prefill chunks run eagerly through the same Triton kernels.
+prefill chunks of up to 1,024 tokens replay piecewise graphs with attention launched between them
+(cuda_graphs.MixedGraphs), and larger ones run eagerly through the same Triton kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .layers.attention import (
     alloc_kv_cache,
     table_width,
 )
+from .layers.linear import Linear
 from .loader import load_model_weights
 from .models import DecoderModel
 from .scheduler import SchedulerOutput
@@ -199,12 +201,14 @@ class ModelRunner:
             from .cuda_graphs import MixedGraphs
 
             assert self.config.max_num_batched_tokens is not None
-            limit = self.config.max_num_batched_tokens
-            quant = self.mc.quant
-            if quant is not None and quant.method in ("int8", "gptq"):
-                # above kernels.MAX_M rows these widen whole weight matrices: in a graph, its pool
-                # would hold the widened copies for good
-                limit = min(limit, kernels.MAX_M)
+            # no larger than a batch the decoder's quantized layers take without widening their
+            # weights (LinearMethod.widens_above): a graph's pool would keep the widened copies
+            widen = [
+                m.method.widens_above(m)
+                for m in self.model.model.modules()
+                if isinstance(m, Linear) and m.method is not None
+            ]
+            limit = min([self.config.max_num_batched_tokens, *(w for w in widen if w is not None)])
             self.mixed = MixedGraphs(self.model, limit, self.device)
             if self.mixed.sizes:
                 self.timings["mixed_graphs"] = self.mixed.capture()

@@ -79,7 +79,7 @@ class Scheduler:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # a step's budget while some running sequence decodes (None: max_num_batched_tokens)
+        # while sequences decode, the step's budget for prompts that would finish first (_deferred)
         self.decode_step_tokens = decode_step_tokens
         self.longest_first = longest_first  # waiting queue ordered by max_tokens, most first
         self.waiting: deque[Sequence] = deque()

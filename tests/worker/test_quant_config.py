@@ -412,3 +412,22 @@ def test_compressed_tensors_pack_quantized_refusals(weights: dict[str, Any], mes
     qc["config_groups"]["group_0"]["input_activations"] = {"type": "int", "num_bits": 8, "dynamic": True}
     with pytest.raises(UnsupportedModelError, match="weight-only W4A16 / W8A16 are"):
         checkpoint_quantization(qc)
+
+
+def test_widens_above_tells_where_a_layer_widens_its_weights() -> None:
+    """LinearMethod.widens_above (what bounds cuda_graphs.MixedGraphs' token counts): INT8 and GPTQ
+    widen above kernels.MAX_M rows, FP8 never where _scaled_mm takes its shape, plain layers never."""
+    from inferfleet.worker.kernels import MAX_M
+    from inferfleet.worker.layers.linear import Linear
+
+    def layer(quant: QuantConfig | None, n: int = 64, k: int = 64) -> Linear:
+        return Linear(k, [n], quant=quant)
+
+    assert layer(None).method is None
+    for q in (QuantConfig("int8", False), QuantConfig("gptq", True, bits=4, group_size=32)):
+        lin = layer(q)
+        assert lin.method.widens_above(lin) == MAX_M
+    fp8 = layer(QuantConfig("fp8", False))
+    assert fp8.method.widens_above(fp8) is None
+    odd = layer(QuantConfig("fp8", False), n=40, k=72)  # _scaled_mm needs multiples of 16
+    assert odd.method.widens_above(odd) is not None

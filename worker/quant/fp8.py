@@ -120,6 +120,9 @@ class Fp8LinearMethod(RowScaledMethod):
     def gemv_max_m(self) -> int:
         return W8A16_MAX_M
 
+    def widens_above(self, layer: Linear) -> int | None:
+        return None if scaled_mm_supported(layer.in_features, layer.weight.shape[0]) else W8A16_MAX_M
+
     def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w, s, b = layer.weight, layer.weight_scale, layer.bias
         if x.is_cuda and scaled_mm_supported(layer.in_features, w.shape[0]):

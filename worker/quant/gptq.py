@@ -260,6 +260,9 @@ class GptqLinearMethod(LinearMethod):
             return gptq_gemm(x, *packed, bias=layer.bias)
         return F.linear(x, gptq_dequant(*packed, dtype=x.dtype), layer.bias)
 
+    def widens_above(self, layer: Linear) -> int | None:
+        return FUSED_MAX_M  # above it, apply dequantizes the whole matrix for cuBLAS
+
     def apply_one_row(self, layer: Linear, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
         """The one-row Gluon kernel with a fused epilogue, where this layer runs on it."""
         if layer.gptq_one_row != "row4":

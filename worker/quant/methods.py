@@ -59,6 +59,12 @@ class LinearMethod:
         epilogue (Linear._one_row), or None where the method has none."""
         return None
 
+    def widens_above(self, layer: Linear) -> int | None:
+        """The most rows `apply` takes on CUDA without widening the whole weight matrix to 16 bits
+        for cuBLAS (None: it never does); a CUDA graph capturing a larger batch would keep the
+        widened copy in its pool (cuda_graphs.MixedGraphs)."""
+        return None
+
 
 def make_linear_method(quant: QuantConfig) -> LinearMethod:
     if quant.method == "fp8":
@@ -114,6 +120,9 @@ class RowScaledMethod(LinearMethod):
 
     def gemv_max_m(self) -> int:
         raise NotImplementedError
+
+    def widens_above(self, layer: Linear) -> int | None:
+        return self.gemv_max_m()  # `fallback` widens (FP8's takes _scaled_mm where it can)
 
     def fallback(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
