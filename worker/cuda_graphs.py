@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .kernels.elementwise import ARGMAX_KEY_MIN, StagedInputs, argmax_finish, argmax_rows
-from .kernels.paged_attention import decode_tiles
+from .kernels.paged_attention import decode_tiles, fill_tile_map, tile_map_entries
 from .layers.attention import AttentionMetadata, table_width
 from .models import DecoderModel
 from .runner import Feed, feed_rows
@@ -117,13 +117,19 @@ def _step_bytes(n: int) -> int:
     return sum(_span(n, dt) for _, dt in _FIELDS)
 
 
-def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Typed views of a byte buffer laid out as _FIELDS, n entries each, each 16-byte aligned."""
+def _carve(buf: torch.Tensor, fields: list[tuple[torch.dtype, int]]) -> tuple[torch.Tensor, ...]:
+    """Typed views of a byte buffer holding `fields` (dtype, entries) one after another, each
+    16-byte aligned (_span)."""
     views, at = [], 0
-    for _, dt in _FIELDS:
+    for dt, n in fields:
         views.append(buf[at : at + n * dt.itemsize].view(dt))
         at += _span(n, dt)
     return tuple(views)
+
+
+def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Typed views of a byte buffer laid out as _FIELDS, n entries each."""
+    return _carve(buf, [(dt, n) for _, dt in _FIELDS])
 
 
 class _Inputs:
@@ -344,103 +350,168 @@ class DecodeGraphs:
         return logits[:n], None
 
 
-# token counts of the piecewise graphs for steps with prefill chunks (MixedGraphs), up to the
-# engine's per-step budget: a step takes the smallest that holds it. Above the largest, a step's
-# GPU time outlasts launching it eagerly.
+# token counts of the graphs for steps with prefill chunks (MixedGraphs), up to the engine's per-step
+# budget: a step takes the smallest that holds it. Above the largest, a step's GPU time outlasts
+# launching it eagerly.
 MIXED_SIZES = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
+class _MixedLayout:
+    """The inputs of a step with prefill chunks in one byte buffer: per token (`tokens` entries) ids,
+    positions, cache slots and feed rows (int64); per sequence (`seqs`) the query start offsets
+    (seqs + 1) and context lengths (int32); the attention tile map (int32 pairs, `tiles` of them);
+    and, apart, the block tables [seqs, width] int32."""
+
+    def __init__(self, tokens: int, seqs: int, tiles: int, width: int) -> None:
+        self.fields = [
+            (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens),
+            (torch.int32, seqs + 1), (torch.int32, seqs), (torch.int32, 2 * tiles),
+        ]  # fmt: skip
+        self.nbytes = sum(_span(n, dt) for dt, n in self.fields)
+        self.tiles, self.seqs, self.width = tiles, seqs, width
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, slots, feed_rows, query_start_loc, seq_lens, tile map [tiles, 2])."""
+        *head, tiles = _carve(buf, self.fields)
+        return (*head, tiles.view(self.tiles, 2))
+
+
+class _MixedStaging:
+    """Pinned host buffers of one step's inputs as _MixedLayout lays them out (numpy views to write
+    them), and `copied`: recorded after their copy to the device, which must end before they are
+    rewritten."""
+
+    def __init__(self, layout: _MixedLayout) -> None:
+        self.h_bytes = torch.zeros(layout.nbytes, dtype=torch.uint8).pin_memory()
+        self.h_tables = torch.zeros((layout.seqs, layout.width), dtype=torch.int32).pin_memory()
+        self.views = tuple(v.numpy() for v in layout.views(self.h_bytes))
+        self.tables_np = self.h_tables.numpy()
+        self.copied = torch.cuda.Event()
+
+
 class MixedGraphs:
-    """Piecewise CUDA graphs for steps that hold a prefill chunk (and decodes beside it).
+    """CUDA graphs for steps that hold a prefill chunk (and decodes beside it), attention included.
 
     Such a step launched eagerly costs ~14.5 ms of host time for a Llama-8B (~160 Triton launches and
     ~130 cuBLAS calls through the Python layers), about twice its GPU time at 300 tokens (H100,
-    docs/benchmarks.md, fourteenth session): the card waits for the host. Everything in a step but
-    attention depends only on its token count, so for each size of MIXED_SIZES this captures the
-    stretch between two attention launches as one graph: graph 0 is layer 0's QKV projection (from
-    the embedding, which is launched eagerly and also takes the step's fed token ids), graph i
-    layer i - 1's output projection, norms and MLP up to layer i's QKV projection, and the last one
-    ends with the final norm. Attention (rotary, KV write, paged attention) runs eagerly between
-    them on the step's real tokens and metadata, reading and writing fixed buffers. Rows past the
-    real tokens are padding: their residual and input rows are zeroed each step (no values grow
-    there) and every captured kernel treats rows independently, so they never reach a real row.
+    docs/benchmarks.md, fourteenth session): the card waits for the host. For each token count of
+    MIXED_SIZES, one graph holds the step from the first layer's QKV projection to the final norm.
+    Every input it reads sits in fixed device buffers, written by two host->device copies before
+    the embedding launch (which also takes the step's fed token ids) and the replay: ids, positions
+    and cache slots per token, query offsets, context lengths and block tables per sequence, and the
+    attention tile map (kernels/paged_attention.fill_tile_map), whose fixed number of entries makes
+    the attention grid independent of how the tokens split into sequences. Rows past the real tokens
+    are padding: token id 0, slot -1 (the cache write skips them), in no attention tile; every other
+    captured kernel treats rows independently, so they never reach a real row.
     """
 
-    def __init__(self, model: DecoderModel, max_tokens: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
         self.model = model
+        self.kv_caches = kv_caches
         self.device = device
         self.sizes = [t for t in MIXED_SIZES if t <= max_tokens]
         self.max_tokens = self.sizes[-1] if self.sizes else 0
         cfg = model.config
-        n, dt = self.max_tokens, model.model.embed_tokens.weight.dtype
-        q_size = cfg.num_heads * cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.residual = torch.zeros((n, cfg.hidden_size), dtype=dt, device=device)
-        self.hidden = torch.zeros_like(self.residual)  # layer 0's input, then the final norm's output
-        self.qkv = torch.zeros((n, q_size + 2 * kv_size), dtype=dt, device=device)
-        self.attn = torch.zeros((n, q_size), dtype=dt, device=device)
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        n = self.max_tokens
+        self.max_seqs = min(max_seqs, n)  # a sequence has at least one token in a step
+        self.tile_counts = {t: tile_map_entries(t, self.max_seqs, self.group) for t in self.sizes}
+        width = table_width(max_blocks_per_seq)
+        self.layout = _MixedLayout(n, self.max_seqs, max(self.tile_counts.values(), default=0), width)
+        self.bytes = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
+        self.ids, self.positions, self.slots, self.feed_rows, self.qsl, self.seq_lens, self.tiles = (
+            self.layout.views(self.bytes)
+        )
+        self.slots.fill_(-1)  # the capture runs each graph once: no cache writes, no attention tiles
+        self.tiles.fill_(-1)
+        self.tables = torch.zeros((self.max_seqs, width), dtype=torch.int32, device=device)
+        # pinned host copies, two used in turn: one is written while the other's copy may be in flight
+        self._staging = [_MixedStaging(self.layout) for _ in range(2)]
+        self._flip = 0
+        emb = model.model.embed_tokens.weight
+        self.residual = torch.zeros((n, cfg.hidden_size), dtype=emb.dtype, device=device)
+        self.hidden = torch.zeros_like(self.residual)  # the first layer's normalized input
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0  # steps run through the graphs (tests read it)
 
-    def _segment(self, i: int, t: int) -> None:
-        """Graph i at t tokens: from layer i - 1's attention output (self.attn) to layer i's QKV
-        projection (self.qkv), or the final hidden state (self.hidden) after the last layer."""
-        layers = self.model.model.layers
-        residual = self.residual[:t]
-        if i == 0:
-            x = self.hidden[:t]
-        else:
-            last = i == len(layers)
-            nxt = self.model.model.norm if last else layers[i].input_layernorm
-            proj = None if last else layers[i].self_attn.qkv_proj
-            x, stream = layers[i - 1].after_attention(self.attn[:t], residual, nxt, proj)
-            assert isinstance(x, torch.Tensor) and stream is residual  # rows > 1: norms in place
-            if last:
-                self.hidden[:t].copy_(x)
-                return
-        self.qkv[:t].copy_(layers[i].self_attn.qkv_proj(x))
+    def _forward(self, t: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:t],
+            query_start_loc=self.qsl,
+            seq_lens=self.seq_lens,
+            block_tables=self.tables,
+            max_query_len=t,  # an upper bound: the tile map says which tiles hold tokens
+            query_lens_host=[],
+            seq_lens_host=[],
+            tile_map=self.tiles[: self.tile_counts[t]],
+        )
+        embedded = (self.residual[:t], self.hidden[:t])
+        return self.model(self.ids[:t], self.positions[:t], self.kv_caches, meta, embedded=embedded)
 
     @torch.inference_mode()
     def capture(self) -> float:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        count = len(self.model.model.layers) + 1
         for t in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            self.graphs[t] = [
-                capture_graph(lambda i=i, t=t: self._segment(i, t), pool, stream)[0] for i in range(count)
-            ]
+            self.graphs[t] = capture_graph(lambda t=t: self._forward(t), pool, stream)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         log.info(
-            "captured %d piecewise CUDA graphs for steps with prefill chunks (%d sizes up to %d tokens) in %.2fs",
-            count * len(self.graphs),
+            "captured %d CUDA graphs for steps with prefill chunks (up to %d tokens) in %.2fs",
             len(self.graphs),
             self.max_tokens,
             seconds,
         )
         return seconds
 
+    def holds(self, tokens: int, seqs: int) -> bool:
+        return tokens <= self.max_tokens and seqs <= self.max_seqs
+
     def run(
         self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
-        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        query_lens: list[int],
+        seq_lens: list[int],
+        tables: list[np.ndarray],
+        feed: Feed | None = None,
     ) -> torch.Tensor:
-        """DecoderModel.forward for a step of len(ids) <= max_tokens tokens: the final hidden states
-        [len(ids), hidden] (a view of a buffer the next step overwrites)."""
-        n = len(ids)
+        """DecoderModel.forward for a step of n = len(ids) tokens that `holds`: the final hidden states
+        [n, hidden] (a view of a buffer the next step overwrites)."""
+        n, b = len(ids), len(query_lens)
         t = next(s for s in self.sizes if s >= n)
-        self.residual[n:t].zero_()
-        self.hidden[n:t].zero_()
-        self.model.embed(ids, feed, out=(self.residual[:n], self.hidden[:n]))
-        graphs = self.graphs[t]
-        graphs[0].replay()
-        for i, (layer, kv) in enumerate(zip(self.model.model.layers, kv_caches)):
-            attn = layer.self_attn
-            attn.backend.forward(attn, positions, self.qkv[:n], kv[0], kv[1], meta, out=self.attn[:n])
-            graphs[i + 1].replay()
+        st = self._staging[self._flip]
+        self._flip ^= 1
+        st.copied.synchronize()  # this set's last copy (two steps ago) has left its pinned memory
+        h_ids, h_pos, h_slots, h_feed, h_qsl, h_lens, h_tiles = st.views
+        h_ids[:n], h_pos[:n], h_slots[:n] = ids, positions, slots
+        h_ids[n:t], h_pos[n:t], h_slots[n:t] = 0, 0, -1
+        feed_rows(feed, t, out=h_feed[:t])
+        q = np.asarray(query_lens, dtype=np.int32)
+        lens = np.asarray(seq_lens, dtype=np.int32)
+        h_qsl[0] = 0
+        np.cumsum(q, out=h_qsl[1 : b + 1])
+        h_lens[:b] = lens
+        fill_tile_map(q, lens, self.group, h_tiles[: self.tile_counts[t]])
+        for i, tb in enumerate(tables):
+            st.tables_np[i, : len(tb)] = tb
+        # on the engine's stream: after the previous step's replay, which read these buffers
+        self.bytes.copy_(st.h_bytes, non_blocking=True)
+        self.tables[:b].copy_(st.h_tables[:b], non_blocking=True)
+        st.copied.record()
+        fed = (self.feed_rows[:t], feed[2]) if feed is not None else None
+        self.model.embed(self.ids[:t], fed, out=(self.residual[:t], self.hidden[:t]))
+        g, out = self.graphs[t]
+        g.replay()
         self.replays += 1
-        return self.hidden[:n]
+        return out[:n]

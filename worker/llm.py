@@ -12,12 +12,13 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 # an offline CUDA batch's token budget for steps with decodes (EngineConfig.decode_step_tokens). H100,
-# Llama-3.1-8B shape, bf16 W1 (docs/benchmarks.md, fourteenth session): with longest_first, budgets
-# of 320 / 384 / 512 / 640 / 768 / 1,024 gave 8,795 / 8,879 / 8,924-8,970 / 8,786 / 8,819 / 8,724
-# out tok/s (a first form of the setting that held back every prompt; in W1's order the final one
-# holds back nearly the same ones: 8,921-8,969 at 512), against 8,595-8,634 with fifo admission
-# and one budget of 8,192
-OFFLINE_DECODE_STEP_TOKENS = 512
+# Llama-3.1-8B shape, bf16 W1, longest_first (docs/benchmarks.md): fourteenth session, steps with
+# prompt chunks launched between piecewise graphs, budgets of 320 / 384 / 512 / 640 / 768 / 1,024
+# gave 8,795 / 8,879 / 8,924-8,970 / 8,786 / 8,819 / 8,724 out tok/s (fifo: 8,595-8,634); fifteenth
+# session, those steps in whole graphs: 128 / 192 / 256 / 384 / 512 gave 8,841 / 9,036 /
+# 9,182-9,265 / 9,196 / 9,155-9,185, and 256 / 512 alternated in one process 9,212 / 9,192 against
+# 9,129 / 9,075
+OFFLINE_DECODE_STEP_TOKENS = 256
 
 
 class LLM:

@@ -2,8 +2,8 @@
 
 It knows nothing about requests beyond token ids, positions and block tables; sampling and
 stopping stay in the engine. On CUDA, decode-only steps replay a captured graph; steps with
-prefill chunks of up to 1,024 tokens replay piecewise graphs with attention launched between them
-(cuda_graphs.MixedGraphs), and larger ones run eagerly through the same Triton kernels.
+prefill chunks of up to 1,024 tokens replay another kind (cuda_graphs.MixedGraphs), and larger
+ones run eagerly through the same Triton kernels.
 """
 
 from __future__ import annotations
@@ -209,7 +209,14 @@ class ModelRunner:
                 if isinstance(m, Linear) and m.method is not None
             ]
             limit = min([self.config.max_num_batched_tokens, *(w for w in widen if w is not None)])
-            self.mixed = MixedGraphs(self.model, limit, self.device)
+            self.mixed = MixedGraphs(
+                self.model,
+                self.kv_caches,
+                limit,
+                self.config.max_num_seqs,
+                self.max_blocks_per_seq,
+                self.device,
+            )
             if self.mixed.sizes:
                 self.timings["mixed_graphs"] = self.mixed.capture()
             else:
@@ -344,6 +351,11 @@ class ModelRunner:
             logits, greedy = self.graphs.run(hb.ids, hb.positions, hb.slots, seq_lens, hb.arrays, feed)
             # in a decode-only step every row samples, in order (build_host_batch checks it)
             return StepLogits(logits, hb.rows, greedy)
+        if self.mixed is not None and self.mixed.holds(len(hb.ids), len(hb.query_lens)):
+            hidden = self.mixed.run(
+                hb.ids, hb.positions, hb.slots, hb.query_lens, hb.seq_lens, hb.arrays, feed
+            )
+            return self._logits(hidden, hb)
         slot_t = torch.from_numpy(hb.slots).to(dev, non_blocking=True)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
         ids = torch.from_numpy(hb.ids).to(dev, non_blocking=True)
@@ -351,10 +363,11 @@ class ModelRunner:
         if feed is not None:
             fed = (torch.from_numpy(feed_rows(feed, len(hb.ids))).to(dev, non_blocking=True), feed[2])
         positions = torch.from_numpy(hb.positions).to(dev, non_blocking=True)
-        if self.mixed is not None and len(hb.ids) <= self.mixed.max_tokens:
-            hidden = self.mixed.run(ids, positions, self.kv_caches, meta, fed)
-        else:
-            hidden = self.model(ids, positions, self.kv_caches, meta, feed=fed)
+        return self._logits(self.model(ids, positions, self.kv_caches, meta, feed=fed), hb)
+
+    def _logits(self, hidden: torch.Tensor, hb: HostBatch) -> StepLogits:
+        """The logits of the step's sampling rows from its final hidden states."""
+        dev = self.device
         if not hb.sample_index:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])
         idx = torch.from_numpy(np.asarray(hb.sample_index, dtype=np.int64)).to(dev, non_blocking=True)

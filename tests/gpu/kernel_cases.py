@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,7 +39,12 @@ from inferfleet.worker.kernels.elementwise import (  # noqa: E402
     sample_rows,
     silu_and_mul,
 )
-from inferfleet.worker.kernels.paged_attention import NewKV, paged_attention  # noqa: E402
+from inferfleet.worker.kernels.paged_attention import (  # noqa: E402
+    NewKV,
+    fill_tile_map,
+    paged_attention,
+    tile_map_entries,
+)
 from inferfleet.worker.layers.attention import (  # noqa: E402
     KV_FP8_DTYPE,
     KV_FP8_MAX,
@@ -129,6 +135,66 @@ def test_paged_attention_matches_reference(h, kvh, d, page, qlens, ctx, splits) 
     v_cache.view(-1, kvh, d)[meta.slot_mapping] = v
     out = run_paged_attention(q, k_cache, v_cache, meta, scale, splits)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("h", "kvh", "d", "page", "qlens", "ctx", "splits"), [c for c in CASES if c[-1] == 1]
+)
+def test_paged_attention_tile_map_equals_the_grid_launch(h, kvh, d, page, qlens, ctx, splits) -> None:
+    """The tile-map launch (cuda_graphs.MixedGraphs) over buffers as a graph holds them: more token
+    rows, sequence entries and table columns than the step uses, stale values past it, and map
+    entries of -1. Every real output row equals the grid launch's with prefill tiles bit for bit
+    (the same programs in another order; a step of decodes alone would take decode tiles, whose
+    sums round otherwise), and the padding rows stay untouched."""
+    torch.manual_seed(0)
+    nb = 64
+    meta = make_batch(qlens, ctx, page, nb, seed=1)
+    t, b, pad_t, pad_b = sum(qlens), len(qlens), 7, 3
+    k_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
+    v_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
+    q = torch.randn(t + pad_t, h, d, dtype=DT, device=DEV)
+    meta.max_query_len = max(2, meta.max_query_len)  # prefill tiles, as the map's launch takes
+    want = run_paged_attention(q[:t], k_cache, v_cache, meta, d**-0.5, 1)
+    qsl = torch.cat([meta.query_start_loc, torch.full((pad_b,), 5, dtype=torch.int32, device=DEV)])
+    lens = torch.cat([meta.seq_lens, torch.full((pad_b,), 9, dtype=torch.int32, device=DEV)])
+    tables = torch.randint(0, nb, (b + pad_b, meta.block_tables.shape[1] + 16), dtype=torch.int32, device=DEV)
+    tables[:b, : meta.block_tables.shape[1]] = meta.block_tables
+    entries = tile_map_entries(t + pad_t, b + pad_b, h // kvh)
+    host = np.zeros((entries, 2), dtype=np.int32)
+    n = fill_tile_map(np.array(qlens), np.array(ctx), h // kvh, host)
+    assert n < entries and (host[n:] == -1).all()
+    got = torch.full_like(q, float("nan"))
+    paged_attention(
+        q, k_cache, v_cache, got, qsl, lens, tables, t + pad_t, d**-0.5,
+        tile_map=torch.from_numpy(host).to(DEV),
+    )  # fmt: skip
+    assert torch.equal(got[:t], want)
+    assert got[t:].isnan().all()
+
+
+def test_paged_attention_decode_tile_map_equals_the_decode_launch() -> None:
+    """A tile map over one-token sequences with max_query_len 1 (decode tiles; bench/
+    mixed_attention_bench.py's "map split") equals the decode grid launch bit for bit, and a
+    sequence left out of the map keeps its output rows untouched."""
+    torch.manual_seed(0)
+    h, kvh, d, page, nb = 8, 2, 32, 16, 64
+    ctx = [1, 17, 40, 90, 33]
+    meta = make_batch([1] * len(ctx), ctx, page, nb, seed=2)
+    k_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
+    v_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
+    q = torch.randn(len(ctx), h, d, dtype=DT, device=DEV)
+    want = run_paged_attention(q, k_cache, v_cache, meta, d**-0.5, 1)
+    host = np.zeros((len(ctx), 2), dtype=np.int32)
+    qlens = np.array([1, 1, 0, 1, 1])  # sequence 2 not in this launch
+    assert fill_tile_map(qlens, np.array(ctx), h // kvh, host) == 4
+    got = torch.full_like(q, float("nan"))
+    paged_attention(
+        q, k_cache, v_cache, got, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1, d**-0.5,
+        tile_map=torch.from_numpy(host).to(DEV),
+    )  # fmt: skip
+    kept = [0, 1, 3, 4]
+    assert torch.equal(got[kept], want[kept])
+    assert got[2].isnan().all()
 
 
 def test_rmsnorm_kernel_matches_layer() -> None:
@@ -343,6 +409,52 @@ def test_rope_and_cache_writes_an_fp8_cache() -> None:
 
 BF16 = torch.bfloat16
 ON_CUDA = pytest.mark.skipif(DEV != "cuda", reason="bf16 dots: Triton's interpreter gets them wrong")
+
+
+@pytest.mark.parametrize("act", [torch.float16, pytest.param(BF16, marks=ON_CUDA)])
+@pytest.mark.parametrize(("h", "kvh", "d", "page", "qlens", "ctx", "splits"), FP8_CASES)
+def test_fp8_bits_widening_equals_the_conversion(h, kvh, d, page, qlens, ctx, splits, act) -> None:
+    """tuning fp8_bits (_widen: e4m3 -> fp16 by moving bits, every value times 2^-8, the scales
+    times 2^8) gives the same output as converting, over values from e4m3's subnormals to its
+    largest, with checkpoint scales; and in the fused decode kernel (new_kv) for decode cases."""
+    torch.manual_seed(0)
+    nb = 64
+    meta = make_batch(qlens, ctx, page, nb, seed=1)
+    t = sum(qlens)
+    # every e4m3 bit pattern but NaN, in random places (subnormals, zeros, +-448 included)
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    pick = torch.randint(0, len(codes), (2, nb, page, kvh, d))
+    k_cache = head_major(codes[pick[0]].view(KV_FP8_DTYPE).to(DEV))
+    v_cache = head_major(codes[pick[1]].view(KV_FP8_DTYPE).to(DEV))
+    q = (torch.randn(t, h, d, device=DEV) * 0.05).to(act)
+    scale, kv_scale = d**-0.5, (0.02, 0.5)
+    outs = []
+    for bits in (False, True):
+        out = torch.full_like(q, float("nan"))
+        paged_attention(
+            q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.max_query_len, scale, num_splits=splits, kv_scale=kv_scale, tuning={"fp8_bits": bits},
+        )  # fmt: skip
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+    if meta.max_query_len > 1:
+        return
+    rot = RotaryEmbedding(RopeConfig(theta=10000.0), d, 256).to(DEV)
+    kv_new = torch.randn(t, 2, kvh, d, device=DEV).to(act)
+    positions = meta.seq_lens.long() - 1
+    fused = []
+    for bits in (False, True):
+        kc, vc, out = k_cache.clone(), v_cache.clone(), torch.full_like(q, float("nan"))
+        new_kv = NewKV(kv_new[:, 0], kv_new[:, 1], positions, rot.cos, rot.sin, meta.slot_mapping)
+        paged_attention(
+            q, kc, vc, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1, scale,
+            num_splits=splits, kv_scale=kv_scale, new_kv=new_kv, tuning={"fp8_bits": bits},
+        )  # fmt: skip
+        fused.append((out, kc.view(torch.uint8), vc.view(torch.uint8)))
+    assert not fused[0][0].isnan().any()
+    for a, b in zip(fused[0], fused[1]):
+        assert torch.equal(a, b)
 FUSED_CASES = [
     # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype,
     # activation dtype); contexts stay below the test's 256 rotary positions

@@ -107,9 +107,9 @@ def test_bf16_logits_close_to_float32_reference(arch: str, tiny_models: dict[str
 def test_mixed_step_graphs_equal_eager_steps_bf16(
     arch: str, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Steps with prefill chunks through the piecewise graphs (cuda_graphs.MixedGraphs: padded token
-    counts, attention launched between replays) against the same steps launched eagerly, bf16 on
-    the same GPU: logits rows (prefill rows included) close."""
+    """Steps with prefill chunks through their graphs (cuda_graphs.MixedGraphs: padded token counts,
+    attention over a tile map) against the same steps launched eagerly, bf16 on the same GPU:
+    logits rows (prefill rows included) close."""
     ps = prompts(4)
     tokens, rows, eng = run_rows(
         tiny_models[arch], ps, 12, device="cuda", dtype="bfloat16", max_num_batched_tokens=96

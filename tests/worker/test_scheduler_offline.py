@@ -148,5 +148,8 @@ def test_llm_offline_defaults_follow_admission(tiny_llama: Path, monkeypatch: py
     for extra in ({}, {"admission": "fifo"}):
         with pytest.raises(Stop):
             llm_mod.LLM(model=str(tiny_llama), device="cuda", **extra)
-    assert seen[0]["admission"] == "longest_first" and seen[0]["decode_step_tokens"] == 512
+    assert (
+        seen[0]["admission"] == "longest_first"
+        and seen[0]["decode_step_tokens"] == llm_mod.OFFLINE_DECODE_STEP_TOKENS
+    )
     assert seen[1]["admission"] == "fifo" and "decode_step_tokens" not in seen[1]

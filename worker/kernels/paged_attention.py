@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -74,9 +75,22 @@ def _running_max(m_i, top):
 
 
 @triton.jit
-def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+def _widen(x, dt, FP8_BITS: tl.constexpr):
+    """Cache elements -> the dots' dtype `dt` (a no-op for a 16-bit cache). FP8_BITS (an e4m3 cache,
+    fp16 dots): by moving bits instead of converting, which gives each value times 2^-8 exactly
+    (e4m3 s.eeee.mmm -> fp16 s.0eeee.mmm0000000: the exponent bias differs by 8, and e4m3's
+    subnormals land on fp16's); the caller's scales carry the 2^8 (FP8_BITS_SCALE)."""
+    if FP8_BITS:
+        b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+        return (((b << 8) & 0x8000) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
+def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
+                 FP8_BITS: tl.constexpr):  # fmt: skip
     """One key tile into the online softmax (log2 domain, float32): returns the new (m_i, l_i, acc)."""
-    k = k.to(q.dtype)  # an fp8 cache widens (its K scale is in scale_log2); else a no-op
+    k = _widen(k, q.dtype, FP8_BITS)  # an fp8 cache widens (its K scale is in scale_log2)
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
     visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
@@ -84,7 +98,7 @@ def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: t
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = v.to(q.dtype)
+    v = _widen(v, q.dtype, FP8_BITS)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -99,6 +113,7 @@ def _paged_attention_kernel(
     qsl_ptr,
     seqlen_ptr,
     bt_ptr,
+    tile_ptr,
     kn_ptr,
     vn_ptr,
     pos_ptr,
@@ -129,26 +144,36 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
     Q_F16: tl.constexpr,
+    FP8_BITS: tl.constexpr,
     HEADS_FAST: tl.constexpr,
     USE_PDL: tl.constexpr,
     FUSE_NEW: tl.constexpr,
     CLAMP_FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    TILE_MAP: tl.constexpr,
 ):
     if not FUSE_NEW:
         # the new tokens' K/V come from rope_and_cache, the kernel before this one: wait first, in
         # every program (the early return below must not skip it)
         pdl.wait(USE_PDL)
         pdl.launch_dependents(USE_PDL)
-    if HEADS_FAST:  # grid (heads x splits, q tiles, sequences): one sequence's heads run side by side
+    if TILE_MAP:  # grid (heads, tile map entries): the map names each program's sequence and q tile
+        seq = tl.load(tile_ptr + 2 * tl.program_id(1))
+        if seq < 0:  # an entry past the step's tiles
+            return
+        qt = tl.load(tile_ptr + 2 * tl.program_id(1) + 1)
+        kvh = tl.program_id(0)
+        split = 0
+    elif HEADS_FAST:  # grid (heads x splits, q tiles, sequences): one sequence's heads run side by side
         seq = tl.program_id(2)
         kvh = tl.program_id(0) // NUM_SPLITS
         split = tl.program_id(0) % NUM_SPLITS
+        qt = tl.program_id(1)
     else:
         seq = tl.program_id(0)
         kvh = tl.program_id(2) // NUM_SPLITS
         split = tl.program_id(2) % NUM_SPLITS
-    qt = tl.program_id(1)
+        qt = tl.program_id(1)
     q_start = tl.load(qsl_ptr + seq)
     qlen = tl.load(qsl_ptr + seq + 1) - q_start
     if qt * BLOCK_Q >= qlen:
@@ -218,7 +243,7 @@ def _paged_attention_kernel(
             tl.store(kc_ptr + kv_at, k_new)
             tl.store(vc_ptr + kv_at, v_new)
         q = _dot_dtype(q, Q_F16)
-        m_i, l_i, acc = _attend_tile(q, k0, v0, n0, ok0, qpos, m_i, l_i, acc, scale_log2, PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k0, v0, n0, ok0, qpos, m_i, l_i, acc, scale_log2, PRECISION, FP8_BITS)
         first = kv_lo + BLOCK_N
     else:
         q = _dot_dtype(tl.load(q_at + d[None, :], mask=row_ok[:, None], other=0.0), Q_F16)
@@ -226,16 +251,17 @@ def _paged_attention_kernel(
     for start in range(first, kv_hi, BLOCK_N):
         k, v, n, n_ok = _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk,
                                  kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
-        m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION, FP8_BITS)
     if FUSE_NEW:
         # fold the new key in like one more key tile (masked off unless this program owns it)
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], axis=1) * scale_log2
+        s_new = tl.sum(q.to(tl.float32) * _widen(k_new, q.dtype, FP8_BITS).to(tl.float32)[None, :], axis=1)
+        s_new = s_new * scale_log2
         s_new = tl.where(owner, s_new, float("-inf"))
         m_new, m_safe = _running_max(m_i, s_new)
         p = tl.exp2(s_new - m_safe)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + p
-        pv = p.to(q.dtype).to(tl.float32)[:, None] * v_new.to(q.dtype).to(tl.float32)[None, :]
+        pv = p.to(q.dtype).to(tl.float32)[:, None] * _widen(v_new, q.dtype, FP8_BITS).to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -293,7 +319,12 @@ DEFAULT_TUNING: dict[str, Any] = {
     "num_stages_fp8": 3,
     "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
     "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
+    "fp8_bits": False,  # fp8 cache, fp16 dots: widen by moving bits (_widen)
 }
+
+
+# _widen's FP8_BITS values are the cache's times 2^-8: the softmax scale and V's scale take it back
+FP8_BITS_SCALE = 256.0
 
 
 def decode_tiles(context: int, cache_dtype: torch.dtype) -> int:
@@ -301,6 +332,40 @@ def decode_tiles(context: int, cache_dtype: torch.dtype) -> int:
     (the unit of cuda_graphs.decode_splits)."""
     keys = DEFAULT_TUNING["decode_block_n_fp8" if cache_dtype == FP8_DTYPE else "decode_block_n"]
     return -(-context // keys)
+
+
+def prefill_block_q(group: int) -> int:
+    """Query tokens per program of a prefill launch (max_query_len > 1, or a tile map) for a model
+    with `group` query heads per KV head: their (token, head) rows fill a 64-row MMA tile."""
+    return max(1, 64 // group)
+
+
+def tile_map_entries(tokens: int, max_seqs: int, group: int) -> int:
+    """The most (sequence, query tile) pairs a step of at most `tokens` new tokens over at most
+    `max_seqs` sequences can have: each sequence's tiles number ceil(qlen / block_q), which sums to
+    at most tokens / block_q plus one partial tile per sequence."""
+    return tokens // prefill_block_q(group) + min(tokens, max_seqs)
+
+
+def fill_tile_map(query_lens: np.ndarray, seq_lens: np.ndarray, group: int, out: np.ndarray) -> int:
+    """Write a step's (sequence, query tile) pairs into `out` (int32 [P, 2]) for
+    paged_attention(tile_map=...), the tiles with the most keys to read first (the longest programs
+    start in the first wave, not the last), and -1 into the entries after them; returns the count.
+    query_lens and seq_lens: int arrays, one entry per sequence of the step."""
+    bq = prefill_block_q(group)
+    counts = (query_lens + bq - 1) // bq
+    n = int(counts.sum())
+    assert n <= len(out), f"{n} query tiles, the map holds {len(out)}"
+    seq = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    first = np.cumsum(counts) - counts
+    qt = np.arange(n, dtype=np.int32) - np.repeat(first, counts).astype(np.int32)
+    # keys a tile reads: the context before the sequence's new tokens plus its last token's causal span
+    keys = (seq_lens - query_lens)[seq] + np.minimum((qt + 1) * bq, query_lens[seq])
+    order = np.argsort(-keys, kind="stable")
+    out[:n, 0] = seq[order]
+    out[:n, 1] = qt[order]
+    out[n:] = -1
+    return n
 
 
 class NewKV(NamedTuple):
@@ -330,6 +395,7 @@ def paged_attention(
     tuning: dict[str, Any] | None = None,
     new_kv: NewKV | None = None,
     kv_scale: tuple[float, float] = (1.0, 1.0),
+    tile_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grid sizes depend only on (B, max_query_len, num_splits), never on context lengths, so a
     decode call (max_query_len == 1) can be captured in a CUDA graph and replayed for any contexts.
@@ -340,6 +406,13 @@ def paged_attention(
 
     `kv_scale` (an fp8 cache): the cache holds K / kv_scale[0] and V / kv_scale[1]; K's scale joins
     the softmax scale, V's multiplies the output, and new_kv's K/V are divided by them when written.
+
+    `tile_map` (int32 [P, 2], from fill_tile_map): one program per KV head and entry, working on the
+    entry's (sequence, query tile); entries whose sequence is -1 do nothing. The grid then depends
+    only on P, not on the batch, so a step with prefill chunks can be captured in a CUDA graph
+    (cuda_graphs.MixedGraphs) with the map, like the other inputs, in a fixed buffer. Query tiles
+    are prefill_block_q tokens, or one where max_query_len is 1 (decode tiles: the map must then
+    name one-token sequences only); no splits, no new_kv.
 
     `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
@@ -353,11 +426,15 @@ def paged_attention(
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
     else:
-        block_q, block_n = max(1, 64 // g), 64
+        block_q, block_n = prefill_block_q(g), 64
     block_m = max(16, triton.next_power_of_2(block_q * g))
     qtiles = triton.cdiv(max_query_len, block_q)
     heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
     grid = (kvh * num_splits, qtiles, b) if heads_fast else (b, qtiles, kvh * num_splits)
+    if tile_map is not None:
+        assert num_splits == 1 and new_kv is None, "a tile map takes no splits and no new_kv"
+        assert tile_map.dtype == torch.int32 and tile_map.shape[1] == 2 and tile_map.is_contiguous()
+        grid = (kvh, tile_map.shape[0], 1)
     use_pdl = pdl.enabled()
     if new_kv is not None:
         assert max_query_len == 1, "new_kv is for decode batches"
@@ -366,6 +443,9 @@ def paged_attention(
         nk = new_kv
     else:
         nk = NewKV(q, q, seq_lens, q, q, seq_lens)  # unused (FUSE_NEW off)
+    q_f16 = fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"])
+    fp8_bits = fp8_cache and (q_f16 or q.dtype == torch.float16) and bool(tune["fp8_bits"])
+    widened = FP8_BITS_SCALE if fp8_bits else 1.0  # what _widen's values lack
     if num_splits == 1:
         part, ml = out, out  # ml unused
         o_stride_split = 0
@@ -383,6 +463,7 @@ def paged_attention(
         query_start_loc,
         seq_lens,
         block_tables,
+        tile_map if tile_map is not None else seq_lens,  # unused without a map
         nk.k,
         nk.v,
         nk.positions,
@@ -400,10 +481,10 @@ def paged_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        scale * LOG2E * (kv_scale[0] if fp8_cache else 1.0),
+        scale * LOG2E * (kv_scale[0] * widened if fp8_cache else 1.0),
         1.0 / kv_scale[0],
         1.0 / kv_scale[1],
-        kv_scale[1],
+        kv_scale[1] * widened,
         G=g,
         HEAD_DIM=d,
         PAGE=k_cache.shape[1],
@@ -413,12 +494,14 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         # float32 models get exact float32 dots (the default would be tf32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        Q_F16=fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"]),
+        Q_F16=q_f16,
+        FP8_BITS=fp8_bits,
         HEADS_FAST=heads_fast,
         USE_PDL=use_pdl,
         FUSE_NEW=new_kv is not None,
         CLAMP_FP8=fp8_cache,
         FP8_MAX=FP8_MAX,
+        TILE_MAP=tile_map is not None,
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
         launch_pdl=use_pdl,

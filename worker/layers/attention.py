@@ -53,6 +53,11 @@ class AttentionMetadata:
     # split-KV decode (CUDA backend): number of context splits and its float32 workspace
     num_splits: int = 1
     split_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+    # CUDA backend: int32 [P, 2] (sequence, query tile) pairs that the attention launch covers, one
+    # program each (kernels/paged_attention.fill_tile_map): a grid that does not depend on the batch,
+    # for steps with prefill chunks inside CUDA graphs (cuda_graphs.MixedGraphs); None: the grid
+    # covers every sequence's tiles up to max_query_len
+    tile_map: torch.Tensor | None = None
 
 
 class AttentionLayer(Protocol):
@@ -266,7 +271,7 @@ class TritonAttentionBackend:
         rotary = layer.rotary
         kv_scale = kv_scales(layer, k_cache)
         new_kv = None
-        if meta.max_query_len == 1 and t <= FUSED_DECODE_MAX_ROWS:
+        if meta.max_query_len == 1 and t <= FUSED_DECODE_MAX_ROWS and meta.tile_map is None:
             v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
             new_kv = NewKV(k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping)
         else:
@@ -291,5 +296,6 @@ class TritonAttentionBackend:
             workspace=meta.split_workspace,
             new_kv=new_kv,
             kv_scale=kv_scale,
+            tile_map=meta.tile_map,
         )
         return out

@@ -150,13 +150,6 @@ class DecoderLayer(nn.Module):
         normalizes it in one launch where the kernels can (Linear.add_norm), or leaves the norm to
         the projection after it (the post-attention norm to gate/up, next_norm to `next_proj`)."""
         o = self.self_attn.attend(positions, x, kv, meta)
-        return self.after_attention(o, residual, next_norm, next_proj)
-
-    def after_attention(
-        self, o: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm, next_proj: Linear | None = None
-    ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
-        """The layer from attention's output o (o_proj's input) on: forward's second half, which
-        cuda_graphs.MixedGraphs captures apart from the attention launches."""
         mlp = self.mlp
         x, residual = self.self_attn.o_proj.add_norm(
             o, residual, self.post_attention_layernorm, mlp.gate_up_proj

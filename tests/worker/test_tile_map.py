@@ -1,0 +1,56 @@
+"""The attention tile map of steps with prefill chunks (kernels/paged_attention.fill_tile_map):
+every query tile of the step once, the longest first, padding after, within the bound that sizes
+the CUDA graphs' grids (tile_map_entries). The kernel's use of it: tests/gpu/kernel_cases.py."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+from inferfleet.worker.kernels.paged_attention import (
+    fill_tile_map,
+    prefill_block_q,
+    tile_map_entries,
+)
+
+
+def random_step(rng: random.Random, tokens: int, max_seqs: int) -> tuple[list[int], list[int]]:
+    """Query lengths summing to at most `tokens` over at most max_seqs sequences (decodes, short and
+    long chunks), and context lengths of at least each query length."""
+    qlens: list[int] = []
+    left = tokens
+    while left and len(qlens) < max_seqs:
+        q = rng.choice([1, 1, 1, rng.randint(1, left)])
+        q = min(q, left)
+        qlens.append(q)
+        left -= q
+    return qlens, [q + rng.randint(0, 3000) for q in qlens]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_every_tile_once_longest_first_within_the_bound(group: int) -> None:
+    rng = random.Random(group)
+    bq = prefill_block_q(group)
+    for _ in range(300):
+        tokens, max_seqs = rng.choice([16, 64, 512, 1024]), rng.choice([1, 8, 256])
+        qlens, ctx = random_step(rng, tokens, max_seqs)
+        entries = tile_map_entries(tokens, max_seqs, group)
+        out = np.full((entries, 2), 99, dtype=np.int32)
+        n = fill_tile_map(np.array(qlens), np.array(ctx), group, out)
+        want = {(s, t) for s, q in enumerate(qlens) for t in range(-(-q // bq))}
+        got = [tuple(int(v) for v in row) for row in out[:n]]
+        assert len(got) == n == len(want) and set(got) == want
+        assert (out[n:] == -1).all()
+        # keys each tile reads: the cached context plus its last token's causal span
+        keys = [ctx[s] - qlens[s] + min((t + 1) * bq, qlens[s]) for s, t in got]
+        assert keys == sorted(keys, reverse=True)
+
+
+def test_a_map_too_small_is_refused() -> None:
+    out = np.zeros((2, 2), dtype=np.int32)
+    with pytest.raises(AssertionError, match="3 query tiles"):
+        fill_tile_map(np.array([1, 1, 1]), np.array([5, 5, 5]), 4, out)
