@@ -57,7 +57,6 @@ H, KVH, D, PAGE = 32, 8, 128, 16
 # channel], "head" [block, kv head, slot, channel] (layers/attention.alloc_kv_cache's)
 VARIANTS: list[dict[str, Any]] = [
     {"layout": "head"},
-    {"layout": "head", "fp8_bits": not DEFAULT_TUNING["fp8_bits"]},  # an fp8 cache's widening (_widen)
     {"layout": "slot"},
     {"layout": "head", "heads_fast": False},
     {"layout": "head", "fp8_f16_dots": False},

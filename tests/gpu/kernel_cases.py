@@ -411,50 +411,6 @@ BF16 = torch.bfloat16
 ON_CUDA = pytest.mark.skipif(DEV != "cuda", reason="bf16 dots: Triton's interpreter gets them wrong")
 
 
-@pytest.mark.parametrize("act", [torch.float16, pytest.param(BF16, marks=ON_CUDA)])
-@pytest.mark.parametrize(("h", "kvh", "d", "page", "qlens", "ctx", "splits"), FP8_CASES)
-def test_fp8_bits_widening_equals_the_conversion(h, kvh, d, page, qlens, ctx, splits, act) -> None:
-    """tuning fp8_bits (_widen: e4m3 -> fp16 by moving bits, every value times 2^-8, the scales
-    times 2^8) gives the same output as converting, over values from e4m3's subnormals to its
-    largest, with checkpoint scales; and in the fused decode kernel (new_kv) for decode cases."""
-    torch.manual_seed(0)
-    nb = 64
-    meta = make_batch(qlens, ctx, page, nb, seed=1)
-    t = sum(qlens)
-    # every e4m3 bit pattern but NaN, in random places (subnormals, zeros, +-448 included)
-    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
-    pick = torch.randint(0, len(codes), (2, nb, page, kvh, d))
-    k_cache = head_major(codes[pick[0]].view(KV_FP8_DTYPE).to(DEV))
-    v_cache = head_major(codes[pick[1]].view(KV_FP8_DTYPE).to(DEV))
-    q = (torch.randn(t, h, d, device=DEV) * 0.05).to(act)
-    scale, kv_scale = d**-0.5, (0.02, 0.5)
-    outs = []
-    for bits in (False, True):
-        out = torch.full_like(q, float("nan"))
-        paged_attention(
-            q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            meta.max_query_len, scale, num_splits=splits, kv_scale=kv_scale, tuning={"fp8_bits": bits},
-        )  # fmt: skip
-        outs.append(out)
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
-    if meta.max_query_len > 1:
-        return
-    rot = RotaryEmbedding(RopeConfig(theta=10000.0), d, 256).to(DEV)
-    kv_new = torch.randn(t, 2, kvh, d, device=DEV).to(act)
-    positions = meta.seq_lens.long() - 1
-    fused = []
-    for bits in (False, True):
-        kc, vc, out = k_cache.clone(), v_cache.clone(), torch.full_like(q, float("nan"))
-        new_kv = NewKV(kv_new[:, 0], kv_new[:, 1], positions, rot.cos, rot.sin, meta.slot_mapping)
-        paged_attention(
-            q, kc, vc, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1, scale,
-            num_splits=splits, kv_scale=kv_scale, new_kv=new_kv, tuning={"fp8_bits": bits},
-        )  # fmt: skip
-        fused.append((out, kc.view(torch.uint8), vc.view(torch.uint8)))
-    assert not fused[0][0].isnan().any()
-    for a, b in zip(fused[0], fused[1]):
-        assert torch.equal(a, b)
 FUSED_CASES = [
     # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype,
     # activation dtype); contexts stay below the test's 256 rotary positions

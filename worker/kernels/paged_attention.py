@@ -75,22 +75,9 @@ def _running_max(m_i, top):
 
 
 @triton.jit
-def _widen(x, dt, FP8_BITS: tl.constexpr):
-    """Cache elements -> the dots' dtype `dt` (a no-op for a 16-bit cache). FP8_BITS (an e4m3 cache,
-    fp16 dots): by moving bits instead of converting, which gives each value times 2^-8 exactly
-    (e4m3 s.eeee.mmm -> fp16 s.0eeee.mmm0000000: the exponent bias differs by 8, and e4m3's
-    subnormals land on fp16's); the caller's scales carry the 2^8 (FP8_BITS_SCALE)."""
-    if FP8_BITS:
-        b = x.to(tl.uint8, bitcast=True).to(tl.uint16)
-        return (((b << 8) & 0x8000) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return x.to(dt)
-
-
-@triton.jit
-def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
-                 FP8_BITS: tl.constexpr):  # fmt: skip
+def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
     """One key tile into the online softmax (log2 domain, float32): returns the new (m_i, l_i, acc)."""
-    k = _widen(k, q.dtype, FP8_BITS)  # an fp8 cache widens (its K scale is in scale_log2)
+    k = k.to(q.dtype)  # an fp8 cache widens (its K scale is in scale_log2); else a no-op
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N]
     visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
     s = tl.where(visible, s, float("-inf"))
@@ -98,7 +85,7 @@ def _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION: t
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _widen(v, q.dtype, FP8_BITS)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -144,7 +131,6 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
     Q_F16: tl.constexpr,
-    FP8_BITS: tl.constexpr,
     HEADS_FAST: tl.constexpr,
     USE_PDL: tl.constexpr,
     FUSE_NEW: tl.constexpr,
@@ -243,7 +229,7 @@ def _paged_attention_kernel(
             tl.store(kc_ptr + kv_at, k_new)
             tl.store(vc_ptr + kv_at, v_new)
         q = _dot_dtype(q, Q_F16)
-        m_i, l_i, acc = _attend_tile(q, k0, v0, n0, ok0, qpos, m_i, l_i, acc, scale_log2, PRECISION, FP8_BITS)
+        m_i, l_i, acc = _attend_tile(q, k0, v0, n0, ok0, qpos, m_i, l_i, acc, scale_log2, PRECISION)
         first = kv_lo + BLOCK_N
     else:
         q = _dot_dtype(tl.load(q_at + d[None, :], mask=row_ok[:, None], other=0.0), Q_F16)
@@ -251,17 +237,16 @@ def _paged_attention_kernel(
     for start in range(first, kv_hi, BLOCK_N):
         k, v, n, n_ok = _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk,
                                  kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
-        m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION, FP8_BITS)
+        m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION)
     if FUSE_NEW:
         # fold the new key in like one more key tile (masked off unless this program owns it)
-        s_new = tl.sum(q.to(tl.float32) * _widen(k_new, q.dtype, FP8_BITS).to(tl.float32)[None, :], axis=1)
-        s_new = s_new * scale_log2
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], axis=1) * scale_log2
         s_new = tl.where(owner, s_new, float("-inf"))
         m_new, m_safe = _running_max(m_i, s_new)
         p = tl.exp2(s_new - m_safe)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + p
-        pv = p.to(q.dtype).to(tl.float32)[:, None] * _widen(v_new, q.dtype, FP8_BITS).to(tl.float32)[None, :]
+        pv = p.to(q.dtype).to(tl.float32)[:, None] * v_new.to(q.dtype).to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -319,12 +304,7 @@ DEFAULT_TUNING: dict[str, Any] = {
     "num_stages_fp8": 3,
     "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
     "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
-    "fp8_bits": False,  # fp8 cache, fp16 dots: widen by moving bits (_widen)
 }
-
-
-# _widen's FP8_BITS values are the cache's times 2^-8: the softmax scale and V's scale take it back
-FP8_BITS_SCALE = 256.0
 
 
 def decode_tiles(context: int, cache_dtype: torch.dtype) -> int:
@@ -443,9 +423,6 @@ def paged_attention(
         nk = new_kv
     else:
         nk = NewKV(q, q, seq_lens, q, q, seq_lens)  # unused (FUSE_NEW off)
-    q_f16 = fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"])
-    fp8_bits = fp8_cache and (q_f16 or q.dtype == torch.float16) and bool(tune["fp8_bits"])
-    widened = FP8_BITS_SCALE if fp8_bits else 1.0  # what _widen's values lack
     if num_splits == 1:
         part, ml = out, out  # ml unused
         o_stride_split = 0
@@ -481,10 +458,10 @@ def paged_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        scale * LOG2E * (kv_scale[0] * widened if fp8_cache else 1.0),
+        scale * LOG2E * (kv_scale[0] if fp8_cache else 1.0),
         1.0 / kv_scale[0],
         1.0 / kv_scale[1],
-        kv_scale[1] * widened,
+        kv_scale[1],
         G=g,
         HEAD_DIM=d,
         PAGE=k_cache.shape[1],
@@ -494,8 +471,7 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         # float32 models get exact float32 dots (the default would be tf32)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        Q_F16=q_f16,
-        FP8_BITS=fp8_bits,
+        Q_F16=fp8_cache and q.dtype == torch.bfloat16 and bool(tune["fp8_f16_dots"]),
         HEADS_FAST=heads_fast,
         USE_PDL=use_pdl,
         FUSE_NEW=new_kv is not None,
