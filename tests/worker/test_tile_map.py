@@ -1,16 +1,20 @@
 """The attention tile map of steps with prefill chunks (kernels/paged_attention.fill_tile_map):
 every query tile of the step once, the longest first, padding after, within the bound that sizes
-the CUDA graphs' grids (tile_map_entries). The kernel's use of it: tests/gpu/kernel_cases.py."""
+the CUDA graphs' grids (tile_map_entries); and the layout of the buffer those graphs read their
+inputs from. The kernel's use of the map: tests/gpu/kernel_cases.py."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
+from inferfleet.worker.cuda_graphs import _MixedLayout
 from inferfleet.worker.kernels.paged_attention import (
     fill_tile_map,
     prefill_block_q,
@@ -54,3 +58,25 @@ def test_a_map_too_small_is_refused() -> None:
     out = np.zeros((2, 2), dtype=np.int32)
     with pytest.raises(AssertionError, match="3 query tiles"):
         fill_tile_map(np.array([1, 1, 1]), np.array([5, 5, 5]), 4, out)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "seqs", "tiles", "width"), [(16, 16, 17, 16), (1024, 255, 320, 48), (33, 7, 9, 16)]
+)
+def test_mixed_graph_inputs_lie_apart_and_aligned(tokens: int, seqs: int, tiles: int, width: int) -> None:
+    """MixedGraphs' input buffer (cuda_graphs._MixedLayout): every field 16-byte aligned (Triton
+    compiled the kernels that read them for aligned pointers) and none overlapping another, with
+    the sizes each holds."""
+    layout = _MixedLayout(tokens, seqs, tiles, width)
+    buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    views = layout.views(buf)
+    sizes = [tokens] * 4 + [seqs + 1, seqs, 2 * tiles]
+    spans = []
+    for v, n in zip(views, sizes):
+        assert v.numel() == n
+        start = v.data_ptr() - buf.data_ptr()
+        assert start % 16 == 0
+        spans.append((start, start + v.numel() * v.element_size()))
+    assert views[-1].shape == (tiles, 2)
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)) and spans[-1][1] <= layout.nbytes
