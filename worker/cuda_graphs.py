@@ -503,14 +503,11 @@ class MixedGraphs:
         np.cumsum(q, out=h_qsl[1 : b + 1])
         h_lens[:b] = lens
         fill_tile_map(q, lens, self.group, h_tiles[: self.tile_counts[t]])
-        width = max(len(tb) for tb in tables)
         for i, tb in enumerate(tables):
             st.tables_np[i, : len(tb)] = tb
-        # on the engine's stream: after the previous step's replay, which read these buffers; only
-        # the table columns in use (the rows are max_model_len / block_size wide: 8,192 entries for
-        # a Llama-3.1 at its full context), as DecodeGraphs copies them
+        # on the engine's stream: after the previous step's replay, which read these buffers
         self.bytes.copy_(st.h_bytes, non_blocking=True)
-        self.tables[:b, :width].copy_(st.h_tables[:b, :width], non_blocking=True)
+        self.tables[:b].copy_(st.h_tables[:b], non_blocking=True)
         st.copied.record()
         fed = (self.feed_rows[:t], feed[2]) if feed is not None else None
         self.model.embed(self.ids[:t], fed, out=(self.residual[:t], self.hidden[:t]))
