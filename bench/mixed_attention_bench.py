@@ -73,7 +73,7 @@ def main() -> None:
         full = np.zeros((entries, 2), dtype=np.int32)
         fill_tile_map(q_np, ctx_np, H // KVH, full)
         dec = np.zeros((len(ctx), 2), dtype=np.int32)
-        fill_tile_map(np.where(q_np == 1, 1, 0), ctx_np, H // KVH, dec)  # one-token sequences only
+        fill_tile_map(np.where(q_np == 1, 1, 0), ctx_np, H // KVH, dec, decode=True)  # one-token sequences
         pre = np.zeros((entries, 2), dtype=np.int32)
         fill_tile_map(np.where(q_np > 1, q_np, 0), ctx_np, H // KVH, pre)
         maps = {k: torch.from_numpy(v).cuda() for k, v in (("full", full), ("dec", dec), ("pre", pre))}

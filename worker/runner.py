@@ -171,7 +171,7 @@ class ModelRunner:
         # a side stream for the sampled ids' device->host copies (sampling.to_host_async)
         self.copy_out_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs = None
-        self.mixed = None  # piecewise graphs for steps with prefill chunks (cuda_graphs.MixedGraphs)
+        self.mixed = None  # graphs for steps with prefill chunks (cuda_graphs.MixedGraphs)
         self.use_graphs = (
             self.device.type == "cuda"
             and not config.enforce_eager

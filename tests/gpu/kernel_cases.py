@@ -186,7 +186,7 @@ def test_paged_attention_decode_tile_map_equals_the_decode_launch() -> None:
     want = run_paged_attention(q, k_cache, v_cache, meta, d**-0.5, 1)
     host = np.zeros((len(ctx), 2), dtype=np.int32)
     qlens = np.array([1, 1, 0, 1, 1])  # sequence 2 not in this launch
-    assert fill_tile_map(qlens, np.array(ctx), h // kvh, host) == 4
+    assert fill_tile_map(qlens, np.array(ctx), h // kvh, host, decode=True) == 4
     got = torch.full_like(q, float("nan"))
     paged_attention(
         q, k_cache, v_cache, got, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1, d**-0.5,

@@ -60,6 +60,17 @@ def test_a_map_too_small_is_refused() -> None:
         fill_tile_map(np.array([1, 1, 1]), np.array([5, 5, 5]), 4, out)
 
 
+def test_decode_tiles_take_one_token_sequences_only() -> None:
+    """A decode-tile map (max_query_len 1: one query token per program) lists each one-token
+    sequence once, longest context first, leaves out sequences of query length 0, and refuses a
+    longer one, which the launch would cut to its first token."""
+    out = np.zeros((4, 2), dtype=np.int32)
+    assert fill_tile_map(np.array([1, 0, 1, 1]), np.array([30, 9, 700, 5]), 4, out, decode=True) == 3
+    assert out.tolist() == [[2, 0], [0, 0], [3, 0], [-1, -1]]
+    with pytest.raises(AssertionError, match="one query token"):
+        fill_tile_map(np.array([1, 2]), np.array([5, 5]), 4, out, decode=True)
+
+
 @pytest.mark.parametrize(
     ("tokens", "seqs", "tiles", "width"), [(16, 16, 17, 16), (1024, 255, 320, 48), (33, 7, 9, 16)]
 )

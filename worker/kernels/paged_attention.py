@@ -327,12 +327,18 @@ def tile_map_entries(tokens: int, max_seqs: int, group: int) -> int:
     return tokens // prefill_block_q(group) + min(tokens, max_seqs)
 
 
-def fill_tile_map(query_lens: np.ndarray, seq_lens: np.ndarray, group: int, out: np.ndarray) -> int:
+def fill_tile_map(
+    query_lens: np.ndarray, seq_lens: np.ndarray, group: int, out: np.ndarray, decode: bool = False
+) -> int:
     """Write a step's (sequence, query tile) pairs into `out` (int32 [P, 2]) for
     paged_attention(tile_map=...), the tiles with the most keys to read first (the longest programs
     start in the first wave, not the last), and -1 into the entries after them; returns the count.
-    query_lens and seq_lens: int arrays, one entry per sequence of the step."""
-    bq = prefill_block_q(group)
+    query_lens and seq_lens: int arrays, one entry per sequence of the step (query length 0: the
+    sequence is left out). `decode`: for a launch with max_query_len 1 (one-token tiles), which
+    only one-token sequences may take."""
+    if decode:
+        assert (query_lens <= 1).all(), "decode tiles hold one query token"
+    bq = 1 if decode else prefill_block_q(group)
     counts = (query_lens + bq - 1) // bq
     n = int(counts.sum())
     assert n <= len(out), f"{n} query tiles, the map holds {len(out)}"
