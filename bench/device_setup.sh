@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source on the device machine (the `device` tool): installs carried wheels and makes
 # `import inferfleet.worker` resolve to this checkout without an install.
 # (no .whl/ carried: nothing to install; bench/ab.sh sources this under `set -e`)
