@@ -66,21 +66,30 @@ VARIANTS: list[dict[str, Any]] = [
 ]
 
 
-def make_case(b: int, lo: int, hi: int, kv_dtype: torch.dtype, seed: int) -> dict[str, Any]:
-    rng = random.Random(seed)
-    ctx = [rng.randint(lo, hi) for _ in range(b)]
+def scattered_cache(
+    ctx: list[int], kv_dtype: torch.dtype, g: torch.Generator, spare_columns: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K and V caches [pages, PAGE, KVH, D] (stored slot-major) holding exactly the pages of
+    sequences with contexts `ctx`, and block tables [len(ctx), most pages + spare_columns] that give
+    each sequence its pages in a random order through the pool (drawn from `g`)."""
     nblk_each = [-(-c // PAGE) for c in ctx]
     total = sum(nblk_each)
-    width = max(nblk_each)
-    g = torch.Generator(device="cuda").manual_seed(seed)
     kc = torch.randn(total, PAGE, KVH, D, device="cuda", dtype=torch.bfloat16, generator=g).to(kv_dtype)
     vc = torch.randn(total, PAGE, KVH, D, device="cuda", dtype=torch.bfloat16, generator=g).to(kv_dtype)
     perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
-    bt = torch.zeros(b, width, dtype=torch.int32, device="cuda")
+    bt = torch.zeros(len(ctx), max(nblk_each) + spare_columns, dtype=torch.int32, device="cuda")
     off = 0
     for i, n in enumerate(nblk_each):
         bt[i, :n] = perm[off : off + n]
         off += n
+    return kc, vc, bt
+
+
+def make_case(b: int, lo: int, hi: int, kv_dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    ctx = [rng.randint(lo, hi) for _ in range(b)]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kc, vc, bt = scattered_cache(ctx, kv_dtype, g)
     q = torch.randn(b, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     return {
         "layouts": {},

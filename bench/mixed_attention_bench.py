@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_bench import stored
+from attention_bench import scattered_cache, stored
 from inferfleet.worker.kernels.paged_attention import fill_tile_map, paged_attention, tile_map_entries
 from microbench import time_ms
 
@@ -49,21 +49,9 @@ def main() -> None:
         rng = random.Random(b)
         qlens = [1] * b + [args.chunk]
         ctx = [rng.randint(100, 2048) for _ in range(b)] + [args.cached + args.chunk]
-        nblk = [-(-c // PAGE) for c in ctx]
         g = torch.Generator(device="cuda").manual_seed(b)
-        total = sum(nblk)
-        kc = stored(
-            torch.randn(total, PAGE, KVH, D, device="cuda", dtype=torch.bfloat16, generator=g), "head"
-        )
-        vc = stored(
-            torch.randn(total, PAGE, KVH, D, device="cuda", dtype=torch.bfloat16, generator=g), "head"
-        )
-        perm = torch.randperm(total, device="cuda", generator=g).to(torch.int32)
-        bt = torch.zeros(len(ctx), max(nblk) + 16, dtype=torch.int32, device="cuda")
-        off = 0
-        for i, n in enumerate(nblk):
-            bt[i, :n] = perm[off : off + n]
-            off += n
+        kc, vc, bt = scattered_cache(ctx, torch.bfloat16, g, spare_columns=16)
+        kc, vc = stored(kc, "head"), stored(vc, "head")
         t = sum(qlens)
         q = torch.randn(t, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         qsl = torch.tensor(np.concatenate([[0], np.cumsum(qlens)]), dtype=torch.int32, device="cuda")

@@ -113,8 +113,18 @@ def _span(n: int, dt: torch.dtype) -> int:
     return -(-n * dt.itemsize // 16) * 16
 
 
+def _carved_bytes(fields: list[tuple[torch.dtype, int]]) -> int:
+    """Bytes of a buffer that _carve cuts into `fields` (dtype, entries)."""
+    return sum(_span(n, dt) for dt, n in fields)
+
+
+def _step_fields(n: int) -> list[tuple[torch.dtype, int]]:
+    """_FIELDS with n entries each, as _carve takes them."""
+    return [(dt, n) for _, dt in _FIELDS]
+
+
 def _step_bytes(n: int) -> int:
-    return sum(_span(n, dt) for _, dt in _FIELDS)
+    return _carved_bytes(_step_fields(n))
 
 
 def _carve(buf: torch.Tensor, fields: list[tuple[torch.dtype, int]]) -> tuple[torch.Tensor, ...]:
@@ -129,7 +139,7 @@ def _carve(buf: torch.Tensor, fields: list[tuple[torch.dtype, int]]) -> tuple[to
 
 def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """Typed views of a byte buffer laid out as _FIELDS, n entries each."""
-    return _carve(buf, [(dt, n) for _, dt in _FIELDS])
+    return _carve(buf, _step_fields(n))
 
 
 class _Inputs:
@@ -367,7 +377,7 @@ class _MixedLayout:
             (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens),
             (torch.int32, seqs + 1), (torch.int32, seqs), (torch.int32, 2 * tiles),
         ]  # fmt: skip
-        self.nbytes = sum(_span(n, dt) for dt, n in self.fields)
+        self.nbytes = _carved_bytes(self.fields)
         self.tiles, self.seqs, self.width = tiles, seqs, width
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -409,8 +409,6 @@ def test_rope_and_cache_writes_an_fp8_cache() -> None:
 
 BF16 = torch.bfloat16
 ON_CUDA = pytest.mark.skipif(DEV != "cuda", reason="bf16 dots: Triton's interpreter gets them wrong")
-
-
 FUSED_CASES = [
     # (heads, kv heads, head dim, page, context lens (0: a graph's padding row), splits, cache dtype,
     # activation dtype); contexts stay below the test's 256 rotary positions

@@ -414,13 +414,14 @@ def paged_attention(
     else:
         block_q, block_n = prefill_block_q(g), 64
     block_m = max(16, triton.next_power_of_2(block_q * g))
-    qtiles = triton.cdiv(max_query_len, block_q)
     heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
-    grid = (kvh * num_splits, qtiles, b) if heads_fast else (b, qtiles, kvh * num_splits)
     if tile_map is not None:
         assert num_splits == 1 and new_kv is None, "a tile map takes no splits and no new_kv"
         assert tile_map.dtype == torch.int32 and tile_map.shape[1] == 2 and tile_map.is_contiguous()
         grid = (kvh, tile_map.shape[0], 1)
+    else:
+        qtiles = triton.cdiv(max_query_len, block_q)
+        grid = (kvh * num_splits, qtiles, b) if heads_fast else (b, qtiles, kvh * num_splits)
     use_pdl = pdl.enabled()
     if new_kv is not None:
         assert max_query_len == 1, "new_kv is for decode batches"
