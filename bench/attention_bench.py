@@ -63,6 +63,14 @@ VARIANTS: list[dict[str, Any]] = [
     {"layout": "head", "decode_block_n": 128, "num_stages": 3},
     {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 2},
     {"layout": "head", "num_warps": 2},
+    {"layout": "head", "fp8_widen_v": False},
+    {"layout": "head", "num_stages_fp8": 2},
+    {"layout": "head", "num_stages_fp8": 4},
+    {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 3},
+    {"layout": "head", "num_warps": 8},
+    {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 2},
+    {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 5},
+    {"layout": "head", "decode_block_n": 128, "num_stages": 2},
 ]
 
 
@@ -236,6 +244,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="the first three variants only")
     ap.add_argument("--cases", default="0,1,2", help="indices of the cases to run")
+    ap.add_argument("--variants", help="indices into VARIANTS to run (default: all, or --quick's)")
     ap.add_argument("--batch1", action="store_true", help="only batch 1: 32 layers, contexts x splits")
     args = ap.parse_args()
     pdl.set_enabled(torch.cuda.get_device_capability() >= (9, 0))
@@ -245,6 +254,8 @@ def main() -> None:
     cases = [("w2-decode b256 ctx1000-2000", 256, 1000, 2000), ("w1-like b256 ctx100-2048", 256, 100, 2048),
              ("b32 ctx1000-2000", 32, 1000, 2000)]  # fmt: skip
     variants = VARIANTS[:3] if args.quick else VARIANTS
+    if args.variants:
+        variants = [VARIANTS[int(i)] for i in args.variants.split(",")]
     rows: list[dict[str, Any]] = []
     for name, b, lo, hi in [cases[int(i)] for i in args.cases.split(",")]:
         splits = decode_splits(b, KVH, sms)

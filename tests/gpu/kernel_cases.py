@@ -94,12 +94,12 @@ def make_batch(query_lens: list[int], ctx_lens: list[int], page: int, num_blocks
     return meta
 
 
-def run_paged_attention(q, k_cache, v_cache, meta, scale, splits):  # type: ignore[no-untyped-def]
+def run_paged_attention(q, k_cache, v_cache, meta, scale, splits, tuning=None):  # type: ignore[no-untyped-def]
     """The kernel over the batch `meta` describes, into a NaN-filled output it must fill entirely."""
     out = torch.full_like(q, float("nan"))
     paged_attention(
         q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        meta.max_query_len, scale, num_splits=splits,
+        meta.max_query_len, scale, num_splits=splits, tuning=tuning,
     )  # fmt: skip
     assert not out.isnan().any()
     return out
@@ -327,6 +327,29 @@ def test_paged_attention_reads_an_fp8_cache(h, kvh, d, page, qlens, ctx, splits,
     out16 = run_paged_attention(q16, k_cache, v_cache, meta, scale, splits)
     assert out16.dtype == torch.bfloat16
     assert rel(out16, ref16) < 4e-3
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the word-wise widening is PTX (sm_89+); the interpreter runs none")
+@pytest.mark.parametrize(
+    ("h", "kvh", "d", "page", "qlens", "ctx", "splits"),
+    [*FP8_CASES, (32, 8, 128, 16, [1] * 6, [5, 130, 257, 1000, 16, 2000], 1)],
+)
+@pytest.mark.parametrize("act", [DT, torch.bfloat16])
+def test_fp8_cache_v_widened_as_words_equals_the_plain_load(h, kvh, d, page, qlens, ctx, splits, act) -> None:
+    """An e4m3 cache's V read as int32 words and widened by cvt.rn.f16x2.e4m3x2 in the load's layout
+    (the default on sm_89+) gives the same outputs, bit for bit, as the plain fp8 load that Triton
+    converts in the dot's operand layout (tuning fp8_widen_v off)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("cvt.rn.f16x2.e4m3x2 needs sm_89")
+    torch.manual_seed(0)
+    nb = sum(-(-c // page) for c in ctx) + 8
+    meta = make_batch(qlens, ctx, page, nb, seed=1)
+    k_cache = head_major(torch.randn(nb, page, kvh, d, device=DEV).mul(3).to(KV_FP8_DTYPE))
+    v_cache = head_major(torch.randn(nb, page, kvh, d, device=DEV).mul(3).to(KV_FP8_DTYPE))
+    q = torch.randn(sum(qlens), h, d, device=DEV).to(act)
+    words = run_paged_attention(q, k_cache, v_cache, meta, d**-0.5, splits)
+    plain = run_paged_attention(q, k_cache, v_cache, meta, d**-0.5, splits, tuning={"fp8_widen_v": False})
+    assert torch.equal(words, plain), (words.float() - plain.float()).abs().max().item()
 
 
 def e4m3_step(x: torch.Tensor) -> torch.Tensor:

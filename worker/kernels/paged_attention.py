@@ -27,6 +27,14 @@ it for decode batches of up to layers/attention.FUSED_DECODE_MAX_ROWS rows only:
 with an FP8 cache the fused kernel cost 6% of the throughput (docs/benchmarks.md, eighth session;
 the cause was not measured: a likely one is the cached tile loaded before the wait, held in
 registers through it).
+
+An fp8 (e4m3) cache is widened to fp16 for the dots (Q_F16). K's layout suits its dot operand; V's
+does not (the dot reduces over keys, V is stored key-major), and Triton converted V in the dot's
+operand layout, reading it from shared memory one byte per instruction. On sm_89+ V is loaded as
+int32 words of four codes instead and widened in that layout (_widen_e4m3_words, PTX
+cvt.rn.f16x2.e4m3x2); fp16 then reaches the operand through shared memory like a bf16 cache's V.
+Same values, ~9% fewer instructions per KV byte (bench/attention_sass.py) and 0.7-1.8% faster in
+bench/attention_bench.py (docs/benchmarks.md, sixteenth session).
 """
 
 from __future__ import annotations
@@ -40,20 +48,42 @@ import triton
 import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
-from . import LAUNCH_OPTIONS, pdl
+from . import LAUNCH_OPTIONS, _capability, pdl
 from .elementwise import fp8_range
 
 
 @triton.jit
+def _widen_e4m3_words(w, N: tl.constexpr, D: tl.constexpr):
+    """int32 words [N, D / 4] of packed e4m3 (little-endian) -> fp16 [N, D], converted in w's own
+    register layout (the dot's operand layout cannot reach back through the join and reshape)."""
+    b0, b1, b2, b3 = tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; .reg .b32 p, q; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 p, lo; "
+        "cvt.rn.f16x2.e4m3x2 q, hi; mov.b32 {$0, $1}, p; mov.b32 {$2, $3}, q; }",
+        "=h,=h,=h,=h,r",
+        [w],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [N, D])
+
+
+@triton.jit
 def _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk, kc_stride_slot, kc_stride_head,
-             PAGE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WIDEN_V: tl.constexpr):  # fmt: skip
     """Keys [D, N] and values [N, D] of positions start .. start + BLOCK_N (masked at kv_hi), as stored."""
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < kv_hi
     page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
     kv_off = page * kc_stride_blk + (n % PAGE) * kc_stride_slot + kvh * kc_stride_head
     k = tl.load(kc_ptr + kv_off[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)
-    v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    if WIDEN_V:  # an e4m3 cache's V as int32 words of four, widened to fp16 in their load layout
+        HEAD_DIM: tl.constexpr = d.shape[0]
+        words = tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + (kv_off // 4)[:, None] + tl.arange(0, HEAD_DIM // 4)[None, :],
+                        mask=n_ok[:, None], other=0)  # fmt: skip
+        v = _widen_e4m3_words(words, BLOCK_N, HEAD_DIM)
+    else:
+        v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     return k, v, n, n_ok
 
 
@@ -137,6 +167,7 @@ def _paged_attention_kernel(
     CLAMP_FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
     TILE_MAP: tl.constexpr,
+    WIDEN_V: tl.constexpr,
 ):
     if not FUSE_NEW:
         # the new tokens' K/V come from rope_and_cache, the kernel before this one: wait first, in
@@ -209,7 +240,7 @@ def _paged_attention_kernel(
         sin = tl.load(sin_ptr + pos * half + d % half).to(act).to(tl.float32)
         sin = tl.where(d < half, -sin, sin)
         k0, v0, n0, ok0 = _kv_tile(kc_ptr, vc_ptr, bt_row, kv_lo, kv_hi, kvh, d, kc_stride_blk,
-                                   kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
+                                   kc_stride_slot, kc_stride_head, PAGE, BLOCK_N, WIDEN_V)  # fmt: skip
         pdl.wait(USE_PDL)
         pdl.launch_dependents(USE_PDL)
         q = tl.load(q_at + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -236,7 +267,7 @@ def _paged_attention_kernel(
         first = kv_lo
     for start in range(first, kv_hi, BLOCK_N):
         k, v, n, n_ok = _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk,
-                                 kc_stride_slot, kc_stride_head, PAGE, BLOCK_N)  # fmt: skip
+                                 kc_stride_slot, kc_stride_head, PAGE, BLOCK_N, WIDEN_V)  # fmt: skip
         m_i, l_i, acc = _attend_tile(q, k, v, n, n_ok, qpos, m_i, l_i, acc, scale_log2, PRECISION)
     if FUSE_NEW:
         # fold the new key in like one more key tile (masked off unless this program owns it)
@@ -295,15 +326,17 @@ def _merge_kernel(
 
 LOG2E = 1.0 / math.log(2.0)
 # launch choices, from bench/attention_bench.py on the H100 (docs/benchmarks.md has the table): an
-# fp8 cache streams half the bytes per tile, so its decode tiles are twice as long, three deep
+# fp8 cache streams half the bytes per tile, so its decode tiles are twice as long; two deep since
+# V is widened in its load layout (sixteenth session: its fp16 staging took the third stage's room)
 DEFAULT_TUNING: dict[str, Any] = {
     "decode_block_n": 64,
     "decode_block_n_fp8": 128,
     "num_warps": 4,
     "num_stages": 2,
-    "num_stages_fp8": 3,
+    "num_stages_fp8": 2,
     "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
     "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
+    "fp8_widen_v": True,  # fp8 cache on sm_89+: V widened in its load layout (_widen_e4m3_words)
 }
 
 
@@ -409,6 +442,12 @@ def paged_attention(
     assert v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
     fp8_cache = k_cache.dtype == FP8_DTYPE
     tune = DEFAULT_TUNING if tuning is None else {**DEFAULT_TUNING, **tuning}
+    # cvt.rn.f16x2.e4m3x2 needs sm_89; the interpreter (CPU tensors) runs no PTX
+    widen_v = (
+        fp8_cache and bool(tune["fp8_widen_v"]) and q.is_cuda and _capability(q.device.index or 0) >= (8, 9)
+        and d % 4 == 0 and k_cache.data_ptr() % 4 == 0 and v_cache.data_ptr() % 4 == 0
+        and all(st % 4 == 0 for st in k_cache.stride()[:3])
+    )  # fmt: skip
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
     else:
@@ -485,6 +524,7 @@ def paged_attention(
         CLAMP_FP8=fp8_cache,
         FP8_MAX=FP8_MAX,
         TILE_MAP=tile_map is not None,
+        WIDEN_V=widen_v,
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
         launch_pdl=use_pdl,
