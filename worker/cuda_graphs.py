@@ -142,6 +142,20 @@ def _fields(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return _carve(buf, _step_fields(n))
 
 
+def pack_tables(tables: list[np.ndarray], out: np.ndarray) -> int:
+    """Write a step's block-table rows into `out` (flat int32, pinned staging) one after another at
+    a common row stride, the longest row's length padded by table_width (the kernels that read them
+    compile for strides of 16); returns that stride. The step then copies only rows x stride
+    entries to the device, not whole rows of the engine's widest table (max_model_len / page: 8 MB
+    for 256 rows at 131,072 tokens), and a kernel spreads them into the graph's table. Entries past
+    a row's length keep what they held: attention reads only the pages its context covers."""
+    w = table_width(max(len(t) for t in tables))
+    assert len(tables) * w <= len(out), f"{len(tables)} rows of {w} entries, staging holds {len(out)}"
+    for i, t in enumerate(tables):
+        out[i * w : i * w + len(t)] = t
+    return w
+
+
 class _Inputs:
     """A decode step's inputs on the device: the per-row fields in one byte buffer laid out as
     _FIELDS (four int64 fields, then the int32 context lengths, `rows` entries each; _fields) and
@@ -165,7 +179,7 @@ class _Staging:
         self.h_bytes = torch.zeros(_step_bytes(rows), dtype=torch.uint8).pin_memory()
         self.h_tables = torch.zeros((rows, max_blocks_per_seq), dtype=torch.int32).pin_memory()
         self.views = tuple(t.numpy() for t in _fields(self.h_bytes, rows))  # numpy views, pinned bytes
-        self.tables_np = self.h_tables.numpy()
+        self.tables_np = self.h_tables.view(-1).numpy()  # flat: rows packed by pack_tables
         self.dev = _Inputs(rows, max_blocks_per_seq, device)
         self.copied = torch.cuda.Event()
         self.consumed = torch.cuda.Event()
@@ -333,14 +347,13 @@ class DecodeGraphs:
         h_ids[:n], h_pos[:n], h_slots[:n], h_lens[:n] = ids, positions, slots, seq_lens
         h_ids[n:bs], h_pos[n:bs], h_slots[n:bs], h_lens[n:bs] = 0, 0, -1, 0
         feed_rows(feed, bs, out=h_feed[:bs])
-        width = max(len(t) for t in tables)
-        for i, t in enumerate(tables):
-            st.tables_np[i, : len(t)] = t
+        width = pack_tables(tables, st.tables_np)
         side = self._copy_in
         side.wait_event(st.consumed)  # what last read this set's device copy has run
         with torch.cuda.stream(side):
             st.dev.bytes.copy_(st.h_bytes, non_blocking=True)
-            st.dev.tables[:n, :width].copy_(st.h_tables[:n, :width], non_blocking=True)
+            # packed rows (row 0 stays row 0 of the [rows, max blocks] view: the one-row graphs read it)
+            st.dev.tables.view(-1)[: n * width].copy_(st.h_tables.view(-1)[: n * width], non_blocking=True)
             st.copied.record(side)
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(st.copied)
@@ -351,7 +364,8 @@ class DecodeGraphs:
             g.replay()
             st.consumed.record(stream)
             return logits, self.tokens[f, :1]
-        staged = StagedInputs(st.dev.words, self.inputs.words, st.dev.tables, self.inputs.tables, width)
+        packed = st.dev.tables.view(-1)[: bs * width].view(bs, width)  # rows n..bs-1: stale, unread
+        staged = StagedInputs(st.dev.words, self.inputs.words, packed, self.inputs.tables, width)
         fed = (st.dev.feed_rows[:bs], feed[2]) if feed is not None else None
         self.model.embed(st.dev.ids[:bs], fed, out=(self.residual[:bs], self.hidden[:bs]), staged=staged)
         st.consumed.record(stream)
@@ -370,20 +384,23 @@ class _MixedLayout:
     """The inputs of a step with prefill chunks in one byte buffer: per token (`tokens` entries) ids,
     positions, cache slots and feed rows (int64); per sequence (`seqs`) the query start offsets
     (seqs + 1) and context lengths (int32); the attention tile map (int32 pairs, `tiles` of them);
-    and, apart, the block tables [seqs, width] int32."""
+    last, the block-table rows packed by pack_tables (int32, room for seqs x width), so that a step
+    copies the buffer up to its last row (`head` + rows x stride x 4 bytes) and no further."""
 
     def __init__(self, tokens: int, seqs: int, tiles: int, width: int) -> None:
         self.fields = [
             (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens), (torch.int64, tokens),
-            (torch.int32, seqs + 1), (torch.int32, seqs), (torch.int32, 2 * tiles),
+            (torch.int32, seqs + 1), (torch.int32, seqs), (torch.int32, 2 * tiles), (torch.int32, seqs * width),
         ]  # fmt: skip
+        self.head = _carved_bytes(self.fields[:-1])  # where the packed tables start
         self.nbytes = _carved_bytes(self.fields)
         self.tiles, self.seqs, self.width = tiles, seqs, width
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(ids, positions, slots, feed_rows, query_start_loc, seq_lens, tile map [tiles, 2])."""
-        *head, tiles = _carve(buf, self.fields)
-        return (*head, tiles.view(self.tiles, 2))
+        """(ids, positions, slots, feed_rows, query_start_loc, seq_lens, tile map [tiles, 2], packed
+        tables (flat))."""
+        *head, tiles, tables = _carve(buf, self.fields)
+        return (*head, tiles.view(self.tiles, 2), tables)
 
 
 class _MixedStaging:
@@ -393,9 +410,7 @@ class _MixedStaging:
 
     def __init__(self, layout: _MixedLayout) -> None:
         self.h_bytes = torch.zeros(layout.nbytes, dtype=torch.uint8).pin_memory()
-        self.h_tables = torch.zeros((layout.seqs, layout.width), dtype=torch.int32).pin_memory()
         self.views = tuple(v.numpy() for v in layout.views(self.h_bytes))
-        self.tables_np = self.h_tables.numpy()
         self.copied = torch.cuda.Event()
 
 
@@ -445,12 +460,13 @@ class MixedGraphs:
         width = table_width(max_blocks_per_seq)
         self.layout = _MixedLayout(n, self.max_seqs, max(self.tile_counts.values(), default=0), width)
         self.bytes = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
-        self.ids, self.positions, self.slots, self.feed_rows, self.qsl, self.seq_lens, self.tiles = (
-            self.layout.views(self.bytes)
-        )
+        views = self.layout.views(self.bytes)
+        self.ids, self.positions, self.slots, self.feed_rows, self.qsl, self.seq_lens = views[:6]
+        self.tiles, self.packed = views[6:]
         self.slots.fill_(-1)  # the capture runs each graph once: no cache writes, no attention tiles
         self.tiles.fill_(-1)
         self.tables = torch.zeros((self.max_seqs, width), dtype=torch.int32, device=device)
+        self._no_words = self.bytes.view(torch.int32)[:0]  # embed's staged copy moves tables only
         # pinned host copies, two used in turn: one is written while the other's copy may be in flight
         self._staging = [_MixedStaging(self.layout) for _ in range(2)]
         self._flip = 0
@@ -512,7 +528,7 @@ class MixedGraphs:
         st = self._staging[self._flip]
         self._flip ^= 1
         st.copied.synchronize()  # this set's last copy (two steps ago) has left its pinned memory
-        h_ids, h_pos, h_slots, h_feed, h_qsl, h_lens, h_tiles = st.views
+        h_ids, h_pos, h_slots, h_feed, h_qsl, h_lens, h_tiles, h_tables = st.views
         h_ids[:n], h_pos[:n], h_slots[:n] = ids, positions, slots
         h_ids[n:t], h_pos[n:t], h_slots[n:t] = 0, 0, -1
         feed_rows(feed, t, out=h_feed[:t])
@@ -522,14 +538,16 @@ class MixedGraphs:
         np.cumsum(q, out=h_qsl[1 : b + 1])
         h_lens[:b] = lens
         fill_tile_map(q, lens, self.group, h_tiles[: self.tile_counts[t]])
-        for i, tb in enumerate(tables):
-            st.tables_np[i, : len(tb)] = tb
+        width = pack_tables(tables, h_tables)
         # on the engine's stream: after the previous step's replay, which read these buffers
-        self.bytes.copy_(st.h_bytes, non_blocking=True)
-        self.tables[:b].copy_(st.h_tables[:b], non_blocking=True)
+        upto = self.layout.head + b * width * 4
+        self.bytes[:upto].copy_(st.h_bytes[:upto], non_blocking=True)
         st.copied.record()
         fed = (self.feed_rows[:t], feed[2]) if feed is not None else None
-        self.model.embed(self.ids[:t], fed, out=(self.residual[:t], self.hidden[:t]))
+        tabs = StagedInputs(
+            self._no_words, self._no_words, self.packed[: b * width].view(b, width), self.tables, width, b
+        )
+        self.model.embed(self.ids[:t], fed, out=(self.residual[:t], self.hidden[:t]), staged=tabs)
         g, out = self.graphs[t]
         g.replay()
         self.replays += 1

@@ -234,22 +234,26 @@ def test_embed_rmsnorm_kernel_matches_embedding_then_norm(dtype: torch.dtype) ->
     # words per program, each row's first `width` block-table entries; both in chunks of 256)
     words = torch.arange(600, dtype=torch.int32, device=DEV)
     tables = torch.randint(0, 1000, (4, 310), dtype=torch.int32, device=DEV)
-    for rows, width in ((3, 7), (1, 300)):
+    # a packed source (rows at stride `width`, cuda_graphs.pack_tables) and fewer table rows than
+    # tokens (a step with prefill chunks: a table per sequence), no words
+    packed = tables.view(-1)[: 3 * 32].view(3, 32)
+    for rows, width, src, tab_rows in ((3, 7, tables, None), (1, 300, tables, None), (3, 32, packed, 2)):
         out = (torch.zeros(rows, h, dtype=dtype, device=DEV), torch.zeros(rows, h, dtype=dtype, device=DEV))
-        words_out = torch.zeros_like(words)
+        moved = words if tab_rows is None else words[:0]
+        words_out = torch.zeros_like(moved)
         tables_out = torch.full((4, 312), -5, dtype=torch.int32, device=DEV)
         pick = [3, 7, 49][:rows]
         got = embed_rmsnorm(
             torch.tensor(pick, device=DEV), emb, w, 1e-6, out=out,
-            staged=StagedInputs(words, words_out, tables, tables_out, width),
+            staged=StagedInputs(moved, words_out, src, tables_out, width, tab_rows),
         )  # fmt: skip
         assert got[0] is out[0] and got[1] is out[1]
         assert torch.equal(out[0], emb[pick]) and torch.equal(out[1], rmsnorm(emb[pick], w, 1e-6))
-        assert torch.equal(words_out, words)
-        assert torch.equal(tables_out[:rows, :width], tables[:rows, :width])
-        assert (tables_out[:rows, width:] == -5).all() and (
-            tables_out[rows:] == -5
-        ).all()  # only what is in use
+        assert torch.equal(words_out, moved)
+        copied = rows if tab_rows is None else tab_rows
+        assert torch.equal(tables_out[:copied, :width], src[:copied, :width])
+        # only what is in use
+        assert (tables_out[:copied, width:] == -5).all() and (tables_out[copied:] == -5).all()
 
 
 def test_silu_and_mul_kernel() -> None:

@@ -14,12 +14,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from inferfleet.worker.cuda_graphs import _MixedLayout
+from inferfleet.worker.cuda_graphs import _MixedLayout, pack_tables
 from inferfleet.worker.kernels.paged_attention import (
     fill_tile_map,
     prefill_block_q,
     tile_map_entries,
 )
+from inferfleet.worker.layers.attention import TABLE_ALIGN
 
 
 def random_step(rng: random.Random, tokens: int, max_seqs: int) -> tuple[list[int], list[int]]:
@@ -81,13 +82,33 @@ def test_mixed_graph_inputs_lie_apart_and_aligned(tokens: int, seqs: int, tiles:
     layout = _MixedLayout(tokens, seqs, tiles, width)
     buf = torch.zeros(layout.nbytes, dtype=torch.uint8)
     views = layout.views(buf)
-    sizes = [tokens] * 4 + [seqs + 1, seqs, 2 * tiles]
+    sizes = [tokens] * 4 + [seqs + 1, seqs, 2 * tiles, seqs * width]
     spans = []
     for v, n in zip(views, sizes):
         assert v.numel() == n
         start = v.data_ptr() - buf.data_ptr()
         assert start % 16 == 0
         spans.append((start, start + v.numel() * v.element_size()))
-    assert views[-1].shape == (tiles, 2)
+    assert views[-2].shape == (tiles, 2)
+    # the packed tables come last: a step copies the buffer up to its last table row only
+    assert layout.head == spans[-1][0] and all(end <= layout.head for _, end in spans[:-1])
     spans.sort()
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)) and spans[-1][1] <= layout.nbytes
+
+
+def test_pack_tables_rows_at_a_padded_common_stride() -> None:
+    """A step's block-table rows one after another at the longest row's length padded to
+    TABLE_ALIGN (the stride the graphs' table copy compiles for), each row's entries where the
+    graph's copy reads them, and nothing written past the last row; too many entries are refused."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lens = rng.integers(1, 70, size=int(rng.integers(1, 12)))
+        tables = [rng.integers(0, 10_000, size=n).astype(np.int32) for n in lens]
+        out = np.full(12 * 80, -7, dtype=np.int32)
+        w = pack_tables(tables, out)
+        assert w % TABLE_ALIGN == 0 and w - TABLE_ALIGN < max(lens) <= w
+        for i, t in enumerate(tables):
+            assert (out[i * w : i * w + len(t)] == t).all()
+        assert (out[len(tables) * w :] == -7).all()
+    with pytest.raises(AssertionError, match="staging holds"):
+        pack_tables([np.zeros(17, dtype=np.int32)] * 3, np.zeros(90, dtype=np.int32))

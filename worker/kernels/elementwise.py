@@ -107,7 +107,7 @@ def rmsnorm(
 
 # sizes that change from step to step are not specialized on (Triton compiles a variant for an
 # integer argument of 1 or a multiple of 16): each variant would compile while serving
-@triton.jit(do_not_specialize=["words_per_row", "tab_width"])
+@triton.jit(do_not_specialize=["n_words", "words_per_row", "tab_rows", "tab_width"])
 def _embed_rmsnorm_kernel(
     ids_ptr,
     feed_ptr,
@@ -127,6 +127,7 @@ def _embed_rmsnorm_kernel(
     dst_tab_ptr,
     src_tab_stride,
     dst_tab_stride,
+    tab_rows,
     tab_width,
     HAS_FEED: tl.constexpr,
     STAGED: tl.constexpr,
@@ -137,8 +138,8 @@ def _embed_rmsnorm_kernel(
 ):
     # one program per token: its id (from the previous step's sampled ids where the feed says so),
     # its embedding row into the residual stream, and that row normalized (as _rmsnorm_kernel);
-    # STAGED: also copies a decode step's staged inputs into the buffers its graph reads (a slice
-    # of the packed per-row fields, and this row's block table)
+    # STAGED: also copies a step's staged inputs into the buffers its graph reads (a slice of the
+    # packed per-row fields, and the block table of row r where r < tab_rows)
     pdl.wait(USE_PDL)
     pdl.launch_dependents(USE_PDL)
     r = tl.program_id(0).to(tl.int64)
@@ -148,7 +149,10 @@ def _embed_rmsnorm_kernel(
         for w0 in range(lo, hi, WORDS_BLOCK):
             w = w0 + tl.arange(0, WORDS_BLOCK)
             tl.store(dst_words_ptr + w, tl.load(src_words_ptr + w, mask=w < hi), mask=w < hi)
-        for c0 in range(0, tab_width, TAB_BLOCK):
+        tab_cols = tab_width
+        if r >= tab_rows:
+            tab_cols = 0
+        for c0 in range(0, tab_cols, TAB_BLOCK):
             c = c0 + tl.arange(0, TAB_BLOCK)
             ok = c < tab_width
             t = tl.load(src_tab_ptr + r * src_tab_stride + c, mask=ok)
@@ -172,15 +176,17 @@ _STAGE_BLOCK = 256  # int32 words a program moves per load of embed_rmsnorm's st
 
 @dataclass
 class StagedInputs:
-    """A decode step's inputs staged on the device, for embed_rmsnorm to copy into the buffers a
-    CUDA graph reads: `words` (int32 view of the packed per-row fields) into `words_out`, and the
-    first `width` columns of `tables`' rows into `tables_out` (int32 [rows, >= width] each)."""
+    """A step's inputs staged on the device, for embed_rmsnorm to copy into the buffers a CUDA graph
+    reads: `words` (int32 view of the packed per-row fields; may be empty) into `words_out`, and
+    the first `width` columns of `tables`' first `rows` rows (default: one per token) into
+    `tables_out` (int32 [>= rows, >= width] each, any row strides)."""
 
     words: torch.Tensor
     words_out: torch.Tensor
     tables: torch.Tensor
     tables_out: torch.Tensor
     width: int
+    rows: int | None = None
 
 
 def embed_rmsnorm(
@@ -214,14 +220,16 @@ def embed_rmsnorm(
     st = staged
     if st is not None:
         assert st.words.dtype == st.words_out.dtype == torch.int32 and st.words.shape == st.words_out.shape
-        assert st.tables.shape[0] >= t and st.tables_out.shape[0] >= t
+        tab_rows = t if st.rows is None else st.rows
+        assert tab_rows <= t and st.tables.shape[0] >= tab_rows and st.tables_out.shape[0] >= tab_rows
+        assert st.tables.stride(1) == st.tables_out.stride(1) == 1
     block = triton.next_power_of_2(n)
     _embed_rmsnorm_kernel[(t,)](
         ids, rows, prev, embedding, weight, res, y, embedding.stride(0), n, eps,
         *(
             (st.words, st.words_out, st.words.numel(), triton.cdiv(st.words.numel(), t), st.tables,
-             st.tables_out, st.tables.stride(0), st.tables_out.stride(0), st.width)
-            if st is not None else (ids, ids, 0, 0, ids, ids, 0, 0, 0)
+             st.tables_out, st.tables.stride(0), st.tables_out.stride(0), tab_rows, st.width)
+            if st is not None else (ids, ids, 0, 0, ids, ids, 0, 0, 0, 0)
         ),
         # fixed chunks (the runtime sizes vary by step: a constexpr per size would compile a
         # variant per batch size and block-table width while serving)
