@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 
@@ -46,7 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inferfleet.worker.config import RopeConfig
 from inferfleet.worker.cuda_graphs import decode_splits
 from inferfleet.worker.kernels import pdl
-from inferfleet.worker.kernels.paged_attention import DEFAULT_TUNING, NewKV, paged_attention, split_workspace
+from inferfleet.worker.kernels.paged_attention import (
+    DEFAULT_TUNING,
+    NewKV,
+    fill_tile_map,
+    paged_attention,
+    split_workspace,
+)
 from inferfleet.worker.layers.rotary import RotaryEmbedding
 from microbench import time_ms
 
@@ -71,6 +78,8 @@ VARIANTS: list[dict[str, Any]] = [
     {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 2},
     {"layout": "head", "decode_block_n_fp8": 64, "num_stages_fp8": 5},
     {"layout": "head", "decode_block_n": 128, "num_stages": 2},
+    {"layout": "head", "tile_map": "batch"},
+    {"layout": "head", "tile_map": "longest"},
 ]
 
 
@@ -121,8 +130,26 @@ def stored(cache: torch.Tensor, order: str) -> torch.Tensor:
     return cache.permute(*perm).contiguous().permute(*back)
 
 
+def decode_map(case: dict[str, Any], order: str) -> torch.Tensor:
+    """A decode launch's tile map (one program per KV head and sequence): the batch's own order, or
+    longest context first (fill_tile_map, as cuda_graphs.MixedGraphs fills it)."""
+    ctx = case["sl"].cpu().numpy()
+    tiles = np.zeros((len(ctx), 2), dtype=np.int32)
+    if order == "batch":
+        tiles[:, 0] = np.arange(len(ctx))
+    else:
+        fill_tile_map(np.ones_like(ctx), ctx, H // KVH, tiles, decode=True)
+    return torch.from_numpy(tiles).cuda()
+
+
 def run(case: dict[str, Any], splits: int, variant: dict[str, Any]) -> torch.Tensor:
-    tuning = {k: v for k, v in variant.items() if k != "layout"}
+    tuning = {k: v for k, v in variant.items() if k not in ("layout", "tile_map")}
+    tile_map = None
+    if "tile_map" in variant:
+        assert splits == 1, "a tile map takes no splits"
+        tile_map = case.setdefault("maps", {}).get(variant["tile_map"])
+        if tile_map is None:
+            tile_map = case["maps"][variant["tile_map"]] = decode_map(case, variant["tile_map"])
     order = variant.get("layout", "head")
     if order not in case["layouts"]:
         case["layouts"] = {order: (stored(case["kc"], order), stored(case["vc"], order))}  # one at a time
@@ -130,7 +157,7 @@ def run(case: dict[str, Any], splits: int, variant: dict[str, Any]) -> torch.Ten
     out = torch.empty_like(case["q"])
     paged_attention(
         case["q"], kc, vc, out, case["qsl"], case["sl"], case["bt"], 1, D**-0.5,
-        num_splits=splits, tuning=tuning,
+        num_splits=splits, tuning=tuning, tile_map=tile_map,
     )  # fmt: skip
     return out
 
