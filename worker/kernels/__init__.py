@@ -34,6 +34,12 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def sm89(device: torch.device) -> bool:
+    """Whether `device` is a GPU of compute capability 8.9 or above (Ada, Hopper): what PTX's e4m3
+    conversions (cvt ... e4m3x2) need."""
+    return device.type == "cuda" and _capability(device.index or 0) >= (8, 9)
+
+
 def sm90(device: torch.device) -> bool:
     """Whether `device` is a GPU of compute capability 9.0 or above (Hopper): what programmatic
     dependent launch needs (pdl.py), and where the larger tensor-core launches (gemv.tc_launch,

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
-from . import LAUNCH_OPTIONS, _capability, pdl
+from . import LAUNCH_OPTIONS, pdl, sm89
 from .elementwise import fp8_range
 
 
@@ -442,9 +442,9 @@ def paged_attention(
     assert v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
     fp8_cache = k_cache.dtype == FP8_DTYPE
     tune = DEFAULT_TUNING if tuning is None else {**DEFAULT_TUNING, **tuning}
-    # cvt.rn.f16x2.e4m3x2 needs sm_89; the interpreter (CPU tensors) runs no PTX
+    # PTX (sm_89+): the interpreter (CPU tensors) runs none; int32 words need 4-byte alignment
     widen_v = (
-        fp8_cache and bool(tune["fp8_widen_v"]) and q.is_cuda and _capability(q.device.index or 0) >= (8, 9)
+        fp8_cache and bool(tune["fp8_widen_v"]) and sm89(q.device)
         and d % 4 == 0 and k_cache.data_ptr() % 4 == 0 and v_cache.data_ptr() % 4 == 0
         and all(st % 4 == 0 for st in k_cache.stride()[:3])
     )  # fmt: skip
