@@ -11,8 +11,9 @@
 # One line per test goes to $OUT/pytest-gpu.txt as the tests run, so a run cut at the tool's time
 # limit still returns what passed. The summary goes there too and to the tail of the output.
 # Budget: 336 s on a machine whose Triton cache was warm (fourteenth session). A fresh machine
-# compiles every kernel variant first and took over 560 s (fifteenth session, cut there): give it
-# a call of its own, or split the files over two calls.
+# compiles every kernel variant first and took over 560 s (fifteenth session, cut there); split
+# over two calls on fresh machines (sixteenth session): test_cuda.py + test_quant_cuda.py 237 s,
+# kernel_cases.py + quant_cases.py 247-251 s.
 set -o pipefail
 # shellcheck source=bench/device_setup.sh
 source bench/device_setup.sh  # extends a PYTHONPATH that may be unset: before `set -u`
