@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import Any
 
 import triton
 from inferfleet.worker import kernels
@@ -43,8 +44,8 @@ def resources(kernel: triton.compiler.CompiledKernel) -> int:
     return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
 
 
-def count(cache: str, block_n: int, warps: int, stages: int, widen_v: bool):
-    """(loop instructions, per KV byte per thread, opcodes, registers, shared bytes) of one launch."""
+def loop(cache: str, block_n: int, warps: int, stages: int, widen_v: bool) -> tuple[list[str], Any]:
+    """The key loop's SASS lines and the compiled kernel of one launch."""
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
     types = {n: ("*i32" if n in INT_PTRS else "*bf16") if n.endswith("_ptr") else "i32" for n in ARGS}
     types |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "kc_ptr": kv, "vc_ptr": kv} | dict.fromkeys(
@@ -60,7 +61,12 @@ def count(cache: str, block_n: int, warps: int, stages: int, widen_v: bool):
     src = ASTSource(pa._paged_attention_kernel, types | dict.fromkeys(consts, "constexpr"), consts, attrs)
     options = {"num_warps": warps, "num_stages": stages, **kernels.LAUNCH_OPTIONS}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    body = loop_body(sass(kernel))
+    return loop_body(sass(kernel)), kernel
+
+
+def count(cache: str, block_n: int, warps: int, stages: int, widen_v: bool):
+    """(loop instructions, per KV byte per thread, opcodes, registers, shared bytes) of one launch."""
+    body, kernel = loop(cache, block_n, warps, stages, widen_v)
     kv_bytes = block_n * 128 * 2 * (1 if cache == "fp8" else 2) / (32 * warps)
     return len(body), len(body) / kv_bytes, opcodes(body), resources(kernel), kernel.metadata.shared
 
