@@ -9,6 +9,11 @@ cache bf16 or fp8; `v` widens an fp8 cache's V in its load layout (WIDEN_V):
 
     python bench/attention_sass.py bf16,64,4,2 fp8,128,4,3 fp8,128,4,2,v
 
+Counts depend on the Triton version. The sixteenth session's (docs/benchmarks.md) are Triton
+3.6.0's, the device image's, run from the CPU venv with that wheel unpacked on PYTHONPATH
+(`pip download triton==3.6.0 --no-deps`, unzip, chmod +x its backends/nvidia/bin/*); the venv's
+own Triton gives the same picture.
+
 Sixteenth session: without WIDEN_V, Triton loads an fp8 V tile from shared memory one byte per
 instruction (LDS.U8) to build the dot's operand, since V's layout is transposed for it.
 """
