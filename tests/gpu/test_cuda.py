@@ -64,25 +64,36 @@ def test_decode_batches_of_every_padding(tiny_llama: Path) -> None:
         assert got == ref[:n]
 
 
+@pytest.mark.parametrize("one_split", [False, True])
 def test_decode_batches_above_the_fused_attention_limit(
-    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, one_split: bool
 ) -> None:
     """Decode batches above FUSED_DECODE_MAX_ROWS take rope_and_cache and then the attention kernel
     (smaller ones do both in the kernel, paged_attention's new_kv): 72 sequences decoding together,
     in a padded graph of 80 rows, match the reference, and every decode launch took its side of
-    the limit."""
+    the limit. The tiny model's few KV heads make the graphs above the limit split the context;
+    `one_split` makes them take one split, as an 8B model's 8 KV heads do at these batch sizes (W1's
+    decode path)."""
+    from inferfleet.worker import cuda_graphs
     from inferfleet.worker.kernels import paged_attention as pa
     from inferfleet.worker.layers.attention import FUSED_DECODE_MAX_ROWS
 
-    seen: list[tuple[int, bool]] = []  # (rows, fused) of every decode launch, captures included
+    seen: list[tuple[int, bool, int]] = []  # (rows, fused, splits) of every decode launch, captures included
     real = pa.paged_attention
 
     def spy(q, *args, **kw):  # type: ignore[no-untyped-def]
         if args[6] == 1:  # max_query_len: a decode launch
-            seen.append((q.shape[0], kw.get("new_kv") is not None))
+            seen.append((q.shape[0], kw.get("new_kv") is not None, kw.get("num_splits", 1)))
         return real(q, *args, **kw)
 
     monkeypatch.setattr(pa, "paged_attention", spy)
+    if one_split:
+        real_splits = cuda_graphs.decode_splits
+
+        def splits(batch: int, *args: object) -> int:
+            return 1 if batch > FUSED_DECODE_MAX_ROWS else real_splits(batch, *args)
+
+        monkeypatch.setattr(cuda_graphs, "decode_splits", splits)
     n = FUSED_DECODE_MAX_ROWS + 8
     rng = random.Random(6)
     ps = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(n)]
@@ -90,8 +101,10 @@ def test_decode_batches_above_the_fused_attention_limit(
     got, _, eng = run(tiny_llama, ps, max_tokens=8, device="cuda", dtype="float32", max_num_seqs=n + 8)
     assert eng.runner.graphs is not None and eng.runner.graphs.max_batch >= n  # one graph holds them all
     assert got == ref
-    assert any(rows > FUSED_DECODE_MAX_ROWS for rows, _ in seen)
-    assert all(fused == (rows <= FUSED_DECODE_MAX_ROWS) for rows, fused in seen)
+    assert any(rows > FUSED_DECODE_MAX_ROWS for rows, *_ in seen)
+    assert all(fused == (rows <= FUSED_DECODE_MAX_ROWS) for rows, fused, _ in seen)
+    if one_split:
+        assert all(s == 1 for rows, _, s in seen if rows > FUSED_DECODE_MAX_ROWS)
 
 
 @pytest.mark.parametrize("arch", ARCHES)
