@@ -394,7 +394,7 @@ class _MixedLayout:
         ]  # fmt: skip
         self.head = _carved_bytes(self.fields[:-1])  # where the packed tables start
         self.nbytes = _carved_bytes(self.fields)
-        self.tiles, self.seqs, self.width = tiles, seqs, width
+        self.tiles = tiles
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(ids, positions, slots, feed_rows, query_start_loc, seq_lens, tile map [tiles, 2], packed
@@ -421,11 +421,12 @@ class MixedGraphs:
     ~130 cuBLAS calls through the Python layers), about twice its GPU time at 300 tokens (H100,
     docs/benchmarks.md, fourteenth session): the card waits for the host. For each token count of
     MIXED_SIZES, one graph holds the step from the first layer's QKV projection to the final norm.
-    Every input it reads sits in fixed device buffers, written by two host->device copies before
-    the embedding launch (which also takes the step's fed token ids) and the replay: ids, positions
-    and cache slots per token, query offsets, context lengths and block tables per sequence, and the
-    attention tile map (kernels/paged_attention.fill_tile_map), whose fixed number of entries makes
-    the attention grid independent of how the tokens split into sequences. Rows past the real tokens
+    Every input it reads sits in fixed device buffers: ids, positions and cache slots per token,
+    query offsets, context lengths and block tables per sequence, and the attention tile map
+    (kernels/paged_attention.fill_tile_map), whose fixed number of entries makes the attention grid
+    independent of how the tokens split into sequences. One host->device copy (_MixedLayout, up to
+    the step's last block-table row) fills them before the embedding launch, which also takes the
+    step's fed token ids and moves the packed table rows into the graph's table. Rows past the real tokens
     are padding: token id 0, slot -1 (the cache write skips them), in no attention tile, so their
     attention output rows hold whatever the graph pool held there (any bits, non-finite ones
     included); every other captured kernel treats rows independently (per-token activation scales

@@ -53,7 +53,7 @@ from .elementwise import fp8_range
 
 
 @triton.jit
-def _widen_e4m3_words(w, N: tl.constexpr, D: tl.constexpr):
+def _widen_e4m3_words(w):
     """int32 words [N, D / 4] of packed e4m3 (little-endian) -> fp16 [N, D], converted in w's own
     register layout (the dot's operand layout cannot reach back through the join and reshape)."""
     b0, b1, b2, b3 = tl.inline_asm_elementwise(
@@ -65,7 +65,7 @@ def _widen_e4m3_words(w, N: tl.constexpr, D: tl.constexpr):
         is_pure=True,
         pack=1,
     )
-    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [N, D])
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [w.shape[0], 4 * w.shape[1]])
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _kv_tile(kc_ptr, vc_ptr, bt_row, start, kv_hi, kvh, d, kc_stride_blk, kc_str
         HEAD_DIM: tl.constexpr = d.shape[0]
         words = tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + (kv_off // 4)[:, None] + tl.arange(0, HEAD_DIM // 4)[None, :],
                         mask=n_ok[:, None], other=0)  # fmt: skip
-        v = _widen_e4m3_words(words, BLOCK_N, HEAD_DIM)
+        v = _widen_e4m3_words(words)
     else:
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     return k, v, n, n_ok
