@@ -241,6 +241,11 @@ def main() -> None:
         "kv_capacity_tokens": llm.engine.runner.capacity_tokens,
     }
     log.info("startup: %s", results["startup"])
+    from inferfleet.worker.kernels import blaslt
+
+    lt = blaslt.get(torch.device("cuda"))
+    if lt is not None:  # what the GEMM tuning measured and picked, per (shape, rows)
+        results["gemm_tuning"] = lt.report
     compile_prefill(llm)
     if "w3" in only:
         results["w3"] = decode_latency(llm)

@@ -53,6 +53,16 @@ def batch_size_ladder(max_bs: int) -> list[int]:
     return sizes
 
 
+def projection_rows(max_seqs: int, max_tokens: int | None, above: int) -> tuple[list[int], list[int]]:
+    """The row counts above `above` at which the graphs run the model's projections: every decode
+    batch size of the ladder and, where `max_tokens` is given (mixed graphs on), every MixedGraphs
+    step size up to it; and those of the lm_head, which sees decode batches only (a mixed step's
+    logits are computed outside its graph, for the sampled rows). Sorted: (projections, lm_head)."""
+    decode = [b for b in batch_size_ladder(max_seqs) if b > above]
+    mixed = [t for t in MIXED_SIZES if above < t <= max_tokens] if max_tokens is not None else []
+    return sorted({*decode, *mixed}), decode
+
+
 def capture_graph(
     fn: Callable[[], Any], pool: Any, stream: torch.cuda.Stream
 ) -> tuple[torch.cuda.CUDAGraph, Any]:

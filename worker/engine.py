@@ -116,12 +116,10 @@ class LLMEngine:
         self.stats = EngineStats()  # warm-up traffic is not user traffic
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.startup_seconds["warmup"] = time.perf_counter() - t0
-        if "cuda_graphs" in self.runner.timings:
-            self.startup_seconds["cuda_graphs"] = self.runner.timings["cuda_graphs"]
-            log.info("startup phase cuda_graphs: %.2fs", self.startup_seconds["cuda_graphs"])
-        if "mixed_graphs" in self.runner.timings:
-            self.startup_seconds["mixed_graphs"] = self.runner.timings["mixed_graphs"]
-            log.info("startup phase mixed_graphs: %.2fs", self.startup_seconds["mixed_graphs"])
+        for phase in ("gemm_tuning", "cuda_graphs", "mixed_graphs"):
+            if phase in self.runner.timings:
+                self.startup_seconds[phase] = self.runner.timings[phase]
+                log.info("startup phase %s: %.2fs", phase, self.startup_seconds[phase])
         log.info("startup phase warmup: %.2fs", self.startup_seconds["warmup"])
         return self.startup_seconds["warmup"]
 

@@ -185,6 +185,10 @@ class ModelRunner:
     def warmup(self) -> None:
         """Capture the decode CUDA graphs and compile the launches they do not hold (CUDA only); the
         engine then runs real requests."""
+        if self.use_graphs and "gemm_tuning" not in self.timings:
+            seconds = self._tune_gemms()
+            if seconds is not None:
+                self.timings["gemm_tuning"] = seconds
         if self.use_graphs and self.graphs is None:
             from .cuda_graphs import DecodeGraphs
 
@@ -230,6 +234,19 @@ class ModelRunner:
             argmax_rows(
                 torch.zeros((1, self.mc.vocab_size), dtype=torch.float32, device=self.device), splits=1
             )
+
+    def _tune_gemms(self) -> float | None:
+        """Pick cuBLASLt algorithms for the 16-bit projections at the row counts the CUDA graphs will
+        run them at (kernels/blaslt.py, cuda_graphs.projection_rows), before they are captured."""
+        from .cuda_graphs import projection_rows
+        from .kernels import blaslt
+        from .layers.linear import SKINNY_MAX_M
+
+        mixed = os.environ.get("INFERFLEET_MIXED_GRAPHS", "1") != "0"
+        rows, head_rows = projection_rows(
+            self.config.max_num_seqs, self.config.max_num_batched_tokens if mixed else None, SKINNY_MAX_M
+        )
+        return blaslt.tune(self.model, rows, head_rows, self.device)
 
     def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (K, V) caches of `num_blocks` blocks for every layer."""

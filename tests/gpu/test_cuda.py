@@ -388,3 +388,94 @@ def test_add_norm_defers_the_norm_to_a_gemv_consumer(monkeypatch: pytest.MonkeyP
     normed, _ = o_proj.add_norm(x, got_res, norm)
     assert isinstance(normed, torch.Tensor) and torch.equal(got_res, want_res)
     assert rel(normed.float(), want_normed.float()) < tol
+
+
+def test_cublaslt_candidates_equal_the_reference_and_replay_in_graphs() -> None:
+    """kernels/blaslt.py: every algorithm cuBLASLt's heuristics offer for y = x W^T, run through
+    ctypes, matches the float32 product (bf16 and fp16, row counts a graph ladder has and one it
+    has not); a kept plan runs inside a CUDA graph on the values its input holds at replay; rows,
+    layouts and dtypes without a plan fall back to F.linear (linear() returns None)."""
+    from inferfleet.worker.kernels import blaslt
+
+    lib = blaslt._find_library()
+    assert lib is not None  # torch's CUDA build loads libcublasLt
+    blaslt._declare(lib)
+    dev = torch.device("cuda")
+    lt = blaslt.Lt(lib, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, k in ((384, 256), (1024, 512)):
+            ws = [torch.randn(n, k, device=dev, dtype=dtype, generator=g) * k**-0.5 for _ in range(3)]
+            for m in (24, 100, 256):
+                x = torch.randn(m, k, device=dev, dtype=dtype, generator=g)
+                plans = lt._candidates(dtype, n, k, m)
+                assert plans, (dtype, n, k, m)
+                for plan in plans:
+                    for w in ws:
+                        got = lt.run(plan, x, w)
+                        assert got.shape == (m, n) and got.dtype == dtype
+                        assert rel(got, x.float() @ w.float().t()) < 1e-2
+                assert lt.linear(x, ws[0]) is None  # not tuned yet
+                lt.plans[(dtype, n, k, m)] = plans[-1]
+                static = torch.zeros_like(x)
+                graph = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    lt.linear(static, ws[1])
+                torch.cuda.current_stream().wait_stream(s)
+                with torch.cuda.graph(graph):
+                    y = lt.linear(static, ws[1])
+                assert y is not None
+                static.copy_(x)
+                graph.replay()
+                assert rel(y, x.float() @ ws[1].float().t()) < 1e-2
+                assert lt.linear(x[:-1].contiguous(), ws[0]) is None  # another row count
+                assert lt.linear(x.t().contiguous().t(), ws[0]) is None  # not row-major
+                assert lt.linear(x.float(), ws[0].float()) is None  # another dtype
+    lt.tune(ws, 64)
+    r = lt.report[-1]
+    assert (r["n"], r["m"]) == (1024, 64) and r["linear_us"] > 0 and r["best_us"] > 0
+    assert r["cublaslt"] == (r["best_us"] < r["linear_us"] * (1 - blaslt.MARGIN))
+    assert ((torch.float16, 1024, 512, 64) in lt.plans) == r["cublaslt"]
+
+
+def test_engine_with_cublaslt_plans_equals_f_linear_bf16(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine whose projections all run cuBLASLt plans (MARGIN made negative, so a plan is kept
+    wherever a candidate passes its check) against one that runs F.linear only, bf16 on the same
+    GPU: plans were made for the graphs' row counts, launched, and the logits rows stay close."""
+    from inferfleet.worker.kernels import blaslt
+
+    ps = prompts(5)
+    monkeypatch.setattr(blaslt, "ENABLED", False)
+    monkeypatch.setattr(blaslt, "_LT", {})
+    ref_tokens, ref_rows, ref = run_rows(tiny_llama, ps, 10, device="cuda", dtype="bfloat16")
+    assert "gemm_tuning" not in ref.runner.timings and blaslt.get(torch.device("cuda")) is None
+
+    launches = []
+    real_run = blaslt.Lt.run
+
+    def counted(self, plan, x, w):  # type: ignore[no-untyped-def]
+        launches.append(plan.m)
+        return real_run(self, plan, x, w)
+
+    monkeypatch.setattr(blaslt.Lt, "run", counted)
+    monkeypatch.setattr(blaslt, "ENABLED", True)
+    monkeypatch.setattr(blaslt, "MARGIN", -1e9)
+    tokens, rows, eng = run_rows(tiny_llama, ps, 10, device="cuda", dtype="bfloat16")
+    lt = blaslt.get(torch.device("cuda"))
+    assert lt is not None and eng.runner.timings["gemm_tuning"] > 0
+    assert lt.plans and all(r["cublaslt"] for r in lt.report if r["best_us"] is not None)
+    assert {m for _, _, _, m in lt.plans} >= {24, 32, 64}  # decode ladder and mixed sizes
+    n_tuning = len(launches)
+    assert n_tuning > 0
+    eng2_tokens, _, _ = run_rows(tiny_llama, ps, 10, device="cuda", dtype="bfloat16")
+    assert len(launches) > n_tuning  # the second engine's graphs launched plans (no new tuning)
+    assert eng2_tokens == tokens
+    errs = []
+    for a, b, ra, rb in zip(tokens, ref_tokens, rows, ref_rows):
+        for i in range(min(common_prefix(a, b) + 1, len(a))):
+            errs.append(rel(ra[i], rb[i]))
+    assert len(errs) >= sum(len(r) for r in rows) // 2 and max(errs) < 1e-2, (len(errs), max(errs))
