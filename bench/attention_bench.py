@@ -55,7 +55,7 @@ from inferfleet.worker.kernels.paged_attention import (
     split_workspace,
 )
 from inferfleet.worker.layers.rotary import RotaryEmbedding
-from microbench import time_ms
+from microbench import graph_of, time_ms
 
 H, KVH, D, PAGE = 32, 8, 128, 16
 
@@ -204,15 +204,7 @@ def batch1_graph(c: dict[str, Any], splits: int) -> torch.cuda.CUDAGraph:
                             1, D**-0.5, num_splits=splits, workspace=ws, new_kv=new_kv)  # fmt: skip
             q = c["outs"][i]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain()
-    return g
+    return graph_of(chain)
 
 
 def batch1_main(out_dir: str, sms: int) -> None:

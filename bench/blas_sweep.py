@@ -33,16 +33,7 @@ LAYERS = 32
 
 def time_graph_us(fn, reps: int = 20) -> float:
     """us per launch of fn() (which makes LAYERS launches), replayed from one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return microbench.time_ms(graph.replay, reps, warmup=2) * 1e3 / LAYERS
+    return microbench.time_ms(microbench.graph_of(fn).replay, reps, warmup=2) * 1e3 / LAYERS
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

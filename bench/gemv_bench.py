@@ -184,16 +184,7 @@ SWEEP = {  # (the first sweep's wider grid and its results: docs/bench/*-gemv-sw
 
 def time_graph(fn, reps: int = 20) -> float:
     """ms per call of fn() replayed from a CUDA graph (median of reps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # compile / warm up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return microbench.time_ms(graph.replay, reps, warmup=1)
+    return microbench.time_ms(microbench.graph_of(fn).replay, reps, warmup=1)
 
 
 def chain(fn, layers, x0):

@@ -38,6 +38,21 @@ def time_ms(fn, reps: int = 30, warmup: int = 3) -> float:
     return sorted(times)[reps // 2]
 
 
+def graph_of(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
+    """fn() called `launches` times, captured in one CUDA graph; fn runs once on a side stream
+    first (Triton compiles, cuBLAS picks its kernels) so that nothing of that is captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return graph
+
+
 # a swept launch's name in bench/gptq_gemm_sweep.py and bench/gemv_tc_sweep.py
 LAUNCH_KEY = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}"
 

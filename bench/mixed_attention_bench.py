@@ -5,13 +5,15 @@
 Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, pages of 16 tokens, bf16
 cache stored head-major), pages scattered at random. A step: `--decodes` sequences with contexts
 uniform in [100, 2048] (W1-like) and one prompt chunk of `--chunk` tokens after `--cached`
-tokens of its own. One layer's attention launches, timed (median of CUDA-event timings, each case's
-KV far larger than L2), each checked against the first:
+tokens of its own. One layer's attention launches, each checked against the first and timed as
+replays of a CUDA graph of 10 launches (the GPU's time, not the host's), median over --rounds
+rounds that take every variant in turn; each case's KV is far larger than L2:
 
 - grid: one launch over every sequence's query tiles up to the longest chunk (prefill tiles for
   the decodes too), as eager steps launch it;
 - map: one tile-map launch (cuda_graphs.MixedGraphs), prefill tiles for every sequence;
 - map split: a decode-tile map over the one-token sequences and a prefill-tile map over the chunk;
+- map split, two streams: the same two launches on two streams (two branches of the graph);
 - decodes alone: the decode sequences by themselves in decode tiles (a decode-only step's launch).
 
 Prints a table last and writes mixed_attention_bench.json into --out.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,9 +35,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_bench import scattered_cache, stored
 from inferfleet.worker.kernels.paged_attention import fill_tile_map, paged_attention, tile_map_entries
-from microbench import time_ms
+from microbench import graph_of, time_ms
 
 H, KVH, D, PAGE = 32, 8, 128, 16
+
+
+# launches of one variant captured in one CUDA graph: replays time the GPU, not Triton's Python launcher
+GRAPH_LAUNCHES = 10
+
+
+_SIDE: list[torch.cuda.Stream] = []
+
+
+def concurrently(first, second) -> None:
+    """first() on the current stream and second() on a side stream, joined after (in a CUDA graph:
+    two branches)."""
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    side, main = _SIDE[0], torch.cuda.current_stream()
+    side.wait_stream(main)
+    first()
+    with torch.cuda.stream(side):
+        second()
+    main.wait_stream(side)
 
 
 def main() -> None:
@@ -43,7 +66,16 @@ def main() -> None:
     ap.add_argument("--decodes", default="256,128,32")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--cached", type=int, default=512)
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="timings of every variant, interleaved; median kept"
+    )
+    ap.add_argument(
+        "--map-tunings",
+        default="",
+        help="more map launches, BLOCK_N:WARPS:STAGES each (paged_attention's map_* tuning), e.g. 128:4:2,64:8:3",
+    )
     args = ap.parse_args()
+    map_tunings = [tuple(int(v) for v in t.split(":")) for t in args.map_tunings.split(",") if t]
     rows = []
     for b in (int(x) for x in args.decodes.split(",")):
         rng = random.Random(b)
@@ -67,14 +99,24 @@ def main() -> None:
         maps = {k: torch.from_numpy(v).cuda() for k, v in (("full", full), ("dec", dec), ("pre", pre))}
         scale = D**-0.5
 
-        def launch(out: torch.Tensor, mq: int, tile_map: torch.Tensor | None) -> None:
-            paged_attention(q, kc, vc, out, qsl, sl, bt, mq, scale, tile_map=tile_map)
+        def launch(
+            out: torch.Tensor, mq: int, tile_map: torch.Tensor | None, tuning: dict | None = None
+        ) -> None:
+            paged_attention(q, kc, vc, out, qsl, sl, bt, mq, scale, tile_map=tile_map, tuning=tuning)
 
         variants = {
             "grid": lambda o: launch(o, args.chunk, None),
             "map": lambda o: launch(o, args.chunk, maps["full"]),
             "map split": lambda o: (launch(o, 1, maps["dec"]), launch(o, args.chunk, maps["pre"])),
+            "map split, two streams": lambda o: concurrently(
+                lambda: launch(o, 1, maps["dec"]), lambda: launch(o, args.chunk, maps["pre"])
+            ),
         }
+        for bn, w, st in map_tunings:
+            tuning = {"map_block_n": bn, "map_num_warps": w, "map_num_stages": st}
+            variants[f"map bn{bn} w{w} s{st}"] = lambda o, tuning=tuning: launch(
+                o, args.chunk, maps["full"], tuning
+            )
         ref = torch.zeros_like(q)
         variants["grid"](ref)
         row = {
@@ -83,29 +125,45 @@ def main() -> None:
             "cached": args.cached,
             "kv_mb": 4 * KVH * D * sum(ctx) / 2**20,
         }
-        for name, fn in variants.items():
-            out = torch.zeros_like(q)
-            fn(out)
-            row[f"{name} max diff"] = float((out.float() - ref.float()).abs().max())
-            row[f"{name} us"] = 1000 * time_ms(lambda fn=fn: fn(out), reps=50)
         # the decodes alone, decode tiles, one grid launch
         qd, outd = q[:b], torch.zeros_like(q[:b])
         qsld = torch.arange(b + 1, dtype=torch.int32, device="cuda")
-        row["decodes alone us"] = 1000 * time_ms(
-            lambda: paged_attention(qd, kc, vc, outd, qsld, sl[:b], bt[:b], 1, scale), reps=50
+        variants["decodes alone"] = lambda o: paged_attention(
+            qd, kc, vc, outd, qsld, sl[:b], bt[:b], 1, scale
         )
+        graphs = {}
+        for name, fn in variants.items():
+            out = torch.zeros_like(q)
+            try:
+                fn(out)
+            except Exception as e:  # a tuning Triton cannot build (shared memory, registers)
+                print(name, "error:", type(e).__name__, str(e)[:120], flush=True)
+                row[f"{name} us"] = float("nan")
+                continue
+            if name != "decodes alone":
+                row[f"{name} max diff"] = float((out.float() - ref.float()).abs().max())
+            graphs[name] = graph_of(lambda fn=fn, out=out: fn(out), GRAPH_LAUNCHES)
+        # each round times every variant once, in turn, so that drifts of the clocks fall on all alike
+        times: dict[str, list[float]] = {name: [] for name in graphs}
+        for _ in range(args.rounds):
+            for name, graph in graphs.items():
+                times[name].append(1000 * time_ms(graph.replay, reps=10, warmup=1) / GRAPH_LAUNCHES)
+        for name, ts in times.items():
+            row[f"{name} us"] = statistics.median(ts)
+            row[f"{name} us rounds"] = ts
         rows.append(row)
         print(json.dumps(row))
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "mixed_attention_bench.json").write_text(json.dumps(res, indent=1))
+    names = [k.removesuffix(" us") for k in rows[0] if k.endswith(" us")]
     print(
-        f"{'decodes':>8} {'KV MB':>7} {'grid':>8} {'map':>8} {'map split':>10} {'decodes alone':>14}  (us per layer)"
+        "us per layer (median of rounds), one column per step; KV MB: "
+        + ", ".join(f"{r['kv_mb']:.0f}" for r in rows)
     )
-    for r in rows:
-        print(
-            f"{r['decodes']:8d} {r['kv_mb']:7.0f} {r['grid us']:8.1f} {r['map us']:8.1f} {r['map split us']:10.1f} {r['decodes alone us']:14.1f}"
-        )
+    print(f"{'variant':24s} " + " ".join(f"{str(r['decodes']) + ' dec':>9}" for r in rows))
+    for name in names:
+        print(f"{name:24s} " + " ".join(f"{r[name + ' us']:9.1f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -337,6 +337,15 @@ DEFAULT_TUNING: dict[str, Any] = {
     "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
     "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
     "fp8_widen_v": True,  # fp8 cache on sm_89+: V widened in its load layout (_widen_e4m3_words)
+    # a tile-map launch of prefill tiles (cuda_graphs.MixedGraphs' steps): keys per tile, warps, stages.
+    # H100, bf16 cache, a 256-token chunk beside 32-256 W1-like decodes (bench/mixed_attention_bench.py,
+    # seventeenth session, GPU time of graph replays): three stages instead of two, 409.2 -> 395.8 us
+    # per layer at 256 decodes, 224.9 -> 216.9 at 128, 80.2 -> 72.2 at 32, outputs bit-identical.
+    # The fp8 cache's map launches keep num_stages_fp8's two (not measured with three).
+    "map_block_n": 64,
+    "map_num_warps": 4,
+    "map_num_stages": 3,
+    "map_num_stages_fp8": 2,
 }
 
 
@@ -450,8 +459,11 @@ def paged_attention(
     )  # fmt: skip
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
+    elif tile_map is not None:
+        block_q, block_n = prefill_block_q(g), tune["map_block_n"]
     else:
         block_q, block_n = prefill_block_q(g), 64
+    map_launch = tile_map is not None and max_query_len > 1
     block_m = max(16, triton.next_power_of_2(block_q * g))
     heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
     if tile_map is not None:
@@ -525,8 +537,8 @@ def paged_attention(
         FP8_MAX=FP8_MAX,
         TILE_MAP=tile_map is not None,
         WIDEN_V=widen_v,
-        num_warps=tune["num_warps"],
-        num_stages=tune["num_stages_fp8" if fp8_cache else "num_stages"],
+        num_warps=tune["map_num_warps"] if map_launch else tune["num_warps"],
+        num_stages=tune[("map_" if map_launch else "") + ("num_stages_fp8" if fp8_cache else "num_stages")],
         launch_pdl=use_pdl,
         **LAUNCH_OPTIONS,
     )
