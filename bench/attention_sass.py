@@ -4,11 +4,12 @@ Compiles `_paged_attention_kernel` for sm_90 with Triton's bundled ptxas (no GPU
 decode step of the Llama-3.1-8B shape launches it (GQA 4, head_dim 128, pages of 16, PDL, rotary
 not fused), disassembles it and counts the SASS of the key loop (bench/row4_sass.py's loop_body)
 per K and V byte a thread handles in one tile, with the registers and shared memory a program
-takes (which set how many programs share an SM). Each launch is cache,block_n,warps,stages[,v][,map]:
+takes (which set how many programs share an SM). Each launch is cache,block_n,warps,stages[,v][,map[Q]]:
 cache bf16 or fp8; `v` widens an fp8 cache's V in its load layout (WIDEN_V); `map` compiles the
-tile-map launch of MixedGraphs' steps (16-token prefill tiles, 64 MMA rows) instead:
+tile-map launch of MixedGraphs' steps (16-token prefill tiles, 64 MMA rows) instead, `mapQ` one
+with Q-token tiles (the map_block_q tuning):
 
-    python bench/attention_sass.py bf16,64,4,2 fp8,128,4,3 fp8,128,4,2,v bf16,64,4,3,map
+    python bench/attention_sass.py bf16,64,4,2 fp8,128,4,3 fp8,128,4,2,v bf16,64,4,3,map bf16,64,4,3,map4
 
 Counts depend on the Triton version. The sixteenth session's (docs/benchmarks.md) are Triton
 3.6.0's, the device image's, run from the CPU venv with that wheel unpacked on PYTHONPATH
@@ -51,19 +52,19 @@ def resources(kernel: triton.compiler.CompiledKernel) -> int:
 
 
 def loop(
-    cache: str, block_n: int, warps: int, stages: int, widen_v: bool, tile_map: bool = False
+    cache: str, block_n: int, warps: int, stages: int, widen_v: bool, map_q: int = 0
 ) -> tuple[list[str], Any]:
-    """The key loop's SASS lines and the compiled kernel of one launch; `tile_map`: a MixedGraphs
-    launch (16-token prefill tiles over a tile map, 64 MMA rows) instead of a decode launch."""
+    """The key loop's SASS lines and the compiled kernel of one launch; `map_q` > 0: a MixedGraphs
+    launch (prefill tiles of map_q tokens over a tile map) instead of a decode launch."""
     kv = "*fp8e4nv" if cache == "fp8" else "*bf16"
     types = {n: ("*i32" if n in INT_PTRS else "*bf16") if n.endswith("_ptr") else "i32" for n in ARGS}
     types |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "kc_ptr": kv, "vc_ptr": kv} | dict.fromkeys(
         FLOATS, "fp32"
     )
     consts = {
-        "G": 4, "HEAD_DIM": 128, "PAGE": 16, "BLOCK_Q": 16 if tile_map else 1, "BLOCK_M": 64 if tile_map else 16,
+        "G": 4, "HEAD_DIM": 128, "PAGE": 16, "BLOCK_Q": map_q or 1, "BLOCK_M": max(16, 4 * (map_q or 1)),
         "BLOCK_N": block_n, "NUM_SPLITS": 1, "PRECISION": "tf32", "Q_F16": cache == "fp8", "HEADS_FAST": True,
-        "USE_PDL": True, "FUSE_NEW": False, "CLAMP_FP8": cache == "fp8", "FP8_MAX": 448.0, "TILE_MAP": tile_map,
+        "USE_PDL": True, "FUSE_NEW": False, "CLAMP_FP8": cache == "fp8", "FP8_MAX": 448.0, "TILE_MAP": map_q > 0,
         "WIDEN_V": widen_v,
     }  # fmt: skip
     # pointers, strides and sizes as Triton sees them in the engine: multiples of 16
@@ -74,20 +75,22 @@ def loop(
     return loop_body(sass(kernel)), kernel
 
 
-def count(cache: str, block_n: int, warps: int, stages: int, widen_v: bool, tile_map: bool = False):
+def count(cache: str, block_n: int, warps: int, stages: int, widen_v: bool, map_q: int = 0):
     """(loop instructions, per KV byte per thread, opcodes, registers, shared bytes) of one launch."""
-    body, kernel = loop(cache, block_n, warps, stages, widen_v, tile_map)
+    body, kernel = loop(cache, block_n, warps, stages, widen_v, map_q)
     kv_bytes = block_n * 128 * 2 * (1 if cache == "fp8" else 2) / (32 * warps)
     return len(body), len(body) / kv_bytes, opcodes(body), resources(kernel), kernel.metadata.shared
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("launches", nargs="+", help="cache,block_n,warps,stages[,v][,map]")
+    ap.add_argument("launches", nargs="+", help="cache,block_n,warps,stages[,v][,map[Q]]")
     for text in ap.parse_args().launches:
         cache, block_n, warps, stages, *flags = text.split(",")
+        maps = [f for f in flags if f.startswith("map")]
+        map_q = (int(maps[0][3:] or 16)) if maps else 0
         n, per_byte, ops, regs, shared = count(
-            cache, int(block_n), int(warps), int(stages), "v" in flags, "map" in flags
+            cache, int(block_n), int(warps), int(stages), "v" in flags, map_q
         )
         keep = {
             op: c for op, c in ops.items() if op in ("LDS", "LDSM", "STS", "F2FP", "HMMA", "IMAD", "LDGSTS")

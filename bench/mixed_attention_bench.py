@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument(
         "--map-tunings",
         default="",
-        help="more map launches, BLOCK_N:WARPS:STAGES each (paged_attention's map_* tuning), e.g. 128:4:2,64:8:3",
+        help="more map launches, BLOCK_N:WARPS:STAGES[:BLOCK_Q] each (paged_attention's map_* tuning; a "
+        "BLOCK_Q fills the map with query tiles of that many tokens), e.g. 128:4:2,64:4:3:4",
     )
     args = ap.parse_args()
     map_tunings = [tuple(int(v) for v in t.split(":")) for t in args.map_tunings.split(",") if t]
@@ -112,11 +113,16 @@ def main() -> None:
                 lambda: launch(o, 1, maps["dec"]), lambda: launch(o, args.chunk, maps["pre"])
             ),
         }
-        for bn, w, st in map_tunings:
+        for bn, w, st, *bq in map_tunings:
             tuning = {"map_block_n": bn, "map_num_warps": w, "map_num_stages": st}
-            variants[f"map bn{bn} w{w} s{st}"] = lambda o, tuning=tuning: launch(
-                o, args.chunk, maps["full"], tuning
-            )
+            name, tiles = f"map bn{bn} w{w} s{st}", maps["full"]
+            if bq:
+                tuning["map_block_q"] = bq[0]
+                name += f" q{bq[0]}"
+                host = np.zeros((tile_map_entries(t, len(ctx), H // KVH, block_q=bq[0]), 2), dtype=np.int32)
+                fill_tile_map(q_np, ctx_np, H // KVH, host, block_q=bq[0])
+                tiles = torch.from_numpy(host).cuda()
+            variants[name] = lambda o, tuning=tuning, tiles=tiles: launch(o, args.chunk, tiles, tuning)
         ref = torch.zeros_like(q)
         variants["grid"](ref)
         row = {

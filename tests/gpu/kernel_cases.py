@@ -170,6 +170,19 @@ def test_paged_attention_tile_map_equals_the_grid_launch(h, kvh, d, page, qlens,
     )  # fmt: skip
     assert torch.equal(got[:t], want)
     assert got[t:].isnan().all()
+    # smaller query tiles (the map_block_q tuning; bench/mixed_attention_bench.py --map-tunings):
+    # other MMA shapes, so the reference path's tolerance instead of bit equality
+    for bq in (1, 4):
+        host = np.zeros((tile_map_entries(t + pad_t, b + pad_b, h // kvh, block_q=bq), 2), dtype=np.int32)
+        n = fill_tile_map(np.array(qlens), np.array(ctx), h // kvh, host, block_q=bq)
+        assert n == sum(-(-q // bq) for q in qlens) and (host[n:] == -1).all()
+        small = torch.full_like(q, float("nan"))
+        paged_attention(
+            q, k_cache, v_cache, small, qsl, lens, tables, t + pad_t, d**-0.5,
+            tile_map=torch.from_numpy(host).to(DEV), tuning={"map_block_q": bq},
+        )  # fmt: skip
+        assert rel(small[:t], want) < 1e-5, bq
+        assert small[t:].isnan().all()
 
 
 def test_paged_attention_decode_tile_map_equals_the_decode_launch() -> None:

@@ -36,16 +36,17 @@ def random_step(rng: random.Random, tokens: int, max_seqs: int) -> tuple[list[in
     return qlens, [q + rng.randint(0, 3000) for q in qlens]
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-def test_every_tile_once_longest_first_within_the_bound(group: int) -> None:
+@pytest.mark.parametrize(("group", "block_q"), [(1, None), (4, None), (8, None), (4, 1), (4, 4), (8, 2)])
+def test_every_tile_once_longest_first_within_the_bound(group: int, block_q: int | None) -> None:
+    """block_q: a map launch's map_block_q tuning, None for prefill_block_q(group)."""
     rng = random.Random(group)
-    bq = prefill_block_q(group)
+    bq = block_q or prefill_block_q(group)
     for _ in range(300):
         tokens, max_seqs = rng.choice([16, 64, 512, 1024]), rng.choice([1, 8, 256])
         qlens, ctx = random_step(rng, tokens, max_seqs)
-        entries = tile_map_entries(tokens, max_seqs, group)
+        entries = tile_map_entries(tokens, max_seqs, group, block_q=block_q)
         out = np.full((entries, 2), 99, dtype=np.int32)
-        n = fill_tile_map(np.array(qlens), np.array(ctx), group, out)
+        n = fill_tile_map(np.array(qlens), np.array(ctx), group, out, block_q=block_q)
         want = {(s, t) for s, q in enumerate(qlens) for t in range(-(-q // bq))}
         got = [tuple(int(v) for v in row) for row in out[:n]]
         assert len(got) == n == len(want) and set(got) == want

@@ -343,6 +343,7 @@ DEFAULT_TUNING: dict[str, Any] = {
     # per layer at 256 decodes, 224.9 -> 216.9 at 128, 80.2 -> 72.2 at 32, outputs bit-identical.
     # The fp8 cache's map launches keep num_stages_fp8's two (not measured with three).
     "map_block_n": 64,
+    "map_block_q": None,  # query tokens per tile; None: prefill_block_q(group). fill_tile_map must agree
     "map_num_warps": 4,
     "map_num_stages": 3,
     "map_num_stages_fp8": 2,
@@ -362,25 +363,32 @@ def prefill_block_q(group: int) -> int:
     return max(1, 64 // group)
 
 
-def tile_map_entries(tokens: int, max_seqs: int, group: int) -> int:
+def tile_map_entries(tokens: int, max_seqs: int, group: int, block_q: int | None = None) -> int:
     """The most (sequence, query tile) pairs a step of at most `tokens` new tokens over at most
     `max_seqs` sequences can have: each sequence's tiles number ceil(qlen / block_q), which sums to
-    at most tokens / block_q plus one partial tile per sequence."""
-    return tokens // prefill_block_q(group) + min(tokens, max_seqs)
+    at most tokens / block_q plus one partial tile per sequence. `block_q`: query tokens per tile,
+    prefill_block_q(group) unless given (a map launch's `map_block_q` tuning)."""
+    return tokens // (block_q or prefill_block_q(group)) + min(tokens, max_seqs)
 
 
 def fill_tile_map(
-    query_lens: np.ndarray, seq_lens: np.ndarray, group: int, out: np.ndarray, decode: bool = False
+    query_lens: np.ndarray,
+    seq_lens: np.ndarray,
+    group: int,
+    out: np.ndarray,
+    decode: bool = False,
+    block_q: int | None = None,
 ) -> int:
     """Write a step's (sequence, query tile) pairs into `out` (int32 [P, 2]) for
     paged_attention(tile_map=...), the tiles with the most keys to read first (the longest programs
     start in the first wave, not the last), and -1 into the entries after them; returns the count.
     query_lens and seq_lens: int arrays, one entry per sequence of the step (query length 0: the
     sequence is left out). `decode`: for a launch with max_query_len 1 (one-token tiles), which
-    only one-token sequences may take."""
+    only one-token sequences may take. `block_q`: query tokens per tile of a launch with another
+    `map_block_q` than prefill_block_q(group)."""
     if decode:
         assert (query_lens <= 1).all(), "decode tiles hold one query token"
-    bq = 1 if decode else prefill_block_q(group)
+    bq = 1 if decode else block_q or prefill_block_q(group)
     counts = (query_lens + bq - 1) // bq
     n = int(counts.sum())
     assert n <= len(out), f"{n} query tiles, the map holds {len(out)}"
@@ -439,8 +447,9 @@ def paged_attention(
     entry's (sequence, query tile); entries whose sequence is -1 do nothing. The grid then depends
     only on P, not on the batch, so a step with prefill chunks can be captured in a CUDA graph
     (cuda_graphs.MixedGraphs) with the map, like the other inputs, in a fixed buffer. Query tiles
-    are prefill_block_q tokens, or one where max_query_len is 1 (decode tiles: the map must then
-    name one-token sequences only); no splits, no new_kv.
+    are prefill_block_q tokens (or the `map_block_q` tuning's, which the map must have been filled
+    with), or one where max_query_len is 1 (decode tiles: the map must then name one-token
+    sequences only); no splits, no new_kv.
 
     `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
@@ -460,7 +469,7 @@ def paged_attention(
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
     elif tile_map is not None:
-        block_q, block_n = prefill_block_q(g), tune["map_block_n"]
+        block_q, block_n = tune["map_block_q"] or prefill_block_q(g), tune["map_block_n"]
     else:
         block_q, block_n = prefill_block_q(g), 64
     map_launch = tile_map is not None and max_query_len > 1
