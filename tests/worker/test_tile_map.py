@@ -113,3 +113,16 @@ def test_pack_tables_rows_at_a_padded_common_stride() -> None:
         assert (out[len(tables) * w :] == -7).all()
     with pytest.raises(AssertionError, match="staging holds"):
         pack_tables([np.zeros(17, dtype=np.int32)] * 3, np.zeros(90, dtype=np.int32))
+
+
+def test_map_block_q_default_reaches_the_map_and_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map launch's default tile size (DEFAULT_TUNING["map_block_q"]) is what fill_tile_map and
+    tile_map_entries use unless told otherwise, so a map filled with the defaults always matches a
+    launch with the default tuning."""
+    from inferfleet.worker.kernels import paged_attention as pa
+
+    assert pa.map_block_q(4) == prefill_block_q(4) == 16
+    monkeypatch.setitem(pa.DEFAULT_TUNING, "map_block_q", 4)
+    assert pa.map_block_q(4) == 4 and tile_map_entries(64, 8, 4) == 64 // 4 + 8
+    out = np.zeros((tile_map_entries(64, 8, 4), 2), dtype=np.int32)
+    assert fill_tile_map(np.array([1, 30, 9]), np.array([5, 40, 700]), 4, out) == 1 + 8 + 3

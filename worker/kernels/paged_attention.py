@@ -363,12 +363,18 @@ def prefill_block_q(group: int) -> int:
     return max(1, 64 // group)
 
 
+def map_block_q(group: int) -> int:
+    """Query tokens per tile of a map launch with the default tuning (DEFAULT_TUNING["map_block_q"],
+    else prefill_block_q): what fill_tile_map and tile_map_entries assume unless told otherwise."""
+    return DEFAULT_TUNING["map_block_q"] or prefill_block_q(group)
+
+
 def tile_map_entries(tokens: int, max_seqs: int, group: int, block_q: int | None = None) -> int:
     """The most (sequence, query tile) pairs a step of at most `tokens` new tokens over at most
     `max_seqs` sequences can have: each sequence's tiles number ceil(qlen / block_q), which sums to
     at most tokens / block_q plus one partial tile per sequence. `block_q`: query tokens per tile,
-    prefill_block_q(group) unless given (a map launch's `map_block_q` tuning)."""
-    return tokens // (block_q or prefill_block_q(group)) + min(tokens, max_seqs)
+    map_block_q(group) unless given (a launch with another `map_block_q` tuning)."""
+    return tokens // (block_q or map_block_q(group)) + min(tokens, max_seqs)
 
 
 def fill_tile_map(
@@ -385,10 +391,10 @@ def fill_tile_map(
     query_lens and seq_lens: int arrays, one entry per sequence of the step (query length 0: the
     sequence is left out). `decode`: for a launch with max_query_len 1 (one-token tiles), which
     only one-token sequences may take. `block_q`: query tokens per tile of a launch with another
-    `map_block_q` than prefill_block_q(group)."""
+    `map_block_q` tuning than the default (map_block_q(group))."""
     if decode:
         assert (query_lens <= 1).all(), "decode tiles hold one query token"
-    bq = 1 if decode else block_q or prefill_block_q(group)
+    bq = 1 if decode else block_q or map_block_q(group)
     counts = (query_lens + bq - 1) // bq
     n = int(counts.sum())
     assert n <= len(out), f"{n} query tiles, the map holds {len(out)}"
