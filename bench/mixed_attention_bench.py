@@ -44,15 +44,10 @@ H, KVH, D, PAGE = 32, 8, 128, 16
 GRAPH_LAUNCHES = 10
 
 
-_SIDE: list[torch.cuda.Stream] = []
-
-
-def concurrently(first, second) -> None:
-    """first() on the current stream and second() on a side stream, joined after (in a CUDA graph:
-    two branches)."""
-    if not _SIDE:
-        _SIDE.append(torch.cuda.Stream())
-    side, main = _SIDE[0], torch.cuda.current_stream()
+def concurrently(first, second, side: torch.cuda.Stream) -> None:
+    """first() on the current stream and second() on `side`, joined after (in a CUDA graph: two
+    branches)."""
+    main = torch.cuda.current_stream()
     side.wait_stream(main)
     first()
     with torch.cuda.stream(side):
@@ -78,6 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     map_tunings = [tuple(int(v) for v in t.split(":")) for t in args.map_tunings.split(",") if t]
     rows = []
+    side = torch.cuda.Stream()  # "map split, two streams": the prefill-tile launch's branch
     for b in (int(x) for x in args.decodes.split(",")):
         rng = random.Random(b)
         qlens = [1] * b + [args.chunk]
@@ -110,7 +106,7 @@ def main() -> None:
             "map": lambda o: launch(o, args.chunk, maps["full"]),
             "map split": lambda o: (launch(o, 1, maps["dec"]), launch(o, args.chunk, maps["pre"])),
             "map split, two streams": lambda o: concurrently(
-                lambda: launch(o, 1, maps["dec"]), lambda: launch(o, args.chunk, maps["pre"])
+                lambda: launch(o, 1, maps["dec"]), lambda: launch(o, args.chunk, maps["pre"]), side
             ),
         }
         for bn, w, st, *bq in map_tunings:

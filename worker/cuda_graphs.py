@@ -59,7 +59,7 @@ def projection_rows(max_seqs: int, max_tokens: int | None, above: int) -> tuple[
     step size up to it; and those of the lm_head, which sees decode batches only (a mixed step's
     logits are computed outside its graph, for the sampled rows). Sorted: (projections, lm_head)."""
     decode = [b for b in batch_size_ladder(max_seqs) if b > above]
-    mixed = [t for t in MIXED_SIZES if above < t <= max_tokens] if max_tokens is not None else []
+    mixed = [t for t in mixed_sizes(max_tokens) if t > above] if max_tokens is not None else []
     return sorted({*decode, *mixed}), decode
 
 
@@ -390,6 +390,11 @@ class DecodeGraphs:
 MIXED_SIZES = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
+def mixed_sizes(max_tokens: int) -> list[int]:
+    """The MixedGraphs sizes of an engine whose steps hold at most `max_tokens` tokens."""
+    return [t for t in MIXED_SIZES if t <= max_tokens]
+
+
 class _MixedLayout:
     """The inputs of a step with prefill chunks in one byte buffer: per token (`tokens` entries) ids,
     positions, cache slots and feed rows (int64); per sequence (`seqs`) the query start offsets
@@ -461,7 +466,7 @@ class MixedGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
-        self.sizes = [t for t in MIXED_SIZES if t <= max_tokens]
+        self.sizes = mixed_sizes(max_tokens)
         self.max_tokens = self.sizes[-1] if self.sizes else 0
         cfg = model.config
         self.group = cfg.num_heads // cfg.num_kv_heads

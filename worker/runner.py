@@ -201,18 +201,9 @@ class ModelRunner:
                 self.num_sms,
             )
             self.timings["cuda_graphs"] = self.graphs.capture()
-        if self.use_graphs and self.mixed is None and os.environ.get("INFERFLEET_MIXED_GRAPHS", "1") != "0":
+        if self.use_graphs and self.mixed is None and (limit := self._mixed_graph_tokens()) is not None:
             from .cuda_graphs import MixedGraphs
 
-            assert self.config.max_num_batched_tokens is not None
-            # no larger than a batch the decoder's quantized layers take without widening their
-            # weights (LinearMethod.widens_above): a graph's pool would keep the widened copies
-            widen = [
-                m.method.widens_above(m)
-                for m in self.model.model.modules()
-                if isinstance(m, Linear) and m.method is not None
-            ]
-            limit = min([self.config.max_num_batched_tokens, *(w for w in widen if w is not None)])
             self.mixed = MixedGraphs(
                 self.model,
                 self.kv_caches,
@@ -235,6 +226,21 @@ class ModelRunner:
                 torch.zeros((1, self.mc.vocab_size), dtype=torch.float32, device=self.device), splits=1
             )
 
+    def _mixed_graph_tokens(self) -> int | None:
+        """The most tokens a MixedGraphs step may hold, or None with mixed graphs turned off
+        (INFERFLEET_MIXED_GRAPHS=0): the engine's step budget, but no larger than a batch the
+        decoder's quantized layers take without widening their weights (LinearMethod.widens_above):
+        a graph's pool would keep the widened copies."""
+        if os.environ.get("INFERFLEET_MIXED_GRAPHS", "1") == "0":
+            return None
+        assert self.config.max_num_batched_tokens is not None
+        widen = [
+            m.method.widens_above(m)
+            for m in self.model.model.modules()
+            if isinstance(m, Linear) and m.method is not None
+        ]
+        return min([self.config.max_num_batched_tokens, *(w for w in widen if w is not None)])
+
     def _tune_gemms(self) -> float | None:
         """Pick cuBLASLt algorithms for the 16-bit projections at the row counts the CUDA graphs will
         run them at (kernels/blaslt.py, cuda_graphs.projection_rows), before they are captured."""
@@ -242,10 +248,7 @@ class ModelRunner:
         from .kernels import blaslt
         from .layers.linear import SKINNY_MAX_M
 
-        mixed = os.environ.get("INFERFLEET_MIXED_GRAPHS", "1") != "0"
-        rows, head_rows = projection_rows(
-            self.config.max_num_seqs, self.config.max_num_batched_tokens if mixed else None, SKINNY_MAX_M
-        )
+        rows, head_rows = projection_rows(self.config.max_num_seqs, self._mixed_graph_tokens(), SKINNY_MAX_M)
         return blaslt.tune(self.model, rows, head_rows, self.device)
 
     def _alloc_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,6 +3,8 @@ workers. Its cuBLASLt calls, plans in CUDA graphs and an engine running them: te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -36,3 +38,17 @@ def test_cpu_models_are_not_tuned() -> None:
     assert blaslt.get(torch.device("cpu")) is None
     x = torch.randn(32, 64)
     assert torch.equal(model[0](x), torch.nn.functional.linear(x, model[0].weight))
+
+
+def test_mixed_graph_tokens_bound_both_the_graphs_and_the_tuning(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runner._mixed_graph_tokens: the step budget (no quantized layer to widen here), or None with
+    mixed graphs turned off; it sizes MixedGraphs and the rows GEMM tuning covers alike."""
+    from inferfleet.worker import EngineConfig, LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", max_num_batched_tokens=300))
+    assert eng.runner._mixed_graph_tokens() == 300
+    assert projection_rows(256, 300, SKINNY_MAX_M)[0][-1] == 256
+    monkeypatch.setenv("INFERFLEET_MIXED_GRAPHS", "0")
+    assert eng.runner._mixed_graph_tokens() is None

@@ -24,6 +24,7 @@ dependency. INFERFLEET_GEMM_TUNE=0 turns it off (A/B measurements); CPU workers 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import time
@@ -65,7 +66,7 @@ ALIGNMENT = 256
 _CUDA_R_16F, _CUDA_R_16BF, _CUDA_R_32F = 2, 14, 0
 _COMPUTE_32F = 68
 _OP_N, _OP_T = 0, 1
-_DESC_COMPUTE_TYPE, _DESC_SCALE_TYPE, _DESC_TRANSA, _DESC_TRANSB = 0, 1, 3, 4
+_DESC_TRANSA, _DESC_TRANSB = 3, 4
 _PREF_MAX_WORKSPACE_BYTES = 1
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F}
 
@@ -84,9 +85,10 @@ class _Heuristic(ctypes.Structure):
     ]
 
 
-def _find_library() -> ctypes.CDLL | None:
-    """The libcublasLt torch loaded (its path from /proc/self/maps), else one by soname; None if
-    neither loads."""
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The libcublasLt torch loaded (its path from /proc/self/maps), else one by soname, with the
+    signatures used here declared; None if neither loads. Found once per process."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libcublasLt.so" in line}
@@ -94,9 +96,11 @@ def _find_library() -> ctypes.CDLL | None:
         paths = set()
     for name in [*sorted(paths), "libcublasLt.so.13", "libcublasLt.so.12"]:
         try:
-            return ctypes.CDLL(name)
+            lib = ctypes.CDLL(name)
         except OSError:
             continue
+        _declare(lib)
+        return lib
     return None
 
 
@@ -309,7 +313,11 @@ _LT: dict[int, Lt] = {}
 
 def get(device: torch.device) -> Lt | None:
     """This device's tuned cuBLASLt, if tune() ran on it."""
-    return _LT.get(device.index or 0) if device.type == "cuda" else None
+    return _LT.get(_index(device)) if device.type == "cuda" else None
+
+
+def _index(device: torch.device) -> int:
+    return device.index or 0  # "cuda" without an index: the current device, 0 in a worker
 
 
 def tunable_groups(
@@ -340,19 +348,18 @@ def tune(model: nn.Module, rows: list[int], head_rows: list[int], device: torch.
     groups = tunable_groups(model, rows, head_rows)
     if not groups:
         return None
-    lib = _find_library()
+    lib = _library()
     if lib is None:
         log.warning("cuBLASLt not found: projections stay on F.linear's pick")
         return None
     t0 = time.perf_counter()
-    _declare(lib)
     with torch.cuda.device(device):
-        lt = _LT.get(device.index or 0) or Lt(lib, device)
+        lt = _LT.get(_index(device)) or Lt(lib, device)
         for weights, group_rows in groups:
             for m in group_rows:
                 lt.tune(weights, m)
         torch.cuda.synchronize(device)
-    _LT[device.index or 0] = lt
+    _LT[_index(device)] = lt
     seconds = time.perf_counter() - t0
     picked = [r for r in lt.report if r["cublaslt"]]
     saved = sum(r["linear_us"] - r["best_us"] for r in picked)

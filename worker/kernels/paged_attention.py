@@ -343,7 +343,7 @@ DEFAULT_TUNING: dict[str, Any] = {
     # per layer at 256 decodes, 224.9 -> 216.9 at 128, 80.2 -> 72.2 at 32, outputs bit-identical.
     # The fp8 cache's map launches keep num_stages_fp8's two (not measured with three).
     "map_block_n": 64,
-    "map_block_q": None,  # query tokens per tile; None: prefill_block_q(group). fill_tile_map must agree
+    "map_block_q": None,  # query tokens per tile; None: prefill_block_q(group) (map_block_q)
     "map_num_warps": 4,
     "map_num_stages": 3,
     "map_num_stages_fp8": 2,
@@ -363,10 +363,10 @@ def prefill_block_q(group: int) -> int:
     return max(1, 64 // group)
 
 
-def map_block_q(group: int) -> int:
-    """Query tokens per tile of a map launch with the default tuning (DEFAULT_TUNING["map_block_q"],
-    else prefill_block_q): what fill_tile_map and tile_map_entries assume unless told otherwise."""
-    return DEFAULT_TUNING["map_block_q"] or prefill_block_q(group)
+def map_block_q(group: int, tuning: dict[str, Any] = DEFAULT_TUNING) -> int:
+    """Query tokens per tile of a map launch under `tuning` (its "map_block_q", else prefill_block_q);
+    with the default tuning, what fill_tile_map and tile_map_entries assume unless told otherwise."""
+    return tuning["map_block_q"] or prefill_block_q(group)
 
 
 def tile_map_entries(tokens: int, max_seqs: int, group: int, block_q: int | None = None) -> int:
@@ -472,13 +472,13 @@ def paged_attention(
         and d % 4 == 0 and k_cache.data_ptr() % 4 == 0 and v_cache.data_ptr() % 4 == 0
         and all(st % 4 == 0 for st in k_cache.stride()[:3])
     )  # fmt: skip
+    map_launch = tile_map is not None and max_query_len > 1  # prefill tiles over a map: map_* tuning
     if max_query_len == 1:
         block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
-    elif tile_map is not None:
-        block_q, block_n = tune["map_block_q"] or prefill_block_q(g), tune["map_block_n"]
+    elif map_launch:
+        block_q, block_n = map_block_q(g, tune), tune["map_block_n"]
     else:
         block_q, block_n = prefill_block_q(g), 64
-    map_launch = tile_map is not None and max_query_len > 1
     block_m = max(16, triton.next_power_of_2(block_q * g))
     heads_fast = bool(tune["heads_fast"]) and b <= 65535  # grid dimension 2 holds at most 65535
     if tile_map is not None:
