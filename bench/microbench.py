@@ -40,7 +40,9 @@ def time_ms(fn, reps: int = 30, warmup: int = 3) -> float:
 
 def graph_of(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
     """fn() called `launches` times, captured in one CUDA graph; fn runs once on a side stream
-    first (Triton compiles, cuBLAS picks its kernels) so that nothing of that is captured."""
+    first (Triton compiles, cuBLAS picks its kernels) so that nothing of that is captured. The graph
+    holds fn, and so the tensors its closure holds: a replay's kernels read and write their
+    addresses, which must not go back to the allocator while the graph lives."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -50,6 +52,7 @@ def graph_of(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         for _ in range(launches):
             fn()
+    graph.fn = fn
     return graph
 
 

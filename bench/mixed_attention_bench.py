@@ -2,18 +2,21 @@
 
     python bench/mixed_attention_bench.py --out $OUT
 
-Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, pages of 16 tokens, bf16
-cache stored head-major), pages scattered at random. A step: `--decodes` sequences with contexts
-uniform in [100, 2048] (W1-like) and one prompt chunk of `--chunk` tokens after `--cached`
-tokens of its own. One layer's attention launches, each checked against the first and timed as
-replays of a CUDA graph of 10 launches (the GPU's time, not the host's), median over --rounds
-rounds that take every variant in turn; each case's KV is far larger than L2:
+Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, pages of 16 tokens, a
+bf16 cache, or e4m3 with scales under `--cache fp8`, stored head-major), pages scattered at
+random. A step: `--decodes` sequences with contexts uniform in [100, 2048] (W1-like) and one
+prompt chunk of `--chunk` tokens after `--cached` tokens of its own. One layer's attention
+launches, each checked against the first and timed as replays of a CUDA graph of 10 launches (the
+GPU's time, not the host's), median over --rounds rounds that take every variant in turn; each
+case's KV is far larger than L2:
 
 - grid: one launch over every sequence's query tiles up to the longest chunk (prefill tiles for
   the decodes too), as eager steps launch it;
-- map: one tile-map launch (cuda_graphs.MixedGraphs), prefill tiles for every sequence;
-- map split: a decode-tile map over the one-token sequences and a prefill-tile map over the chunk;
+- map: one tile-map launch with the default map tuning, as cuda_graphs.MixedGraphs launches it
+  (since the eighteenth session 16-row tiles; before, the prefill tiles of 64 rows);
+- map split: a decode-tile map over the one-token sequences and a default map over the chunk;
 - map split, two streams: the same two launches on two streams (two branches of the graph);
+- map bn.. w.. s.. [q..]: the map launch under each --map-tunings entry;
 - decodes alone: the decode sequences by themselves in decode tiles (a decode-only step's launch).
 
 Prints a table last and writes mixed_attention_bench.json into --out.
@@ -34,7 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_bench import scattered_cache, stored
-from inferfleet.worker.kernels.paged_attention import fill_tile_map, paged_attention, tile_map_entries
+from inferfleet.worker.kernels.paged_attention import (
+    FP8_DTYPE,
+    fill_tile_map,
+    paged_attention,
+    tile_map_entries,
+)
 from microbench import graph_of, time_ms
 
 H, KVH, D, PAGE = 32, 8, 128, 16
@@ -65,6 +73,12 @@ def main() -> None:
         "--rounds", type=int, default=5, help="timings of every variant, interleaved; median kept"
     )
     ap.add_argument(
+        "--cache",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="KV cache dtype; fp8: e4m3 with scales (--map-tunings then set the map_*_fp8 keys)",
+    )
+    ap.add_argument(
         "--map-tunings",
         default="",
         help="more map launches, BLOCK_N:WARPS:STAGES[:BLOCK_Q] each (paged_attention's map_* tuning; a "
@@ -72,6 +86,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     map_tunings = [tuple(int(v) for v in t.split(":")) for t in args.map_tunings.split(",") if t]
+    kv_dtype = FP8_DTYPE if args.cache == "fp8" else torch.bfloat16
+    kv_scale = (0.5, 0.25) if args.cache == "fp8" else (1.0, 1.0)  # scales other than 1 take their paths
+    fp8 = "_fp8" if args.cache == "fp8" else ""  # the fp8 cache's own map_* tuning keys
     rows = []
     side = torch.cuda.Stream()  # "map split, two streams": the prefill-tile launch's branch
     for b in (int(x) for x in args.decodes.split(",")):
@@ -79,7 +96,7 @@ def main() -> None:
         qlens = [1] * b + [args.chunk]
         ctx = [rng.randint(100, 2048) for _ in range(b)] + [args.cached + args.chunk]
         g = torch.Generator(device="cuda").manual_seed(b)
-        kc, vc, bt = scattered_cache(ctx, torch.bfloat16, g, spare_columns=16)
+        kc, vc, bt = scattered_cache(ctx, kv_dtype, g, spare_columns=16)
         kc, vc = stored(kc, "head"), stored(vc, "head")
         t = sum(qlens)
         q = torch.randn(t, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -99,7 +116,9 @@ def main() -> None:
         def launch(
             out: torch.Tensor, mq: int, tile_map: torch.Tensor | None, tuning: dict | None = None
         ) -> None:
-            paged_attention(q, kc, vc, out, qsl, sl, bt, mq, scale, tile_map=tile_map, tuning=tuning)
+            paged_attention(
+                q, kc, vc, out, qsl, sl, bt, mq, scale, tile_map=tile_map, tuning=tuning, kv_scale=kv_scale
+            )
 
         variants = {
             "grid": lambda o: launch(o, args.chunk, None),
@@ -110,7 +129,7 @@ def main() -> None:
             ),
         }
         for bn, w, st, *bq in map_tunings:
-            tuning = {"map_block_n": bn, "map_num_warps": w, "map_num_stages": st}
+            tuning = {"map_block_n" + fp8: bn, "map_num_warps" + fp8: w, "map_num_stages" + fp8: st}
             name, tiles = f"map bn{bn} w{w} s{st}", maps["full"]
             if bq:
                 tuning["map_block_q"] = bq[0]
@@ -131,7 +150,7 @@ def main() -> None:
         qd, outd = q[:b], torch.zeros_like(q[:b])
         qsld = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         variants["decodes alone"] = lambda o: paged_attention(
-            qd, kc, vc, outd, qsld, sl[:b], bt[:b], 1, scale
+            qd, kc, vc, outd, qsld, sl[:b], bt[:b], 1, scale, kv_scale=kv_scale
         )
         graphs = {}
         for name, fn in variants.items():
@@ -155,7 +174,12 @@ def main() -> None:
             row[f"{name} us rounds"] = ts
         rows.append(row)
         print(json.dumps(row))
-    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "cache": args.cache,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "mixed_attention_bench.json").write_text(json.dumps(res, indent=1))
     names = [k.removesuffix(" us") for k in rows[0] if k.endswith(" us")]

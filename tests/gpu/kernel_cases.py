@@ -40,9 +40,12 @@ from inferfleet.worker.kernels.elementwise import (  # noqa: E402
     silu_and_mul,
 )
 from inferfleet.worker.kernels.paged_attention import (  # noqa: E402
+    DEFAULT_TUNING,
     NewKV,
     fill_tile_map,
+    map_block_q,
     paged_attention,
+    prefill_block_q,
     tile_map_entries,
 )
 from inferfleet.worker.layers.attention import (  # noqa: E402
@@ -143,13 +146,16 @@ def test_paged_attention_matches_reference(h, kvh, d, page, qlens, ctx, splits) 
 def test_paged_attention_tile_map_equals_the_grid_launch(h, kvh, d, page, qlens, ctx, splits) -> None:
     """The tile-map launch (cuda_graphs.MixedGraphs) over buffers as a graph holds them: more token
     rows, sequence entries and table columns than the step uses, stale values past it, and map
-    entries of -1. Every real output row equals the grid launch's with prefill tiles bit for bit
-    (the same programs in another order; a step of decodes alone would take decode tiles, whose
-    sums round otherwise), and the padding rows stay untouched."""
+    entries of -1. With the grid launch's query tiles, key tiles and warps, every real output row
+    equals the grid launch's bit for bit (the same programs in another order; a step of decodes
+    alone would take decode tiles, whose sums round otherwise); with the default map tuning (16-row
+    tiles) and other tile sizes, within the reference tolerance (other MMA shapes); over an fp8
+    cache (its own map tuning), within it of the grid launch over that cache. The padding rows
+    stay untouched."""
     torch.manual_seed(0)
     nb = 64
     meta = make_batch(qlens, ctx, page, nb, seed=1)
-    t, b, pad_t, pad_b = sum(qlens), len(qlens), 7, 3
+    t, b, pad_t, pad_b, g = sum(qlens), len(qlens), 7, 3, h // kvh
     k_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
     v_cache = torch.randn(nb, page, kvh, d, dtype=DT, device=DEV)
     q = torch.randn(t + pad_t, h, d, dtype=DT, device=DEV)
@@ -159,30 +165,33 @@ def test_paged_attention_tile_map_equals_the_grid_launch(h, kvh, d, page, qlens,
     lens = torch.cat([meta.seq_lens, torch.full((pad_b,), 9, dtype=torch.int32, device=DEV)])
     tables = torch.randint(0, nb, (b + pad_b, meta.block_tables.shape[1] + 16), dtype=torch.int32, device=DEV)
     tables[:b, : meta.block_tables.shape[1]] = meta.block_tables
-    entries = tile_map_entries(t + pad_t, b + pad_b, h // kvh)
-    host = np.zeros((entries, 2), dtype=np.int32)
-    n = fill_tile_map(np.array(qlens), np.array(ctx), h // kvh, host)
-    assert n < entries and (host[n:] == -1).all()
-    got = torch.full_like(q, float("nan"))
-    paged_attention(
-        q, k_cache, v_cache, got, qsl, lens, tables, t + pad_t, d**-0.5,
-        tile_map=torch.from_numpy(host).to(DEV),
-    )  # fmt: skip
-    assert torch.equal(got[:t], want)
-    assert got[t:].isnan().all()
-    # smaller query tiles (the map_block_q tuning; bench/mixed_attention_bench.py --map-tunings):
-    # other MMA shapes, so the reference path's tolerance instead of bit equality
-    for bq in (1, 4):
-        host = np.zeros((tile_map_entries(t + pad_t, b + pad_b, h // kvh, block_q=bq), 2), dtype=np.int32)
-        n = fill_tile_map(np.array(qlens), np.array(ctx), h // kvh, host, block_q=bq)
-        assert n == sum(-(-q // bq) for q in qlens) and (host[n:] == -1).all()
-        small = torch.full_like(q, float("nan"))
+
+    def map_launch(
+        kc: torch.Tensor, vc: torch.Tensor, block_q: int | None, tuning: dict | None
+    ) -> torch.Tensor:
+        """The map launch over a map of block_q-token tiles (None: the default size) into NaNs."""
+        host = np.zeros((tile_map_entries(t + pad_t, b + pad_b, g, block_q=block_q), 2), dtype=np.int32)
+        n = fill_tile_map(np.array(qlens), np.array(ctx), g, host, block_q=block_q)
+        assert n == sum(-(-ql // (block_q or map_block_q(g))) for ql in qlens) and (host[n:] == -1).all()
+        got = torch.full_like(q, float("nan"))
         paged_attention(
-            q, k_cache, v_cache, small, qsl, lens, tables, t + pad_t, d**-0.5,
-            tile_map=torch.from_numpy(host).to(DEV), tuning={"map_block_q": bq},
+            q, kc, vc, got, qsl, lens, tables, t + pad_t, d**-0.5,
+            tile_map=torch.from_numpy(host).to(DEV), tuning=tuning,
         )  # fmt: skip
-        assert rel(small[:t], want) < 1e-5, bq
-        assert small[t:].isnan().all()
+        assert got[t:].isnan().all()
+        return got[:t]
+
+    grid_like = {
+        "map_block_q": prefill_block_q(g),
+        "map_block_n": 64,
+        "map_num_warps": DEFAULT_TUNING["num_warps"],
+    }
+    assert torch.equal(map_launch(k_cache, v_cache, prefill_block_q(g), grid_like), want)
+    for bq in (None, 1, 4):
+        assert rel(map_launch(k_cache, v_cache, bq, bq and {"map_block_q": bq}), want) < 1e-5, bq
+    k8, v8 = k_cache.to(KV_FP8_DTYPE), v_cache.to(KV_FP8_DTYPE)
+    want8 = run_paged_attention(q[:t], k8, v8, meta, d**-0.5, 1)
+    assert rel(map_launch(k8, v8, None, None), want8) < 1e-5
 
 
 def test_paged_attention_decode_tile_map_equals_the_decode_launch() -> None:

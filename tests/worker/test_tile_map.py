@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from inferfleet.worker.cuda_graphs import _MixedLayout, pack_tables
 from inferfleet.worker.kernels.paged_attention import (
     fill_tile_map,
-    prefill_block_q,
+    map_block_q,
     tile_map_entries,
 )
 from inferfleet.worker.layers.attention import TABLE_ALIGN
@@ -38,9 +38,9 @@ def random_step(rng: random.Random, tokens: int, max_seqs: int) -> tuple[list[in
 
 @pytest.mark.parametrize(("group", "block_q"), [(1, None), (4, None), (8, None), (4, 1), (4, 4), (8, 2)])
 def test_every_tile_once_longest_first_within_the_bound(group: int, block_q: int | None) -> None:
-    """block_q: a map launch's map_block_q tuning, None for prefill_block_q(group)."""
+    """block_q: a map launch's map_block_q tuning, None for the default (map_block_q(group))."""
     rng = random.Random(group)
-    bq = block_q or prefill_block_q(group)
+    bq = block_q or map_block_q(group)
     for _ in range(300):
         tokens, max_seqs = rng.choice([16, 64, 512, 1024]), rng.choice([1, 8, 256])
         qlens, ctx = random_step(rng, tokens, max_seqs)
@@ -116,13 +116,16 @@ def test_pack_tables_rows_at_a_padded_common_stride() -> None:
 
 
 def test_map_block_q_default_reaches_the_map_and_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The map launch's default tile size (DEFAULT_TUNING["map_block_q"]) is what fill_tile_map and
-    tile_map_entries use unless told otherwise, so a map filled with the defaults always matches a
-    launch with the default tuning."""
+    """The map launch's default tile size is map_tile_rows (token, head) rows, whatever the group,
+    unless map_block_q names the tokens; fill_tile_map and tile_map_entries use it unless told
+    otherwise, so a map filled with the defaults always matches a launch with the default tuning."""
     from inferfleet.worker.kernels import paged_attention as pa
 
-    assert pa.map_block_q(4) == prefill_block_q(4) == 16
-    monkeypatch.setitem(pa.DEFAULT_TUNING, "map_block_q", 4)
-    assert pa.map_block_q(4) == 4 and tile_map_entries(64, 8, 4) == 64 // 4 + 8
+    rows = pa.DEFAULT_TUNING["map_tile_rows"]
+    assert [pa.map_block_q(g) for g in (1, 4, 8, 64)] == [rows, rows // 4, rows // 8, 1]
+    monkeypatch.setitem(pa.DEFAULT_TUNING, "map_tile_rows", 64)
+    assert pa.map_block_q(4) == 16 and tile_map_entries(64, 8, 4) == 64 // 16 + 8
+    monkeypatch.setitem(pa.DEFAULT_TUNING, "map_block_q", 8)
+    assert pa.map_block_q(4) == 8 and tile_map_entries(64, 8, 4) == 64 // 8 + 8
     out = np.zeros((tile_map_entries(64, 8, 4), 2), dtype=np.int32)
-    assert fill_tile_map(np.array([1, 30, 9]), np.array([5, 40, 700]), 4, out) == 1 + 8 + 3
+    assert fill_tile_map(np.array([1, 30, 9]), np.array([5, 40, 700]), 4, out) == 1 + 4 + 2

@@ -337,14 +337,22 @@ DEFAULT_TUNING: dict[str, Any] = {
     "heads_fast": True,  # a sequence's KV heads run side by side (its pages are read together)
     "fp8_f16_dots": True,  # fp8 cache, bf16 model: fp16 dots (see Q_F16)
     "fp8_widen_v": True,  # fp8 cache on sm_89+: V widened in its load layout (_widen_e4m3_words)
-    # a tile-map launch of prefill tiles (cuda_graphs.MixedGraphs' steps): keys per tile, warps, stages.
-    # H100, bf16 cache, a 256-token chunk beside 32-256 W1-like decodes (bench/mixed_attention_bench.py,
-    # seventeenth session, GPU time of graph replays): three stages instead of two, 409.2 -> 395.8 us
-    # per layer at 256 decodes, 224.9 -> 216.9 at 128, 80.2 -> 72.2 at 32, outputs bit-identical.
-    # The fp8 cache's map launches keep num_stages_fp8's two (not measured with three).
+    # A tile-map launch (cuda_graphs.MixedGraphs' steps: prompt chunks beside decodes): query tiles
+    # of map_tile_rows (token, head) rows, i.e. 16 // G tokens (4 for Llama's G = 4; map_block_q sets
+    # the tokens instead), keys per tile, warps and stages, each with the fp8 cache's own value.
+    # H100, Llama-8B attention, a 256-token chunk (512 cached) beside 256/192/128/64/32 W1-like
+    # decodes, us per layer, GPU time of graph replays (bench/mixed_attention_bench.py, eighteenth
+    # session): bf16 cache, 64-row tiles of 64 keys, 4 warps, 3 stages (the seventeenth session's
+    # pick) 395.2/315.8/216.1/114.5/71.5 -> 16-row tiles, 64 keys, 2 warps, 3 stages
+    # 371.0/299.6/205.3/110.1/77.9; fp8 cache, 64-row tiles 395.2/320.5/223.3/121.8/88.4 -> 16-row
+    # tiles, 128 keys, 4 warps, 2 stages 250.8/205.1/149.7/92.9/66.0. The decode rows no longer sit
+    # in 64-row tiles, three quarters empty; the chunk's keys are read four times as often.
+    "map_tile_rows": 16,
+    "map_block_q": None,  # query tokens per tile; None: map_tile_rows // G (map_block_q())
     "map_block_n": 64,
-    "map_block_q": None,  # query tokens per tile; None: prefill_block_q(group) (map_block_q)
-    "map_num_warps": 4,
+    "map_block_n_fp8": 128,
+    "map_num_warps": 2,
+    "map_num_warps_fp8": 4,
     "map_num_stages": 3,
     "map_num_stages_fp8": 2,
 }
@@ -364,9 +372,10 @@ def prefill_block_q(group: int) -> int:
 
 
 def map_block_q(group: int, tuning: dict[str, Any] = DEFAULT_TUNING) -> int:
-    """Query tokens per tile of a map launch under `tuning` (its "map_block_q", else prefill_block_q);
-    with the default tuning, what fill_tile_map and tile_map_entries assume unless told otherwise."""
-    return tuning["map_block_q"] or prefill_block_q(group)
+    """Query tokens per tile of a map launch under `tuning` (its "map_block_q", else as many as fill
+    "map_tile_rows" rows); with the default tuning, what fill_tile_map and tile_map_entries assume
+    unless told otherwise."""
+    return tuning["map_block_q"] or max(1, tuning["map_tile_rows"] // group)
 
 
 def tile_map_entries(tokens: int, max_seqs: int, group: int, block_q: int | None = None) -> int:
@@ -453,9 +462,9 @@ def paged_attention(
     entry's (sequence, query tile); entries whose sequence is -1 do nothing. The grid then depends
     only on P, not on the batch, so a step with prefill chunks can be captured in a CUDA graph
     (cuda_graphs.MixedGraphs) with the map, like the other inputs, in a fixed buffer. Query tiles
-    are prefill_block_q tokens (or the `map_block_q` tuning's, which the map must have been filled
-    with), or one where max_query_len is 1 (decode tiles: the map must then name one-token
-    sequences only); no splits, no new_kv.
+    are map_block_q(G, tuning) tokens (the map must have been filled with that size), or one where
+    max_query_len is 1 (decode tiles: the map must then name one-token sequences only); no splits,
+    no new_kv.
 
     `tuning` overrides launch choices for bench/attention_bench.py's sweep (keys of DEFAULT_TUNING)."""
     t, h, d = q.shape
@@ -473,10 +482,13 @@ def paged_attention(
         and all(st % 4 == 0 for st in k_cache.stride()[:3])
     )  # fmt: skip
     map_launch = tile_map is not None and max_query_len > 1  # prefill tiles over a map: map_* tuning
+    fp8 = "_fp8" if fp8_cache else ""  # the fp8 cache's own tuning keys
+    warps, stages = tune["num_warps"], tune["num_stages" + fp8]
     if max_query_len == 1:
-        block_q, block_n = 1, tune["decode_block_n_fp8" if fp8_cache else "decode_block_n"]
+        block_q, block_n = 1, tune["decode_block_n" + fp8]
     elif map_launch:
-        block_q, block_n = map_block_q(g, tune), tune["map_block_n"]
+        block_q, block_n = map_block_q(g, tune), tune["map_block_n" + fp8]
+        warps, stages = tune["map_num_warps" + fp8], tune["map_num_stages" + fp8]
     else:
         block_q, block_n = prefill_block_q(g), 64
     block_m = max(16, triton.next_power_of_2(block_q * g))
@@ -552,8 +564,8 @@ def paged_attention(
         FP8_MAX=FP8_MAX,
         TILE_MAP=tile_map is not None,
         WIDEN_V=widen_v,
-        num_warps=tune["map_num_warps"] if map_launch else tune["num_warps"],
-        num_stages=tune[("map_" if map_launch else "") + ("num_stages_fp8" if fp8_cache else "num_stages")],
+        num_warps=warps,
+        num_stages=stages,
         launch_pdl=use_pdl,
         **LAUNCH_OPTIONS,
     )
