@@ -204,6 +204,12 @@ def main() -> None:
     ap.add_argument("--only", default="w3,ttft,w1,w2_128,w2_1000,w2_2048,hfmix,hf")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--decode-step-tokens",
+        type=int,
+        default=None,
+        help="tokens of a step that has decodes (prompt chunks fill it up); default: LLM's offline setting",
+    )
     ap.add_argument("--hf-requests", type=int, default=32, help="HF-mix requests run through transformers")
     ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the engine's KV cache")
@@ -233,6 +239,7 @@ def main() -> None:
         max_model_len=4096,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
+        **({} if args.decode_step_tokens is None else {"decode_step_tokens": args.decode_step_tokens}),
     )
     llm.engine.warmup()
     results["startup"] = {
