@@ -6,8 +6,9 @@ not fused), disassembles it and counts the SASS of the key loop (bench/row4_sass
 per K and V byte a thread handles in one tile, with the registers and shared memory a program
 takes (which set how many programs share an SM). Each launch is cache,block_n,warps,stages[,v][,map[Q]]:
 cache bf16 or fp8; `v` widens an fp8 cache's V in its load layout (WIDEN_V); `map` compiles the
-tile-map launch of MixedGraphs' steps (16-token prefill tiles, 64 MMA rows) instead, `mapQ` one
-with Q-token tiles (the map_block_q tuning):
+tile-map launch of MixedGraphs' steps with 16-token tiles (64 MMA rows; the default until the
+eighteenth session) instead, `mapQ` one with Q-token tiles (the map_block_q tuning; map4 is
+today's default for Llama's G = 4):
 
     python bench/attention_sass.py bf16,64,4,2 fp8,128,4,3 fp8,128,4,2,v bf16,64,4,3,map bf16,64,4,3,map4
 

@@ -366,8 +366,8 @@ def decode_tiles(context: int, cache_dtype: torch.dtype) -> int:
 
 
 def prefill_block_q(group: int) -> int:
-    """Query tokens per program of a prefill launch (max_query_len > 1, or a tile map) for a model
-    with `group` query heads per KV head: their (token, head) rows fill a 64-row MMA tile."""
+    """Query tokens per program of a prefill grid launch (max_query_len > 1, no tile map) for a
+    model with `group` query heads per KV head: their (token, head) rows fill a 64-row MMA tile."""
     return max(1, 64 // group)
 
 
@@ -481,7 +481,7 @@ def paged_attention(
         and d % 4 == 0 and k_cache.data_ptr() % 4 == 0 and v_cache.data_ptr() % 4 == 0
         and all(st % 4 == 0 for st in k_cache.stride()[:3])
     )  # fmt: skip
-    map_launch = tile_map is not None and max_query_len > 1  # prefill tiles over a map: map_* tuning
+    map_launch = tile_map is not None and max_query_len > 1  # query tiles over a map: map_* tuning
     fp8 = "_fp8" if fp8_cache else ""  # the fp8 cache's own tuning keys
     warps, stages = tune["num_warps"], tune["num_stages" + fp8]
     if max_query_len == 1:
