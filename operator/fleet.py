@@ -40,7 +40,8 @@ class ServiceRuntime:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     applied_generation: int | None = None
-    apply_error: str | None = None
+    apply_error: str | None = None  # the spec's last apply, refused (handlers.reconcile)
+    resync_error: str | None = None  # the last drift check's re-apply, refused (Fleet.refresh)
     scale_state: autoscaler.State | None = None  # None: not yet read back from status
     last_autoscale: float | None = None
     last_resync: float | None = None
@@ -133,9 +134,15 @@ class Fleet:
                 desired = plan_spec(s)  # the whole plan only when due: status needs the worker's hash alone
                 worker = next(o for o in desired if ChildRef.of(o) == worker_ref(s))
                 live = await read_children(self.kube, namespace, desired, known=read)
-                restored = await restore_drifted(self.kube, desired, live)
-                if restored:
-                    logger.info(f"restored drifted children: {', '.join(r.name for r in restored)}")
+                try:
+                    restored = await restore_drifted(self.kube, desired, live)
+                except ApiError as e:  # reported in status like a refused apply; retried when due again
+                    logger.warning(f"restoring drifted children failed: {e}")
+                    rt.resync_error = str(e)
+                else:
+                    rt.resync_error = None
+                    if restored:
+                        logger.info(f"restored drifted children: {', '.join(r.name for r in restored)}")
                 rt.last_resync = now
             status = build_status(
                 s,
@@ -143,7 +150,7 @@ class Fleet:
                 observed,
                 template_hash=_template_hash(worker or build_worker_deployment(s)),
                 observed_generation=rt.applied_generation,
-                apply_error=rt.apply_error,
+                apply_error=rt.apply_error or rt.resync_error,
                 autoscaler=scaler_status,
                 now=_dt(now),
             )

@@ -127,7 +127,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 raise kopf.TemporaryError(str(e), delay=5 if e.retryable else 30) from e
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise kopf.TemporaryError(f"API unreachable: {e}", delay=5) from e
-            rt.apply_error = None
+            rt.apply_error = rt.resync_error = None  # every child applied just now
             rt.applied_generation = s.generation
             rt.last_resync = config.clock()
         rt.wake.set()

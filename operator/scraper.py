@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,13 +47,17 @@ class LoadSample:
 
 
 def parse_load(text: str) -> PodLoad:
-    """Sum the waiting and running gauges (over any labels) in Prometheus text."""
+    """Sum the waiting and running gauges (over any labels) in Prometheus text; a sample that is not
+    a finite number is refused (ValueError), like missing gauges."""
     sums = {contract.METRIC_WAITING: 0.0, contract.METRIC_RUNNING: 0.0}
     seen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in sums:
-                sums[sample.name] += float(sample.value)
+                value = float(sample.value)
+                if not math.isfinite(value):  # NaN/Inf: no load figure; the pod counts as unanswered
+                    raise ValueError(f"{sample.name} is {value}")
+                sums[sample.name] += value
                 seen.add(sample.name)
     missing = set(sums) - seen
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -202,9 +203,13 @@ def _serve(args: argparse.Namespace, started_at: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started_at = time.perf_counter()
-    parser = argparse.ArgumentParser(prog="inferfleet-worker")
+    # No abbreviated flags: the operator passes extraArgs through after its own managed flags and
+    # refuses those by their full names; "--max-model=99" must not pass as --max-model-len.
+    parser = argparse.ArgumentParser(prog="inferfleet-worker", allow_abbrev=False)
     parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(
+        dest="cmd", required=True, parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    )
     _add_make_tiny(sub)
     _add_generate(sub)
     _add_serve(sub)

@@ -50,6 +50,11 @@ def test_parse_load_sums_labelled_gauges() -> None:
     assert (load.waiting, load.running, load.total) == (5, 7, 12)
     with pytest.raises(ValueError, match="inferfleet_requests_running"):
         parse_load("# TYPE inferfleet_requests_waiting gauge\ninferfleet_requests_waiting 1\n")
+    # a NaN or infinite gauge (a foreign or broken exporter) is no load figure: refused, so that the
+    # pod counts as unscraped instead of crashing the autoscaler's arithmetic
+    for bad in ("NaN", "+Inf", "-Inf"):
+        with pytest.raises(ValueError, match=f"inferfleet_requests_waiting is {float(bad)}"):
+            parse_load(text.replace('{model_name="b"} 2', '{model_name="b"} ' + bad))
 
 
 def test_pod_ip_metrics_url() -> None:

@@ -275,3 +275,31 @@ async def test_fp8_kv_cache_on_a_cpu_worker_is_reported_not_applied(operator: Em
     assert got["reason"] == "InvalidSpec" and "spec.engine.kvCacheDtype" in got["message"]
     assert condition(operator, "Ready")["reason"] == "InvalidSpec"
     assert operator.list("apps/v1/deployments", NS) == [] and operator.list("v1/services", NS) == []
+
+
+async def test_a_refused_apply_after_a_good_one_is_reported(operator: Emulator) -> None:
+    """A spec change the API server refuses (here: the operator may no longer patch Deployments) on
+    a running service: status says Degraded/ApplyFailed, and keeps following the pods after the
+    periodic drift check's own re-apply has been refused too (it must not stop status writes)."""
+    operator.put(ISVC, make_isvc())
+    await eventually(lambda: len(operator.pods_of(NS, WORKERS)) == 1, what="a worker pod")
+    await eventually(lambda: status(operator).get("observedGeneration") == 1, what="generation 1")
+    rules = copy.deepcopy(operator.rbac_rules) or []
+    for rule in rules:
+        if "deployments" in rule.get("resources", []):
+            rule["verbs"] = [v for v in rule["verbs"] if v != "patch"]
+    operator.rbac_rules = rules
+    operator.patch(ISVC, NS, "llm", {"spec": {"replicas": 2}})
+    got = await eventually(
+        lambda: condition(operator, "Degraded").get("status") == "True" and condition(operator, "Degraded"),
+        what="ApplyFailed",
+    )
+    assert got["reason"] == "ApplyFailed" and "Forbidden" in got["message"]
+    await asyncio.sleep(2.5)  # past resync_interval_s (2 s): a drift check has tried to re-apply
+    assert ("patch", "apps", "deployments") in operator.denied
+    (pod,) = operator.pods_of(NS, WORKERS)
+    operator.set_pod_ready(NS, pod["metadata"]["name"])
+    await eventually(lambda: status(operator).get("readyReplicas") == 1, what="the ready pod in status")
+    assert condition(operator, "Degraded")["reason"] == "ApplyFailed"
+    assert operator.get("apps/v1/deployments", NS, "llm")["spec"]["replicas"] == 1
+    operator.denied.clear()  # refused on purpose (the fixture checks the operator needed no more)

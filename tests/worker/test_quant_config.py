@@ -166,6 +166,18 @@ def test_cli_refusals_are_clean_startup_errors(
         assert "Traceback" not in err
 
 
+def test_cli_refuses_abbreviated_flags(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Flags are taken by their full names only: the operator puts extraArgs after the flags it
+    manages and refuses those names there, so "--max-model=99" must not pass as --max-model-len."""
+    for flag in ("--max-model=99", "--kv-cache=fp8", "--served=other", "--quant=fp8"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["serve", "--model", str(tiny_llama), "--device", "cpu", flag])
+        assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--log=DEBUG", "serve", "--model", str(tiny_llama)])
+    assert "unrecognized arguments: --log=DEBUG" in capsys.readouterr().err
+
+
 def test_gptq_checkpoint_with_quantized_lm_head() -> None:
     """GPTQModel's `lm_head: true` (lm_head stored quantized too) is read, and said in describe()."""
     qc = checkpoint_quantization({**GPTQ_QC, "lm_head": True})
