@@ -251,11 +251,6 @@ def _spec_schema() -> Schema:
             " + ') must not exceed maxReplicas (' + string(self.maxReplicas) + ')'",
         ),
         _rule(
-            "self.minReplicas <= self.replicas && self.replicas <= self.maxReplicas",
-            message_expression="'replicas (' + string(self.replicas) + ') must lie within [minReplicas, "
-            "maxReplicas] = [' + string(self.minReplicas) + ', ' + string(self.maxReplicas) + ']'",
-        ),
-        _rule(
             "self.warmPool <= self.maxReplicas",
             message="warmPool must not exceed maxReplicas",
         ),

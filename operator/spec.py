@@ -123,7 +123,17 @@ class ServiceSpec:
 
     @property
     def worker_pods(self) -> int:
-        return self.replicas + self.warm_pool
+        return self.demand_replicas + self.warm_pool
+
+    @property
+    def demand_replicas(self) -> int:
+        """spec.replicas, brought within [minReplicas, maxReplicas] while the autoscaler owns it.
+        The CRD admits replicas outside the bounds (Git lowering maxReplicas below what the
+        autoscaler reached must not be refused); the autoscaler writes the bounded value back at
+        its next interval, and the plan does not wait for it."""
+        if not self.autoscaling.enabled:
+            return self.replicas  # yours (kubectl scale, an HPA, KEDA): taken as it is
+        return max(self.min_replicas, min(self.max_replicas, self.replicas))
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ServiceSpec:
@@ -193,8 +203,6 @@ class ServiceSpec:
         """The CRD's CEL rules, restated for bodies that never met an API server."""
         if not self.min_replicas <= self.max_replicas:
             raise SpecError("spec.minReplicas", "must not exceed maxReplicas")
-        if not self.min_replicas <= self.replicas <= self.max_replicas:
-            raise SpecError("spec.replicas", "must lie within [minReplicas, maxReplicas]")
         if self.warm_pool > self.max_replicas:
             raise SpecError("spec.warmPool", "must not exceed maxReplicas")
         if self.autoscaling.enabled and self.min_replicas == 0 and self.warm_pool == 0:

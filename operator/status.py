@@ -130,7 +130,7 @@ def build_status(
 
     if wanted == 0:
         ready_c = (False, "ScaledToZero", "replicas and warmPool are 0")
-    elif ready >= max(1, s.replicas):
+    elif ready >= max(1, s.demand_replicas):
         ready_c = (True, "ReplicasReady", counts)
     elif ready == 0:
         ready_c = (False, "NoReadyReplicas", counts)
@@ -173,9 +173,9 @@ def build_status(
         balloons = {"desired": s.balloons, "ready": int(bs.get("readyReplicas") or 0)}
     return {
         "observedGeneration": gen,
-        "replicas": min(len(pods), s.replicas),
+        "replicas": min(len(pods), s.demand_replicas),
         "readyReplicas": ready,
-        "warmReplicas": max(0, min(s.warm_pool, ready - s.replicas)),
+        "warmReplicas": max(0, min(s.warm_pool, ready - s.demand_replicas)),
         "selector": labels.selector_string(s.name, labels.WORKER),
         "endpoint": f"http://{s.name}.{s.namespace}.svc:{contract.PORT}",
         "prepull": prepull,

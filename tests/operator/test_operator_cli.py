@@ -48,9 +48,9 @@ def test_render_reads_stdin_and_overrides_the_namespace(capsys: pytest.CaptureFi
 
 def test_render_rejects_invalid_specs(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(make_isvc(replicas=99)))
+    bad.write_text(yaml.safe_dump(make_isvc(warmPool=99)))
     assert cli.main(["render", "-f", str(bad)]) == 2
-    assert "spec.replicas" in capsys.readouterr().err
+    assert "spec.warmPool" in capsys.readouterr().err
     empty = tmp_path / "empty.yaml"
     empty.write_text("kind: ConfigMap\n")
     assert cli.main(["render", "-f", str(empty)]) == 1

@@ -382,11 +382,27 @@ def test_plan_is_pure() -> None:
     assert {f"{r.kind}/{r.name}" for r in all_child_refs(s)} >= set(by_ref(plan(isvc)))
 
 
+def test_replicas_outside_the_bounds() -> None:
+    """The CRD admits replicas outside [minReplicas, maxReplicas] (a GitOps change of the bounds
+    must not be refused because of what the autoscaler wrote). While the autoscaler owns replicas,
+    the workers follow the bounded value at once (it writes that value back at its next interval);
+    without it, replicas is taken as it is."""
+
+    def workers(**spec: Any) -> int:
+        return int(by_ref(plan(make_isvc(**spec)))["Deployment/llm"]["spec"]["replicas"])
+
+    on = {"autoscaling": {"enabled": True}}
+    assert workers(replicas=9, maxReplicas=4, **on) == 4
+    assert workers(replicas=1, minReplicas=2, warmPool=1, **on) == 3
+    assert workers(replicas=3, minReplicas=2, **on) == 3
+    assert workers(replicas=9, maxReplicas=4) == 9
+    assert workers(replicas=1, minReplicas=2) == 1
+
+
 @pytest.mark.parametrize(
     ("isvc", "field"),
     [
         (make_isvc(model={"name": "m", "source": "s3://bucket/x"}), "spec.model.source"),
-        (make_isvc(replicas=9), "spec.replicas"),
         (make_isvc(minReplicas=3, replicas=3, maxReplicas=2), "spec.minReplicas"),
         (make_isvc(warmPool=9), "spec.warmPool"),
         (make_isvc(engine={"extraArgs": ["--served-model-name=x"]}), "spec.engine.extraArgs"),
