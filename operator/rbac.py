@@ -78,6 +78,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "Application",
+        crd.GROUP,
+        (f"{crd.PLURAL}/finalizers",),
+        ("update",),
+        "children's owner references block the owner's deletion (blockOwnerDeletion), which "
+        "OwnerReferencesPermissionEnforcement (OpenShift, hardened clusters) allows only with this",
+    ),
+    Rule(
+        "Application",
         "apps",
         ("deployments", "daemonsets"),
         ("get", "list", "watch", "create", "patch", "delete"),

@@ -16,7 +16,9 @@ those over real HTTP on loopback, in place of envtest (no kube-apiserver binarie
 - status and scale subresources (the scale paths come from the CRD); CRDs created through
   the API become served resources;
 - finalizers and deletionTimestamp; ownerReference cascade (background) deletion;
-- RBAC: requests bearing `operator_token` are checked against ClusterRole-style rules;
+- RBAC: requests bearing `operator_token` are checked against ClusterRole-style rules, and so
+  is setting blockOwnerDeletion (OwnerReferencesPermissionEnforcement: `update` on the owner's
+  `finalizers` subresource);
 - optionally, a toy Deployment controller that keeps one pod per replica (not ready, no IP)
   and replaces pods whose template changed, so tests can mark pods ready like a kubelet.
 
@@ -230,6 +232,8 @@ class Emulator(kmock.KubernetesEmulator):
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "?")
         content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip()
         self._authorize(request, verb, res, sub, creating=self._apply_creates(res, ns, name, content_type))
+        if verb in ("create", "update", "patch") and sub is None:
+            self._authorize_owner_references(request)
         hold = self.holds.get((verb, res[2]))
         if hold is not None:
             self.held.append((verb, res[2], name))
@@ -281,6 +285,33 @@ class Emulator(kmock.KubernetesEmulator):
             if who == "operator" and self.rbac_rules is not None and not self._allowed(v, res[0], resource):
                 self.denied.append((v, res[0], resource))
                 raise _error(403, "Forbidden", f'cannot {v} resource "{resource}" in API group "{res[0]}"')
+
+    def _authorize_owner_references(self, request: kmock.Request) -> None:
+        """The OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift and many
+        hardened clusters): setting blockOwnerDeletion on an owner reference needs `update` on
+        the owner's `finalizers` subresource, checked like any other grant."""
+        data = request.data
+        if not isinstance(data, Mapping):
+            try:
+                data = yaml.safe_load(request.text or "")
+            except yaml.YAMLError:
+                return  # the handler answers 400 for the body
+        meta = data.get("metadata") if isinstance(data, Mapping) else None
+        refs = meta.get("ownerReferences") if isinstance(meta, Mapping) else None
+        for ref in refs or []:
+            if not ref.get("blockOwnerDeletion"):
+                continue
+            group, _, version = str(ref.get("apiVersion", "")).rpartition("/")
+            owner = next(
+                (
+                    (r.group, r.version, r.plural)
+                    for r, info in self.resources.items()
+                    if (r.group, r.version) == (group, version) and info.kind == ref.get("kind")
+                ),
+                None,
+            )
+            if owner is not None:
+                self._authorize(request, "update", owner, "finalizers", creating=False)
 
     def _allowed(self, verb: str, group: str, resource: str) -> bool:
         return any(

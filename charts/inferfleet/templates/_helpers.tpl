@@ -84,6 +84,10 @@ checks both against operator/rbac.py.
 - apiGroups: [inferfleet.io]
   resources: [inferenceservices/scale]
   verbs: [patch]
+# Application: children's owner references block the owner's deletion (blockOwnerDeletion), which OwnerReferencesPermissionEnforcement (OpenShift, hardened clusters) allows only with this.
+- apiGroups: [inferfleet.io]
+  resources: [inferenceservices/finalizers]
+  verbs: [update]
 # Application: workers, balloons, pre-pull: server-side apply (create+patch), drift watch, pruning.
 - apiGroups: [apps]
   resources: [deployments, daemonsets]
