@@ -68,6 +68,18 @@ def _string(max_length: int, **extra: Any) -> Schema:
     return {"type": "string", "maxLength": max_length, **extra}
 
 
+def _quantity(default: str) -> Schema:
+    """A resource quantity as core Kubernetes takes it: `cpu: 8` or `cpu: "500m"` (controller-gen's
+    schema for resource.Quantity; the pattern and the length bound apply to the string form)."""
+    return {
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-int-or-string": True,
+        "pattern": QUANTITY_PATTERN,
+        "maxLength": 16,
+        "default": default,
+    }
+
+
 def _integer(minimum: int, maximum: int, **extra: Any) -> Schema:
     return {"type": "integer", "format": "int32", "minimum": minimum, "maximum": maximum, **extra}
 
@@ -151,8 +163,8 @@ def _spec_schema() -> Schema:
     resources = _object(
         {
             "gpus": _integer(0, 16, default=1, description="nvidia.com/gpu per worker pod."),
-            "cpu": _string(16, pattern=QUANTITY_PATTERN, default="4"),
-            "memory": _string(16, pattern=QUANTITY_PATTERN, default="16Gi"),
+            "cpu": _quantity("4"),
+            "memory": _quantity("16Gi"),
         },
         default={},
     )

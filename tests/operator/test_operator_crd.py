@@ -85,6 +85,9 @@ def test_every_number_string_and_list_is_bounded() -> None:
     for path, s in _walk(crd.openapi_schema()):
         if path == ".metadata" or s.get("x-kubernetes-preserve-unknown-fields"):
             continue
+        if s.get("x-kubernetes-int-or-string"):  # structural without a type; its string form bounded
+            assert s.get("anyOf") == [{"type": "integer"}, {"type": "string"}] and "maxLength" in s, path
+            continue
         t = s.get("type")
         assert t, f"{path} has no type (not a structural schema)"
         if t in ("integer", "number"):
@@ -107,6 +110,8 @@ GOOD = [
     make_isvc(replicas=9, maxReplicas=4),
     make_isvc(replicas=1, minReplicas=2, maxReplicas=4),
     make_isvc(minReplicas=2),
+    # quantities as core Kubernetes takes them: unquoted integers too
+    make_isvc(resources={"gpus": 0, "cpu": 8, "memory": "1.5Gi"}),
     make_isvc(model={"name": "m", "source": "pvc://models/llama/3.1-8b"}),
     make_isvc(model={"name": "m", "source": "pvc://models"}),
     make_isvc(model={"name": "m", "source": "oci://registry.example.com/models/llama:3.1@sha256:abc"}),
@@ -185,6 +190,8 @@ BAD_SCHEMA = [
     (_with("spec.engine", {"extraArgs": ["--x"] * 33}), "spec.engine.extraArgs"),
     (_with("spec.resources", {"gpus": 17}), "spec.resources.gpus"),
     (_with("spec.resources", {"memory": "lots"}), "spec.resources.memory"),
+    (_with("spec.resources", {"cpu": 1.5}), "spec.resources.cpu"),  # a float: write "1500m" or "1.5"
+    (_with("spec.resources", {"cpu": "8" * 17}), "spec.resources.cpu"),
     (_with("spec.replicas", -1), "spec.replicas"),
     (_with("spec.autoscaling", {"intervalSeconds": 0}), "spec.autoscaling.intervalSeconds"),
     (

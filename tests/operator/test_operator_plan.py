@@ -424,3 +424,13 @@ def test_bad_specs_are_user_errors(isvc: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecError) as info:
         plan(isvc)
     assert info.value.field == field
+
+
+def test_integer_quantities_render_as_strings() -> None:
+    """resources.cpu / memory admit unquoted integers (as core Kubernetes does); the pod gets the
+    quantity as a string, like the quoted form."""
+    objs = plan(make_isvc(resources={"gpus": 0, "cpu": 8, "memory": 17179869184}))
+    res = worker(objs)["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == "8" and res["requests"]["memory"] == "17179869184"
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
