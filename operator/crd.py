@@ -181,9 +181,15 @@ def _spec_schema() -> Schema:
                 "clamped to +-448 x scale (twice the KV capacity). fp8 needs "
                 "resources.gpus >= 1 (compute capability >= 8.9).",
             ),
-            "maxModelLen": _integer(16, 1048576, default=4096),
+            "maxModelLen": _integer(
+                16,
+                1048576,
+                description="--max-model-len; unset: the model's own limit (max_position_embeddings). "
+                "The worker refuses a value above that limit at startup.",
+            ),
             "maxNumSeqs": _integer(1, 4096, default=256),
-            "blockSize": _integer(1, 256, default=16),
+            # the worker's paged KV cache takes powers of two only
+            "blockSize": _integer(1, 256, default=16, enum=[2**i for i in range(9)]),
             "gpuMemoryUtilization": {"type": "number", "minimum": 0.05, "maximum": 0.99, "default": 0.9},
             "prefixCaching": {"type": "boolean", "default": True},
             "extraArgs": {

@@ -143,7 +143,8 @@ def worker_args(s: ServiceSpec) -> list[str]:
         "--port", str(contract.PORT),
         "--served-model-name", s.model_name,
         "--dtype", e.dtype,
-        "--max-model-len", str(e.max_model_len),
+        # unset: no flag, the worker takes the model's own limit (set: where it always stood)
+        *(["--max-model-len", str(e.max_model_len)] if e.max_model_len is not None else []),
         "--max-num-seqs", str(e.max_num_seqs),
         "--block-size", str(e.block_size),
         "--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}",

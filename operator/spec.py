@@ -67,7 +67,7 @@ class Engine:
     dtype: str
     quantization: str
     kv_cache_dtype: str
-    max_model_len: int
+    max_model_len: int | None  # None: the model's own limit (no flag)
     max_num_seqs: int
     block_size: int
     gpu_memory_utilization: float
@@ -166,7 +166,7 @@ class ServiceSpec:
                 dtype=str(eng["dtype"]),
                 quantization=str(eng["quantization"]),
                 kv_cache_dtype=str(eng["kvCacheDtype"]),
-                max_model_len=int(eng["maxModelLen"]),
+                max_model_len=None if eng.get("maxModelLen") is None else int(eng["maxModelLen"]),
                 max_num_seqs=int(eng["maxNumSeqs"]),
                 block_size=int(eng["blockSize"]),
                 gpu_memory_utilization=float(eng["gpuMemoryUtilization"]),

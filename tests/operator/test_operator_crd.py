@@ -190,6 +190,7 @@ BAD_SCHEMA = [
     (_with("spec.engine", {"extraArgs": ["--x"] * 33}), "spec.engine.extraArgs"),
     (_with("spec.resources", {"gpus": 17}), "spec.resources.gpus"),
     (_with("spec.resources", {"memory": "lots"}), "spec.resources.memory"),
+    (_with("spec.engine", {"blockSize": 24}), "spec.engine.blockSize"),  # the worker takes powers of two
     (_with("spec.resources", {"cpu": 1.5}), "spec.resources.cpu"),  # a float: write "1500m" or "1.5"
     (_with("spec.resources", {"cpu": "8" * 17}), "spec.resources.cpu"),
     (_with("spec.replicas", -1), "spec.replicas"),

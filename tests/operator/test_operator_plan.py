@@ -434,3 +434,13 @@ def test_integer_quantities_render_as_strings() -> None:
     assert res["requests"]["cpu"] == "8" and res["requests"]["memory"] == "17179869184"
     for obj in objs:
         kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+def test_max_model_len_only_when_set() -> None:
+    """engine.maxModelLen has no default: unset, the worker gets no flag and serves the model's own
+    context limit (a fixed default would crash-loop a model with a shorter one); set, it is passed."""
+    args = worker(plan(make_isvc()))["containers"][0]["args"]
+    assert "--max-model-len" not in args
+    args = worker(plan(make_isvc(engine={"maxModelLen": 2048})))["containers"][0]["args"]
+    assert args[args.index("--max-model-len") + 1] == "2048"
+    assert args.index("--dtype") < args.index("--max-model-len") < args.index("--max-num-seqs")
