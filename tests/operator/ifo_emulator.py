@@ -5,6 +5,8 @@ by label, versions and replays watches, separates the status and scale subresour
 server-side-apply patches, garbage-collects dependents and enforces RBAC. This subclass adds
 those over real HTTP on loopback, in place of envtest (no kube-apiserver binaries here):
 
+- resource quantities (requests/limits, emptyDir sizeLimit) stored in canonical form
+  ("0.5" -> "500m", "1024Mi" -> "1Gi"), as a real API server does;
 - metadata: uid, resourceVersion (one global counter), generation (bumped on spec changes),
   creationTimestamp, generateName; no-op writes change nothing and emit no event;
 - list/watch: labelSelector (=, ==, !=, in, notin, exists, !exists), fieldSelector on
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import decimal
 import functools
 import gzip
 import importlib.resources
@@ -135,6 +138,49 @@ def label_matcher(selector: str | None) -> Any:
         elif part.strip():
             reqs.append(Requirement(part.strip(), "exists"))
     return lambda labels: all(r(labels) for r in reqs)
+
+
+_QTY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$")
+_BINARY = {"": 0, "Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def canonical_quantity(value: Any) -> Any:
+    """A resource quantity the way the API server stores it: the largest suffix of the input's
+    kind (binary or decimal SI) that keeps the number whole ("0.5" -> "500m", "1.5Gi" -> "1536Mi",
+    "1024Mi" -> "1Gi"). Anything else comes back as it was."""
+    m = _QTY.match(str(value)) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if m is None:
+        return value
+    number, suffix = decimal.Decimal(m.group(1)), m.group(2) or ""
+    if suffix in _BINARY and suffix:
+        amount = number * 2 ** _BINARY[suffix]
+        for name, bits in sorted(_BINARY.items(), key=lambda kv: -kv[1]):
+            if amount % 2**bits == 0:
+                return f"{int(amount / 2**bits)}{name}"
+        return value  # a fraction of a byte: left alone
+    amount = number * decimal.Decimal(10) ** _DECIMAL[suffix]
+    for name, exp in sorted(_DECIMAL.items(), key=lambda kv: -kv[1]):
+        scaled = amount / decimal.Decimal(10) ** exp
+        if scaled == scaled.to_integral_value():
+            return f"{int(scaled)}{name}"
+    return value
+
+
+def _canonical_quantities(obj: Any) -> None:
+    """Rewrite, in place, the quantities of requests/limits maps and emptyDir sizeLimits anywhere
+    in `obj` into their canonical form (what a real API server returns on read)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in ("requests", "limits") and isinstance(v, dict):
+                obj[k] = {name: canonical_quantity(q) for name, q in v.items()}
+            elif k == "sizeLimit":
+                obj[k] = canonical_quantity(v)
+            else:
+                _canonical_quantities(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _canonical_quantities(v)
 
 
 def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
@@ -406,6 +452,7 @@ class Emulator(kmock.KubernetesEmulator):
         meta.pop("deletionTimestamp", None)
         if self._has_status(res) and res != ("", "v1", "namespaces"):
             body.pop("status", None)
+        _canonical_quantities(body)
         self._stamp(body)
         self.store[key] = body
         self.creations[key] = self.creations.get(key, 0) + 1
@@ -435,6 +482,7 @@ class Emulator(kmock.KubernetesEmulator):
                 else:
                     meta.pop(field, None)
             new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
+            _canonical_quantities(new)
 
             def essence(o: Obj) -> Obj:
                 return {k: v for k, v in o.items() if k not in ("metadata", "status", "apiVersion", "kind")}

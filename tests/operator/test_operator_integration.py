@@ -303,3 +303,21 @@ async def test_a_refused_apply_after_a_good_one_is_reported(operator: Emulator) 
     assert condition(operator, "Degraded")["reason"] == "ApplyFailed"
     assert operator.get("apps/v1/deployments", NS, "llm")["spec"]["replicas"] == 1
     operator.denied.clear()  # refused on purpose (the fixture checks the operator needed no more)
+
+
+async def test_quantities_the_server_rewrites_are_no_drift(operator: Emulator) -> None:
+    """The API server stores quantities in canonical form (the emulator too: "0.5" comes back as
+    "500m", "1.5Gi" as "1536Mi"); the drift checks must not take that for an edit and re-apply the
+    workers on every resync and status event."""
+    operator.put(ISVC, make_isvc(resources={"gpus": 0, "cpu": "0.5", "memory": "1.5Gi"}))
+    await eventually(lambda: status(operator).get("observedGeneration") == 1, what="generation 1")
+    stored = operator.get("apps/v1/deployments", NS, "llm")["spec"]["template"]["spec"]["containers"][0]
+    assert stored["resources"]["requests"]["cpu"] == "500m"  # canonical, as a real API server has it
+
+    def patches() -> int:
+        return operator.audit.count(("operator", "patch", "apps", "deployments"))
+
+    await asyncio.sleep(0.5)
+    before = patches()
+    await asyncio.sleep(4.5)  # two periodic drift checks (resync_interval_s 2 s), status events between
+    assert patches() == before
