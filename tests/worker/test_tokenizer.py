@@ -117,3 +117,45 @@ def test_partial_stop_suffix_matches_brute_force(tiny_llama: Path) -> None:
             default=0,
         )
         assert det._partial_stop_suffix() == brute, (stops, det.text)
+
+
+def test_long_texts_encode_without_holding_the_gil(tiny_llama: Path) -> None:
+    """The server tokenizes in a worker thread; a long prompt must let the event loop's thread run
+    meanwhile (HF tokenizers' encode holds the GIL for the whole call, encode_batch does not), and
+    give the same ids as the short path."""
+    import threading
+    import time
+
+    from inferfleet.worker import tokenizer as tk_mod
+
+    tok = Tokenizer(tiny_llama)
+    text = "Café 東京 queue " * 60_000  # ~1 M characters: a few hundred ms of Rust work
+    assert len(text) > tk_mod._GIL_FREE_CHARS
+    for special in (True, False):
+        assert (
+            tok.encode(text, add_special_tokens=special)
+            == tok._tok.encode(text, add_special_tokens=special).ids
+        )
+    ticks = 0
+    done = threading.Event()
+
+    def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            time.sleep(0.002)
+            ticks += 1
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        start = ticks
+        t0 = time.perf_counter()
+        tok.encode(text)
+        took = time.perf_counter() - t0
+        during = ticks - start
+    finally:
+        done.set()
+        thread.join()
+    # held for the whole call, the GIL would let the ticker run about once; here it runs throughout
+    assert during >= min(10, took / 0.02), (during, took)
