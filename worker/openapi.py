@@ -180,6 +180,29 @@ def openapi_document(
                     },
                 }
             },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "The served model by its name; 404 (model_not_found) for any other",
+                    "security": [{}, {"bearerAuth": []}],
+                    "parameters": [
+                        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        "401": _GEN_ERRORS["401"],
+                        "404": {
+                            "description": "No such model",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                            },
+                        },
+                        "503": _GEN_ERRORS["503"],
+                    },
+                }
+            },
             "/health/live": _get_op(
                 "200 while loading or serving; 503 once the engine is dead",
                 "application/json",

@@ -223,7 +223,10 @@ def parse_chat(body: dict[str, Any], schema: dict[str, Any] = CHAT_REQUEST) -> G
         content = c if isinstance(c, str) else "\n".join(part["text"] for part in c)
         # "developer" is OpenAI's newer name for the system role; templates know "system"
         role = "system" if m["role"] == "developer" else m["role"]
-        req.messages.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if m.get("name") is not None:  # a participant's name: templates that know it render it
+            msg["name"] = m["name"]
+        req.messages.append(msg)
     top = body.get("top_logprobs")
     if body.get("logprobs"):  # chat: logprobs=true -> top_logprobs alternatives (0 if not given)
         req.sampling.logprobs = top or 0

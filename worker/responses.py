@@ -151,18 +151,18 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def models_list(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+def model_card(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """The served model as GET /v1/models/{model} returns it (and /v1/models lists it)."""
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "inferfleet",
-                "root": name,
-                "parent": None,
-                "max_model_len": max_model_len,
-            }
-        ],
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "inferfleet",
+        "root": name,
+        "parent": None,
+        "max_model_len": max_model_len,
     }
+
+
+def models_list(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(name, created, max_model_len)]}

@@ -244,7 +244,10 @@ def describe(schema: Schema) -> str:
         return " or ".join(describe(s) for s in schema["anyOf"])
     t = schema.get("type", "any value")
     if t == "array" and "items" in schema:
-        return f"an array of {describe(schema['items']).removeprefix('a ').removeprefix('an ')}s"
+        items = describe(schema["items"]).removeprefix("a ").removeprefix("an ")
+        if items.startswith("array of "):  # already plural inside: "an array of arrays of integers"
+            return f"an array of arrays of {items.removeprefix('array of ')}"
+        return f"an array of {items}s"
     return _TYPE_NAMES.get(t, t)
 
 

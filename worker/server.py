@@ -35,7 +35,7 @@ from .errors import InvalidRequestError
 from .metrics import ServerMetrics
 from .openapi import openapi_document
 from .protocol import ApiError, error_body
-from .responses import models_list
+from .responses import model_card, models_list
 from .serving import RETRY_AFTER_UNAVAILABLE, OpenAIServing, json_response
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ class WorkerServer:
         r.add_get("/metrics", self._metrics)
         r.add_get("/openapi.json", self._openapi)
         r.add_get("/v1/models", self._models)
+        r.add_get("/v1/models/{model:.+}", self._model)  # served names may hold "/" (org/name)
         r.add_post("/v1/completions", self.serving.completions)
         r.add_post("/v1/chat/completions", self.serving.chat)
         return app
@@ -263,6 +264,12 @@ class WorkerServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return json_response(models_list(self.model_name, self._created, self.max_model_len))
+
+    async def _model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return json_response(model_card(self.model_name, self._created, self.max_model_len))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

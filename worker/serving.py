@@ -197,8 +197,11 @@ class OpenAIServing:
                 srv.validate_prompt(ids, first, param)
                 choices = [first, *(opts.params(max_tokens, index=j) for j in range(1, req.n))]
             except InvalidRequestError as e:
-                if e.param == "max_tokens":  # name the field the user set
+                if (
+                    e.param == "max_tokens" and opts.max_tokens_param != "max_tokens"
+                ):  # the field the user set
                     e.param = opts.max_tokens_param
+                    e.message = e.message.replace("max_tokens", opts.max_tokens_param)
                 raise ApiError.from_invalid(e) from None
             out += [(f"{base}-{p * req.n + j}", ids, params) for j, params in enumerate(choices)]
         return out

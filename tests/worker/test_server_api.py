@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from inferfleet.worker.tokenizer import Tokenizer
 from server_helpers import ServerThread
@@ -224,10 +225,21 @@ def test_async_client_and_models(server: ServerThread) -> None:
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         models = await client.models.list()
+        one = await client.models.retrieve(server.server.model_name)
+        assert one.id == server.server.model_name and one.model_dump() == models.data[0].model_dump()
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.models.retrieve("org/other-model")
+        assert e.value.code == "model_not_found" and "org/other-model" in e.value.message
         await client.close()
         return text, [m.id for m in models.data]
 
     text, ids = asyncio.run(main())
     assert text and ids == [server.server.model_name]
     doc = server.get("/openapi.json").json()
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health/ready"} <= set(doc["paths"])
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/health/ready",
+    } <= set(doc["paths"])

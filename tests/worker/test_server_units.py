@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from inferfleet.worker import protocol, responses, schemas
@@ -13,6 +14,7 @@ from inferfleet.worker.admission import AdmissionControl
 from inferfleet.worker.metrics import CONTRACT_NAMES, EngineSnapshot, ServerMetrics
 from inferfleet.worker.openapi import openapi_document
 from inferfleet.worker.protocol import ApiError
+from inferfleet.worker.tokenizer import Tokenizer
 
 
 def test_admission_counts_requests_and_tokens() -> None:
@@ -82,6 +84,28 @@ def test_validator_accepts_nulls_and_neutral_values() -> None:
     schemas.validate(body, schemas.CHAT_REQUEST)
     req = protocol.parse_chat(body)
     assert req.sampling.temperature == 1.0 and req.sampling.max_tokens is None and req.n == 1
+
+
+def test_message_names_reach_the_chat_template(tiny_llama: Path) -> None:
+    """messages[].name is kept for the template (one that renders it shows it in the prompt);
+    messages without one have no name key, as before."""
+    body = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "name": "Alice", "content": "hi"},
+        ]
+    }
+    schemas.validate(body, schemas.CHAT_REQUEST)
+    msgs = protocol.parse_chat(body).messages
+    assert msgs == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi", "name": "Alice"},
+    ]
+    tok = Tokenizer(tiny_llama)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}{% if m.name %} ({{ m.name }}){% endif %}: {{ m.content }}\n{% endfor %}"
+    assert (
+        tok.apply_chat_template(msgs, add_generation_prompt=False) == "system: be brief\nuser (Alice): hi\n"
+    )
 
 
 def test_vocabulary_bounds_token_ids() -> None:

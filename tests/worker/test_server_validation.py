@@ -41,6 +41,7 @@ class Case:
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=dict)
     code: str | None = None
+    says: str | None = None  # a part of the message
 
 
 def chat(**kw: Any) -> dict[str, Any]:
@@ -128,6 +129,7 @@ CASES = [
         400,
         "max_completion_tokens",
         code="context_length_exceeded",
+        says="reduce the length of the prompt or max_completion_tokens",
     ),
     Case("min-tokens-over-max", chat(min_tokens=10), 400, "min_tokens"),
     Case("n-zero", chat(n=0), 400, "n"),
@@ -159,7 +161,7 @@ CASES = [
     Case("model-unknown", chat(model="gpt-4"), 404, "model", code="model_not_found"),
     # completions
     Case("missing-prompt", without(COMP, "prompt"), 400, "prompt", path=C),
-    Case("prompt-number", comp(prompt=5), 400, "prompt", path=C),
+    Case("prompt-number", comp(prompt=5), 400, "prompt", path=C, says="or an array of arrays of integers"),
     Case("prompt-empty-list", comp(prompt=[]), 400, "prompt", path=C),
     Case("prompt-empty-string", comp(prompt=""), 400, "prompt", path=C),
     Case("prompt-mixed-list", comp(prompt=["a", 1]), 400, "prompt", path=C),
@@ -212,6 +214,8 @@ def test_malformed_request(small: ServerThread, case: Case) -> None:
     assert err["message"] and err["type"] == "invalid_request_error"
     if case.code is not None:
         assert err["code"] == case.code
+    if case.says is not None:
+        assert case.says in err["message"], err["message"]
     if case.status == 405:
         assert r.headers["Allow"] == "POST"
 
