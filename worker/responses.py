@@ -5,6 +5,7 @@ Pure and torch-free, like protocol.py (which parses the requests).
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import Callable
@@ -32,13 +33,20 @@ def _lp(x: float) -> float:
     return x if x > _MIN_LOGPROB else _MIN_LOGPROB
 
 
-TokenText = Callable[[int], str]
+TokenBytes = Callable[[int], bytes]  # Tokenizer.token_bytes
 
 
-def chat_logprobs(lps: list[TokenLogprobs], text: TokenText) -> dict[str, Any]:
+def token_text(raw: bytes) -> str:
+    """A token's text for logprobs: its bytes as UTF-8, with the bytes of a character it only
+    begins or ends written as \\xNN escapes (so distinct partial tokens stay distinct strings;
+    `bytes` carries the bytes themselves)."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def chat_logprobs(lps: list[TokenLogprobs], token_bytes: TokenBytes) -> dict[str, Any]:
     def entry(tid: int, lp: float) -> dict[str, Any]:
-        s = text(tid)
-        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
+        raw = token_bytes(tid)
+        return {"token": token_text(raw), "logprob": _lp(lp), "bytes": list(raw)}
 
     return {
         "content": [
@@ -47,25 +55,43 @@ def chat_logprobs(lps: list[TokenLogprobs], text: TokenText) -> dict[str, Any]:
     }
 
 
+class TextOffsets:
+    """Where each token's text starts in a choice's text (completions' text_offset), carried from
+    one stream chunk to the next: a token inside a character split over several tokens starts
+    where that character does."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.chars = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def advance(self, raw: bytes) -> int:
+        """The offset of a token with these bytes, counting them in."""
+        if raw and not 0x80 <= raw[0] <= 0xBF:
+            # it begins a character: bytes still pending can no longer complete theirs, and the
+            # text shows them as U+FFFD before this token
+            self.chars += len(self._utf8.decode(b"", final=True))
+        at = self.chars
+        self.chars += len(self._utf8.decode(raw))
+        return at
+
+
 def completion_logprobs(
-    lps: list[TokenLogprobs], text: TokenText, offset: int = 0
-) -> tuple[dict[str, Any], int]:
-    """The logprobs object (text offsets from `offset` on) and the offset after its tokens, where
-    the next chunk's offsets start."""
-    tokens = [text(t.token_id) for t in lps]
-    offsets = []
-    for s in tokens:
-        offsets.append(offset)
-        offset += len(s)
-    lp = {
+    lps: list[TokenLogprobs], token_bytes: TokenBytes, offsets: TextOffsets | None = None
+) -> dict[str, Any]:
+    """The logprobs object of these tokens, their text offsets counted on from `offsets` (a new
+    choice's when None)."""
+    offsets = offsets or TextOffsets()
+    raws = [token_bytes(t.token_id) for t in lps]
+    tokens = [token_text(r) for r in raws]
+    return {
         "tokens": tokens,
         "token_logprobs": [_lp(t.logprob) for t in lps],
         "top_logprobs": [
-            {s: _lp(t.logprob)} | {text(i): _lp(v) for i, v in t.top} for s, t in zip(tokens, lps)
+            {s: _lp(t.logprob)} | {token_text(token_bytes(i)): _lp(v) for i, v in t.top}
+            for s, t in zip(tokens, lps)
         ],
-        "text_offset": offsets,
+        "text_offset": [offsets.advance(r) for r in raws],
     }
-    return lp, offset
 
 
 @dataclass

@@ -208,9 +208,6 @@ class OpenAIServing:
 
     # -- responses -----------------------------------------------------------------------------
 
-    def _token_text(self, token_id: int) -> str:
-        return self.server.tokenizer.decode([token_id], skip_special_tokens=False)
-
     async def _collect(
         self,
         req: GenerateRequest,
@@ -233,11 +230,15 @@ class OpenAIServing:
         choices = []
         for idx, o in enumerate(done):
             if req.kind == "chat":
-                lp = responses.chat_logprobs(o.logprobs, self._token_text) if o.logprobs is not None else None
+                lp = (
+                    responses.chat_logprobs(o.logprobs, self.server.tokenizer.token_bytes)
+                    if o.logprobs is not None
+                    else None
+                )
                 choices.append(responses.chat_choice(idx, o, lp))
             else:
                 lp = (
-                    responses.completion_logprobs(o.logprobs, self._token_text)[0]
+                    responses.completion_logprobs(o.logprobs, self.server.tokenizer.token_bytes)
                     if o.logprobs is not None
                     else None
                 )
@@ -267,7 +268,7 @@ class OpenAIServing:
         usage_on = req.include_usage
         completion_tokens = [0] * req.num_choices
         cached = [0] * req.num_choices
-        offsets = [0] * req.num_choices  # completions logprobs: text_offset per choice
+        offsets = [responses.TextOffsets() for _ in range(req.num_choices)]  # completions' text_offset
         try:
             if chat:
                 for idx in range(req.num_choices):
@@ -287,15 +288,15 @@ class OpenAIServing:
                 lp = None
                 if chat:
                     if out.new_logprobs:
-                        lp = responses.chat_logprobs(out.new_logprobs, self._token_text)
+                        lp = responses.chat_logprobs(out.new_logprobs, self.server.tokenizer.token_bytes)
                     delta = {"content": out.new_text} if out.new_text else {}
                     chunk = responses.chat_chunk(
                         h, idx, delta, logprobs=lp, reason=reason, include_usage=usage_on
                     )
                 else:
                     if req.sampling.logprobs is not None:
-                        lp, offsets[idx] = responses.completion_logprobs(
-                            out.new_logprobs, self._token_text, offsets[idx]
+                        lp = responses.completion_logprobs(
+                            out.new_logprobs, self.server.tokenizer.token_bytes, offsets[idx]
                         )
                     chunk = responses.completion_chunk(
                         h, idx, out.new_text, logprobs=lp, reason=reason, include_usage=usage_on

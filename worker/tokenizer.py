@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,14 @@ _GIL_FREE_CHARS = 1 << 14
 # How many tokens before the unread ones are decoded again, so that merges and leading spaces that
 # depend on the previous tokens come out right (the same window vLLM and TGI use).
 _PREFIX_WINDOW = 5
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character byte-level BPE
+    vocabularies write it with (printable Latin-1 as itself, the rest shifted past 255)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(shifted)}
 
 
 def _token_content(v: Any) -> str | None:
@@ -49,6 +58,7 @@ class Tokenizer:
         self.chat_template: str | None = template
         self._compiled_template: Any = None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self._bytes_of: Any = None  # token_bytes' lookup, made on first use (logprobs only)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > _GIL_FREE_CHARS:
@@ -60,6 +70,43 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the decoded text, on their own: for a token that is part of
+        a multi-byte character, those bytes only (its decode alone would be U+FFFD). Byte-level
+        BPE vocabularies (GPT-2's byte-to-unicode alphabet) map back byte by byte; SentencePiece
+        ones turn "▁" into a space and <0xNN> byte-fallback pieces into their byte; added
+        (special) tokens are their content."""
+        if self._bytes_of is None:
+            self._bytes_of = self._token_bytes_reader()
+        return self._bytes_of(token_id)
+
+    def _token_bytes_reader(self) -> Any:
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in (decoder.get("decoders") or [decoder])}
+        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        if "ByteLevel" in kinds:
+            to_byte = {c: b for b, c in _byte_to_unicode().items()}
+
+            def piece(token: str) -> bytes:
+                return (
+                    bytes(to_byte[c] for c in token) if all(c in to_byte for c in token) else token.encode()
+                )
+        else:
+
+            def piece(token: str) -> bytes:
+                if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                    return bytes([int(token[3:5], 16)])
+                return token.replace("\u2581", " ").encode()
+
+        @functools.lru_cache(maxsize=1 << 16)
+        def bytes_of(token_id: int) -> bytes:
+            if token_id in added:
+                return added[token_id].encode()
+            token = self._tok.id_to_token(token_id)
+            return b"" if token is None else piece(token)
+
+        return bytes_of
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render messages with the checkpoint's template. Template errors are the caller's bad input."""

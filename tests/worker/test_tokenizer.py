@@ -159,3 +159,48 @@ def test_long_texts_encode_without_holding_the_gil(tiny_llama: Path) -> None:
         thread.join()
     # held for the whole call, the GIL would let the ticker run about once; here it runs throughout
     assert during >= min(10, took / 0.02), (during, took)
+
+
+def test_token_bytes_join_into_the_text(tiny_models: dict[str, Path]) -> None:
+    """Tokenizer.token_bytes: each token's own bytes (a piece of a multi-byte character alone),
+    which joined give the decoded text, for every tiny family (byte-level BPE)."""
+    for arch, path in tiny_models.items():
+        tok = Tokenizer(path)
+        for text in TEXTS:
+            ids = tok.encode(text, add_special_tokens=False)
+            raws = [tok.token_bytes(i) for i in ids]
+            assert b"".join(raws).decode("utf-8") == tok.decode(ids) == text, arch
+            assert any(len(r) and r[0] >= 0x80 and _partial(r) for r in raws) or text.isascii(), arch
+
+
+def _partial(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_token_bytes_of_a_sentencepiece_vocabulary(tmp_path: Path) -> None:
+    """Llama 2 / Mistral style: "▁" for spaces and <0xNN> byte-fallback pieces for characters the
+    vocabulary lacks, each such piece one byte."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", "h", "i", "▁h", "▁hi"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    hf = HFTokenizer(models.BPE(vocab, [("▁", "h"), ("▁h", "i")], unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    hf.add_special_tokens(["<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    ids = tok.encode("hi é hi", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in ids] == ["▁hi", "▁", "<0xC3>", "<0xA9>", "▁hi"]
+    raws = [tok.token_bytes(i) for i in ids]
+    assert raws == [b" hi", b" ", b"\xc3", b"\xa9", b" hi"]
+    assert b"".join(raws).decode().removeprefix(" ") == tok.decode(ids) == "hi é hi"
+    assert tok.token_bytes(vocab["</s>"]) == b"</s>"
