@@ -406,9 +406,11 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
     """Fill `default`s the way the API server does, returning a new value.
 
     Defaults apply to absent properties of present objects; a defaulted object is then
-    defaulted itself (so `engine: {}` gains every engine default). `render` uses this so it
-    prints what the cluster would run. Neither `schema` nor `value` is modified, and the result
-    shares no object with either: each part is copied once, on the way through.
+    defaulted itself (so `engine: {}` gains every engine default). A null where the schema is not
+    nullable (`resources:` with every line under it commented out) is dropped first, as the API
+    server prunes it, and so defaulted like an absent field. `render` uses this so it prints what
+    the cluster would run. Neither `schema` nor `value` is modified, and the result shares no
+    object with either: each part is copied once, on the way through.
     """
     if not isinstance(value, dict) or schema.get("type") != "object":
         return copy.deepcopy(value)
@@ -416,6 +418,7 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
     out = {
         key: apply_defaults(properties[key], v) if key in properties else copy.deepcopy(v)
         for key, v in value.items()
+        if v is not None or key not in properties or properties[key].get("nullable")
     }
     for key, sub in properties.items():
         if key not in out and "default" in sub:

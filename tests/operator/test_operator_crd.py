@@ -231,3 +231,10 @@ def test_defaults_fill_nested_objects() -> None:
     assert spec["autoscaling"]["targetInFlightPerReplica"] == 16  # defaulted next to it
     assert spec["prepull"] == {"enabled": True}
     assert spec["warmPool"] == 0 and spec["balloons"] == 0 and spec["drainTimeoutSeconds"] == 30
+    # YAML nulls (a key whose every child is commented out) are pruned and defaulted, as the API
+    # server does for fields that are not nullable
+    nulls = make_isvc(resources=None, autoscaling=None, engine={"dtype": None, "maxNumSeqs": 8})
+    spec = crd.apply_defaults(crd.openapi_schema(), nulls)["spec"]
+    assert spec["resources"] == {"gpus": 1, "cpu": "4", "memory": "16Gi"}
+    assert spec["autoscaling"]["enabled"] is True and spec["engine"]["dtype"] == "auto"
+    assert spec["engine"]["maxNumSeqs"] == 8 and "maxModelLen" not in spec["engine"]
