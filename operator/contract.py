@@ -9,6 +9,10 @@ from __future__ import annotations
 WORKER_BINARY = "inferfleet-worker"
 WORKER_PYTHON = "python3"  # the worker image is a Python image: used for no-op and download steps
 PORT = 8000
+# Seconds a deleted worker pod keeps serving before its SIGTERM (preStop sleep): Services and
+# ingress learn of the deletion asynchronously, and requests they still send meanwhile would meet
+# a draining worker's 503s
+ENDPOINT_GRACE_SECONDS = 5
 PORT_NAME = "http"
 HEALTH_LIVE = "/health/live"
 HEALTH_READY = "/health/ready"

@@ -236,14 +236,18 @@ def worker_pod_spec(s: ServiceSpec) -> Obj:
         "env": worker_env(s),
         "resources": worker_resources(s),
         **probes(s),
+        # keep serving until the endpoints have dropped the pod, then drain (kubelet's sleep
+        # action: no binary needed in the image)
+        "lifecycle": {"preStop": {"sleep": {"seconds": contract.ENDPOINT_GRACE_SECONDS}}},
         "securityContext": container_security(),
         "volumeMounts": mounts,
     }
     pod: Obj = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        # The worker drains on SIGTERM for --drain-timeout; the kubelet's SIGKILL must come later.
-        "terminationGracePeriodSeconds": s.drain_timeout_seconds + 15,
+        # The preStop sleep, then the worker's drain on SIGTERM for --drain-timeout: the
+        # kubelet's SIGKILL must come after both (the grace period counts from the deletion).
+        "terminationGracePeriodSeconds": contract.ENDPOINT_GRACE_SECONDS + s.drain_timeout_seconds + 15,
         "securityContext": pod_security(WORKER_UID),
         **scheduling_fields(s),
         "containers": [container],

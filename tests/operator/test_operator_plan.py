@@ -228,7 +228,9 @@ def test_worker_deployment_contract() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert c["resources"]["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
     assert "cpu" not in c["resources"]["limits"]
-    assert pod["terminationGracePeriodSeconds"] > 60  # above --drain-timeout
+    # serving on until endpoints drop the pod, then draining: SIGKILL after both
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": contract.ENDPOINT_GRACE_SECONDS}}}
+    assert pod["terminationGracePeriodSeconds"] == contract.ENDPOINT_GRACE_SECONDS + 60 + 15
     env = {e["name"]: e for e in c["env"]}
     assert env[contract.API_KEY_ENV]["valueFrom"] == {"secretKeyRef": {"name": "keys", "key": "api"}}
     assert env["HF_HUB_OFFLINE"]["value"] == "1"
