@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from inferfleet.operator import crd
-from inferfleet.operator.kube import KubeClient, resource_of
+from inferfleet.operator.kube import ApiError, KubeClient, resource_of
 from inferfleet.operator.plan import ChildRef, all_child_refs, plan_spec, spec_hash
 from inferfleet.operator.spec import ServiceSpec
 
@@ -100,8 +100,40 @@ def owner_name(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
+class NotOurs(ApiError):
+    """A child's name is taken by an object this InferenceService does not control. Server-side
+    apply with force would take it over (and garbage collection would later delete it with the
+    InferenceService), so it is left alone and reported until someone renames or deletes it."""
+
+    def __init__(self, namespace: str, ref: ChildRef) -> None:
+        super().__init__(
+            409,
+            "AlreadyExists",
+            f"{ref.kind} {namespace}/{ref.name} exists and is not controlled by this InferenceService: "
+            "delete or rename it",
+        )
+
+    @property
+    def retryable(self) -> bool:
+        return False  # a person has to act: retried at the slow pace
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def claim(namespace: str, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> None:
+    """Refuse (NotOurs) to apply `want` over a live object that its owner does not control."""
+    uid = _controller_uid(want)
+    if have is not None and uid is not None and not owned_by(have, uid):
+        raise NotOurs(namespace, ChildRef.of(want))
+
+
 async def apply_children(kube: KubeClient, s: ServiceSpec) -> Applied:
     desired = plan_spec(s)
+    for obj in desired:
+        claim(s.namespace, obj, await read_child(kube, s.namespace, ChildRef.of(obj)))
     for obj in desired:
         await kube.apply(obj)
     wanted = {ChildRef.of(obj) for obj in desired}
@@ -122,6 +154,7 @@ async def restore_one(kube: KubeClient, want: Mapping[str, Any], have: Mapping[s
     contains it; returns whether it did."""
     if have is not None and is_subset(want, have):
         return False
+    claim(str((want.get("metadata") or {}).get("namespace")), want, have)
     await kube.apply(want)
     return True
 

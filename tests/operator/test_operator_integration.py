@@ -321,3 +321,24 @@ async def test_quantities_the_server_rewrites_are_no_drift(operator: Emulator) -
     before = patches()
     await asyncio.sleep(4.5)  # two periodic drift checks (resync_interval_s 2 s), status events between
     assert patches() == before
+
+
+async def test_a_child_name_taken_by_a_foreign_object_is_not_taken_over(operator: Emulator) -> None:
+    """A Service named like the worker Service that this InferenceService does not control (a
+    user's, or another tool's) is neither adopted nor changed: server-side apply with force would
+    take it over, and garbage collection would delete it with the InferenceService. The service
+    is Degraded/ApplyFailed naming it, and nothing else is applied meanwhile."""
+    theirs = operator.put(
+        "v1/services", {"metadata": {"name": "llm", "namespace": NS}, "spec": {"ports": [{"port": 80}]}}
+    )
+    operator.put(ISVC, make_isvc())
+    got = await eventually(
+        lambda: condition(operator, "Degraded").get("status") == "True" and condition(operator, "Degraded"),
+        what="ApplyFailed",
+    )
+    assert (
+        got["reason"] == "ApplyFailed"
+        and "Service default/llm exists and is not controlled" in got["message"]
+    )
+    assert operator.get("v1/services", NS, "llm") == theirs
+    assert operator.list("apps/v1/deployments", NS) == []
