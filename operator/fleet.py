@@ -129,6 +129,14 @@ class Fleet:
             if s.autoscaling.enabled and _due(rt.last_autoscale, interval, now):
                 scaler_status = await self._autoscale(rt, isvc, s, pods, now, logger)
                 rt.last_autoscale = now
+            elif not s.autoscaling.enabled:
+                # A scale-down stretch ends with the autoscaler: demand goes unwatched while it is
+                # off, so switching it on again starts a new one, here and in status (which a
+                # restarted operator resumes from), rather than scaling down at once.
+                rt.scale_state = autoscaler.State()
+                held = previous.get("autoscaler") or {}
+                if held.get("lowerSince") is not None:
+                    scaler_status = {**held, "lowerSince": None, "lowerPeak": None}
             worker = None  # the worker Deployment as planned: its template hash goes into status
             if rt.applied_generation is not None and _due(rt.last_resync, self.config.resync_interval_s, now):
                 desired = plan_spec(s)  # the whole plan only when due: status needs the worker's hash alone

@@ -3,6 +3,7 @@ text), the operator scraping them, and spec.replicas moving through the scale su
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -176,3 +177,47 @@ async def test_with_autoscaling_disabled_the_scale_writer_is_obeyed(
         await eventually(lambda: (emulator.get(ISVC, NS, "llm").get("status") or {}).get("replicas") == 5)
         assert replicas(emulator) == 5  # the load (1000) never moved it: nobody scrapes
         assert autoscaler_status(emulator) == {}
+
+
+@pytest.mark.asyncio
+async def test_switching_autoscaling_off_and_on_starts_a_new_scale_down_delay(
+    emulator: Emulator, fake_workers: Callable[[int], Awaitable[list[FakeWorker]]]
+) -> None:
+    """Demand is not watched while autoscaling is off: a scale-down delay that began before must
+    not count that time, or switching it back on would scale down at once."""
+    (worker,) = await fake_workers(1)
+    worker.set_load(waiting=0)
+    urls: dict[str, str] = {}
+    spec = {
+        "enabled": True,
+        "targetInFlightPerReplica": 10,
+        "intervalSeconds": INTERVAL,
+        "scaleDownDelaySeconds": DELAY,
+    }
+    async with running_operator(operator_config(emulator, metrics_url=by_pod_name(urls))):
+        emulator.put(ISVC, make_isvc(replicas=2, minReplicas=1, maxReplicas=4, autoscaling=spec))
+        pods = await eventually(
+            lambda: len(emulator.pods_of(NS, WORKERS)) == 2 and emulator.pods_of(NS, WORKERS)
+        )
+        for pod in pods:
+            urls[pod["metadata"]["name"]] = worker.url
+            emulator.set_pod_ready(NS, pod["metadata"]["name"])
+        await eventually(lambda: autoscaler_status(emulator).get("lowerSince"), what="a scale-down delay")
+        emulator.patch(ISVC, NS, "llm", {"spec": {"autoscaling": {"enabled": False}}})
+        await eventually(
+            lambda: autoscaler_status(emulator).get("lowerSince") is None, what="the delay ended"
+        )
+        await asyncio.sleep(DELAY + INTERVAL)  # longer than the delay, unwatched
+        emulator.patch(ISVC, NS, "llm", {"spec": {"autoscaling": {"enabled": True}}})
+        t_on = time.monotonic()
+        await eventually(
+            lambda: autoscaler_status(emulator).get("reason") == "ScaleDownDelayed", what="a new delay"
+        )
+        await holds_for(
+            lambda: replicas(emulator) == 2,
+            DELAY - 0.5 - (time.monotonic() - t_on),
+            what="no scale-down at once",
+        )
+        await eventually(
+            lambda: replicas(emulator) == 1, timeout=DELAY + 2 * INTERVAL + 2.0, what="then down"
+        )
