@@ -28,6 +28,12 @@ NS = "default"
 WORKERS = labels.selector_string("llm", labels.WORKER)
 INTERVAL = 1  # autoscaling.intervalSeconds
 DELAY = 3  # autoscaling.scaleDownDelaySeconds
+AUTOSCALING = {
+    "enabled": True,
+    "targetInFlightPerReplica": 10,
+    "intervalSeconds": INTERVAL,
+    "scaleDownDelaySeconds": DELAY,
+}
 
 
 def replicas(emu: Emulator) -> int:
@@ -83,6 +89,20 @@ async def test_scrape_sums_ready_pods_and_marks_failures(
     assert sample.load == 15 and sample.complete
 
 
+async def delayed_scale_down(emulator: Emulator, since: float, before: int, after: int) -> None:
+    """The autoscaler reports a scale-down delay, holds `before` replicas until the delay counted
+    from `since` is nearly over, then goes to `after`."""
+    await eventually(lambda: autoscaler_status(emulator).get("reason") == "ScaleDownDelayed", what="delay")
+    await holds_for(
+        lambda: replicas(emulator) == before,
+        DELAY - 0.5 - (time.monotonic() - since),
+        what="no early scale-down",
+    )
+    await eventually(
+        lambda: replicas(emulator) == after, timeout=DELAY + 2 * INTERVAL + 2.0, what="scale down"
+    )
+
+
 @pytest.mark.asyncio
 async def test_load_drives_replicas_through_the_scale_subresource(
     emulator: Emulator, fake_workers: Callable[[int], Awaitable[list[FakeWorker]]]
@@ -93,12 +113,7 @@ async def test_load_drives_replicas_through_the_scale_subresource(
         replicas=1,
         minReplicas=1,
         maxReplicas=4,
-        autoscaling={
-            "enabled": True,
-            "targetInFlightPerReplica": 10,
-            "intervalSeconds": INTERVAL,
-            "scaleDownDelaySeconds": DELAY,
-        },
+        autoscaling=AUTOSCALING,
     )
     async with running_operator(operator_config(emulator, metrics_url=by_pod_name(urls))):
         emulator.put(ISVC, isvc)
@@ -126,17 +141,7 @@ async def test_load_drives_replicas_through_the_scale_subresource(
         # Falling load: nothing for the delay, then down to min (which holds at zero load).
         worker.set_load(waiting=0)
         t_drop = time.monotonic()
-        await eventually(
-            lambda: autoscaler_status(emulator).get("reason") == "ScaleDownDelayed", what="delay"
-        )
-        await holds_for(
-            lambda: replicas(emulator) == 4,
-            DELAY - 0.5 - (time.monotonic() - t_drop),
-            what="no early scale-down",
-        )
-        await eventually(
-            lambda: replicas(emulator) == 1, timeout=DELAY + 2 * INTERVAL + 2.0, what="scale down"
-        )
+        await delayed_scale_down(emulator, t_drop, 4, 1)
         assert time.monotonic() - t_drop >= DELAY
         await eventually(lambda: autoscaler_status(emulator).get("reason") == "Steady", what="steady at min")
         assert replicas(emulator) == 1
@@ -188,14 +193,8 @@ async def test_switching_autoscaling_off_and_on_starts_a_new_scale_down_delay(
     (worker,) = await fake_workers(1)
     worker.set_load(waiting=0)
     urls: dict[str, str] = {}
-    spec = {
-        "enabled": True,
-        "targetInFlightPerReplica": 10,
-        "intervalSeconds": INTERVAL,
-        "scaleDownDelaySeconds": DELAY,
-    }
     async with running_operator(operator_config(emulator, metrics_url=by_pod_name(urls))):
-        emulator.put(ISVC, make_isvc(replicas=2, minReplicas=1, maxReplicas=4, autoscaling=spec))
+        emulator.put(ISVC, make_isvc(replicas=2, minReplicas=1, maxReplicas=4, autoscaling=AUTOSCALING))
         pods = await eventually(
             lambda: len(emulator.pods_of(NS, WORKERS)) == 2 and emulator.pods_of(NS, WORKERS)
         )
@@ -210,14 +209,4 @@ async def test_switching_autoscaling_off_and_on_starts_a_new_scale_down_delay(
         await asyncio.sleep(DELAY + INTERVAL)  # longer than the delay, unwatched
         emulator.patch(ISVC, NS, "llm", {"spec": {"autoscaling": {"enabled": True}}})
         t_on = time.monotonic()
-        await eventually(
-            lambda: autoscaler_status(emulator).get("reason") == "ScaleDownDelayed", what="a new delay"
-        )
-        await holds_for(
-            lambda: replicas(emulator) == 2,
-            DELAY - 0.5 - (time.monotonic() - t_on),
-            what="no scale-down at once",
-        )
-        await eventually(
-            lambda: replicas(emulator) == 1, timeout=DELAY + 2 * INTERVAL + 2.0, what="then down"
-        )
+        await delayed_scale_down(emulator, t_on, 2, 1)  # a new delay from t_on, not the old one
