@@ -345,6 +345,8 @@ class LLMEngine:
             if reason is not None:
                 del seq.token_ids[pos + 1 :]  # placeholders of a step launched after this one
                 r.detok.finish()
+                if r.detok.stopped_by is not None:  # found only now: the stop string's token also
+                    reason = "stop"  # began a character that max_tokens cut off (finish decodes it)
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
                 self._count_finish(reason)

@@ -170,6 +170,11 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = self._num_context
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        # text before this can be released and is never cut: the text as of the last check less
+        # its tail that could begin a stop string. A stop string is only looked for from here, so
+        # the output does not depend on whether anyone took the deltas (streaming or not), and
+        # a stop string completed while min_tokens held stops off stays text.
+        self._safe = 0
         self.stopped_by: str | None = None
 
     def add_tokens(self, token_ids: list[int], decode: bool = True) -> None:
@@ -183,11 +188,10 @@ class IncrementalDetokenizer:
         prefix_text, new_text = self._decode_window()
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return  # an incomplete UTF-8 sequence (or nothing printable yet): wait for more tokens
-        before = len(self.text)
         self.text += new_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        self._check_stop(before)
+        self._check_stop()
 
     def _decode_window(self) -> tuple[str, str]:
         """(text of the already-read tokens from the prefix offset on, text of those plus the unread)."""
@@ -197,29 +201,28 @@ class IncrementalDetokenizer:
         new_text = dec(ids[self._prefix_offset :], self.skip_special_tokens)
         return prefix_text, new_text
 
-    def _check_stop(self, before: int) -> None:
+    def _check_stop(self) -> None:
         if not self.stop or self.stopped_by is not None:
             return
-        if len(self._ids) - self._num_context < self.min_tokens:
-            return
-        start = max(0, before - self._hold)
-        best: tuple[int, str] | None = None
-        for s in self.stop:
-            i = self.text.find(s, start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is not None:
-            self.text = self.text[: best[0]]
-            self.stopped_by = best[1]
+        if len(self._ids) - self._num_context >= self.min_tokens:
+            best: tuple[int, str] | None = None
+            for s in self.stop:
+                i = self.text.find(s, self._safe)
+                if i != -1 and (best is None or i < best[0]):
+                    best = (i, s)
+            if best is not None:
+                self.text = self.text[: best[0]]
+                self.stopped_by = best[1]
+                return
+        self._safe = len(self.text) - self._partial_stop_suffix()
 
     def finish(self) -> None:
         """Flush tokens still held back waiting for more bytes (the request is over)."""
         if self.stopped_by is None and self._read_offset < len(self._ids):
             prefix_text, new_text = self._decode_window()
-            before = len(self.text)
             self.text += new_text[len(prefix_text) :]
             self._read_offset = len(self._ids)
-            self._check_stop(before)
+            self._check_stop()
 
     @property
     def released_text(self) -> str:
@@ -243,9 +246,7 @@ class IncrementalDetokenizer:
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet returned; while unfinished, keep back what could begin a stop string."""
-        end = len(self.text)
-        if not (finished or self.stopped_by is not None):
-            end -= self._partial_stop_suffix()
+        end = len(self.text) if finished or self.stopped_by is not None or not self.stop else self._safe
         end = max(end, self._emitted)
         delta = self.text[self._emitted : end]
         self._emitted = end

@@ -485,3 +485,34 @@ def test_block_table_rows_are_padded_to_16_entries(tiny_llama: Path) -> None:
     meta = eng.runner._metadata([3, 1], [3, 40], [[5], [1, 2, 3]], torch.tensor([0, 1, 2, 3]))
     assert meta.block_tables.shape == (2, 16)
     assert meta.block_tables[1, :3].tolist() == [1, 2, 3] and meta.block_tables[1, 3:].eq(0).all()
+
+
+def test_stop_string_in_a_last_token_that_begins_a_character_reports_stop(tiny_llama: Path) -> None:
+    """A token holding a stop string and the first byte of a multi-byte character: the stop
+    string is found only when the request ends (the text waits for the character to complete).
+    On the last token max_tokens allows, the result is still "stop", with the text of a run that
+    could go on."""
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_model_len=256)
+
+    def params(max_tokens: int, seed: int, stop: str) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.5, seed=seed, stop=[stop])
+
+    for seed in range(60):  # find such a token in this random model's output
+        free = llm.generate(
+            ["Hello"], SamplingParams(max_tokens=40, ignore_eos=True, temperature=1.5, seed=seed)
+        )[0]
+        for k, t in enumerate(free.token_ids):
+            raw = llm.tokenizer.token_bytes(t)
+            first = raw[:1].decode("ascii", "ignore")
+            seen = llm.tokenizer.decode(free.token_ids[:k])
+            if first.isalpha() and len(raw) == 2 and raw[1] >= 0xC2 and first not in seen:
+                break
+        else:
+            continue
+        break
+    else:
+        pytest.skip("no such token in this random model's output")
+    longer = llm.generate(["Hello"], params(40, seed, first))[0]
+    cut = llm.generate(["Hello"], params(k + 1, seed, first))[0]
+    assert longer.finish_reason == "stop" and len(longer.token_ids) == k + 2  # it waited one token
+    assert cut.finish_reason == "stop" and len(cut.token_ids) == k + 1 and cut.text == longer.text

@@ -119,6 +119,42 @@ def test_partial_stop_suffix_matches_brute_force(tiny_llama: Path) -> None:
         assert det._partial_stop_suffix() == brute, (stops, det.text)
 
 
+def test_stop_strings_give_one_text_streamed_or_not(tiny_llama: Path) -> None:
+    """Whether the deltas are taken after every token (streaming) or only at the end, the text is
+    the same and the deltas add up to it; a stop string never cuts text already released; and a
+    stop string that never occurs changes nothing. Random texts, stop strings and min_tokens
+    (a stop string completed before min_tokens stays text)."""
+    import random
+
+    tok = Tokenizer(tiny_llama)
+    rng = random.Random(1)
+
+    def run(ids: list[int], stops: list[str], min_tokens: int, streamed: bool) -> tuple[str, str, str | None]:
+        det = IncrementalDetokenizer(tok, [], stop=stops, min_tokens=min_tokens)
+        deltas = []
+        for t in ids:
+            det.add_tokens([t])
+            if streamed:
+                deltas.append(det.take_delta(finished=False))
+            if det.stopped_by is not None:
+                break
+        det.finish()
+        deltas.append(det.take_delta(finished=True))
+        return "".join(deltas), det.text, det.stopped_by
+
+    for _ in range(300):
+        text = "".join(rng.choice(["ab", "a", "b", " ", "x", "é", "ba"]) for _ in range(rng.randint(1, 14)))
+        ids = tok.encode(text, add_special_tokens=False)
+        stops = [
+            "".join(rng.choice("abx é") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        ]
+        min_tokens = rng.randint(0, len(ids))
+        streamed = run(ids, stops, min_tokens, True)
+        assert streamed[0] == streamed[1], (text, stops, min_tokens)  # nothing released was cut
+        assert streamed == run(ids, stops, min_tokens, False), (text, stops, min_tokens)
+        assert streamed == run(ids, [*stops, "zzzzzzzz"], min_tokens, True), (text, stops, min_tokens)
+
+
 def test_long_texts_encode_without_holding_the_gil(tiny_llama: Path) -> None:
     """The server tokenizes in a worker thread; a long prompt must let the event loop's thread run
     meanwhile (HF tokenizers' encode holds the GIL for the whole call, encode_batch does not), and
