@@ -127,7 +127,11 @@ class ModelConfig:
             factor=float(rp.get("factor", 1.0)),
             low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
             high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=rp.get("original_max_position_embeddings"),
+            # the context the scaling starts from; absent, the checkpoint's own (as transformers
+            # does), never the max_model_len this engine happens to run with
+            original_max_position_embeddings=int(
+                rp.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 2048)
+            ),
             beta_fast=float(rp.get("beta_fast", 32.0)),
             beta_slow=float(rp.get("beta_slow", 1.0)),
             attention_factor=rp.get("attention_factor"),

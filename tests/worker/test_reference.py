@@ -7,6 +7,7 @@ prefill chunk, and two prompts that share a long prefix.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -100,16 +101,19 @@ def test_greedy_tokens_and_logits_match_transformers(
 
 
 @pytest.mark.parametrize(
-    ("arch", "rope"),
+    ("arch", "rope", "engine_cfg"),
     [
-        ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
-        ("llama", {"rope_type": "linear", "factor": 2.0}),
-        ("mistral", None),
+        ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, {}),
+        # without original_max_position_embeddings YaRN starts from the checkpoint's context, not
+        # from the max_model_len the engine runs with
+        ("qwen2", {"rope_type": "yarn", "factor": 4.0}, {"max_model_len": 512}),
+        ("llama", {"rope_type": "linear", "factor": 2.0}, {}),
+        ("mistral", None, {}),
     ],
-    ids=["yarn", "linear", "no-scaling"],
+    ids=["yarn", "yarn-default-context", "linear", "no-scaling"],
 )
 def test_rope_variants_match_transformers(
-    arch: str, rope: dict | None, tiny_models: dict[str, Path], tmp_path: Path
+    arch: str, rope: dict | None, engine_cfg: dict, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     """Rope scaling types beyond the tiny defaults, checked on positions past the original context."""
     import json
@@ -128,6 +132,22 @@ def test_rope_variants_match_transformers(
     ).eval()
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1]
-    _, logits, _ = run_engine(d, [prompt], max_num_batched_tokens=128)
+    _, logits, _ = run_engine(d, [prompt], max_num_batched_tokens=128, **engine_cfg)
     ours = logits[0][0]
     assert ((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_yarn_attention_scaling_only_when_the_context_is_stretched() -> None:
+    """YaRN's default attention factor is 0.1 ln(factor) + 1 for factor > 1 and 1 otherwise
+    (transformers' get_mscale); a factor of 1 or below must not shrink cos/sin."""
+    from inferfleet.worker.config import RopeConfig
+    from inferfleet.worker.layers.rotary import inverse_frequencies
+
+    def scale(factor: float) -> float:
+        rope = RopeConfig(
+            theta=10000.0, rope_type="yarn", factor=factor, original_max_position_embeddings=128
+        )
+        return inverse_frequencies(rope, 64, 512)[1]
+
+    assert scale(4.0) == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    assert scale(1.0) == 1.0 and scale(0.5) == 1.0

@@ -42,7 +42,10 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, max_position: int) -> t
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
-        scale = rope.attention_factor if rope.attention_factor is not None else 0.1 * math.log(factor) + 1.0
+        if rope.attention_factor is not None:
+            scale = rope.attention_factor
+        else:  # YaRN's mscale: no attention scaling unless the context is stretched (transformers)
+            scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return inv, scale
 
 
