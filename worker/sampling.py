@@ -75,6 +75,7 @@ def sample_device(
     n = logits.shape[0]
     assert n == len(requests)
     dev = logits.device
+    raw = logits  # logprobs are the model's: tokens banned from the draw (min_tokens) keep theirs
     if any(r.banned_token_ids for r in requests):
         logits = logits.clone()  # every banned (row, token) pair in one indexed write
         rows = [i for i, r in enumerate(requests) for _ in r.banned_token_ids]
@@ -98,7 +99,7 @@ def sample_device(
     if not want:
         return tokens, None
     w = to_device_index(want, dev)
-    lp = torch.log_softmax(logits[w], dim=-1)
+    lp = torch.log_softmax(raw[w], dim=-1)
     chosen = lp.gather(1, tokens[w][:, None])[:, 0]
     k = max(max(requests[i].params.logprobs or 0 for i in want), 1)
     top_v, top_i = lp.topk(k, dim=-1)

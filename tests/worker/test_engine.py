@@ -315,6 +315,22 @@ def test_sampling_follows_the_distribution() -> None:
     assert chi2 < 16.27  # 3 degrees of freedom, p = 0.001
 
 
+def test_logprobs_are_the_models_while_min_tokens_bans_tokens() -> None:
+    """Below min_tokens EOS and stop ids are banned from the draw, not from the distribution the
+    logprobs report: the chosen token's and the alternatives' logprobs are log_softmax of the
+    model's logits, and a banned token that is the most likely still heads top_logprobs."""
+    from inferfleet.worker.sampling import SampleRequest, sample_device
+
+    logits = torch.tensor([[5.0, 1.0, 0.5, -1.0], [0.0, 2.0, 1.0, 3.0]])
+    banned = SampleRequest(SamplingParams(temperature=0.0, logprobs=2), None, [0])
+    plain = SampleRequest(SamplingParams(temperature=0.0, logprobs=2), None, [])
+    tokens, (chosen, top_v, top_i) = sample_device(logits, [banned, plain])
+    ref = torch.log_softmax(logits, -1)
+    assert tokens.tolist() == [1, 3]  # token 0 banned from row 0's draw
+    assert torch.allclose(chosen, ref[[0, 1], [1, 3]])
+    assert top_i[0].tolist() == [0, 1] and torch.allclose(top_v[0], ref[0, [0, 1]])
+
+
 def test_out_of_vocab_stop_token_ids_are_bad_input(tiny_llama: Path) -> None:
     eng = engine(tiny_llama)
     with pytest.raises(InvalidRequestError) as e:
