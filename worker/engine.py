@@ -370,13 +370,16 @@ class LLMEngine:
         self, r: _Request, new_ids: list[int], new_text: str, new_lp: list[TokenLogprobs], finished: bool
     ) -> RequestOutput:
         seq = r.seq
+        n, base = seq.num_output_tokens, len(seq.prompt_token_ids)
+        while n and seq.token_ids[base + n - 1] == PLACEHOLDER:
+            n -= 1  # a step in flight has appended its token's placeholder: not an output yet
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             # totals only at the end: copying them on every streamed step would cost O(length)
-            token_ids=seq.output_token_ids if finished else [],
+            token_ids=seq.output_token_ids[:n] if finished else [],
             text=r.detok.released_text if finished else "",
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=n,
             new_token_ids=new_ids,
             new_text=new_text,
             new_logprobs=new_lp,

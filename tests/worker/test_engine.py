@@ -532,3 +532,19 @@ def test_stop_string_in_a_last_token_that_begins_a_character_reports_stop(tiny_l
     cut = llm.generate(["Hello"], params(k + 1, seed, first))[0]
     assert longer.finish_reason == "stop" and len(longer.token_ids) == k + 2  # it waited one token
     assert cut.finish_reason == "stop" and len(cut.token_ids) == k + 1 and cut.text == longer.text
+
+
+def test_streamed_counts_and_aborted_outputs_hold_only_real_tokens(tiny_llama: Path) -> None:
+    """Steps run one ahead (the next step's token is a placeholder until it resolves): a streamed
+    output's num_output_tokens counts the tokens delivered so far, and an aborted request's
+    token_ids are those tokens, never a placeholder."""
+    eng = engine(tiny_llama)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    eng.add_request("a", prompt_token_ids=[5, 6, 7], params=params, stream=True)
+    got: list[int] = []
+    while len(got) < 6:
+        for out in eng.step():
+            got += out.new_token_ids
+            assert out.num_output_tokens == len(got)
+    aborted = eng.abort("a")
+    assert aborted is not None and aborted.token_ids == got and aborted.num_output_tokens == len(got)
