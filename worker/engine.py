@@ -102,12 +102,13 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         self.runner.warmup()
-        n = min(8, self.max_model_len - 2)
+        n = max(1, min(8, self.max_model_len - 2))  # a prompt and two tokens, or what fits
+        gen = max(1, min(2, self.max_model_len - n))
         # a greedy request and a sampled one, batched: the sampling kernels compile now, not at the
         # first request with a temperature (bench/compile_watch.py)
         warm = {
-            "__warmup__": SamplingParams(max_tokens=2, ignore_eos=True),
-            "__warmup_sampled__": SamplingParams(max_tokens=2, ignore_eos=True, temperature=1.0, seed=0),
+            "__warmup__": SamplingParams(max_tokens=gen, ignore_eos=True),
+            "__warmup_sampled__": SamplingParams(max_tokens=gen, ignore_eos=True, temperature=1.0, seed=0),
         }
         for rid, params in warm.items():
             self.add_request(rid, params=params, prompt_token_ids=[1] * n)

@@ -548,3 +548,13 @@ def test_streamed_counts_and_aborted_outputs_hold_only_real_tokens(tiny_llama: P
             assert out.num_output_tokens == len(got)
     aborted = eng.abort("a")
     assert aborted is not None and aborted.token_ids == got and aborted.num_output_tokens == len(got)
+
+
+def test_warmup_fits_the_smallest_contexts(tiny_llama: Path) -> None:
+    """Warm-up's own requests fit any context that can hold a prompt and one generated token."""
+    for limit in (2, 3, 10):
+        eng = engine(tiny_llama, max_model_len=limit)
+        eng.warmup()
+        assert eng.stats.steps == 0 and not eng.has_unfinished_requests()
+        out = generate(eng, [[5]], SamplingParams(max_tokens=limit - 1, ignore_eos=True))[0]
+        assert len(out) == limit - 1
