@@ -105,7 +105,8 @@ class NotOurs(ApiError):
     apply with force would take it over (and garbage collection would later delete it with the
     InferenceService), so it is left alone and reported until someone renames or deletes it."""
 
-    def __init__(self, namespace: str, ref: ChildRef) -> None:
+    def __init__(self, want: Mapping[str, Any]) -> None:
+        ref, namespace = ChildRef.of(want), want["metadata"]["namespace"]
         super().__init__(
             409,
             "AlreadyExists",
@@ -123,17 +124,18 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     return next((r.get("uid") for r in refs if r.get("controller")), None)
 
 
-def claim(namespace: str, want: Mapping[str, Any], have: Mapping[str, Any] | None) -> None:
-    """Refuse (NotOurs) to apply `want` over a live object that its owner does not control."""
+def claim(want: Mapping[str, Any], have: Mapping[str, Any] | None) -> None:
+    """Refuse (NotOurs) to apply the planned child `want` over a live object that its owner (the
+    controller in want's owner references) does not control."""
     uid = _controller_uid(want)
     if have is not None and uid is not None and not owned_by(have, uid):
-        raise NotOurs(namespace, ChildRef.of(want))
+        raise NotOurs(want)
 
 
 async def apply_children(kube: KubeClient, s: ServiceSpec) -> Applied:
     desired = plan_spec(s)
     for obj in desired:
-        claim(s.namespace, obj, await read_child(kube, s.namespace, ChildRef.of(obj)))
+        claim(obj, await read_child(kube, s.namespace, ChildRef.of(obj)))
     for obj in desired:
         await kube.apply(obj)
     wanted = {ChildRef.of(obj) for obj in desired}
@@ -154,7 +156,7 @@ async def restore_one(kube: KubeClient, want: Mapping[str, Any], have: Mapping[s
     contains it; returns whether it did."""
     if have is not None and is_subset(want, have):
         return False
-    claim(str((want.get("metadata") or {}).get("namespace")), want, have)
+    claim(want, have)
     await kube.apply(want)
     return True
 

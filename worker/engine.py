@@ -371,9 +371,7 @@ class LLMEngine:
         self, r: _Request, new_ids: list[int], new_text: str, new_lp: list[TokenLogprobs], finished: bool
     ) -> RequestOutput:
         seq = r.seq
-        n, base = seq.num_output_tokens, len(seq.prompt_token_ids)
-        while n and seq.token_ids[base + n - 1] == PLACEHOLDER:
-            n -= 1  # a step in flight has appended its token's placeholder: not an output yet
+        n = seq.num_resolved_output_tokens  # not the placeholder of a step still in flight
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,

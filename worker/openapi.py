@@ -132,6 +132,23 @@ def _generate_op(summary: str, request: str, response: str) -> dict[str, Any]:
     }
 
 
+def _models_op(summary: str, by_name: bool = False) -> dict[str, Any]:
+    """GET /v1/models, or with `by_name` GET /v1/models/{model}."""
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{}, {"bearerAuth": []}],
+        "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+            "401": _GEN_ERRORS["401"],
+            **({"404": _GEN_ERRORS["404"]} if by_name else {}),
+            "503": _GEN_ERRORS["503"],
+        },
+    }
+    if by_name:
+        op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {"get": op}
+
+
 def _get_op(summary: str, content_type: str, responses: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "get": {
@@ -166,43 +183,10 @@ def openapi_document(
                 "Chat completion", "ChatCompletionRequest", "ChatCompletion"
             ),
             "/v1/completions": _generate_op("Text completion", "CompletionRequest", "Completion"),
-            "/v1/models": {
-                "get": {
-                    "summary": "The served model",
-                    "security": [{}, {"bearerAuth": []}],
-                    "responses": {
-                        "200": {
-                            "description": "OK",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        "401": _GEN_ERRORS["401"],
-                        "503": _GEN_ERRORS["503"],
-                    },
-                }
-            },
-            "/v1/models/{model}": {
-                "get": {
-                    "summary": "The served model by its name; 404 (model_not_found) for any other",
-                    "security": [{}, {"bearerAuth": []}],
-                    "parameters": [
-                        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "OK",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        "401": _GEN_ERRORS["401"],
-                        "404": {
-                            "description": "No such model",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                            },
-                        },
-                        "503": _GEN_ERRORS["503"],
-                    },
-                }
-            },
+            "/v1/models": _models_op("The served model"),
+            "/v1/models/{model}": _models_op(
+                "The served model by its name; 404 (model_not_found) for any other", by_name=True
+            ),
             "/health/live": _get_op(
                 "200 while loading or serving; 503 once the engine is dead",
                 "application/json",

@@ -72,3 +72,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_resolved_output_tokens(self) -> int:
+        """Output tokens whose values are known: a step in flight has appended a PLACEHOLDER."""
+        n, base = self.num_output_tokens, len(self.prompt_token_ids)
+        while n and self.token_ids[base + n - 1] == PLACEHOLDER:
+            n -= 1
+        return n

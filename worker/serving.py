@@ -197,11 +197,9 @@ class OpenAIServing:
                 srv.validate_prompt(ids, first, param)
                 choices = [first, *(opts.params(max_tokens, index=j) for j in range(1, req.n))]
             except InvalidRequestError as e:
-                if (
-                    e.param == "max_tokens" and opts.max_tokens_param != "max_tokens"
-                ):  # the field the user set
-                    e.param = opts.max_tokens_param
-                    e.message = e.message.replace("max_tokens", opts.max_tokens_param)
+                named = opts.max_tokens_param  # the field the user set (chat: max_completion_tokens)
+                if e.param == "max_tokens" and named != "max_tokens":
+                    e.param, e.message = named, e.message.replace("max_tokens", named)
                 raise ApiError.from_invalid(e) from None
             out += [(f"{base}-{p * req.n + j}", ids, params) for j, params in enumerate(choices)]
         return out

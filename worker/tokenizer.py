@@ -82,7 +82,8 @@ class Tokenizer:
         return self._bytes_of(token_id)
 
     def _token_bytes_reader(self) -> Any:
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        # the decoder's JSON alone (to_str() would serialise the whole vocabulary, megabytes)
+        decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
         kinds = {d.get("type") for d in (decoder.get("decoders") or [decoder])}
         added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
         if "ByteLevel" in kinds:
