@@ -299,7 +299,7 @@ class LLMEngine:
         lp = None
         if reqs:
             if self.on_logits is not None:
-                self.on_logits([r.seq.request_id for r in reqs], step_logits.logits)
+                self.on_logits([r.seq.request_id for r in reqs], step_logits.logits.float())
             for r in reqs:  # min_tokens: EOS and stop ids are banned until enough tokens exist
                 if r.sampler.banned_token_ids and r.seq.num_output_tokens >= r.seq.params.min_tokens:
                     r.sampler.banned_token_ids = []

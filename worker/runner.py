@@ -51,7 +51,7 @@ def feed_rows(feed: Feed | None, n: int, out: np.ndarray | None = None) -> np.nd
 
 @dataclass
 class StepLogits:
-    logits: torch.Tensor  # [N, V] float32, one row per scheduled sequence that samples
+    logits: torch.Tensor  # [N, V] float32 or the model's 16-bit dtype, one row per sampling sequence
     rows: list[int]  # index into SchedulerOutput.scheduled for each logits row
     # each row's first maximum [N] int64 where the step computed it already (a one-row decode
     # graph does), else None; sampling starts from it (sampling.sample_device's `greedy`)

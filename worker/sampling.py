@@ -63,8 +63,13 @@ def sample_device(
     generator: torch.Generator | None = None,
     greedy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """logits: [N, V] float32, one row per request -> sampled ids [N] on the logits' device, and
-    for the rows that asked for logprobs (chosen [R], top values [R, K], top ids [R, K]).
+    """logits: [N, V], one row per request -> sampled ids [N] on the logits' device, and for the
+    rows that asked for logprobs (chosen [R], top values [R, K], top ids [R, K]).
+
+    The logits are float32 or the model's 16-bit values (a CUDA step's: widening all of them would
+    be a pass over [N, V] of its own); the one-pass kernel and the argmax read 16-bit values as
+    they are, and the rows with top-k / top-p or logprobs are widened to float32 first, so either
+    form gives the same tokens and logprobs.
 
     Nothing here waits for the device. Rows whose request has its own generator (an explicit
     seed) draw their noise from it, one row at a time, so their tokens do not depend on the batch;
@@ -82,8 +87,13 @@ def sample_device(
         cols = [t for r in requests for t in r.banned_token_ids]
         logits[to_device_index(rows, dev), to_device_index(cols, dev)] = float("-inf")
         greedy = None
-    tokens = greedy if greedy is not None else argmax_rows(logits)
     random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if greedy is not None:
+        tokens = greedy
+    elif len(random_rows) == n:  # every row is drawn below: no argmax pass over the logits
+        tokens = torch.empty(n, dtype=torch.long, device=dev)
+    else:
+        tokens = argmax_rows(logits)
     # rows without top-k / top-p take the one-pass kernel on CUDA, the others torch's path: per row,
     # so a seeded request draws the same way whatever else the batch holds
     kernel = logits.is_cuda and kernels.AVAILABLE and logits.stride(-1) == 1
@@ -99,7 +109,7 @@ def sample_device(
     if not want:
         return tokens, None
     w = to_device_index(want, dev)
-    lp = torch.log_softmax(raw[w], dim=-1)
+    lp = torch.log_softmax(raw[w].float(), dim=-1)
     chosen = lp.gather(1, tokens[w][:, None])[:, 0]
     k = max(max(requests[i].params.logprobs or 0 for i in want), 1)
     top_v, top_i = lp.topk(k, dim=-1)
@@ -146,7 +156,9 @@ def race_torch(
     rr = to_device_index(rows, dev)
     temps = _values([r.params.temperature for r in requests], dev)
     scaled = filter_batch(
-        logits[rr] / temps[:, None], [r.params.top_k for r in requests], [r.params.top_p for r in requests]
+        logits[rr].float() / temps[:, None],
+        [r.params.top_k for r in requests],
+        [r.params.top_p for r in requests],
     )
     probs = torch.softmax(scaled, dim=-1)
     noise = torch.empty_like(probs)

@@ -760,6 +760,58 @@ def test_sample_rows_kernel_low_temperature_and_tail() -> None:
     assert 0 <= out.tolist()[4] < v
 
 
+@pytest.mark.parametrize("splits", [2, 16])
+def test_sample_rows_kernel_split_rows_draw_the_same_tokens(splits: int) -> None:
+    """A row split over several programs (spans of whole chunks, the last program reducing the
+    partials) draws exactly the tokens of one program per row, from float32 logits and from 16-bit
+    ones (read as they are) alike; spans past the row's end (16 splits of 4 chunks) change nothing,
+    nor do NaN, -inf rows and a maximum in the last partial chunk; tickets are left at zero."""
+    v, block = 1000, 256
+    g = torch.Generator().manual_seed(splits)
+    x = torch.randn(16, v, generator=g) * 2
+    x[0, v - 1] = 30.0
+    x[1, :900] = float("nan")
+    x[2] = float("-inf")
+    rows = torch.randperm(16, generator=g)[:12].to(DEV)
+    seeds = torch.randint(0, 2**62, (12,), generator=g, dtype=torch.int64).to(DEV)
+    temps = (torch.rand(12, generator=g) + 0.3).to(DEV)
+    for logits in (x.to(DEV), x.to(DEV, torch.bfloat16)):
+        one = torch.full((16,), -7, dtype=torch.int64, device=DEV)
+        sample_rows(logits, rows, temps, seeds, one, block=block, num_warps=4, splits=1)
+        split = torch.full((16,), -7, dtype=torch.int64, device=DEV)
+        sample_rows(logits, rows, temps, seeds, split, block=block, num_warps=4, splits=splits)
+        assert split.tolist() == one.tolist()
+        assert bool(((one[rows] >= 0) & (one[rows] < v)).all())
+        if logits.dtype != torch.float32:  # 16-bit logits draw what their widening draws
+            wide = torch.full((16,), -7, dtype=torch.int64, device=DEV)
+            sample_rows(logits.float(), rows, temps, seeds, wide, block=block, num_warps=4, splits=splits)
+            assert one.tolist() == wide.tolist()
+    from inferfleet.worker.kernels import elementwise
+
+    assert int(elementwise._ARGMAX_TICKETS[rows.device].abs().sum()) == 0
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the default split is sized by the GPU's SM count")
+def test_sample_rows_default_split_fills_the_gpu() -> None:
+    """The default launch splits ~140 rows of a Llama-3 vocabulary (128,256) over several programs
+    each, one row over at most its number of chunks, and draws what one program per row draws."""
+    from inferfleet.worker.kernels.elementwise import sample_splits
+
+    assert sample_splits(137, 128_256, 8192, torch.device(DEV)) > 1
+    assert sample_splits(1, 128_256, 8192, torch.device(DEV)) == 16
+    assert sample_splits(1, 1000, 256, torch.device(DEV)) == 4
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(137, 128_256, generator=g) * 3).to(DEV, torch.bfloat16)
+    rows = torch.arange(137, device=DEV)
+    seeds = torch.randint(0, 2**62, (137,), generator=g, dtype=torch.int64).to(DEV)
+    temps = torch.full((137,), 0.6, device=DEV)
+    a = torch.empty(137, dtype=torch.int64, device=DEV)
+    b = torch.empty(137, dtype=torch.int64, device=DEV)
+    sample_rows(x, rows, temps, seeds, a)
+    sample_rows(x, rows, temps, seeds, b, splits=1)
+    assert a.tolist() == b.tolist()
+
+
 def test_rmsnorm_kernel_per_head_in_place() -> None:
     torch.manual_seed(0)
     t, h, d = 3, 4, 16

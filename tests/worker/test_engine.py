@@ -331,6 +331,67 @@ def test_logprobs_are_the_models_while_min_tokens_bans_tokens() -> None:
     assert top_i[0].tolist() == [0, 1] and torch.allclose(top_v[0], ref[0, [0, 1]])
 
 
+def test_sampled_batches_skip_the_argmax_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose every row is drawn takes no argmax over its logits (a pass over [N, V] floats
+    per step that the draw overwrites); a batch with a greedy row still gets each greedy row's
+    first maximum, and the drawn rows come out the same either way."""
+    from inferfleet.worker import sampling
+    from inferfleet.worker.sampling import SampleRequest, sample_device
+
+    calls: list[int] = []
+    argmax = sampling.argmax_rows
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return argmax(x)
+
+    monkeypatch.setattr(sampling, "argmax_rows", counted)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    drawn = [SampleRequest(SamplingParams(temperature=0.8, seed=s), None, []) for s in (1, 2, 3)]
+    for r in drawn:
+        r.generator = torch.Generator().manual_seed(r.params.seed)
+    tokens, _ = sample_device(logits, drawn)
+    assert calls == [] and bool(((tokens >= 0) & (tokens < 50)).all())
+    again = [SampleRequest(SamplingParams(temperature=0.8, seed=s), None, []) for s in (1, 3)]
+    for r in again:
+        r.generator = torch.Generator().manual_seed(r.params.seed)
+    greedy = SampleRequest(SamplingParams(temperature=0.0), None, [])
+    mixed, _ = sample_device(logits, [again[0], greedy, again[1]])
+    assert calls == [3]
+    assert mixed[1].item() == int(logits[1].argmax())
+    assert [mixed[0].item(), mixed[2].item()] == [tokens[0].item(), tokens[2].item()]
+
+
+def test_sampling_16bit_logits_as_their_float32_widening() -> None:
+    """A CUDA step hands sampling the model's 16-bit logits: greedy, seeded draws with and without
+    top-k / top-p, banned tokens and logprobs give what the same logits widened to float32 give."""
+    from inferfleet.worker.sampling import SampleRequest, sample_device
+
+    logits = (torch.randn(5, 300, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+
+    def requests() -> list[SampleRequest]:
+        params = [
+            SamplingParams(temperature=0.0, logprobs=3),
+            SamplingParams(temperature=0.9, seed=11),
+            SamplingParams(temperature=0.7, top_k=20, seed=12, logprobs=2),
+            SamplingParams(temperature=1.3, top_p=0.8, seed=13),
+            SamplingParams(temperature=0.0),
+        ]
+        out = [
+            SampleRequest(p, torch.Generator().manual_seed(p.seed) if p.seed else None, []) for p in params
+        ]
+        out[4].banned_token_ids = [int(logits[4].float().argmax())]
+        return out
+
+    low, low_lp = sample_device(logits, requests())
+    ref, ref_lp = sample_device(logits.float(), requests())
+    assert low.tolist() == ref.tolist()
+    assert low[4].item() != int(logits[4].float().argmax())  # the banned maximum is not drawn
+    for a, b in zip(low_lp, ref_lp, strict=True):
+        assert a.dtype == torch.float32 or a.dtype == torch.int64
+        assert torch.equal(a, b)
+
+
 def test_out_of_vocab_stop_token_ids_are_bad_input(tiny_llama: Path) -> None:
     eng = engine(tiny_llama)
     with pytest.raises(InvalidRequestError) as e:

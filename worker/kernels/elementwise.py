@@ -8,6 +8,7 @@ it is normalized, the normalized value is rounded before the weight multiply.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -484,8 +485,9 @@ def _argmax_split_kernel(
         tl.store(ticket_ptr + r, 0)
 
 
-# per device: int32 tickets of _argmax_split_kernel, one per row, zero between launches (its last
-# program resets them); launches run on one stream (the engine's), so they never overlap
+# per device: int32 tickets of _argmax_split_kernel and _sample_rows_kernel, one per row, zero
+# between launches (a row's last program resets its own); launches run on one stream (the
+# engine's), so they never overlap
 _ARGMAX_TICKETS: dict[torch.device, torch.Tensor] = {}
 ARGMAX_SPLIT_ROWS = 8  # at most this many rows split each row over programs (a few decode rows)
 
@@ -496,7 +498,7 @@ def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
         # zeroing inside a CUDA-graph capture would only be recorded: eager launches after it would
         # see whatever the memory held (sampling runs outside the decode graphs)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        assert not capturing, "argmax tickets are allocated eagerly"
+        assert not capturing, "split-row tickets are allocated eagerly"
         t = _ARGMAX_TICKETS[device] = torch.zeros(max(n, ARGMAX_SPLIT_ROWS), dtype=torch.int32, device=device)
     return t
 
@@ -578,12 +580,16 @@ def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr
 
 @triton.jit
 def _sample_rows_kernel(
-    x_ptr, rows_ptr, temp_ptr, seed_ptr, out_ptr, V, stride,
-    BLOCK: tl.constexpr, NO_INDEX: tl.constexpr,
+    x_ptr, rows_ptr, temp_ptr, seed_ptr, out_ptr, part_ptr, ticket_ptr, V, stride, SPAN,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr,
 ):  # fmt: skip
-    # one program per sampled row: one pass over its logits; the noise of column c comes from
-    # Philox keyed by the row's seed, four columns per draw (c in the four quarters of a chunk)
+    # program (j, s): columns [s SPAN, (s + 1) SPAN) of sampled row j, SPAN a multiple of BLOCK; the
+    # noise of column c comes from Philox keyed by the row's seed, four columns per draw (c in the
+    # four quarters of a chunk), so the draw does not depend on SPLITS. With SPLITS > 1 each program
+    # writes its (best key, first index at it) and the row's last program (a ticket per row, as in
+    # _argmax_split_kernel) reduces the SPLITS partials in column order
     j = tl.program_id(0)
+    sp = tl.program_id(1)
     r = tl.load(rows_ptr + j)
     inv_t = 1.0 / tl.load(temp_ptr + j).to(tl.float32)
     seed = tl.load(seed_ptr + j)
@@ -592,13 +598,53 @@ def _sample_rows_kernel(
     offs = tl.arange(0, Q)
     best_v = tl.full([Q], float("-inf"), tl.float32)
     best_i = tl.full([Q], NO_INDEX, tl.int32)
-    for start in range(0, V, BLOCK):
+    lo = sp * SPAN
+    for start in range(lo, tl.minimum(lo + SPAN, V), BLOCK):
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + offs)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + offs, u0, inv_t, V, NO_INDEX)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + Q + offs, u1, inv_t, V, NO_INDEX)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + 2 * Q + offs, u2, inv_t, V, NO_INDEX)
         best_v, best_i = _race_quarter(best_v, best_i, row, start + 3 * Q + offs, u3, inv_t, V, NO_INDEX)
-    tl.store(out_ptr + r, _first_at_max(best_v, best_i, NO_INDEX).to(tl.int64))
+    if SPLITS == 1:
+        tl.store(out_ptr + r, _first_at_max(best_v, best_i, NO_INDEX).to(tl.int64))
+    else:
+        at = part_ptr + (j * SPLITS + sp) * 2  # (best key as float32 bits, its first index) as int32
+        tl.store(at, tl.max(best_v, axis=0).to(tl.int32, bitcast=True))
+        tl.store(at + 1, _first_at_max(best_v, best_i, NO_INDEX))
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + j, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            p = part_ptr + (j * SPLITS + tl.arange(0, SPLITS)) * 2
+            top_v = tl.load(p, cache_modifier=".cg").to(tl.float32, bitcast=True)
+            top_i = tl.load(p + 1, cache_modifier=".cg")
+            # an empty span keeps (-inf, NO_INDEX): never the first index at the maximum
+            tl.store(out_ptr + r, _first_at_max(top_v, top_i, NO_INDEX).to(tl.int64))
+            tl.store(ticket_ptr + j, 0)
+
+
+# sample_rows' default launch: about this many programs per SM, each row split over a power of two
+# of spans (at most SAMPLE_MAX_SPLITS) to get there, in chunks of 4,096 columns over 8 warps. Chosen
+# on the H100 by bench/sampling_bench.py's sweep (docs/benchmarks.md, nineteenth session): one
+# program per row took 111 us for 137 rows of a Llama-3 vocabulary, 16 spans 63; at 256 rows the
+# launch is bound by its arithmetic (Philox and two logs per column) whatever the split, 114-116 us
+SAMPLE_PROGRAMS_PER_SM = 16
+SAMPLE_MAX_SPLITS = 16
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sample_splits(rows: int, vocab: int, block: int, device: torch.device) -> int:
+    """How many spans sample_rows splits each of `rows` rows into by default: enough programs for
+    SAMPLE_PROGRAMS_PER_SM per SM, a power of two, at most SAMPLE_MAX_SPLITS and no more than the
+    row has chunks of `block`."""
+    want = triton.cdiv(SAMPLE_PROGRAMS_PER_SM * _sm_count(device.index or 0), max(rows, 1))
+    chunks = triton.cdiv(vocab, block)
+    splits = 1
+    while splits < want and splits * 2 <= min(chunks, SAMPLE_MAX_SPLITS):
+        splits *= 2
+    return splits
 
 
 def sample_rows(
@@ -607,24 +653,38 @@ def sample_rows(
     temperatures: torch.Tensor,
     seeds: torch.Tensor,
     out: torch.Tensor,
-    block: int = 8192,
-    num_warps: int = 16,
+    block: int = 4096,
+    num_warps: int = 8,
+    splits: int | None = None,
 ) -> None:
     """Categorical draws from softmax(logits[rows[j]] / temperatures[j]) into out[rows[j]], in one
     launch and one pass over each row: argmax of logit / T - log(-log U), U uniform from Philox keyed
     by (seeds[j], column). The same seed and logits give the same token whatever else is in the
-    launch. Replaces gather, scale, softmax, an exponential draw the size of the logits, a divide and
-    an argmax (each a pass over [rows, V] floats) for rows without top-k / top-p. On the H100, 256
-    rows of a Llama-3 vocabulary: 0.14 ms for this kernel; 0.28 ms per sampling call against 0.74
-    for the torch path, host work included (bench/sampling_bench.py, whose sweep chose the launch;
-    docs/benchmarks.md)."""
+    launch (for one `block`), whatever `splits`, and whether the logits are float32 or the 16-bit
+    values it widens.
+    Replaces gather, scale, softmax, an exponential draw the size of the logits, a divide and an
+    argmax (each a pass over [rows, V] floats) for rows without top-k / top-p. `splits` (a power of
+    two; default sample_splits): programs per row, each over a span of whole `block` chunks, the
+    row's last one reducing their partials; one program per row left most SMs idle at ~140 rows
+    (docs/benchmarks.md, nineteenth session)."""
     v = logits.shape[1]
     assert logits.stride(1) == 1 and v < _NO_INDEX and out.dtype == torch.int64
     assert rows.dtype == torch.int64 and seeds.dtype == torch.int64
-    if rows.numel():
-        _sample_rows_kernel[(rows.numel(),)](
-            logits, rows, temperatures, seeds, out, v, logits.stride(0),
-            BLOCK=max(16, min(block, triton.next_power_of_2(v))), NO_INDEX=_NO_INDEX,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )  # fmt: skip
+    n = rows.numel()
+    if not n:
+        return
+    block = max(16, min(block, triton.next_power_of_2(v)))
+    if splits is None:
+        splits = sample_splits(n, v, block, logits.device) if logits.is_cuda else 1
+    assert splits >= 1 and splits & (splits - 1) == 0, "splits: a power of two"
+    span = triton.cdiv(triton.cdiv(v, block), splits) * block
+    part = tickets = out  # not read by a one-span launch
+    if splits > 1:
+        part = torch.empty((n, splits, 2), dtype=torch.int32, device=logits.device)
+        tickets = _argmax_tickets(logits.device, n)
+    _sample_rows_kernel[(n, splits)](
+        logits, rows, temperatures, seeds, out, part, tickets, v, logits.stride(0), span,
+        SPLITS=splits, BLOCK=block, NO_INDEX=_NO_INDEX,
+        num_warps=num_warps,
+        **LAUNCH_OPTIONS,
+    )  # fmt: skip

@@ -173,15 +173,16 @@ class Linear(nn.Module):
         return norm(self(x), residual)
 
     def float_output_argmax(self, x: torch.Tensor, best: torch.Tensor) -> torch.Tensor | None:
-        """float_output(x) for one row, whose launch also folds the row's first maximum into `best`
+        """self(x) widened to float32 for one row, whose launch also folds the row's first maximum into `best`
         (int64 [1]; kernels/gemv.gemv's argmax_best, read by elementwise.argmax_finish); None where
         the layer's one-row kernel has no such epilogue (GPTQ, no one-row input)."""
         if not self.runs_gemv():
             return None
         return self._one_row(x, out_dtype=torch.float32, argmax_best=best)
 
-    def float_output(self, x: torch.Tensor) -> torch.Tensor:
-        """self(x).float() (logits for sampling); one row on CUDA gets it from the projection's own
-        launch, the same values without a widening pass."""
+    def sampling_output(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x) as logits for sampling: one row on CUDA in float32 from the projection's own
+        launch (the 16-bit values, widened there at no cost), otherwise in the layer's output dtype,
+        without a widening pass over [N, V] (sampling.sample_device reads 16-bit logits)."""
         y = self._one_row(x, out_dtype=torch.float32)
-        return y if y is not None else self(x).float()
+        return y if y is not None else self(x)

@@ -266,7 +266,9 @@ class DecoderModel(nn.Module):
         return self.config.quant is not None and self.config.quant.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.float_output(hidden)  # [N, V] float32 for sampling
+        """[N, V] logits for sampling: float32 for float32 models and one-row CUDA launches, else
+        the model's 16-bit values (Linear.sampling_output)."""
+        return self.lm_head.sampling_output(hidden)
 
     def compute_logits_argmax(self, hidden: torch.Tensor, best: torch.Tensor) -> torch.Tensor | None:
         """compute_logits for one row (CUDA graphs) whose launch also folds the row's first maximum
