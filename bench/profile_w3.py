@@ -185,10 +185,26 @@ def charge_window(kernels: list[tuple[str, float, float]], top: int = 25) -> dic
     by_class, end = _charge(kernels, lambda i, name: classify(name))
     by_name, _ = _charge(kernels, lambda i, name: name[:80])
     names = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    # where the gaps are: by the classes of the kernels on either side, and by length (a graph's
+    # kernel boundaries are ~1 us; a step boundary that waits on the host is longer)
+    by_pair: dict[str, float] = defaultdict(float)
+    by_length: dict[str, list[float]] = {k: [0, 0.0] for k in ("<2 us", "2-10 us", "10-100 us", ">=100 us")}
+    ext = _extensions(kernels)
+    for i in range(1, len(kernels)):
+        gap = ext[i][0]
+        if gap <= 0:
+            continue
+        by_pair[f"{classify(kernels[i - 1][0])} -> {classify(kernels[i][0])}"] += gap
+        length = "<2 us" if gap < 2 else "2-10 us" if gap < 10 else "10-100 us" if gap < 100 else ">=100 us"
+        by_length[length][0] += 1
+        by_length[length][1] += gap
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]
     return {
         "window_ms": (end - kernels[0][1]) / 1e3,
         "ms_by_class": {k: v / 1e3 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "ms_by_kernel": {k: v / 1e3 for k, v in names},
+        "gap_ms_by_neighbours": {k: v / 1e3 for k, v in pairs},
+        "gaps_by_length": {k: {"count": c, "ms": t / 1e3} for k, (c, t) in by_length.items()},
     }
 
 
@@ -292,6 +308,13 @@ def main() -> None:
             print(f"{m}: {r['w1'].get('output_tok_s', 0):.0f} out tok/s, window {r['window_ms']:.0f} ms")
             for k, v in r["ms_by_class"].items():
                 print(f"  {k[:48]:48s} {v:10.1f}")
+            print("  gaps by the kernels either side:")
+            for k, v in r["gap_ms_by_neighbours"].items():
+                print(f"    {k[:70]:70s} {v:8.1f}")
+            print(
+                "  gaps by length: "
+                + ", ".join(f"{k} {c['count']} / {c['ms']:.1f} ms" for k, c in r["gaps_by_length"].items())
+            )
         return
     keys = sorted({k for r in result["methods"].values() for k in r["median_us"]},
                   key=lambda k: -max(r["median_us"].get(k, 0) for r in result["methods"].values()))  # fmt: skip

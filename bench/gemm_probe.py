@@ -1,0 +1,176 @@
+"""Can a Triton GEMM beat cuBLAS at W1's mixed-step shape (256 rows) on the H100? A probe, not an
+engine path: for each Llama-3.1-8B projection it times F.linear (cuBLAS's pick) against a plain
+Triton tile GEMM over a sweep of tiles, and for gate/up also a dual GEMM whose epilogue writes
+silu(gate) * up, against F.linear followed by the engine's SiLU-and-mul kernel.
+
+Each launch is checked against a float32 reference on one weight before it is timed; timings are
+replays of one CUDA graph of 16 launches over 8 distinct weights (nothing served from L2).
+
+    python bench/gemm_probe.py --out DIR [--rows 256] [--shapes qkv,o,gate_up,down]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import microbench
+import torch
+import triton
+import triton.language as tl
+from inferfleet.worker.kernels import LAUNCH_OPTIONS
+from inferfleet.worker.kernels.elementwise import silu_and_mul
+from torch.nn import functional as F
+
+DEV = torch.device("cuda")
+WEIGHTS = 8
+LAUNCHES = 16
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, w_ptr, c_ptr, M, N, K,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DUAL: tl.constexpr, HALF,
+):  # fmt: skip
+    # C [M, N] = A [M, K] @ W [N, K]^T, both K-contiguous; programs along M first, so the row tiles
+    # that share a weight tile run together and the weight comes from DRAM once. DUAL: W is
+    # [gate; up] with HALF rows each, and C [M, HALF] = silu(A Wg^T) * (A Wu^T)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    pm = pid % tiles_m
+    pn = pid // tiles_m
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a = a_ptr + rm[:, None] * K + rk[None, :]
+    w = w_ptr + rn[:, None] * K + rk[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if DUAL:
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        wu = w + HALF * K
+    for _k in range(0, K, BK):
+        at = tl.load(a, mask=rm[:, None] < M, other=0.0)
+        acc = tl.dot(at, tl.trans(tl.load(w)), acc)
+        if DUAL:
+            acc_u = tl.dot(at, tl.trans(tl.load(wu)), acc_u)
+            wu += BK
+        a += BK
+        w += BK
+    if DUAL:
+        acc = acc * tl.sigmoid(acc) * acc_u
+        out_n = HALF
+    else:
+        out_n = N
+    c = c_ptr + rm[:, None] * out_n + rn[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=rm[:, None] < M)
+
+
+def triton_gemm(x, w, out, bm, bn, bk, warps, stages, dual=False):
+    m, k = x.shape
+    n = w.shape[0] // 2 if dual else w.shape[0]
+    grid = (triton.cdiv(m, bm) * (n // bn),)
+    _gemm_kernel[grid](
+        x, w, out, m, n, k, BM=bm, BN=bn, BK=bk, DUAL=dual, HALF=n,
+        num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS,
+    )  # fmt: skip
+    return out
+
+
+def time_us(fn) -> float:
+    """us per launch: fn(j) for j over the weights, LAUNCHES of them in one graph."""
+
+    def chain():
+        for i in range(LAUNCHES):
+            fn(i % WEIGHTS)
+
+    return (
+        min(microbench.time_ms(microbench.graph_of(chain).replay, 10, warmup=2) for _ in range(3))
+        * 1e3
+        / LAUNCHES
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", default="256")
+    ap.add_argument("--shapes", default="qkv,o,gate_up,down")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
+    configs = [
+        c
+        for c in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4, 5))
+        if c[0] * c[2] + c[1] * c[2] <= 128 * 128 + 256 * 64  # shared memory per stage, roughly
+    ]
+    for m in (int(r) for r in args.rows.split(",")):
+        for name in args.shapes.split(","):
+            n, k = SHAPES[name]
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * k**-0.5 for _ in range(WEIGHTS)]
+            ref = F.linear(x.float(), ws[0].float())
+            flops = 2 * m * n * k
+            row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
+            out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+            for bm, bn, bk, warps, stages in configs:
+                if n % bn:
+                    continue
+                key = f"bm{bm} bn{bn} bk{bk} w{warps} s{stages}"
+                try:
+                    got = triton_gemm(x, ws[0], out, bm, bn, bk, warps, stages)
+                    err = ((got.float() - ref).norm() / ref.norm()).item()
+                    if err > 1e-2:
+                        row[key] = f"error {err:.2e}"
+                        continue
+                    row[key] = time_us(
+                        lambda j, c=(bm, bn, bk, warps, stages): triton_gemm(x, ws[j], out, *c)
+                    )
+                except Exception as e:  # out of shared memory or registers: not a candidate
+                    row[key] = f"{type(e).__name__}"
+            if name == "gate_up":
+                half = n // 2
+                g, u = ref[:, :half], ref[:, half:]
+                ref2 = g * torch.sigmoid(g) * u
+                y = torch.empty(m, half, device=DEV, dtype=torch.bfloat16)
+                row["cublas + silu_and_mul"] = time_us(lambda j: silu_and_mul(F.linear(x, ws[j])))
+                for bm, bn, bk, warps, stages in configs:
+                    if half % bn or bn > 128:
+                        continue
+                    key = f"dual bm{bm} bn{bn} bk{bk} w{warps} s{stages}"
+                    try:
+                        got = triton_gemm(x, ws[0], y, bm, bn, bk, warps, stages, dual=True)
+                        err = ((got.float() - ref2).norm() / ref2.norm()).item()
+                        if err > 2e-2:
+                            row[key] = f"error {err:.2e}"
+                            continue
+                        c = (bm, bn, bk, warps, stages)
+                        row[key] = time_us(lambda j, c=c: triton_gemm(x, ws[j], y, *c, dual=True))
+                    except Exception as e:
+                        row[key] = f"{type(e).__name__}"
+            res["cases"][f"{name} m{m}"] = row
+            timed = {kk: v for kk, v in row.items() if isinstance(v, float)}
+            best = sorted((v, kk) for kk, v in timed.items() if kk.startswith("bm"))[:3]
+            print(
+                f"{name} m{m}: cublas {row['cublas']:.1f} us ({flops / row['cublas'] / 1e6:.0f} TFLOP/s)",
+                flush=True,
+            )
+            for v, kk in best:
+                print(f"    {kk:28s} {v:8.1f} us ({flops / v / 1e6:.0f} TFLOP/s)", flush=True)
+            if name == "gate_up":
+                dual = sorted((v, kk) for kk, v in timed.items() if kk.startswith("dual"))[:3]
+                print(f"    cublas + silu_and_mul        {row['cublas + silu_and_mul']:8.1f} us", flush=True)
+                for v, kk in dual:
+                    print(f"    {kk:28s} {v:8.1f} us ({flops / v / 1e6:.0f} TFLOP/s)", flush=True)
+            ws.clear()
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gemm_probe.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
