@@ -4,9 +4,10 @@ over a Llama-3 vocabulary in float32, as sample_device calls them. Then, timed a
 graphs (the GPU alone): the kernel's launches by rows, logits dtype, programs per row (`splits`),
 block and warps; and a step's logits-to-token tail the way the engine ran it before the nineteenth
 session (lm_head in bf16, widened to float32, an argmax, one program per row) against now (bf16
-logits read as they are, no argmax when every row is drawn, the default split).
+logits read as they are, no argmax when every row is drawn, the default split); and the default
+launch with the noise's logarithms through logf against lg2.approx.
 
-    python bench/sampling_bench.py [--out DIR] [--only sweep,tail]
+    python bench/sampling_bench.py [--out DIR] [--only paths,kernel,sweep,tail,log]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ VOCAB = 128256
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="paths,kernel,sweep,tail", help="comma-separated sections")
+    ap.add_argument("--only", default="paths,kernel,sweep,tail,log", help="comma-separated sections")
     args = ap.parse_args()
     only = set(args.only.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -39,6 +40,8 @@ def main() -> None:
         result["sweep"] = split_sweep(g)
     if "tail" in only:
         result["tail"] = step_tail(g)
+    if "log" in only:
+        result["log"] = fast_log(g)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "sampling_bench.json").write_text(json.dumps(result, indent=1))
@@ -84,6 +87,30 @@ def split_sweep(g: torch.Generator) -> dict:
                         f"{'':34} {n:5d} {str(dtype)[6:]:>8} {splits:6d} {block:6d} {warps:5d} {us:8.1f} {gbs:6.0f}",
                         flush=True,
                     )
+    return res
+
+
+def fast_log(g: torch.Generator) -> dict:
+    """The default launch with the noise's logarithms through logf (tl.log) against lg2.approx
+    (elementwise.FAST_LOG), bf16 logits, and how many rows draw the same token from the same seeds."""
+    res: dict = {}
+    print(
+        f"\nsample_rows, us per launch (GPU): {'rows':>5} {'logf':>8} {'lg2.approx':>11} {'same token':>11}"
+    )
+    for n in (32, 137, 256):
+        logits = torch.randn(n, VOCAB, device="cuda", generator=g).to(torch.bfloat16)
+        rows = torch.arange(n, device="cuda")
+        temps = torch.full((n,), 0.6, device="cuda")
+        seeds = torch.randint(0, 2**62, (n,), device="cuda", generator=g)
+        outs = {f: torch.empty(n, dtype=torch.int64, device="cuda") for f in (False, True)}
+        us = {}
+        for f, out in outs.items():
+            fn = lambda o=out, f=f: sample_rows(logits, rows, temps, seeds, o, fast_log=f)  # noqa: E731
+            fn()
+            us[f] = graph_us(fn)
+        same = float((outs[False] == outs[True]).float().mean())
+        res[n] = {"logf_us": us[False], "lg2_approx_us": us[True], "same_token": same}
+        print(f"{'':34} {n:5d} {us[False]:8.1f} {us[True]:11.1f} {same:11.3f}", flush=True)
     return res
 
 

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 Feed = tuple[list[int], list[int], torch.Tensor]
 
 
+# a mixed step's lm_head runs at up to this many times its sampled rows where a tuned plan is there
+# (ModelRunner._lm_head_rows)
+LM_HEAD_PAD = 1.5
+
+
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on `device` without making the host wait: from pageable memory a CUDA copy may
     first wait for everything queued on the stream (CUDA's API synchronization behaviour), which
@@ -401,5 +406,31 @@ class ModelRunner:
         dev = self.device
         if not hb.sample_index:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])
-        idx = to_device(np.asarray(hb.sample_index, dtype=np.int64), dev)
-        return StepLogits(self.model.compute_logits(hidden[idx]), hb.rows)
+        n = len(hb.sample_index)
+        rows = hb.sample_index + [hb.sample_index[0]] * (self._lm_head_rows(n) - n)
+        idx = to_device(np.asarray(rows, dtype=np.int64), dev)
+        return StepLogits(self.model.compute_logits(hidden[idx])[:n], hb.rows)
+
+    def _lm_head_rows(self, n: int) -> int:
+        """How many rows to run the lm_head at for n sampled rows: n, or the fewest rows above it
+        (within LM_HEAD_PAD) at which startup's GEMM tuning kept a cuBLASLt plan for it
+        (kernels/blaslt, the decode graphs' sizes), the extra rows repeating the first and dropped
+        after. A mixed step samples any number of rows, which F.linear runs untuned; below ~256 rows
+        the product is bound by reading the weight, so a few more rows cost little. Llama-3.1-8B on
+        the H100 (bench/gemm_tuning_report.py, docs/benchmarks.md, nineteenth session): F.linear
+        381 us at 24 rows against a plan's 359, 401 at 160 against 391; from 64 to 128 and above
+        160 rows no plan beat F.linear by the tuning's margin, so those run as they are."""
+        from .kernels import blaslt
+        from .layers.linear import SKINNY_MAX_M
+
+        head = getattr(self.model, "lm_head", None)
+        if (
+            n <= SKINNY_MAX_M
+            or self.device.type != "cuda"
+            or not isinstance(head, Linear)
+            or head.method is not None
+        ):
+            return n
+        lt = blaslt.get(self.device)
+        rows = lt.planned_rows(head.weight, n) if lt is not None else None
+        return rows if rows is not None and rows <= n * LM_HEAD_PAD else n

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import common_prefix, greedy_run, kv_rescaled, rel, set_kv_scales
+from engine_helpers import common_prefix, greedy_rows, greedy_run, kv_rescaled, rel, set_kv_scales
 from inferfleet.worker import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.cuda
@@ -437,6 +437,45 @@ def test_cublaslt_candidates_equal_the_reference_and_replay_in_graphs() -> None:
     assert (r["n"], r["m"]) == (1024, 64) and r["linear_us"] > 0 and r["best_us"] > 0
     assert r["cublaslt"] == (r["best_us"] < r["linear_us"] * (1 - blaslt.MARGIN))
     assert ((torch.float16, 1024, 512, 64) in lt.plans) == r["cublaslt"]
+
+
+def test_mixed_step_lm_head_runs_at_a_tuned_row_count(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with prompt chunks samples any number of rows. Where startup's tuning kept a cuBLASLt
+    plan for the lm_head at a few more rows (MARGIN made negative: every problem keeps one), the
+    lm_head runs there and the extra rows are dropped: 20 prompts prefilled in one step launch the
+    lm_head's plan at 24 rows, and their logits rows and tokens match an engine that runs it at
+    20 rows through F.linear (LM_HEAD_PAD 1)."""
+    from inferfleet.worker import runner as runner_mod
+    from inferfleet.worker.kernels import blaslt
+
+    monkeypatch.setattr(blaslt, "MARGIN", -1e9)
+    monkeypatch.setattr(blaslt, "_LT", {})
+    rng = random.Random(3)
+    ps = [[rng.randrange(3, 500) for _ in range(9)] for _ in range(20)]
+    real_run = blaslt.Lt.run
+    got = {}
+    for pad in (1.0, runner_mod.LM_HEAD_PAD):
+        monkeypatch.setattr(runner_mod, "LM_HEAD_PAD", pad)
+        eng = LLMEngine(EngineConfig(model=str(tiny_llama), device="cuda", dtype="bfloat16"))
+        eng.warmup()
+        vocab = eng.model_config.vocab_size
+        heads: list[int] = []
+
+        def counted(self, plan, x, w, heads=heads, vocab=vocab):  # type: ignore[no-untyped-def]
+            if plan.n == vocab:
+                heads.append(plan.m)
+            return real_run(self, plan, x, w)
+
+        monkeypatch.setattr(blaslt.Lt, "run", counted)
+        got[pad] = (*greedy_rows(eng, ps, 4), heads, eng.runner._lm_head_rows(20))
+        monkeypatch.setattr(blaslt.Lt, "run", real_run)
+    ref_tokens, ref_rows, ref_heads, ref_n = got[1.0]
+    tokens, rows, heads, n = got[runner_mod.LM_HEAD_PAD]
+    assert (ref_n, n) == (20, 24) and 24 not in ref_heads and 24 in heads
+    assert max(rel(r[0], q[0]) for r, q in zip(rows, ref_rows)) < 1e-2
+    assert sum(a[0] == b[0] for a, b in zip(tokens, ref_tokens)) >= 18
 
 
 def test_engine_with_cublaslt_plans_equals_f_linear_bf16(

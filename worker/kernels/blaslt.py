@@ -231,6 +231,13 @@ class Lt:
             return None
         return self.run(plan, x, w)
 
+    def planned_rows(self, w: torch.Tensor, m: int) -> int | None:
+        """The fewest rows >= m at which a tuned plan runs x @ w^T, or None."""
+        rows = [
+            r for (dt, n, k, r) in self.plans if (dt, n, k) == (w.dtype, w.shape[0], w.shape[1]) and r >= m
+        ]
+        return min(rows, default=None)
+
     def tune(self, weights: list[torch.Tensor], m: int) -> None:
         """Time F.linear and every candidate at m rows over `weights` (same shape and dtype); keep
         the fastest candidate if it beats F.linear by more than MARGIN."""

@@ -9,6 +9,7 @@ it is normalized, the normalized value is rounded before the weight multiply.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -566,14 +567,45 @@ def argmax_finish(best: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# the draw's logarithms through the SFU's lg2.approx (one MUFU each) instead of logf's polynomial
+# (~20 instructions each; with them the launch was bound by its arithmetic at 256 rows of a Llama-3
+# vocabulary): 87 -> 50 SASS instructions per column (offline count), on the H100 137 rows 64.2 ->
+# 41.8 us, 256 rows 117.2 -> 75.0, the same token from the same seeds in every row of that bench
+# (docs/benchmarks.md, nineteenth session). Triton's interpreter runs no PTX: there the draw keeps
+# tl.log (the same distribution)
+FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr):
+def _lg2_approx(x):
+    """log2(x), absolute error ~2^-22 (PTX lg2.approx.f32): 0 -> -inf, inf -> inf."""
+    return tl.inline_asm_elementwise(
+        "lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _gumbel(u, FAST: tl.constexpr):
+    """-log(-log u) for u uniform in [0, 1): Gumbel noise, +inf never, -inf at u = 0. FAST: E = -log u
+    from lg2.approx where 1 - u >= 2^-6 (relative error ~1e-5 there), else from its series in d = 1
+    - u (exact for u above 1/2, truncation below 2^-26 relative); the large-noise draws, u near 1, are
+    the ones an absolute log2 error would distort. Then log E through lg2.approx (absolute ~1.5e-7)."""
+    if FAST:
+        d = 1.0 - u
+        e = tl.where(d < 0.015625, d * (1.0 + d * (0.5 + d * (1.0 / 3.0 + d * 0.25))), -_LN2 * _lg2_approx(u))
+        return -_LN2 * _lg2_approx(e)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr, FAST: tl.constexpr):
     """Fold columns `cols` into each lane's running best of logit / T + Gumbel(u) (the exponential
     race: -log(-log u) = -log E with E = -log u ~ Exp(1), so this is log(p / E) up to the row's
     constant log Z). u = 0 gives -inf: never chosen; NaN logits count as -inf, so the id is always
     one of the row's columns."""
     ok = cols < V
-    key = tl.load(row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t - tl.log(-tl.log(u))
+    key = tl.load(row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_t + _gumbel(u, FAST)
     key = tl.where(ok & (key == key), key, float("-inf"))
     return _lane_best(best_v, best_i, key, cols, ok, NO_INDEX)
 
@@ -581,7 +613,7 @@ def _race_quarter(best_v, best_i, row, cols, u, inv_t, V, NO_INDEX: tl.constexpr
 @triton.jit
 def _sample_rows_kernel(
     x_ptr, rows_ptr, temp_ptr, seed_ptr, out_ptr, part_ptr, ticket_ptr, V, stride, SPAN,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, NO_INDEX: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # program (j, s): columns [s SPAN, (s + 1) SPAN) of sampled row j, SPAN a multiple of BLOCK; the
     # noise of column c comes from Philox keyed by the row's seed, four columns per draw (c in the
@@ -601,10 +633,14 @@ def _sample_rows_kernel(
     lo = sp * SPAN
     for start in range(lo, tl.minimum(lo + SPAN, V), BLOCK):
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + offs)
-        best_v, best_i = _race_quarter(best_v, best_i, row, start + offs, u0, inv_t, V, NO_INDEX)
-        best_v, best_i = _race_quarter(best_v, best_i, row, start + Q + offs, u1, inv_t, V, NO_INDEX)
-        best_v, best_i = _race_quarter(best_v, best_i, row, start + 2 * Q + offs, u2, inv_t, V, NO_INDEX)
-        best_v, best_i = _race_quarter(best_v, best_i, row, start + 3 * Q + offs, u3, inv_t, V, NO_INDEX)
+        best_v, best_i = _race_quarter(best_v, best_i, row, start + offs, u0, inv_t, V, NO_INDEX, FAST)
+        best_v, best_i = _race_quarter(best_v, best_i, row, start + Q + offs, u1, inv_t, V, NO_INDEX, FAST)
+        best_v, best_i = _race_quarter(
+            best_v, best_i, row, start + 2 * Q + offs, u2, inv_t, V, NO_INDEX, FAST
+        )
+        best_v, best_i = _race_quarter(
+            best_v, best_i, row, start + 3 * Q + offs, u3, inv_t, V, NO_INDEX, FAST
+        )
     if SPLITS == 1:
         tl.store(out_ptr + r, _first_at_max(best_v, best_i, NO_INDEX).to(tl.int64))
     else:
@@ -656,6 +692,7 @@ def sample_rows(
     block: int = 4096,
     num_warps: int = 8,
     splits: int | None = None,
+    fast_log: bool | None = None,
 ) -> None:
     """Categorical draws from softmax(logits[rows[j]] / temperatures[j]) into out[rows[j]], in one
     launch and one pass over each row: argmax of logit / T - log(-log U), U uniform from Philox keyed
@@ -666,7 +703,8 @@ def sample_rows(
     argmax (each a pass over [rows, V] floats) for rows without top-k / top-p. `splits` (a power of
     two; default sample_splits): programs per row, each over a span of whole `block` chunks, the
     row's last one reducing their partials; one program per row left most SMs idle at ~140 rows
-    (docs/benchmarks.md, nineteenth session)."""
+    (docs/benchmarks.md, nineteenth session). `fast_log` (default FAST_LOG): the noise's logarithms
+    through lg2.approx (_gumbel)."""
     v = logits.shape[1]
     assert logits.stride(1) == 1 and v < _NO_INDEX and out.dtype == torch.int64
     assert rows.dtype == torch.int64 and seeds.dtype == torch.int64
@@ -684,7 +722,7 @@ def sample_rows(
         tickets = _argmax_tickets(logits.device, n)
     _sample_rows_kernel[(n, splits)](
         logits, rows, temperatures, seeds, out, part, tickets, v, logits.stride(0), span,
-        SPLITS=splits, BLOCK=block, NO_INDEX=_NO_INDEX,
+        SPLITS=splits, BLOCK=block, NO_INDEX=_NO_INDEX, FAST=FAST_LOG if fast_log is None else fast_log,
         num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )  # fmt: skip
