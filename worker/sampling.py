@@ -66,9 +66,9 @@ def sample_device(
     """logits: [N, V], one row per request -> sampled ids [N] on the logits' device, and for the
     rows that asked for logprobs (chosen [R], top values [R, K], top ids [R, K]).
 
-    The logits are float32 or the model's 16-bit values (a CUDA step's: widening all of them would
-    be a pass over [N, V] of its own); the one-pass kernel and the argmax read 16-bit values as
-    they are, and the rows with top-k / top-p or logprobs are widened to float32 first, so either
+    The logits are float32 or a 16-bit model's own values (steps above one row on CUDA, and every
+    step on CPU: widening all of them would be a pass over [N, V] of its own); the one-pass kernel
+    and the argmax read 16-bit values as they are, and the rows with top-k / top-p or logprobs are widened to float32 first, so either
     form gives the same tokens and logprobs.
 
     Nothing here waits for the device. Rows whose request has its own generator (an explicit

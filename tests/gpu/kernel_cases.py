@@ -765,8 +765,14 @@ def test_sample_rows_kernel_split_rows_draw_the_same_tokens(splits: int) -> None
     """A row split over several programs (spans of whole chunks, the last program reducing the
     partials) draws exactly the tokens of one program per row, from float32 logits and from 16-bit
     ones (read as they are) alike; spans past the row's end (16 splits of 4 chunks) change nothing,
-    nor do NaN, -inf rows and a maximum in the last partial chunk; tickets are left at zero."""
+    nor do NaN, -inf rows and a maximum in the last partial chunk; tickets are left at zero, and
+    the argmax's ticket buffer, which one-row decode graphs capture, is not replaced by a draw of
+    more rows than it holds."""
+    from inferfleet.worker.kernels import elementwise
+
     v, block = 1000, 256
+    argmax_rows(torch.zeros(2, 64, device=DEV), splits=2)  # a split argmax: takes its tickets
+    argmax_tickets = elementwise._ARGMAX_TICKETS[torch.zeros(1, device=DEV).device]
     g = torch.Generator().manual_seed(splits)
     x = torch.randn(16, v, generator=g) * 2
     x[0, v - 1] = 30.0
@@ -786,9 +792,8 @@ def test_sample_rows_kernel_split_rows_draw_the_same_tokens(splits: int) -> None
             wide = torch.full((16,), -7, dtype=torch.int64, device=DEV)
             sample_rows(logits.float(), rows, temps, seeds, wide, block=block, num_warps=4, splits=splits)
             assert one.tolist() == wide.tolist()
-    from inferfleet.worker.kernels import elementwise
-
-    assert int(elementwise._ARGMAX_TICKETS[rows.device].abs().sum()) == 0
+    assert elementwise._ARGMAX_TICKETS[rows.device] is argmax_tickets
+    assert int(elementwise._SAMPLE_TICKETS[rows.device].abs().sum()) == 0
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="lg2.approx is PTX; the interpreter runs the tl.log form")

@@ -486,22 +486,31 @@ def _argmax_split_kernel(
         tl.store(ticket_ptr + r, 0)
 
 
-# per device: int32 tickets of _argmax_split_kernel and _sample_rows_kernel, one per row, zero
-# between launches (a row's last program resets its own); launches run on one stream (the
-# engine's), so they never overlap
+# per device: int32 tickets, one per row, zero between launches (a row's last program resets its
+# own); launches on one stream never overlap. Two stores: the argmax's tickets are baked into the
+# one-row decode graphs that capture argmax_rows (cuda_graphs), so that buffer must never be
+# replaced while they live: it is allocated at ARGMAX_SPLIT_ROWS, the most rows argmax_rows splits
+# by default, and sample_rows (any number of rows, eager) grows a buffer of its own
 _ARGMAX_TICKETS: dict[torch.device, torch.Tensor] = {}
+_SAMPLE_TICKETS: dict[torch.device, torch.Tensor] = {}
 ARGMAX_SPLIT_ROWS = 8  # at most this many rows split each row over programs (a few decode rows)
 
 
-def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
-    t = _ARGMAX_TICKETS.get(device)
+def _tickets(
+    store: dict[torch.device, torch.Tensor], device: torch.device, n: int, least: int
+) -> torch.Tensor:
+    t = store.get(device)
     if t is None or t.numel() < n:
         # zeroing inside a CUDA-graph capture would only be recorded: eager launches after it would
         # see whatever the memory held (sampling runs outside the decode graphs)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         assert not capturing, "split-row tickets are allocated eagerly"
-        t = _ARGMAX_TICKETS[device] = torch.zeros(max(n, ARGMAX_SPLIT_ROWS), dtype=torch.int32, device=device)
+        t = store[device] = torch.zeros(max(n, least), dtype=torch.int32, device=device)
     return t
+
+
+def _argmax_tickets(device: torch.device, n: int) -> torch.Tensor:
+    return _tickets(_ARGMAX_TICKETS, device, n, ARGMAX_SPLIT_ROWS)
 
 
 def argmax_rows(
@@ -619,7 +628,7 @@ def _sample_rows_kernel(
     # noise of column c comes from Philox keyed by the row's seed, four columns per draw (c in the
     # four quarters of a chunk), so the draw does not depend on SPLITS. With SPLITS > 1 each program
     # writes its (best key, first index at it) and the row's last program (a ticket per row, as in
-    # _argmax_split_kernel) reduces the SPLITS partials in column order
+    # _argmax_split_kernel, from a buffer of its own) reduces the SPLITS partials in column order
     j = tl.program_id(0)
     sp = tl.program_id(1)
     r = tl.load(rows_ptr + j)
@@ -701,7 +710,7 @@ def sample_rows(
     values it widens.
     Replaces gather, scale, softmax, an exponential draw the size of the logits, a divide and an
     argmax (each a pass over [rows, V] floats) for rows without top-k / top-p. `splits` (a power of
-    two; default sample_splits): programs per row, each over a span of whole `block` chunks, the
+    two; default sample_splits on CUDA, else 1): programs per row, each over a span of whole `block` chunks, the
     row's last one reducing their partials; one program per row left most SMs idle at ~140 rows
     (docs/benchmarks.md, nineteenth session). `fast_log` (default FAST_LOG): the noise's logarithms
     through lg2.approx (_gumbel)."""
@@ -719,7 +728,7 @@ def sample_rows(
     part = tickets = out  # not read by a one-span launch
     if splits > 1:
         part = torch.empty((n, splits, 2), dtype=torch.int32, device=logits.device)
-        tickets = _argmax_tickets(logits.device, n)
+        tickets = _tickets(_SAMPLE_TICKETS, logits.device, n, 256)
     _sample_rows_kernel[(n, splits)](
         logits, rows, temperatures, seeds, out, part, tickets, v, logits.stride(0), span,
         SPLITS=splits, BLOCK=block, NO_INDEX=_NO_INDEX, FAST=FAST_LOG if fast_log is None else fast_log,
