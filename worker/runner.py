@@ -429,6 +429,7 @@ class ModelRunner:
             or self.device.type != "cuda"
             or not isinstance(head, Linear)
             or head.method is not None
+            or head.bias is not None
         ):
             return n
         lt = blaslt.get(self.device)
