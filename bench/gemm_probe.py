@@ -28,7 +28,6 @@ from torch.nn import functional as F
 DEV = torch.device("cuda")
 WEIGHTS = 8
 LAUNCHES = 16
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
 @triton.jit
@@ -87,11 +86,7 @@ def time_us(fn) -> float:
         for i in range(LAUNCHES):
             fn(i % WEIGHTS)
 
-    return (
-        min(microbench.time_ms(microbench.graph_of(chain).replay, 10, warmup=2) for _ in range(3))
-        * 1e3
-        / LAUNCHES
-    )
+    return microbench.graph_us(chain, launches=1, rounds=3, warmup=2) / LAUNCHES
 
 
 def main() -> None:
@@ -109,7 +104,7 @@ def main() -> None:
     ]
     for m in (int(r) for r in args.rows.split(",")):
         for name in args.shapes.split(","):
-            n, k = SHAPES[name]
+            n, k = microbench.LAYER_SHAPES[name]
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * k**-0.5 for _ in range(WEIGHTS)]
             ref = F.linear(x.float(), ws[0].float())

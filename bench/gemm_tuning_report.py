@@ -16,14 +16,9 @@ import torch
 from checkpoint import ensure_llama8b_checkpoint
 from inferfleet.worker import EngineConfig, LLMEngine
 from inferfleet.worker.kernels import blaslt
+from microbench import SHAPES
 
-NAMES = {
-    (6144, 4096): "qkv",
-    (4096, 4096): "o",
-    (28672, 4096): "gate_up",
-    (4096, 14336): "down",
-    (128256, 4096): "lm_head",
-}
+NAMES = {shape: name for name, shape in SHAPES.items()}  # (N, K) -> the projection's name
 
 
 def main() -> None:

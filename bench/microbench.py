@@ -56,6 +56,13 @@ def graph_of(fn, launches: int = 1) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def graph_us(fn, launches: int = 10, rounds: int = 5, warmup: int = 1) -> float:
+    """us per fn() on the GPU: the fastest of `rounds` median timings (10 replays each) of one
+    graph of `launches` calls of it."""
+    graph = graph_of(fn, launches)
+    return min(1000 * time_ms(graph.replay, reps=10, warmup=warmup) / launches for _ in range(rounds))
+
+
 # a swept launch's name in bench/gptq_gemm_sweep.py and bench/gemv_tc_sweep.py
 LAUNCH_KEY = "bm{block_m} bn{block_n} bk{block_k} w{num_warps} s{num_stages}"
 

@@ -20,7 +20,7 @@ import torch
 from inferfleet.worker.kernels.elementwise import sample_rows
 from inferfleet.worker.sampling import SampleRequest, race_one_pass, race_torch
 from inferfleet.worker.sampling_params import SamplingParams
-from microbench import graph_of, time_ms
+from microbench import graph_us, time_ms
 from torch.nn import functional as F
 
 VOCAB = 128256
@@ -45,12 +45,6 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "sampling_bench.json").write_text(json.dumps(result, indent=1))
-
-
-def graph_us(fn, launches: int = 10, rounds: int = 5) -> float:
-    """us per fn() on the GPU: the fastest of `rounds` median timings of a graph of `launches` of it."""
-    graph = graph_of(fn, launches)
-    return min(1000 * time_ms(graph.replay, reps=10, warmup=1) / launches for _ in range(rounds))
 
 
 def split_sweep(g: torch.Generator) -> dict:

@@ -134,8 +134,9 @@ def claim(want: Mapping[str, Any], have: Mapping[str, Any] | None) -> None:
 
 async def apply_children(kube: KubeClient, s: ServiceSpec) -> Applied:
     desired = plan_spec(s)
+    live = await read_children(kube, s.namespace, desired, known={})
     for obj in desired:
-        claim(obj, await read_child(kube, s.namespace, ChildRef.of(obj)))
+        claim(obj, live[ChildRef.of(obj)])
     for obj in desired:
         await kube.apply(obj)
     wanted = {ChildRef.of(obj) for obj in desired}

@@ -43,17 +43,6 @@ Feed = tuple[list[int], list[int], torch.Tensor]
 LM_HEAD_PAD = 1.5
 
 
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without making the host wait: from pageable memory a CUDA copy may
-    first wait for everything queued on the stream (CUDA's API synchronization behaviour), which
-    is the step the engine is running, so CUDA copies go through pinned memory. Seen on the H100
-    under the profiler (a slower host): with the sampled rows' index copied from pageable memory
-    after each mixed step's replay, W1 had 296 idle gaps of 100 us or more (325 ms), through pinned
-    memory 195 (102 ms); unprofiled W1 moved within noise (docs/benchmarks.md, nineteenth session)."""
-    t = torch.from_numpy(a)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def feed_rows(feed: Feed | None, n: int, out: np.ndarray | None = None) -> np.ndarray:
     """A feed (token indices, rows of the source) as one int64 entry per token of the batch of n:
     the source row its id comes from, or -1 (DecoderModel.embed's `feed` rows); written into `out`
@@ -156,7 +145,7 @@ class ModelRunner:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.num_sms = kernels.num_sms(self.device)
             if kernels.AVAILABLE:
                 from .kernels import pdl
 
@@ -364,9 +353,9 @@ class ModelRunner:
             splits = decode_splits(len(query_lens), self.mc.num_kv_heads, self.num_sms, tiles)
         return AttentionMetadata(
             slot_mapping=slots,
-            query_start_loc=to_device(qsl, dev),
-            seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32), dev),
-            block_tables=to_device(bt, dev),
+            query_start_loc=kernels.to_device(qsl, dev),
+            seq_lens=kernels.to_device(np.asarray(seq_lens, dtype=np.int32), dev),
+            block_tables=kernels.to_device(bt, dev),
             max_query_len=max_q,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
@@ -392,13 +381,13 @@ class ModelRunner:
                 hb.ids, hb.positions, hb.slots, hb.query_lens, hb.seq_lens, hb.arrays, feed
             )
             return self._logits(hidden, hb)
-        slot_t = to_device(hb.slots, dev)
+        slot_t = kernels.to_device(hb.slots, dev)
         meta = self._metadata(hb.query_lens, hb.seq_lens, hb.tables, slot_t, hb.arrays)
-        ids = to_device(hb.ids, dev)
+        ids = kernels.to_device(hb.ids, dev)
         fed = None
         if feed is not None:
-            fed = (to_device(feed_rows(feed, len(hb.ids)), dev), feed[2])
-        positions = to_device(hb.positions, dev)
+            fed = (kernels.to_device(feed_rows(feed, len(hb.ids)), dev), feed[2])
+        positions = kernels.to_device(hb.positions, dev)
         return self._logits(self.model(ids, positions, self.kv_caches, meta, feed=fed), hb)
 
     def _logits(self, hidden: torch.Tensor, hb: HostBatch) -> StepLogits:
@@ -408,7 +397,7 @@ class ModelRunner:
             return StepLogits(torch.empty(0, self.mc.vocab_size, device=dev), [])
         n = len(hb.sample_index)
         rows = hb.sample_index + [hb.sample_index[0]] * (self._lm_head_rows(n) - n)
-        idx = to_device(np.asarray(rows, dtype=np.int64), dev)
+        idx = kernels.to_device(np.asarray(rows, dtype=np.int64), dev)
         return StepLogits(self.model.compute_logits(hidden[idx])[:n], hb.rows)
 
     def _lm_head_rows(self, n: int) -> int:

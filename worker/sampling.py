@@ -68,8 +68,8 @@ def sample_device(
 
     The logits are float32 or a 16-bit model's own values (steps above one row on CUDA, and every
     step on CPU: widening all of them would be a pass over [N, V] of its own); the one-pass kernel
-    and the argmax read 16-bit values as they are, and the rows with top-k / top-p or logprobs are widened to float32 first, so either
-    form gives the same tokens and logprobs.
+    and the argmax read 16-bit values as they are, and the rows with top-k / top-p or logprobs are
+    widened to float32 first, so either form gives the same tokens and logprobs.
 
     Nothing here waits for the device. Rows whose request has its own generator (an explicit
     seed) draw their noise from it, one row at a time, so their tokens do not depend on the batch;
@@ -224,8 +224,7 @@ def to_device_index(rows: list[int], device: torch.device) -> torch.Tensor:
 def _values(
     vals: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    t = torch.tensor(vals, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return kernels.to_device(torch.tensor(vals, dtype=dtype), device)
 
 
 def to_host_async(

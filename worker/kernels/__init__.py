@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 try:
@@ -32,6 +33,28 @@ def triton_ok(x: torch.Tensor) -> bool:
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """The CUDA device's multiprocessor count (what launches size their grids by)."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def to_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array or tensor on `device` without making the host wait: from pageable memory a
+    CUDA copy may first wait for everything queued on the stream (CUDA's API synchronization
+    behaviour), which is the step the engine is running, so CUDA copies go through pinned memory.
+    Seen on the H100 under the profiler (a slower host): with the sampled rows' index copied from
+    pageable memory after each mixed step's replay, W1 had 296 idle gaps of 100 us or more (325
+    ms), through pinned memory 195 (102 ms); unprofiled W1 moved within noise (docs/benchmarks.md,
+    nineteenth session). Off CUDA: the tensor itself (an array's memory shared)."""
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def sm89(device: torch.device) -> bool:

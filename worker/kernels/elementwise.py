@@ -8,7 +8,6 @@ it is normalized, the normalized value is rounded before the weight multiply.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..quant.fp8 import FP8_DTYPE, FP8_MAX
-from . import LAUNCH_OPTIONS, pdl
+from . import LAUNCH_OPTIONS, num_sms, pdl
 from .gemv import argmax_key_index, argmax_key_min
 from .rms import rms_rstd, rms_scale
 
@@ -675,16 +674,11 @@ SAMPLE_PROGRAMS_PER_SM = 16
 SAMPLE_MAX_SPLITS = 16
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sample_splits(rows: int, vocab: int, block: int, device: torch.device) -> int:
     """How many spans sample_rows splits each of `rows` rows into by default: enough programs for
     SAMPLE_PROGRAMS_PER_SM per SM, a power of two, at most SAMPLE_MAX_SPLITS and no more than the
     row has chunks of `block`."""
-    want = triton.cdiv(SAMPLE_PROGRAMS_PER_SM * _sm_count(device.index or 0), max(rows, 1))
+    want = triton.cdiv(SAMPLE_PROGRAMS_PER_SM * num_sms(device), max(rows, 1))
     chunks = triton.cdiv(vocab, block)
     splits = 1
     while splits < want and splits * 2 <= min(chunks, SAMPLE_MAX_SPLITS):
@@ -710,9 +704,9 @@ def sample_rows(
     values it widens.
     Replaces gather, scale, softmax, an exponential draw the size of the logits, a divide and an
     argmax (each a pass over [rows, V] floats) for rows without top-k / top-p. `splits` (a power of
-    two; default sample_splits on CUDA, else 1): programs per row, each over a span of whole `block` chunks, the
-    row's last one reducing their partials; one program per row left most SMs idle at ~140 rows
-    (docs/benchmarks.md, nineteenth session). `fast_log` (default FAST_LOG): the noise's logarithms
+    two; default sample_splits on CUDA, else 1): programs per row, each over a span of whole
+    `block` chunks, the row's last one reducing their partials; one program per row left most SMs
+    idle at ~140 rows (docs/benchmarks.md, nineteenth session). `fast_log` (default FAST_LOG): the noise's logarithms
     through lg2.approx (_gumbel)."""
     v = logits.shape[1]
     assert logits.stride(1) == 1 and v < _NO_INDEX and out.dtype == torch.int64

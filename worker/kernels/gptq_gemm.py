@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTIONS, pdl, sm90
+from . import LAUNCH_OPTIONS, num_sms, pdl, sm90
 from .gemv import row_path, tc_block_m, tc_block_n
 
 # gptq_gemm's launch (its tile sizes are arguments); gptq_dequant's tile
@@ -259,17 +259,12 @@ def _gptq_dequant_kernel(
     tl.store(w_ptr + rows64 * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def pick_split_k(m_blocks: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
     """Enough K slices that a layer with few output rows still puts ~2 programs on every SM."""
     if device.type != "cuda":
         return 1
     programs = m_blocks * triton.cdiv(n, block_n)
-    want = max(1, (2 * _num_sms(device.index or 0)) // programs)
+    want = max(1, (2 * num_sms(device)) // programs)
     return int(min(want, 8, max(1, k // (4 * block_k))))
 
 
