@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
-from pathlib import Path
 
 import microbench
 import torch
 import triton
 import triton.language as tl
-from gemm_probe import DEV, WEIGHTS, time_us
+from gemm_probe import DEV, checked_us, problem, save, time_us
 from inferfleet.worker.kernels import LAUNCH_OPTIONS, num_sms
 from torch.nn import functional as F
 
@@ -126,27 +124,24 @@ def main() -> None:
     for m in (int(r) for r in args.rows.split(",")):
         for name in args.shapes.split(","):
             n, k = microbench.LAYER_SHAPES[name]
-            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-            ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * k**-0.5 for _ in range(WEIGHTS)]
-            ref = F.linear(x.float(), ws[0].float())
+            x, ws, ref = problem(m, name)
             flops = 2 * m * n * k
             tbytes = n * k * 2 / 1e6  # MB: MB per us is TB/s
             row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
             out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
             for bm, bn, bk, warps, stages, p in configs:
                 key = f"bm{bm} bn{bn} bk{bk} w{warps} s{stages} p{p}"
-                try:
-                    sk = StreamK(m, n, k, bm, bn, bk, p, warps, stages)
-                    for _ in range(2):  # twice: the tickets must come back to zero
-                        out.fill_(0)
-                        got = sk(x, ws[0], out)
-                    err = ((got.float() - ref).norm() / ref.norm()).item()
-                    if err > 1e-2 or int(sk.tick.abs().sum()):
-                        row[key] = f"error {err:.2e} tickets {int(sk.tick.abs().sum())}"
-                        continue
-                    row[key] = time_us(lambda j, sk=sk: sk(x, ws[j], out))
-                except Exception as e:  # out of shared memory or registers: not a candidate
-                    row[key] = f"{type(e).__name__}: {str(e)[:80]}"
+                sk = StreamK(m, n, k, bm, bn, bk, p, warps, stages)
+
+                def poisoned(sk: StreamK = sk) -> None:
+                    # checked on its second launch (the first must leave its tickets at zero), into
+                    # an output of NaNs: a tile it fails to write cannot pass
+                    sk(x, ws[0], out)
+                    out.fill_(float("nan"))
+
+                row[key] = checked_us(lambda j, sk=sk: sk(x, ws[j], out), ref, 1e-2, reset=poisoned)
+                if isinstance(row[key], float) and int(sk.tick.abs().sum()):
+                    row[key] = f"tickets left at {sk.tick.tolist()}"
             res["cases"][f"{name} m{m}"] = row
             timed = sorted((v, kk) for kk, v in row.items() if isinstance(v, float) and kk != "cublas")
             errors = [f"{kk}: {v}" for kk, v in row.items() if not isinstance(v, float)]
@@ -164,9 +159,7 @@ def main() -> None:
                 print(f"    not run: {e}")
             ws.clear()
             torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "streamk_probe.json").write_text(json.dumps(res, indent=1))
+    save(args.out, "streamk_probe.json", res)
 
 
 if __name__ == "__main__":
