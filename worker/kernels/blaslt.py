@@ -10,7 +10,8 @@ beats F.linear (qkv at most row counts), F.linear stays.
 
 `tune(model, rows)` runs once after the weights load and before the graphs are captured: for every
 group of same-shaped 16-bit weights without bias and every row count, it asks cuBLASLt's heuristics
-for candidates under a few workspace limits, checks each against F.linear on one weight, times
+for candidates under a few workspace limits (and tries the first of them with other custom options
+and cluster shapes, VARIANT_*), checks each against F.linear on one weight, times
 each over up to TUNE_WEIGHTS distinct weights of the group (so nothing is served from L2), queued
 behind a GPU sleep (so the host's launch cost is not what is timed): once each, then F.linear and
 the FINALISTS fastest TUNE_REPS times more. It keeps the fastest when that beats F.linear by more
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import time
@@ -58,6 +60,16 @@ CHECK_TOLERANCE = 1e-2
 WORKSPACE_BYTES = 32 * 2**20
 HEURISTIC_LIMITS = (0, 2**20, WORKSPACE_BYTES)
 HEURISTIC_COUNT = 16
+# Each of the first VARIANT_SOURCES heuristic algorithms is also tried with every custom option in
+# VARIANT_CUSTOM and thread-block cluster shape in VARIANT_CLUSTERS (cublasLtMatmulAlgoCheck
+# filters those the algorithm refuses). On the H100 the heuristics rank the nvjet kernels' tiles
+# well but not those two settings: bench/lt_search.py (docs/benchmarks.md, twentieth session), over
+# ~24,000 configurations per Llama-3.1-8B projection at 256 rows, found the fastest at a heuristic
+# tile with another custom option and cluster shape: o 17.7 us against the heuristics' best 18.2,
+# down 53.0 against 54.8, gate_up 98.3 against 102.1 (qkv: no gain).
+VARIANT_SOURCES = 2
+VARIANT_CUSTOM = (0, 1, 2, 3, 4)
+VARIANT_CLUSTERS = (2, 3, 5)
 # the operand alignment cuBLASLt's heuristics assume unless told otherwise (its preference
 # CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES defaults to 256): other pointers go to F.linear
 ALIGNMENT = 256
@@ -68,6 +80,7 @@ _COMPUTE_32F = 68
 _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB = 3, 4
 _PREF_MAX_WORKSPACE_BYTES = 1
+_CONFIG_CUSTOM_OPTION, _CONFIG_CLUSTER_SHAPE = 5, 8  # cublasLtMatmulAlgoConfigAttributes_t
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F}
 
 
@@ -122,6 +135,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "cublasLtMatmulPreferenceSetAttribute": [vp, i, vp, sz],
         "cublasLtMatmulPreferenceDestroy": [vp],
         "cublasLtMatmulAlgoGetHeuristic": [vp] * 7 + [i, ctypes.POINTER(_Heuristic), ctypes.POINTER(i)],
+        "cublasLtMatmulAlgoConfigSetAttribute": [ctypes.POINTER(_Algo), i, vp, sz],
+        # handle, desc, A, B, C, D layouts, algo, result
+        "cublasLtMatmulAlgoCheck": [vp] * 6 + [ctypes.POINTER(_Algo), ctypes.POINTER(_Heuristic)],
         # handle, desc, alpha, A, Adesc, B, Bdesc, beta, C, Cdesc, D, Ddesc, algo, workspace, size, stream
         "cublasLtMatmul": [vp] * 14 + [sz, vp],
     }
@@ -200,9 +216,36 @@ class Lt:
                     algo = _Algo()
                     ctypes.memmove(ctypes.byref(algo), ctypes.byref(r.algo), ctypes.sizeof(_Algo))
                     plans.append(_Plan(a, b, c, algo, m, n))
+        for source in plans[:VARIANT_SOURCES]:
+            for custom, cluster in itertools.product(VARIANT_CUSTOM, VARIANT_CLUSTERS):
+                algo = self._variant(source.algo, custom, cluster, a, b, c)
+                if algo is not None and bytes(algo) not in seen:
+                    seen.add(bytes(algo))
+                    plans.append(_Plan(a, b, c, algo, m, n))
         if not plans:
             self._free_layouts(a, b, c)
         return plans
+
+    def _variant(self, algo: _Algo, custom: int, cluster: int, *layouts: ctypes.c_void_p) -> _Algo | None:
+        """`algo` with another custom option and cluster shape, if cuBLASLt accepts it for these
+        layouts within WORKSPACE_BYTES; else None."""
+        out = _Algo()
+        ctypes.memmove(ctypes.byref(out), ctypes.byref(algo), ctypes.sizeof(_Algo))
+        for attr, value in (
+            (_CONFIG_CUSTOM_OPTION, ctypes.c_uint32(custom)),
+            (_CONFIG_CLUSTER_SHAPE, ctypes.c_uint16(cluster)),
+        ):
+            if self.lib.cublasLtMatmulAlgoConfigSetAttribute(
+                ctypes.byref(out), attr, ctypes.byref(value), ctypes.sizeof(value)
+            ):
+                return None
+        a, b, c = layouts
+        result = _Heuristic()
+        status = self.lib.cublasLtMatmulAlgoCheck(
+            self.handle, self.desc, a, b, c, c, ctypes.byref(out), ctypes.byref(result)
+        )
+        ok = status == 0 and result.state == 0 and result.workspace_size <= WORKSPACE_BYTES
+        return out if ok else None
 
     def _free_layouts(self, *layouts: ctypes.c_void_p) -> None:
         for layout in layouts:
