@@ -4,10 +4,14 @@ the host work around it.
     python bench/step_timeline.py --out DIR [--model-dir /tmp/llama8b] [--runs plain,gc-frozen] [--top 15]
 
 The engine's loop launches step N, then resolves step N-1 (a one-deep pipeline). Around every
-launch two CUDA events go on the compute stream: one before the launch's first enqueue and one
-after its last. The GPU time from step N-1's closing event to step N's opening one is time the GPU
-had nothing queued: it waited for the host. Host time is split into scheduling, launching and
-resolving (the resolve's wait for its step's tokens apart), and Python's garbage collections are
+launch two CUDA events go on the compute stream: one when the launch call begins (before the host
+prepares the step) and one after its last enqueue. The GPU time from step N-1's closing event to
+step N's opening one is time the GPU had nothing queued while the host resolved and scheduled: it
+waited for the host. Idle while the host prepares a step's inputs falls inside that step's own
+event pair (`gpu_ms`), so the idle reported is a lower bound; `wait_ms`, the time the host then
+waits for the step's tokens, shows the slack the host had. Host time is split into scheduling,
+launching and resolving (the resolve's wait for its step's tokens apart; each step's record holds
+its own resolve, which runs after the next step's launch), and Python's garbage collections are
 timed through gc.callbacks. Runs, in turn, in one engine:
   plain      as gpu_bench.py runs W1
   gc-frozen  gc.freeze() after warmup (the objects alive at startup leave the collector's scans)
@@ -40,9 +44,7 @@ class Timeline:
 
     def __init__(self, eng) -> None:  # type: ignore[no-untyped-def]
         self.eng = eng
-        self.steps: list[dict] = []
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.gc_ms: list[tuple[int, int, float]] = []  # (step, generation, ms)
+        self.reset()
         self._gc_t0 = 0.0
         self._orig = (eng.scheduler.schedule, eng._launch, eng._resolve)
         self.on = False
@@ -81,6 +83,7 @@ class Timeline:
             rec["prompt_tokens"] = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
             tl.events.append((a, b))
             tl.steps.append(rec)
+            tl._by_step[id(res)] = rec
             return res
 
         def timed_resolve(step):  # type: ignore[no-untyped-def]
@@ -90,8 +93,8 @@ class Timeline:
             t1 = time.perf_counter()
             before = len(eng.requests)
             outs = resolve(step)
-            if tl.steps:
-                rec = tl.steps[-1]
+            rec = tl._by_step.pop(id(step), None)
+            if rec is not None:  # None: a step launched before the timeline was reset
                 rec["wait_ms"] = (t1 - t0) * 1e3
                 rec["resolve_ms"] = (time.perf_counter() - t1) * 1e3
                 rec["finished"] = before - len(eng.requests)
@@ -103,15 +106,18 @@ class Timeline:
         gc.callbacks.append(self._gc)
 
     def reset(self) -> None:
-        self.steps, self.events, self.gc_ms = [], [], []
+        self.steps: list[dict] = []
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.gc_ms: list[tuple[int, int, float]] = []  # (step, generation, ms)
+        self._by_step: dict[int, dict] = {}  # id of a launched step's _Inflight -> its record
 
     def summary(self, top: int) -> dict:
         torch.cuda.synchronize()
         for i, (a, b) in enumerate(self.events):
             self.steps[i]["gpu_ms"] = a.elapsed_time(b)
             self.steps[i]["idle_before_ms"] = self.events[i - 1][1].elapsed_time(a) if i else 0.0
-        for i in range(1, len(self.steps)):  # the resolve that ran just before step i's launch
-            self.steps[i]["finished_prev"] = self.steps[i - 1].get("finished", 0)
+        for i in range(2, len(self.steps)):  # step i - 2's resolve ran just before step i's launch
+            self.steps[i]["finished_prev"] = self.steps[i - 2].get("finished", 0)
         by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
         for s in self.steps:
             kind = ("prompt" if s["prompt_tokens"] else "decode") + (

@@ -10,8 +10,11 @@ modelled from the GEMM tuning table that gpu_bench.py writes (`gemm_tuning`: the
 F.linear and the tuned cuBLASLt plan per shape and row count): the four projections' us summed
 and times 32 layers, linear between tabled row counts, and 18.5 us per row above the largest
 (a large prefill step's rate). Printed per setting: steps, modelled projection seconds, rows per
-step by bucket; and the bound the model allows: every step at the mean row count (the cost is
-convex in the rows, so an even spread is cheapest) over the same number of steps.
+step by bucket; and the floor the model allows for that many steps and rows: steps times the lower
+convex envelope of the cost at the mean row count (the tabled costs are not convex, 192 rows
+costing more than 224 or 256, so a mix of two row counts on the envelope can beat every step at
+the mean). No schedule need reach it: requests cannot start all at once, nor prompts be split
+at will.
 
 --dynamic adds a variant whose fill target is the rows left (prompts and generations of every
 unfinished request) over the steps left (the longest generation left), instead of a fixed budget.
@@ -50,7 +53,7 @@ def projection_model(tuning: list[dict]):  # type: ignore[no-untyped-def]
     ms = sorted(m for m, v in per_rows.items() if len(v) == shapes)
     table = {m: sum(per_rows[m].values()) * LAYERS / 1e3 for m in ms}
 
-    def cost(rows: int) -> float:
+    def cost(rows: float) -> float:
         if rows <= ms[0]:
             return table[ms[0]]
         if rows >= ms[-1]:
@@ -59,7 +62,30 @@ def projection_model(tuning: list[dict]):  # type: ignore[no-untyped-def]
         a, b = ms[i - 1], ms[i]
         return table[a] + (table[b] - table[a]) * (rows - a) / (b - a)
 
+    far = ms[-1] + 100_000  # the cost is linear beyond the table: one far vertex stands for it
+    cost.vertices = [(1, table[ms[0]]), *((m, table[m]) for m in ms if m > 1), (far, cost(far))]  # type: ignore[attr-defined]
     return cost
+
+
+def lower_hull(vertices: list[tuple[float, float]]):  # type: ignore[no-untyped-def]
+    """The lower convex envelope of a piecewise-linear function given by its vertices (x ascending),
+    as a function of x within their range."""
+    hull: list[tuple[float, float]] = []
+    for x, y in vertices:
+        # drop the last vertex while it lies on or above the segment from the one before it to (x, y)
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (x - hull[-2][0]) >= (y - hull[-2][1]) * (
+            hull[-1][0] - hull[-2][0]
+        ):
+            hull.pop()
+        hull.append((x, y))
+    xs = [x for x, _ in hull]
+
+    def envelope(x: float) -> float:
+        i = min(max(bisect.bisect_left(xs, x), 1), len(hull) - 1)
+        (x0, y0), (x1, y1) = hull[i - 1], hull[i]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    return envelope
 
 
 class DynamicTarget(Scheduler):
@@ -107,6 +133,7 @@ def main() -> None:
     ap.add_argument("--dynamic", action="store_true")
     args = ap.parse_args()
     cost = projection_model(json.loads(Path(args.tuning).read_text())["gemm_tuning"])
+    floor = lower_hull(cost.vertices)
     cases: list[tuple[str, Scheduler]] = []
     for b in (int(x) for x in args.budgets.split(",")):
         cases.append((f"decode_step_tokens {b}", Scheduler(BlockManager(60000, 16), 256, 8192, b, True)))
@@ -119,7 +146,7 @@ def main() -> None:
                                       else "257-1024" if r <= 1024 else ">1024" for r in rows)  # fmt: skip
         print(
             f"{name:24s} steps {len(rows)}  projections {sum(map(cost, rows)) / 1e3:.3f} s modelled  "
-            f"(every step at the mean {mean:.0f} rows: {len(rows) * cost(round(mean)) / 1e3:.3f} s)  "
+            f"(floor at {mean:.0f} rows per step: {len(rows) * floor(mean) / 1e3:.3f} s)  "
             + ", ".join(f"{k}: {v}" for k, v in sorted(buckets.items()))
         )
 

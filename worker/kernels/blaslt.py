@@ -63,10 +63,12 @@ HEURISTIC_COUNT = 16
 # Each of the first VARIANT_SOURCES heuristic algorithms is also tried with every custom option in
 # VARIANT_CUSTOM and thread-block cluster shape in VARIANT_CLUSTERS (cublasLtMatmulAlgoCheck
 # filters those the algorithm refuses). On the H100 the heuristics rank the nvjet kernels' tiles
-# well but not those two settings: bench/lt_search.py (docs/benchmarks.md, twentieth session), over
-# ~24,000 configurations per Llama-3.1-8B projection at 256 rows, found the fastest at a heuristic
-# tile with another custom option and cluster shape: o 17.7 us against the heuristics' best 18.2,
-# down 53.0 against 54.8, gate_up 98.3 against 102.1 (qkv: no gain).
+# well but not those two settings: bench/lt_search.py (docs/benchmarks.md, twentieth session) timed
+# a sample of 766-3,662 of the ~12,000-24,000 configurations cuBLASLt accepts per Llama-3.1-8B
+# projection at 256 rows, and its fastest were heuristic tiles with another custom option and
+# cluster shape: o 17.7 us against the heuristics' best 18.5, down 53.0 against 54.8, gate_up 98.3
+# against 102.1 (qkv: no gain). AUTO (0) is not among the clusters: variants of custom options
+# alone were not measured.
 VARIANT_SOURCES = 2
 VARIANT_CUSTOM = (0, 1, 2, 3, 4)
 VARIANT_CLUSTERS = (2, 3, 5)
