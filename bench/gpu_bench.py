@@ -210,6 +210,12 @@ def main() -> None:
         default=None,
         help="tokens of a step that has decodes (prompt chunks fill it up); default: LLM's offline setting",
     )
+    ap.add_argument(
+        "--due-step-tokens",
+        type=int,
+        default=None,
+        help="tokens of a step once a prompt is due or while nothing decodes (EngineConfig.due_step_tokens)",
+    )
     ap.add_argument("--hf-requests", type=int, default=32, help="HF-mix requests run through transformers")
     ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the engine's KV cache")
@@ -240,6 +246,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
         **({} if args.decode_step_tokens is None else {"decode_step_tokens": args.decode_step_tokens}),
+        **({} if args.due_step_tokens is None else {"due_step_tokens": args.due_step_tokens}),
     )
     llm.engine.warmup()
     results["startup"] = {

@@ -2,8 +2,8 @@
 
     python bench/w1_schedule.py --out DIR [--settings fifo:8192,longest_first:512] [--host-times]
 
-Each setting is ADMISSION:DECODE_STEP_TOKENS (`fifo` or `longest_first`; 0 for no budget of its
-own). Prefix caching is off, so every run computes its prompts (a second run of the same requests
+Each setting is ADMISSION:DECODE_STEP_TOKENS[:DUE_STEP_TOKENS] (`fifo` or `longest_first`; 0 for
+no decode budget of its own; the due budget, EngineConfig.due_step_tokens, only when given). Prefix caching is off, so every run computes its prompts (a second run of the same requests
 with it on takes its prompts from the cache: 13.2 s against 16.2 s on the H100). With
 --host-times, the host time spent launching steps (`runner.execute`) is reported for steps with
 prompt chunks and for decode-only steps. Prints a line per run; writes DIR/w1_schedule.json.
@@ -55,12 +55,18 @@ def main() -> None:
         eng.runner.execute = timed  # type: ignore[method-assign]
     runs = []
     for setting in args.settings.split(","):
-        admission, budget = setting.split(":")
+        admission, budget, *due = setting.split(":")
         eng.scheduler.longest_first = admission == "longest_first"
         eng.scheduler.decode_step_tokens = int(budget) or None
+        eng.scheduler.due_step_tokens = int(due[0]) if due else None
         host.clear()
         r = generate(llm, w1(), temperature=0.6)
-        r.update(admission=admission, decode_step_tokens=int(budget) or None, host=dict(host))
+        r.update(
+            admission=admission,
+            decode_step_tokens=int(budget) or None,
+            due_step_tokens=eng.scheduler.due_step_tokens,
+            host=dict(host),
+        )
         runs.append(r)
         print(
             f"{setting:18s} {r['output_tok_s']:8.1f} out tok/s  {r['seconds']:6.2f} s  {r['steps']} steps  {dict(host)}"

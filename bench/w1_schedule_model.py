@@ -1,7 +1,7 @@
 """How much of W1's projection time the schedule could still save, by a cost model, not a GPU run.
 
     python bench/w1_schedule_model.py --tuning docs/bench/2026-11-27-h100-s19-ab-w1-fast-log-new-1.json
-                                      [--budgets 256,320] [--dynamic]
+                                      [--budgets 256,320,256:384] [--dynamic]
 
 The real scheduler (worker/scheduler.py, LLM's offline settings: longest_first, max_num_batched_tokens
 8,192) runs W1's requests with no model: each step's scheduled tokens are recorded, a sampled
@@ -16,7 +16,8 @@ costing more than 224 or 256, so a mix of two row counts on the envelope can bea
 the mean). No schedule need reach it: requests cannot start all at once, nor prompts be split
 at will.
 
---dynamic adds a variant whose fill target is the rows left (prompts and generations of every
+Each --budgets entry is decode_step_tokens, or decode_step_tokens:due_step_tokens (the step's
+budget once a prompt is due and while nothing decodes; scheduler.py). --dynamic adds a variant whose fill target is the rows left (prompts and generations of every
 unfinished request) over the steps left (the longest generation left), instead of a fixed budget.
 Attention, the lm_head and the small kernels are left out: their totals do not depend on how the
 rows are grouped into steps (KV read per generated token is fixed by the requests).
@@ -135,8 +136,10 @@ def main() -> None:
     cost = projection_model(json.loads(Path(args.tuning).read_text())["gemm_tuning"])
     floor = lower_hull(cost.vertices)
     cases: list[tuple[str, Scheduler]] = []
-    for b in (int(x) for x in args.budgets.split(",")):
-        cases.append((f"decode_step_tokens {b}", Scheduler(BlockManager(60000, 16), 256, 8192, b, True)))
+    for spec in args.budgets.split(","):  # DECODE_STEP_TOKENS[:DUE_STEP_TOKENS]
+        b, *due = (int(x) for x in spec.split(":"))
+        sched = Scheduler(BlockManager(60000, 16), 256, 8192, b, True, due[0] if due else None)
+        cases.append((f"decode_step_tokens {spec}", sched))
     if args.dynamic:
         cases.append(("dynamic target", DynamicTarget(BlockManager(60000, 16), 256, 8192, 256, True)))
     for name, sched in cases:

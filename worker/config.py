@@ -209,6 +209,9 @@ class EngineConfig:
     # them (None: no such limit): they fill decode steps whose matmuls have compute to spare instead
     # of steps of prefill alone (scheduler.py)
     decode_step_tokens: int | None = None
+    # with decode_step_tokens: the step's token budget once a prompt is due (its generation would
+    # outlast the batch's) and while nothing decodes (None: the whole budget; scheduler.py)
+    due_step_tokens: int | None = None
     # order of admission: "fifo" (arrival), or "longest_first" (most max_tokens first; for offline
     # batches, where the longest generation bounds the batch's steps: LLM's default on CUDA)
     admission: str = "fifo"
@@ -305,6 +308,10 @@ class EngineConfig:
             not isinstance(self.decode_step_tokens, int) or self.decode_step_tokens < 1
         ):
             raise InvalidRequestError("decode_step_tokens must be >= 1 or None", param="decode_step_tokens")
+        if self.due_step_tokens is not None and (
+            not isinstance(self.due_step_tokens, int) or self.due_step_tokens < 1
+        ):
+            raise InvalidRequestError("due_step_tokens must be >= 1 or None", param="due_step_tokens")
         if self.admission not in ("fifo", "longest_first"):
             raise InvalidRequestError("admission must be fifo or longest_first", param="admission")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -74,6 +74,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             decode_step_tokens=config.decode_step_tokens,
             longest_first=config.admission == "longest_first",
+            due_step_tokens=config.due_step_tokens,
         )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()

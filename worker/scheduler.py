@@ -23,6 +23,14 @@ Two settings for offline batches (LLM's defaults on CUDA, off for serving):
   full compute; a prompt whose generation would outlast the batch's is never held back (equal
   lengths, as in a batch of 1,000 / 1,000 requests, schedule as without the setting). The price
   is time to first token for the prompts held back.
+- `due_step_tokens` (with decode_step_tokens; off by default, not yet measured on a GPU): a prompt
+  that is due, i.e. whose generation would outlast the decoding batch's within DUE_LOOKAHEAD steps,
+  and every prompt while nothing decodes (the batch's first steps), fill the step up to this many
+  tokens instead of taking the whole budget. Without it a due prompt goes in whole (up to
+  max_num_batched_tokens: W1's first step is 8,192 prompt tokens, and prompts that come due later
+  make steps of up to ~2,000), and a large step costs more per token than one of a few hundred
+  that rides on decodes. bench/w1_schedule_model.py puts 384 at ~0.1 s less of W1's projection
+  time on the H100's GEMM timings (docs/benchmarks.md, twentieth session), a model.
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
@@ -40,6 +48,10 @@ from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager
 from .sequence import Sequence, SequenceStatus
+
+# with due_step_tokens: how many steps before its generation would outlast the batch's a prompt
+# counts as due (its chunks then start early enough not to all land in one step)
+DUE_LOOKAHEAD = 16
 
 
 @dataclass
@@ -75,12 +87,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         decode_step_tokens: int | None = None,
         longest_first: bool = False,
+        due_step_tokens: int | None = None,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # while sequences decode, the step's budget for prompts that would finish first (_deferred)
         self.decode_step_tokens = decode_step_tokens
+        # with decode_step_tokens: the step's budget once a prompt is due, and while nothing decodes
+        self.due_step_tokens = due_step_tokens
         self.longest_first = longest_first  # waiting queue ordered by max_tokens, most first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -170,14 +185,20 @@ class Scheduler:
         return max(left) if left else None
 
     def _deferred(self, seq: Sequence, n: int, budget: int, horizon: int | None) -> int:
-        """Tokens of a chunk of n (n > 1: a prompt's) to schedule this step: all of them, unless
-        sequences are decoding (horizon) and seq's generation would end before theirs anyway
-        (max_tokens below the horizon: waiting costs the batch no step), in which case the step
-        takes at most decode_step_tokens tokens in all (0: none this step)."""
-        if horizon is None or n <= 1 or seq.params.max_tokens >= horizon:
+        """Tokens of a chunk of n (n > 1: a prompt's) to schedule this step (0: none), with
+        decode_step_tokens set:
+        - sequences are decoding (horizon) and seq's generation would end before theirs anyway
+          (max_tokens below the horizon, less DUE_LOOKAHEAD with due_step_tokens: waiting costs the
+          batch no step): the step takes at most decode_step_tokens tokens in all;
+        - otherwise (seq is due, or nothing decodes): at most due_step_tokens in all, or all n
+          without it.
+        Without decode_step_tokens: all n."""
+        if self.decode_step_tokens is None or n <= 1:
             return n
-        assert self.decode_step_tokens is not None
         used = self.max_num_batched_tokens - budget
+        lookahead = 0 if self.due_step_tokens is None else DUE_LOOKAHEAD
+        if horizon is None or seq.params.max_tokens >= horizon - lookahead:
+            return n if self.due_step_tokens is None else max(0, min(n, self.due_step_tokens - used))
         return max(0, min(n, self.decode_step_tokens - used))
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,4 +1,5 @@
-"""The scheduler's offline settings: longest_first admission and decode_step_tokens (scheduler.py)."""
+"""The scheduler's offline settings: longest_first admission, decode_step_tokens and
+due_step_tokens (scheduler.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from inferfleet.worker import EngineConfig, SamplingParams
 from inferfleet.worker.errors import InvalidRequestError
 from inferfleet.worker.kv_cache import BlockManager
-from inferfleet.worker.scheduler import Scheduler, SchedulerOutput
+from inferfleet.worker.scheduler import DUE_LOOKAHEAD, Scheduler, SchedulerOutput
 from inferfleet.worker.sequence import Sequence
 
 
@@ -61,6 +62,41 @@ def test_decode_step_tokens_holds_back_only_prompts_that_end_first() -> None:
     assert run_step(sched) == {"long": 1, "longer": 1, "short": 1}
 
 
+def test_due_step_tokens_caps_due_prompts_and_the_first_steps() -> None:
+    sched = Scheduler(
+        BlockManager(256, 4, enable_prefix_caching=False), 8, 64, decode_step_tokens=16, longest_first=True,
+        due_step_tokens=24,
+    )  # fmt: skip
+    sched.add(seq("long", 40, 50))
+    # nothing decodes yet: the first steps take due_step_tokens, not the whole budget of 64
+    assert run_step(sched) == {"long": 24}
+    assert run_step(sched) == {"long": 16}
+    sched.add(seq("short", 40, 10))
+    sched.add(seq("longer", 40, 60))
+    # "long" decodes with 49 tokens to go: "longer" (60) is due and fills the step up to 24 tokens
+    # in all, chunk by chunk; "short" (10) would end first and waits while the step holds >= 16
+    assert run_step(sched) == {"long": 1, "longer": 23}
+    assert run_step(sched) == {"long": 1, "longer": 17}
+    assert run_step(sched) == {"long": 1, "longer": 1, "short": 14}
+
+
+def test_due_counts_from_the_lookahead_before_the_horizon() -> None:
+    """With due_step_tokens a prompt is due DUE_LOOKAHEAD steps before its generation would outlast
+    the batch's: it takes the due budget where, without the setting, it takes decode_step_tokens."""
+
+    def first_chunk(due: int | None) -> dict[str, int]:
+        sched = Scheduler(
+            BlockManager(512, 4), 8, 64, decode_step_tokens=8, longest_first=True, due_step_tokens=due
+        )
+        sched.add(seq("long", 4, 50))
+        run_step(sched)  # "long" decodes from here, 49 tokens to go
+        sched.add(seq("soon", 40, 49 - DUE_LOOKAHEAD))
+        return run_step(sched)
+
+    assert first_chunk(None) == {"long": 1, "soon": 7}  # ends first: the decode budget of 8
+    assert first_chunk(32) == {"long": 1, "soon": 31}  # due within the lookahead: up to 32
+
+
 def test_equal_lengths_schedule_as_without_the_setting() -> None:
     """A batch of equal max_tokens (W2's 1000 / 1000): no prompt ends before the decodes, so no
     prompt is held back and every step is what the plain scheduler makes of it."""
@@ -81,14 +117,27 @@ def test_equal_lengths_schedule_as_without_the_setting() -> None:
     budget=st.integers(1, 20),
     decode_budget=st.integers(1, 20),
     longest_first=st.booleans(),
+    due_budget=st.one_of(st.none(), st.integers(1, 20)),
 )
 def test_offline_settings_never_starve_or_leak(
-    reqs: list[tuple[int, int]], num_blocks: int, budget: int, decode_budget: int, longest_first: bool
+    reqs: list[tuple[int, int]],
+    num_blocks: int,
+    budget: int,
+    decode_budget: int,
+    longest_first: bool,
+    due_budget: int | None,
 ) -> None:
     """Preemption, chunking and held-back prompts together: every sequence finishes, every block
     comes back, and no step exceeds its budget."""
     bm = BlockManager(num_blocks, 4, enable_prefix_caching=True)
-    sched = Scheduler(bm, 3, budget, decode_step_tokens=decode_budget, longest_first=longest_first)
+    sched = Scheduler(
+        bm,
+        3,
+        budget,
+        decode_step_tokens=decode_budget,
+        longest_first=longest_first,
+        due_step_tokens=due_budget,
+    )
     for i, (n, m) in enumerate(reqs):
         sched.add(seq(str(i), min(n, num_blocks * 4 - 16), m))
     for _ in range(2000):
@@ -100,13 +149,18 @@ def test_offline_settings_never_starve_or_leak(
 
 
 def test_config_checks_and_offline_defaults(tiny_llama: Path) -> None:
-    for bad in ({"decode_step_tokens": 0}, {"admission": "shortest_first"}):
+    for bad in ({"decode_step_tokens": 0}, {"due_step_tokens": 0}, {"admission": "shortest_first"}):
         with pytest.raises(InvalidRequestError):
             EngineConfig(model=str(tiny_llama), device="cpu", **bad)  # type: ignore[arg-type]
     from inferfleet.worker import LLM
 
     cpu = LLM(model=str(tiny_llama), device="cpu").engine.scheduler
     assert cpu.decode_step_tokens is None and not cpu.longest_first  # the offline settings are CUDA's
+    assert cpu.due_step_tokens is None  # off unless asked for, on CUDA too
+    asked = LLM(
+        model=str(tiny_llama), device="cpu", decode_step_tokens=8, due_step_tokens=32
+    ).engine.scheduler
+    assert (asked.decode_step_tokens, asked.due_step_tokens) == (8, 32)
 
 
 def test_a_held_back_prompt_does_not_hold_up_the_ones_behind_it() -> None:
