@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import microbench
@@ -89,13 +90,20 @@ def time_us(fn) -> float:
     return microbench.graph_us(chain, launches=1, rounds=3, warmup=2) / LAUNCHES
 
 
-def problem(m: int, name: str) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """One Llama-3.1-8B projection at m rows: x [m, k], WEIGHTS distinct weights [n, k] and the
-    float32 reference of x @ ws[0]^T."""
-    n, k = microbench.LAYER_SHAPES[name]
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * k**-0.5 for _ in range(WEIGHTS)]
-    return x, ws, F.linear(x.float(), ws[0].float())
+def problems(
+    rows: str, shapes: str
+) -> Iterator[tuple[int, str, int, int, torch.Tensor, list[torch.Tensor], torch.Tensor]]:
+    """For each row count and Llama-3.1-8B projection of the comma lists: (m, name, n, k, x [m, k],
+    WEIGHTS distinct weights [n, k], the float32 reference of x @ ws[0]^T); the weights are let go
+    before the next."""
+    for m in (int(r) for r in rows.split(",")):
+        for name in shapes.split(","):
+            n, k = microbench.LAYER_SHAPES[name]
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * k**-0.5 for _ in range(WEIGHTS)]
+            yield m, name, n, k, x, ws, F.linear(x.float(), ws[0].float())
+            ws.clear()
+            torch.cuda.empty_cache()
 
 
 def checked_us(fn, ref: torch.Tensor, tol: float, reset=None) -> float | str:  # type: ignore[no-untyped-def]
@@ -132,45 +140,40 @@ def main() -> None:
         for c in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4, 5))
         if c[0] * c[2] + c[1] * c[2] <= 128 * 128 + 256 * 64  # shared memory per stage, roughly
     ]
-    for m in (int(r) for r in args.rows.split(",")):
-        for name in args.shapes.split(","):
-            n, k = microbench.LAYER_SHAPES[name]
-            x, ws, ref = problem(m, name)
-            flops = 2 * m * n * k
-            row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
-            out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+    for m, name, n, k, x, ws, ref in problems(args.rows, args.shapes):
+        flops = 2 * m * n * k
+        row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
+        out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+        for c in configs:
+            if n % c[1] == 0:
+                row["bm{} bn{} bk{} w{} s{}".format(*c)] = checked_us(
+                    lambda j, c=c: triton_gemm(x, ws[j], out, *c), ref, 1e-2
+                )
+        if name == "gate_up":
+            half = n // 2
+            g, u = ref[:, :half], ref[:, half:]
+            ref2 = g * torch.sigmoid(g) * u
+            y = torch.empty(m, half, device=DEV, dtype=torch.bfloat16)
+            row["cublas + silu_and_mul"] = time_us(lambda j: silu_and_mul(F.linear(x, ws[j])))
             for c in configs:
-                if n % c[1] == 0:
-                    row["bm{} bn{} bk{} w{} s{}".format(*c)] = checked_us(
-                        lambda j, c=c: triton_gemm(x, ws[j], out, *c), ref, 1e-2
+                if half % c[1] == 0 and c[1] <= 128:
+                    row["dual bm{} bn{} bk{} w{} s{}".format(*c)] = checked_us(
+                        lambda j, c=c: triton_gemm(x, ws[j], y, *c, dual=True), ref2, 2e-2
                     )
-            if name == "gate_up":
-                half = n // 2
-                g, u = ref[:, :half], ref[:, half:]
-                ref2 = g * torch.sigmoid(g) * u
-                y = torch.empty(m, half, device=DEV, dtype=torch.bfloat16)
-                row["cublas + silu_and_mul"] = time_us(lambda j: silu_and_mul(F.linear(x, ws[j])))
-                for c in configs:
-                    if half % c[1] == 0 and c[1] <= 128:
-                        row["dual bm{} bn{} bk{} w{} s{}".format(*c)] = checked_us(
-                            lambda j, c=c: triton_gemm(x, ws[j], y, *c, dual=True), ref2, 2e-2
-                        )
-            res["cases"][f"{name} m{m}"] = row
-            timed = {kk: v for kk, v in row.items() if isinstance(v, float)}
-            best = sorted((v, kk) for kk, v in timed.items() if kk.startswith("bm"))[:3]
-            print(
-                f"{name} m{m}: cublas {row['cublas']:.1f} us ({flops / row['cublas'] / 1e6:.0f} TFLOP/s)",
-                flush=True,
-            )
-            for v, kk in best:
+        res["cases"][f"{name} m{m}"] = row
+        timed = {kk: v for kk, v in row.items() if isinstance(v, float)}
+        best = sorted((v, kk) for kk, v in timed.items() if kk.startswith("bm"))[:3]
+        print(
+            f"{name} m{m}: cublas {row['cublas']:.1f} us ({flops / row['cublas'] / 1e6:.0f} TFLOP/s)",
+            flush=True,
+        )
+        for v, kk in best:
+            print(f"    {kk:28s} {v:8.1f} us ({flops / v / 1e6:.0f} TFLOP/s)", flush=True)
+        if name == "gate_up":
+            dual = sorted((v, kk) for kk, v in timed.items() if kk.startswith("dual"))[:3]
+            print(f"    cublas + silu_and_mul        {row['cublas + silu_and_mul']:8.1f} us", flush=True)
+            for v, kk in dual:
                 print(f"    {kk:28s} {v:8.1f} us ({flops / v / 1e6:.0f} TFLOP/s)", flush=True)
-            if name == "gate_up":
-                dual = sorted((v, kk) for kk, v in timed.items() if kk.startswith("dual"))[:3]
-                print(f"    cublas + silu_and_mul        {row['cublas + silu_and_mul']:8.1f} us", flush=True)
-                for v, kk in dual:
-                    print(f"    {kk:28s} {v:8.1f} us ({flops / v / 1e6:.0f} TFLOP/s)", flush=True)
-            ws.clear()
-            torch.cuda.empty_cache()
     save(args.out, "gemm_probe.json", res)
 
 

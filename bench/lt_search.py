@@ -32,7 +32,7 @@ import time
 
 import microbench
 import torch
-from gemm_probe import DEV, WEIGHTS, problem, save
+from gemm_probe import DEV, WEIGHTS, problems, save
 from inferfleet.worker.kernels import blaslt
 from torch.nn import functional as F
 
@@ -49,16 +49,8 @@ CAP_SPLITK, CAP_REDUCTION_MASK, CAP_SWIZZLING, CAP_TILE_IDS, CAP_CUSTOM_MAX, CAP
     7,
     13,
 )
-CFG_ID, CFG_TILE, CFG_SPLITK, CFG_REDUCTION, CFG_SWIZZLE, CFG_CUSTOM, CFG_STAGES, CFG_CLUSTER = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    6,
-    8,
-)
+CFG_ID, CFG_TILE, CFG_SPLITK, CFG_REDUCTION, CFG_SWIZZLE, CFG_STAGES = 0, 1, 2, 3, 4, 6
+CFG_CUSTOM, CFG_CLUSTER = blaslt._CONFIG_CUSTOM_OPTION, blaslt._CONFIG_CLUSTER_SHAPE
 # reduction schemes for split-K: in place (1), in a float32 workspace (2), in the output type (4)
 REDUCTIONS = (1, 2, 4)
 
@@ -70,9 +62,7 @@ def declare(lib: ctypes.CDLL) -> None:
         "cublasLtMatmulAlgoGetIds": [vp, i, i, i, i, i, i, i, ctypes.POINTER(i), ctypes.POINTER(i)],
         "cublasLtMatmulAlgoInit": [vp, i, i, i, i, i, i, i, algo_p],
         "cublasLtMatmulAlgoCapGetAttribute": [algo_p, i, vp, sz, ctypes.POINTER(sz)],
-        "cublasLtMatmulAlgoConfigSetAttribute": [algo_p, i, vp, sz],
         "cublasLtMatmulAlgoConfigGetAttribute": [algo_p, i, vp, sz, ctypes.POINTER(sz)],
-        "cublasLtMatmulAlgoCheck": [vp, vp, vp, vp, vp, vp, algo_p, ctypes.POINTER(blaslt._Heuristic)],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -112,12 +102,13 @@ def config(lib: ctypes.CDLL, algo: blaslt._Algo) -> dict[str, int]:
 
 
 def enumerate_configs(
-    lt: blaslt.Lt, plan_of, limit: int, heuristic: list[dict]
-) -> list[tuple[dict, blaslt._Plan]]:  # type: ignore[no-untyped-def]
+    lt: blaslt.Lt, layouts: tuple[ctypes.c_void_p, ...], m: int, n: int, limit: int, heuristic: list[dict]
+) -> list[tuple[dict, blaslt._Plan]]:
     """Every (id, tile, stages, split-K, reduction, swizzle, custom) cuBLASLt's check accepts, for
     the ids cuBLASLt lists and those of the `heuristic` configurations (on the H100 the nvjet
     kernels' id 66 is not listed), the latter also over cluster shapes 0-15 and split-K 1-2, with
-    the heuristics' own tiles and stages added to the ones the id reports."""
+    the heuristics' own tiles and stages added to the ones the id reports. `layouts`: the problem's
+    (A, B, C) cuBLASLt layouts, m rows by n columns of output, which every plan shares."""
     extra_ids = {cfg["id"] for cfg in heuristic}
     lib = lt.lib
     bf16, f32, c32 = blaslt._CUDA_R_16BF, blaslt._CUDA_R_32F, blaslt._COMPUTE_32F
@@ -146,26 +137,14 @@ def enumerate_configs(
             tiles, stages, splits, swizzles, customs, clusters
         ):
             for reduction in [0] if split == 1 else reductions:
-                algo = blaslt._Algo()
-                ctypes.memmove(ctypes.byref(algo), ctypes.byref(base), ctypes.sizeof(algo))
                 values = [(CFG_TILE, ctypes.c_uint32(tile)), (CFG_STAGES, ctypes.c_uint32(stage)),
                           (CFG_SPLITK, ctypes.c_uint32(split)), (CFG_REDUCTION, ctypes.c_uint32(reduction)),
                           (CFG_SWIZZLE, ctypes.c_uint32(swizzle)), (CFG_CUSTOM, ctypes.c_uint32(custom))]  # fmt: skip
                 if extra:
                     values.append((CFG_CLUSTER, ctypes.c_uint16(cluster)))
-                if any(  # a value the algorithm refuses would leave a copy of another configuration
-                    lib.cublasLtMatmulAlgoConfigSetAttribute(
-                        ctypes.byref(algo), attr, ctypes.byref(v), ctypes.sizeof(v)
-                    )
-                    for attr, v in values
-                ):
-                    continue
-                plan = plan_of(algo)
-                res = blaslt._Heuristic()
-                ok = lib.cublasLtMatmulAlgoCheck(lt.handle, lt.desc, plan.a, plan.b, plan.c, plan.c,
-                                                 ctypes.byref(algo), ctypes.byref(res))  # fmt: skip
-                if ok == 0 and res.state == 0 and res.workspace_size <= blaslt.WORKSPACE_BYTES:
-                    found.append((config(lib, algo), plan))
+                algo = lt.configured(base, values, *layouts)
+                if algo is not None:
+                    found.append((config(lib, algo), blaslt._Plan(*layouts, algo, m, n)))
                     if len(found) >= limit:
                         return found
     return found
@@ -213,68 +192,58 @@ def main() -> None:
     lt = blaslt.Lt(lib, DEV)
     declare(lt.lib)
     res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
-    for m in (int(r) for r in args.rows.split(",")):
-        for name in args.shapes.split(","):
-            n, k = microbench.LAYER_SHAPES[name]
-            x, ws, ref = problem(m, name)
-            t0 = time.perf_counter()
-            a, b, c = lt._layout(torch.bfloat16, k, n, k), lt._layout(torch.bfloat16, k, m, k), lt._layout(torch.bfloat16, n, m, n)  # fmt: skip
-
-            def plan_of(algo, a=a, b=b, c=c, m=m, n=n):  # type: ignore[no-untyped-def]
-                return blaslt._Plan(a, b, c, algo, m, n)
-
-            sources, blaslt.VARIANT_SOURCES = blaslt.VARIANT_SOURCES, 0  # the heuristics' own list
+    for m, name, n, k, x, ws, ref in problems(args.rows, args.shapes):
+        t0 = time.perf_counter()
+        a, b, c = lt._layout(torch.bfloat16, k, n, k), lt._layout(torch.bfloat16, k, m, k), lt._layout(torch.bfloat16, n, m, n)  # fmt: skip
+        sources, blaslt.VARIANT_SOURCES = blaslt.VARIANT_SOURCES, 0  # the heuristics' own list
+        try:
+            heur = [(config(lt.lib, p.algo), p) for p in lt._candidates(torch.bfloat16, n, k, m)]
+        finally:
+            blaslt.VARIANT_SOURCES = sources
+        configs = enumerate_configs(lt, (a, b, c), m, n, args.limit, [cfg for cfg, _ in heur])
+        enum_s = time.perf_counter() - t0
+        first: list[tuple[float, int]] = []
+        order = list(range(len(configs)))
+        random.Random(0).shuffle(order)  # a budget that runs out leaves a sample of every id
+        deadline = time.perf_counter() + args.seconds
+        for i in order:
+            if time.perf_counter() > deadline:
+                break
             try:
-                heur = [(config(lt.lib, p.algo), p) for p in lt._candidates(torch.bfloat16, n, k, m)]
-            finally:
-                blaslt.VARIANT_SOURCES = sources
-            configs = enumerate_configs(lt, plan_of, args.limit, [cfg for cfg, _ in heur])
-            enum_s = time.perf_counter() - t0
-            first: list[tuple[float, int]] = []
-            order = list(range(len(configs)))
-            random.Random(0).shuffle(order)  # a budget that runs out leaves a sample of every id
-            deadline = time.perf_counter() + args.seconds
-            for i in order:
-                if time.perf_counter() > deadline:
-                    break
-                try:
-                    first.append((quick_us(lambda j, plan=configs[i][1]: lt.run(plan, x, ws[j])), i))
-                except RuntimeError:
-                    continue
-            first.sort()
-            arms = {"F.linear": lambda j: F.linear(x, ws[j])}
-            for h, (cfg, plan) in enumerate(heur):
-                arms[f"heuristic {h} {cfg}"] = lambda j, plan=plan: lt.run(plan, x, ws[j])
-            for _, i in first[:FINALISTS]:
-                cfg, plan = configs[i]
-                arms[f"search {cfg}"] = lambda j, plan=plan: lt.run(plan, x, ws[j])
-            errs = {}
+                first.append((quick_us(lambda j, plan=configs[i][1]: lt.run(plan, x, ws[j])), i))
+            except RuntimeError:
+                continue
+        first.sort()
+        arms = {"F.linear": lambda j: F.linear(x, ws[j])}
+        for h, (cfg, plan) in enumerate(heur):
+            arms[f"heuristic {h} {cfg}"] = lambda j, plan=plan: lt.run(plan, x, ws[j])
+        for _, i in first[:FINALISTS]:
+            cfg, plan = configs[i]
+            arms[f"search {cfg}"] = lambda j, plan=plan: lt.run(plan, x, ws[j])
+        errs = {}
+        for label, fn in arms.items():
+            got = fn(0).float()
+            errs[label] = ((got - ref).norm() / ref.norm()).item()
+        times: dict[str, list[float]] = {label: [] for label in arms}
+        for _ in range(ROUNDS):
             for label, fn in arms.items():
-                got = fn(0).float()
-                errs[label] = ((got - ref).norm() / ref.norm()).item()
-            times: dict[str, list[float]] = {label: [] for label in arms}
-            for _ in range(ROUNDS):
-                for label, fn in arms.items():
-                    times[label].append(graph_us(fn))
-            med = {label: statistics.median(v) for label, v in times.items()}
-            res["cases"][f"{name} m{m}"] = {
-                "configs": len(configs), "timed": len(first), "enumerate_s": enum_s,
-                "first_pass": [(us, configs[i][0]) for us, i in first],
-                "final": {label: {"us": med[label], "err": errs[label]} for label in arms},
-            }  # fmt: skip
-            ids = sorted({cfg["id"] for cfg, _ in configs})
-            print(f"{name} m{m}: {len(configs)} configurations accepted over ids {ids}, {len(first)} timed "
-                  f"(enumerated in {enum_s:.1f} s)", flush=True)  # fmt: skip
-            print(
-                "    first pass: " + "; ".join(f"{us:.1f} {configs[i][0]}" for us, i in first[:3]), flush=True
-            )
-            for label in sorted(arms, key=med.get)[:6] + (["F.linear"] if "F.linear" not in sorted(arms, key=med.get)[:6] else []):  # fmt: skip
-                miss = "  MISSES THE REFERENCE" if not errs[label] <= TOLERANCE else ""
-                print(f"    {med[label]:7.1f} us  err {errs[label]:.1e}  {label}{miss}", flush=True)
-            lt._free_layouts(a, b, c)
-            if heur:  # the heuristics' candidates share layouts of their own
-                lt._free_layouts(heur[0][1].a, heur[0][1].b, heur[0][1].c)
-            torch.cuda.empty_cache()
+                times[label].append(graph_us(fn))
+        med = {label: statistics.median(v) for label, v in times.items()}
+        res["cases"][f"{name} m{m}"] = {
+            "configs": len(configs), "timed": len(first), "enumerate_s": enum_s,
+            "first_pass": [(us, configs[i][0]) for us, i in first],
+            "final": {label: {"us": med[label], "err": errs[label]} for label in arms},
+        }  # fmt: skip
+        ids = sorted({cfg["id"] for cfg, _ in configs})
+        print(f"{name} m{m}: {len(configs)} configurations accepted over ids {ids}, {len(first)} timed "
+              f"(enumerated in {enum_s:.1f} s)", flush=True)  # fmt: skip
+        print("    first pass: " + "; ".join(f"{us:.1f} {configs[i][0]}" for us, i in first[:3]), flush=True)
+        for label in sorted(arms, key=med.get)[:6] + (["F.linear"] if "F.linear" not in sorted(arms, key=med.get)[:6] else []):  # fmt: skip
+            miss = "  MISSES THE REFERENCE" if not errs[label] <= TOLERANCE else ""
+            print(f"    {med[label]:7.1f} us  err {errs[label]:.1e}  {label}{miss}", flush=True)
+        lt._free_layouts(a, b, c)
+        if heur:  # the heuristics' candidates share layouts of their own
+            lt._free_layouts(heur[0][1].a, heur[0][1].b, heur[0][1].c)
     save(args.out, "lt_search.json", res)
 
 

@@ -19,11 +19,10 @@ import argparse
 import itertools
 import time
 
-import microbench
 import torch
 import triton
 import triton.language as tl
-from gemm_probe import DEV, checked_us, problem, save, time_us
+from gemm_probe import DEV, checked_us, problems, save, time_us
 from inferfleet.worker.kernels import LAUNCH_OPTIONS, num_sms
 from torch.nn import functional as F
 
@@ -121,44 +120,39 @@ def main() -> None:
         if not (bm == 256 and w == 4) and not (bm == 256 and bn == 128 and s == 5) and not (bm == 128 and s == 5)
         and not (bm == 256 and p == 2 * sms)
     ]  # fmt: skip
-    for m in (int(r) for r in args.rows.split(",")):
-        for name in args.shapes.split(","):
-            n, k = microbench.LAYER_SHAPES[name]
-            x, ws, ref = problem(m, name)
-            flops = 2 * m * n * k
-            tbytes = n * k * 2 / 1e6  # MB: MB per us is TB/s
-            row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
-            out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
-            for bm, bn, bk, warps, stages, p in configs:
-                key = f"bm{bm} bn{bn} bk{bk} w{warps} s{stages} p{p}"
-                sk = StreamK(m, n, k, bm, bn, bk, p, warps, stages)
+    for m, name, n, k, x, ws, ref in problems(args.rows, args.shapes):
+        flops = 2 * m * n * k
+        tbytes = n * k * 2 / 1e6  # MB: MB per us is TB/s
+        row: dict = {"cublas": time_us(lambda j: F.linear(x, ws[j]))}
+        out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+        for bm, bn, bk, warps, stages, p in configs:
+            key = f"bm{bm} bn{bn} bk{bk} w{warps} s{stages} p{p}"
+            sk = StreamK(m, n, k, bm, bn, bk, p, warps, stages)
 
-                def poisoned(sk: StreamK = sk) -> None:
-                    # checked on its second launch (the first must leave its tickets at zero), into
-                    # an output of NaNs: a tile it fails to write cannot pass
-                    sk(x, ws[0], out)
-                    out.fill_(float("nan"))
+            def poisoned(sk: StreamK = sk) -> None:
+                # checked on its second launch (the first must leave its tickets at zero), into
+                # an output of NaNs: a tile it fails to write cannot pass
+                sk(x, ws[0], out)
+                out.fill_(float("nan"))
 
-                row[key] = checked_us(lambda j, sk=sk: sk(x, ws[j], out), ref, 1e-2, reset=poisoned)
-                if isinstance(row[key], float) and int(sk.tick.abs().sum()):
-                    row[key] = f"tickets left at {sk.tick.tolist()}"
-            res["cases"][f"{name} m{m}"] = row
-            timed = sorted((v, kk) for kk, v in row.items() if isinstance(v, float) and kk != "cublas")
-            errors = [f"{kk}: {v}" for kk, v in row.items() if not isinstance(v, float)]
-            cb = row["cublas"]
+            row[key] = checked_us(lambda j, sk=sk: sk(x, ws[j], out), ref, 1e-2, reset=poisoned)
+            if isinstance(row[key], float) and int(sk.tick.abs().sum()):
+                row[key] = f"tickets left at {sk.tick.tolist()}"
+        res["cases"][f"{name} m{m}"] = row
+        timed = sorted((v, kk) for kk, v in row.items() if isinstance(v, float) and kk != "cublas")
+        errors = [f"{kk}: {v}" for kk, v in row.items() if not isinstance(v, float)]
+        cb = row["cublas"]
+        print(
+            f"{name} m{m}: cublas {cb:.1f} us ({tbytes / cb:.2f} TB/s, {flops / cb / 1e6:.0f} TFLOP/s)",
+            flush=True,
+        )
+        for v, kk in timed[:4]:
             print(
-                f"{name} m{m}: cublas {cb:.1f} us ({tbytes / cb:.2f} TB/s, {flops / cb / 1e6:.0f} TFLOP/s)",
+                f"    {kk:32s} {v:8.1f} us ({tbytes / v:.2f} TB/s, {flops / v / 1e6:.0f} TFLOP/s)",
                 flush=True,
             )
-            for v, kk in timed[:4]:
-                print(
-                    f"    {kk:32s} {v:8.1f} us ({tbytes / v:.2f} TB/s, {flops / v / 1e6:.0f} TFLOP/s)",
-                    flush=True,
-                )
-            for e in errors[:3]:
-                print(f"    not run: {e}")
-            ws.clear()
-            torch.cuda.empty_cache()
+        for e in errors[:3]:
+            print(f"    not run: {e}")
     save(args.out, "streamk_probe.json", res)
 
 

@@ -8,16 +8,15 @@ the same objects and never creates a second one.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from fractions import Fraction
 from typing import Any
 
 from inferfleet.operator import crd
 from inferfleet.operator.kube import ApiError, KubeClient, resource_of
 from inferfleet.operator.plan import ChildRef, all_child_refs, plan_spec, spec_hash
 from inferfleet.operator.spec import ServiceSpec
+from kubernetes.utils.quantity import parse_quantity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,31 +27,18 @@ class Applied:
 
 # keys whose values (or, for requests/limits, whose map's values) are resource quantities, which
 # the API server stores in canonical form: "0.5" comes back as "500m", "1024Mi" as "1Gi"
-_QUANTITY_MAPS = frozenset({"requests", "limits"})
-_QUANTITY_KEYS = frozenset({"sizeLimit"})
-_QUANTITY_RE = re.compile(
-    r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
-)
-_SUFFIX = {
-    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
-    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
-    "P": Fraction(10**15), "E": Fraction(10**18), "Ki": Fraction(2**10), "Mi": Fraction(2**20),
-    "Gi": Fraction(2**30), "Ti": Fraction(2**40), "Pi": Fraction(2**50), "Ei": Fraction(2**60),
-}  # fmt: skip
+_QUANTITY_KEYS = frozenset({"requests", "limits", "sizeLimit"})
 
 
-def quantity(value: Any) -> Fraction | None:
+def quantity(value: Any) -> Decimal | None:
     """The amount a Kubernetes resource quantity ("500m", "1.5Gi", 8, "1e3") stands for; None
     for anything else."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None
-    m = _QUANTITY_RE.match(str(value))
-    if m is None:
+    try:
+        return parse_quantity(value)
+    except ValueError:
         return None
-    number, suffix = Fraction(Decimal(m.group(1))), m.group(2) or ""
-    if suffix[:1] in ("e", "E"):
-        return number * Fraction(10) ** int(suffix[1:])
-    return number * _SUFFIX[suffix]
 
 
 def is_subset(want: Any, have: Any, *, quantities: bool = False) -> bool:
@@ -65,8 +51,7 @@ def is_subset(want: Any, have: Any, *, quantities: bool = False) -> bool:
     if isinstance(want, Mapping):
         # a requests/limits map passes `quantities` on to its values
         return isinstance(have, Mapping) and all(
-            k in have
-            and is_subset(v, have[k], quantities=quantities or k in _QUANTITY_KEYS or k in _QUANTITY_MAPS)
+            k in have and is_subset(v, have[k], quantities=quantities or k in _QUANTITY_KEYS)
             for k, v in want.items()
         )
     if isinstance(want, list):

@@ -2,13 +2,14 @@
 
 Conditions (each with reason, message and lastTransitionTime, kept while the status holds):
 
-    Ready        True  when ready worker pods >= spec.replicas (at least one)
+    Ready        True  when ready worker pods >= the demand replicas (at least one): spec.replicas,
+                       within [minReplicas, maxReplicas] while the autoscaler owns it
     Progressing  True  while the spec is not applied yet, pods run an old template,
-                       or the pod count is not yet replicas + warmPool ready pods
+                       or the pod count is not yet demand replicas + warmPool ready pods
     Degraded     True  when applying failed or a worker pod is failing
                        (crash loop, image pull, bad config)
 
-Counts follow "demand first": the first `replicas` ready pods serve demand, the rest are warm.
+Counts follow "demand first": the first demand-replicas ready pods serve demand, the rest are warm.
 """
 
 from __future__ import annotations

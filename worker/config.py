@@ -304,14 +304,10 @@ class EngineConfig:
             self.max_num_batched_tokens = max(8192 if self.device != "cpu" else 2048, self.max_num_seqs)
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be >= 1", param="max_num_batched_tokens")
-        if self.decode_step_tokens is not None and (
-            not isinstance(self.decode_step_tokens, int) or self.decode_step_tokens < 1
-        ):
-            raise InvalidRequestError("decode_step_tokens must be >= 1 or None", param="decode_step_tokens")
-        if self.due_step_tokens is not None and (
-            not isinstance(self.due_step_tokens, int) or self.due_step_tokens < 1
-        ):
-            raise InvalidRequestError("due_step_tokens must be >= 1 or None", param="due_step_tokens")
+        for name in ("decode_step_tokens", "due_step_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise InvalidRequestError(f"{name} must be >= 1 or None", param=name)
         if self.admission not in ("fifo", "longest_first"):
             raise InvalidRequestError("admission must be fifo or longest_first", param="admission")
         if self.attention_backend not in ("auto", "torch", "triton"):

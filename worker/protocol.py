@@ -52,6 +52,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+def model_not_found(name: str) -> ApiError:
+    """The 404 for a request naming a model this server does not serve."""
+    return ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 

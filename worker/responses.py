@@ -60,8 +60,8 @@ class TextOffsets:
     one stream chunk to the next: a token inside a character split over several tokens starts
     where that character does."""
 
-    def __init__(self, start: int = 0) -> None:
-        self.chars = start
+    def __init__(self) -> None:
+        self.chars = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def advance(self, raw: bytes) -> int:

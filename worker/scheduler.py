@@ -195,11 +195,10 @@ class Scheduler:
         Without decode_step_tokens: all n."""
         if self.decode_step_tokens is None or n <= 1:
             return n
-        used = self.max_num_batched_tokens - budget
         lookahead = 0 if self.due_step_tokens is None else DUE_LOOKAHEAD
-        if horizon is None or seq.params.max_tokens >= horizon - lookahead:
-            return n if self.due_step_tokens is None else max(0, min(n, self.due_step_tokens - used))
-        return max(0, min(n, self.decode_step_tokens - used))
+        due = horizon is None or seq.params.max_tokens >= horizon - lookahead
+        cap = self.due_step_tokens if due else self.decode_step_tokens
+        return n if cap is None else max(0, min(n, cap - (self.max_num_batched_tokens - budget)))
 
     def _preempt(self, seq: Sequence) -> None:
         # recompute later: free everything; cached full blocks may still be revived at readmission

@@ -34,7 +34,7 @@ from .async_engine import AsyncEngine, GenerationStream
 from .errors import InvalidRequestError
 from .metrics import ServerMetrics
 from .openapi import openapi_document
-from .protocol import ApiError, error_body
+from .protocol import ApiError, error_body, model_not_found
 from .responses import model_card, models_list
 from .serving import RETRY_AFTER_UNAVAILABLE, OpenAIServing, json_response
 
@@ -268,7 +268,7 @@ class WorkerServer:
     async def _model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name != self.model_name:
-            raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise model_not_found(name)
         return json_response(model_card(self.model_name, self._created, self.max_model_len))
 
     # -- lifecycle -----------------------------------------------------------------------------

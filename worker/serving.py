@@ -28,7 +28,7 @@ from aiohttp import hdrs, web
 from . import protocol, responses
 from .admission import Ticket
 from .errors import EngineDeadError, InvalidRequestError
-from .protocol import ApiError, GenerateRequest
+from .protocol import ApiError, GenerateRequest, model_not_found
 from .responses import ResponseHeader
 
 if TYPE_CHECKING:
@@ -123,9 +123,7 @@ class OpenAIServing:
         srv = self.server
         req = parse(await read_json(request, srv.config.max_body_bytes))
         if req.model is not None and req.model != srv.model_name:
-            raise ApiError(
-                404, f"The model '{req.model}' does not exist", param="model", code="model_not_found"
-            )
+            raise model_not_found(req.model)
         estimate = [t for t in req.estimated_prompt_tokens() for _ in range(req.n)]
         ticket = srv.admission.try_reserve(estimate)
         if ticket is None:
@@ -226,19 +224,14 @@ class OpenAIServing:
             raise _aborted_error()
         done = [o for o in finals if o is not None]
         choices = []
+        token_bytes = self.server.tokenizer.token_bytes
         for idx, o in enumerate(done):
             if req.kind == "chat":
-                lp = (
-                    responses.chat_logprobs(o.logprobs, self.server.tokenizer.token_bytes)
-                    if o.logprobs is not None
-                    else None
-                )
+                lp = responses.chat_logprobs(o.logprobs, token_bytes) if o.logprobs is not None else None
                 choices.append(responses.chat_choice(idx, o, lp))
             else:
                 lp = (
-                    responses.completion_logprobs(o.logprobs, self.server.tokenizer.token_bytes)
-                    if o.logprobs is not None
-                    else None
+                    responses.completion_logprobs(o.logprobs, token_bytes) if o.logprobs is not None else None
                 )
                 choices.append(responses.completion_choice(idx, o.text, lp, o.finish_reason))
         usage = _usage(req, prompts, [len(o.token_ids) for o in done], [o.num_cached_tokens for o in done])
@@ -266,7 +259,10 @@ class OpenAIServing:
         usage_on = req.include_usage
         completion_tokens = [0] * req.num_choices
         cached = [0] * req.num_choices
-        offsets = [responses.TextOffsets() for _ in range(req.num_choices)]  # completions' text_offset
+        token_bytes = self.server.tokenizer.token_bytes
+        # completions' text_offset, carried over the stream (only completions report it)
+        want_offsets = not chat and req.sampling.logprobs is not None
+        offsets = [responses.TextOffsets() for _ in range(req.num_choices)] if want_offsets else []
         try:
             if chat:
                 for idx in range(req.num_choices):
@@ -286,16 +282,14 @@ class OpenAIServing:
                 lp = None
                 if chat:
                     if out.new_logprobs:
-                        lp = responses.chat_logprobs(out.new_logprobs, self.server.tokenizer.token_bytes)
+                        lp = responses.chat_logprobs(out.new_logprobs, token_bytes)
                     delta = {"content": out.new_text} if out.new_text else {}
                     chunk = responses.chat_chunk(
                         h, idx, delta, logprobs=lp, reason=reason, include_usage=usage_on
                     )
                 else:
-                    if req.sampling.logprobs is not None:
-                        lp = responses.completion_logprobs(
-                            out.new_logprobs, self.server.tokenizer.token_bytes, offsets[idx]
-                        )
+                    if want_offsets:
+                        lp = responses.completion_logprobs(out.new_logprobs, token_bytes, offsets[idx])
                     chunk = responses.completion_chunk(
                         h, idx, out.new_text, logprobs=lp, reason=reason, include_usage=usage_on
                     )

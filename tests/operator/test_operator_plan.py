@@ -446,3 +446,20 @@ def test_max_model_len_only_when_set() -> None:
     args = worker(plan(make_isvc(engine={"maxModelLen": 2048})))["containers"][0]["args"]
     assert args[args.index("--max-model-len") + 1] == "2048"
     assert args.index("--dtype") < args.index("--max-model-len") < args.index("--max-num-seqs")
+
+
+def test_drift_check_compares_quantities_by_amount() -> None:
+    """The API server stores requests/limits and sizeLimit in canonical form; the drift check
+    compares those by amount (the exa suffixes included, which the check once took for exponents
+    and failed on), and everything else as written."""
+    from inferfleet.operator.reconcile import is_subset
+
+    def res(**limits: Any) -> dict[str, Any]:
+        return {"resources": {"limits": limits}}
+
+    assert is_subset(res(memory="1024Mi"), res(memory="1Gi"))
+    assert is_subset(res(cpu="0.5"), res(cpu="500m"))
+    assert is_subset(res(memory="1Ei"), res(memory=str(2**60)))
+    assert is_subset(res(memory="1E"), res(memory="1000P"))
+    assert not is_subset(res(memory="1Gi"), res(memory="1G"))
+    assert not is_subset({"image": "0.5"}, {"image": "500m"})  # not a quantity field

@@ -147,7 +147,7 @@ def test_yarn_attention_scaling_only_when_the_context_is_stretched() -> None:
         rope = RopeConfig(
             theta=10000.0, rope_type="yarn", factor=factor, original_max_position_embeddings=128
         )
-        return inverse_frequencies(rope, 64, 512)[1]
+        return inverse_frequencies(rope, 64)[1]
 
     assert scale(4.0) == pytest.approx(0.1 * math.log(4.0) + 1.0)
     assert scale(1.0) == 1.0 and scale(0.5) == 1.0

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -229,14 +230,22 @@ class Lt:
         return plans
 
     def _variant(self, algo: _Algo, custom: int, cluster: int, *layouts: ctypes.c_void_p) -> _Algo | None:
-        """`algo` with another custom option and cluster shape, if cuBLASLt accepts it for these
-        layouts within WORKSPACE_BYTES; else None."""
-        out = _Algo()
-        ctypes.memmove(ctypes.byref(out), ctypes.byref(algo), ctypes.sizeof(_Algo))
-        for attr, value in (
+        """`algo` with another custom option and cluster shape (configured)."""
+        settings = (
             (_CONFIG_CUSTOM_OPTION, ctypes.c_uint32(custom)),
             (_CONFIG_CLUSTER_SHAPE, ctypes.c_uint16(cluster)),
-        ):
+        )
+        return self.configured(algo, settings, *layouts)
+
+    def configured(
+        self, algo: _Algo, settings: Iterable[tuple[int, ctypes._SimpleCData]], *layouts: ctypes.c_void_p
+    ) -> _Algo | None:
+        """A copy of `algo` with each (cublasLtMatmulAlgoConfigAttributes_t, ctypes value) of
+        `settings` set, if cuBLASLt takes every value and accepts the result for these layouts
+        (A, B, C) within WORKSPACE_BYTES; else None."""
+        out = _Algo()
+        ctypes.memmove(ctypes.byref(out), ctypes.byref(algo), ctypes.sizeof(_Algo))
+        for attr, value in settings:
             if self.lib.cublasLtMatmulAlgoConfigSetAttribute(
                 ctypes.byref(out), attr, ctypes.byref(value), ctypes.sizeof(value)
             ):

@@ -10,7 +10,14 @@ from torch import nn
 from ..config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+def _original_context(rope: RopeConfig) -> int:
+    """The context a llama3 / YaRN scaling starts from: ModelConfig takes it from the checkpoint
+    (its rope_scaling's, else its max_position_embeddings), never from the engine's max_model_len."""
+    assert rope.original_max_position_embeddings is not None, f"{rope.rope_type} needs its original context"
+    return rope.original_max_position_embeddings
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """inv_freq [head_dim/2] (float32) and the attention scaling factor applied to cos/sin."""
     base = rope.theta
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -18,7 +25,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, max_position: int) -> t
     if rope.rope_type == "linear":
         inv = inv / rope.factor
     elif rope.rope_type == "llama3":
-        old = rope.original_max_position_embeddings or max_position
+        old = _original_context(rope)
         low_wavelen = old / rope.low_freq_factor
         high_wavelen = old / rope.high_freq_factor
         wavelen = 2 * math.pi / inv
@@ -29,7 +36,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, max_position: int) -> t
         inv = torch.where(medium, smoothed, scaled)
     elif rope.rope_type == "yarn":
         # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, blend in between
-        old = rope.original_max_position_embeddings or max_position
+        old = _original_context(rope)
         factor = rope.factor
 
         def correction_dim(num_rot: float) -> float:
@@ -52,7 +59,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, max_position: int) -> t
 class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int) -> None:
         super().__init__()
-        inv, scale = inverse_frequencies(rope, head_dim, max_position)
+        inv, scale = inverse_frequencies(rope, head_dim)
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv)  # [P, D/2]
         # kept in float32; cast to the activations' dtype at use, as transformers does
