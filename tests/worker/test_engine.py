@@ -619,3 +619,21 @@ def test_warmup_fits_the_smallest_contexts(tiny_llama: Path) -> None:
         assert eng.stats.steps == 0 and not eng.has_unfinished_requests()
         out = generate(eng, [[5]], SamplingParams(max_tokens=limit - 1, ignore_eos=True))[0]
         assert len(out) == limit - 1
+
+
+def test_warmup_samples_one_row_alone(tiny_llama: Path) -> None:
+    """Warm-up reaches a step that draws for exactly one row (on CUDA, the lm_head's float32
+    one-row launch and the draw over it compile there, not inside the first batch to reach such
+    a step), besides its batched greedy and sampled rows."""
+    eng = engine(tiny_llama)
+    execute = eng.runner.execute
+    drawn: list[list[float]] = []
+
+    def watch(out, feed=None):  # type: ignore[no-untyped-def]
+        drawn.append([s.seq.params.temperature for s in out.scheduled if s.samples])
+        return execute(out, feed)
+
+    eng.runner.execute = watch  # type: ignore[method-assign]
+    eng.warmup()
+    assert [t for t in drawn if len(t) == 1 and t[0] > 0], drawn
+    assert [t for t in drawn if len(t) == 2 and min(t) == 0 < max(t)], drawn
