@@ -214,7 +214,8 @@ def main() -> None:
         "--due-step-tokens",
         type=int,
         default=None,
-        help="tokens of a step once a prompt is due or while nothing decodes (EngineConfig.due_step_tokens)",
+        help="tokens of a step once a prompt is due or while nothing decodes (EngineConfig.due_step_tokens); "
+        "default: LLM's offline setting; 0: off",
     )
     ap.add_argument("--hf-requests", type=int, default=32, help="HF-mix requests run through transformers")
     ap.add_argument("--profile", action="store_true", help="cProfile the W1 run (host time breakdown)")
@@ -246,7 +247,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
         **({} if args.decode_step_tokens is None else {"decode_step_tokens": args.decode_step_tokens}),
-        **({} if args.due_step_tokens is None else {"due_step_tokens": args.due_step_tokens}),
+        **({} if args.due_step_tokens is None else {"due_step_tokens": args.due_step_tokens or None}),
     )
     llm.engine.warmup()
     results["startup"] = {

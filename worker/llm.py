@@ -19,6 +19,12 @@ from .sampling_params import SamplingParams
 # 9,182-9,265 / 9,196 / 9,155-9,185, and 256 / 512 alternated in one process 9,212 / 9,192 against
 # 9,129 / 9,075
 OFFLINE_DECODE_STEP_TOKENS = 256
+# its budget for due prompts and the batch's first steps (EngineConfig.due_step_tokens), where they
+# fit without lengthening the batch (scheduler.py). H100, W1, twenty-first session
+# (docs/benchmarks.md): before that guard, one process, warm runs: without 9,966 / 9,970 out tok/s,
+# 384 10,095, 512 10,056 / 10,059; gpu_bench.py, a process each: 384 10,137 / 10,113, 512 10,080 /
+# 10,071. With the guard, 384: 10,040 against 9,944 without, same machine; 10,109-10,117 on cold caches
+OFFLINE_DUE_STEP_TOKENS = 384
 
 
 class LLM:
@@ -34,13 +40,15 @@ class LLM:
         **kwargs: object,
     ) -> None:
         """Extra keyword arguments are EngineConfig's. An offline batch on CUDA defaults to the
-        scheduler's offline settings (scheduler.py): admission longest_first and decode steps of
-        OFFLINE_DECODE_STEP_TOKENS tokens; admission="fifo" turns both off (decode_step_tokens=None
-        the budget alone)."""
+        scheduler's offline settings (scheduler.py): admission longest_first, decode steps of
+        OFFLINE_DECODE_STEP_TOKENS tokens and due steps of OFFLINE_DUE_STEP_TOKENS; admission="fifo"
+        turns them off (decode_step_tokens=None the budgets alone, due_step_tokens=None the due one)."""
         if resolve_device(device).startswith("cuda"):
             kwargs.setdefault("admission", "longest_first")
-            if kwargs["admission"] == "longest_first":  # the budget pays with that order (scheduler.py)
+            if kwargs["admission"] == "longest_first":  # the budgets pay with that order (scheduler.py)
                 kwargs.setdefault("decode_step_tokens", OFFLINE_DECODE_STEP_TOKENS)
+                if kwargs["decode_step_tokens"] is not None:
+                    kwargs.setdefault("due_step_tokens", OFFLINE_DUE_STEP_TOKENS)
         config = EngineConfig(
             model=model,
             dtype=dtype,

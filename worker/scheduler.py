@@ -14,7 +14,7 @@ Order of one step:
 FIFO admission plus "running first" means nothing starves: the head of the queue is admitted as
 soon as blocks free up, and every admitted sequence progresses every step it is not preempted.
 
-Two settings for offline batches (LLM's defaults on CUDA, off for serving):
+Settings for offline batches (LLM's defaults on CUDA, off for serving):
 - `decode_step_tokens`: while sequences are decoding, a prompt chunk whose generation would end
   before theirs anyway (max_tokens below the most tokens a decoding sequence may still generate)
   only fills the step up to this many tokens. A decode step of a few hundred rows reads all the
@@ -23,21 +23,22 @@ Two settings for offline batches (LLM's defaults on CUDA, off for serving):
   full compute; a prompt whose generation would outlast the batch's is never held back (equal
   lengths, as in a batch of 1,000 / 1,000 requests, schedule as without the setting). The price
   is time to first token for the prompts held back.
-- `due_step_tokens` (with decode_step_tokens; off by default, not yet measured on a GPU): a prompt
-  that is due, i.e. whose generation would outlast the decoding batch's within DUE_LOOKAHEAD steps,
-  and every prompt while nothing decodes (the batch's first steps), fill the step up to this many
-  tokens instead of taking the whole budget. Without it a due prompt goes in whole (up to
-  max_num_batched_tokens: W1's first step is 8,192 prompt tokens, and prompts that come due later
-  make steps of up to ~2,000), and a large step costs more per token than one of a few hundred
-  that rides on decodes. bench/w1_schedule_model.py puts 384 at ~0.1 s less of W1's projection
-  time on the H100's GEMM timings (docs/benchmarks.md, twentieth session), a model.
+- `due_step_tokens` (with decode_step_tokens): a prompt that is due, i.e. whose generation would
+  outlast the decoding batch's within DUE_LOOKAHEAD steps, and every prompt while nothing decodes
+  (the batch's first steps), fill the step up to this many tokens instead of taking the whole
+  budget (max_num_batched_tokens: W1's first step was 8,192 prompt tokens, and prompts that came
+  due later made steps of up to ~2,000), since a large step costs more per token than one of a
+  few hundred that rides on decodes. Only where it costs no step (_due_fits): the due prompts'
+  tokens fit in DUE_LOOKAHEAD steps of this budget less the decoding rows, and something else is
+  unfinished; a lone prompt (time to first token) and a batch of equal lengths, whose prompts are
+  all due, schedule as without it. H100, W1: ~+1% (docs/benchmarks.md, twenty-first session).
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
   request with fewer tokens to generate can wait behind later ones: not for serving.
   A prompt held back is passed by those behind it that are not; a running one held back mid-prompt
   keeps its blocks (preemption takes the latest admitted first), so under steady arrivals a short
-  prompt could wait long: both settings are for batches queued at once (LLM.generate).
+  prompt could wait long: these settings are for batches queued at once (LLM.generate).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Scheduler:
         self.decode_step_tokens = decode_step_tokens
         # with decode_step_tokens: the step's budget once a prompt is due, and while nothing decodes
         self.due_step_tokens = due_step_tokens
+        self._spread_due = False  # this step's: due prompts take due_step_tokens (_due_fits)
         self.longest_first = longest_first  # waiting queue ordered by max_tokens, most first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -122,6 +124,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         horizon = self._horizon()
+        self._spread_due = self.due_step_tokens is not None and self._due_fits(horizon)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -184,6 +187,24 @@ class Scheduler:
         ]
         return max(left) if left else None
 
+    def _due_fits(self, horizon: int | None) -> bool:
+        """With due_step_tokens: whether the due prompts' tokens left fit in DUE_LOOKAHEAD steps of
+        due_step_tokens less the decoding rows, so that capping them does not lengthen the batch,
+        and something else is unfinished (a lone prompt, or a batch of equal lengths whose prompts
+        are all due, gains nothing from smaller steps: they only add steps). With nothing
+        decoding, due means within DUE_LOOKAHEAD of the longest generation among the prompts."""
+        prompts = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        decoding = len(self.running) - len(prompts)
+        prompts += self.waiting
+        if not prompts:
+            return False
+        h = horizon if horizon is not None else max(s.params.max_tokens for s in prompts)
+        due = [s for s in prompts if s.params.max_tokens >= h - DUE_LOOKAHEAD]
+        if len(due) == self.num_unfinished:
+            return False
+        left = sum(s.num_tokens - s.num_computed_tokens for s in due)
+        return left <= DUE_LOOKAHEAD * max(self.due_step_tokens - decoding, 0)  # type: ignore[operator]
+
     def _deferred(self, seq: Sequence, n: int, budget: int, horizon: int | None) -> int:
         """Tokens of a chunk of n (n > 1: a prompt's) to schedule this step (0: none), with
         decode_step_tokens set:
@@ -197,7 +218,7 @@ class Scheduler:
             return n
         lookahead = 0 if self.due_step_tokens is None else DUE_LOOKAHEAD
         due = horizon is None or seq.params.max_tokens >= horizon - lookahead
-        cap = self.due_step_tokens if due else self.decode_step_tokens
+        cap = (self.due_step_tokens if self._spread_due else None) if due else self.decode_step_tokens
         return n if cap is None else max(0, min(n, cap - (self.max_num_batched_tokens - budget)))
 
     def _preempt(self, seq: Sequence) -> None:

@@ -68,16 +68,39 @@ def test_due_step_tokens_caps_due_prompts_and_the_first_steps() -> None:
         due_step_tokens=24,
     )  # fmt: skip
     sched.add(seq("long", 40, 50))
-    # nothing decodes yet: the first steps take due_step_tokens, not the whole budget of 64
+    sched.add(seq("brief", 12, 5))
+    # nothing decodes yet: the first steps take due_step_tokens in all, not the whole budget of 64
     assert run_step(sched) == {"long": 24}
-    assert run_step(sched) == {"long": 16}
+    assert run_step(sched) == {"long": 16, "brief": 8}
     sched.add(seq("short", 40, 10))
     sched.add(seq("longer", 40, 60))
     # "long" decodes with 49 tokens to go: "longer" (60) is due and fills the step up to 24 tokens
     # in all, chunk by chunk; "short" (10) would end first and waits while the step holds >= 16
-    assert run_step(sched) == {"long": 1, "longer": 23}
-    assert run_step(sched) == {"long": 1, "longer": 17}
-    assert run_step(sched) == {"long": 1, "longer": 1, "short": 14}
+    assert run_step(sched) == {"long": 1, "brief": 4, "longer": 19}
+    assert run_step(sched) == {"long": 1, "brief": 1, "longer": 21}
+    assert run_step(sched) == {"long": 1, "brief": 1, "longer": 1, "short": 13}
+
+
+def test_due_prompts_go_in_whole_where_capping_would_lengthen_the_batch() -> None:
+    """The due budget applies only where it costs no step: a lone prompt (one long prompt's time
+    to first token), a batch whose prompts are all due (equal lengths), and due prompts with more
+    tokens than DUE_LOOKAHEAD steps of the budget's spare rows hold, all schedule as without it."""
+
+    def steps(due: int | None, reqs: list[tuple[int, int]], n: int = 30) -> list[dict[str, int]]:
+        sched = Scheduler(
+            BlockManager(1024, 4), 8, 64, decode_step_tokens=8, longest_first=True, due_step_tokens=due
+        )
+        for i, (prompt, max_tokens) in enumerate(reqs):
+            sched.add(seq(f"r{i}", prompt, max_tokens))
+        return [run_step(sched) for _ in range(n)]
+
+    assert steps(4, [(60, 1)])[0] == {"r0": 60}  # a lone prompt: one step
+    assert steps(4, [(30, 8)] * 10) == steps(None, [(30, 8)] * 10)  # all due
+    # "r0", "r1" and "r2" are due with 124 tokens, more than 16 steps of a budget of 4 hold
+    many = [(4, 40), (60, 40), (60, 40), (8, 3)]
+    assert steps(4, many) == steps(None, many)
+    # a budget of 9 holds them (16 x 9 >= 124, then 16 x (9 - 1 decoding) >= 115 left): capped
+    assert steps(9, many)[:2] == [{"r0": 4, "r1": 5}, {"r0": 1, "r1": 8}]
 
 
 def test_due_counts_from_the_lookahead_before_the_horizon() -> None:
@@ -185,7 +208,7 @@ def test_a_held_back_prompt_does_not_hold_up_the_ones_behind_it() -> None:
 
 
 def test_llm_offline_defaults_follow_admission(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LLM on CUDA takes longest_first with a decode budget, or neither with admission="fifo"
+    """LLM on CUDA takes longest_first with the decode and due budgets, or none with admission="fifo"
     (EngineConfig is built on a CPU device here: only the defaults LLM passes are checked)."""
     from inferfleet.worker import llm as llm_mod
 
@@ -205,5 +228,9 @@ def test_llm_offline_defaults_follow_admission(tiny_llama: Path, monkeypatch: py
     assert (
         seen[0]["admission"] == "longest_first"
         and seen[0]["decode_step_tokens"] == llm_mod.OFFLINE_DECODE_STEP_TOKENS
+        and seen[0]["due_step_tokens"] == llm_mod.OFFLINE_DUE_STEP_TOKENS
     )
     assert seen[1]["admission"] == "fifo" and "decode_step_tokens" not in seen[1]
+    with pytest.raises(Stop):  # no decode budget: no due budget either (it is one of its cases)
+        llm_mod.LLM(model=str(tiny_llama), device="cuda", decode_step_tokens=None)
+    assert seen[2]["decode_step_tokens"] is None and "due_step_tokens" not in seen[2]
