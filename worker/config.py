@@ -209,8 +209,9 @@ class EngineConfig:
     # them (None: no such limit): they fill decode steps whose matmuls have compute to spare instead
     # of steps of prefill alone (scheduler.py)
     decode_step_tokens: int | None = None
-    # with decode_step_tokens: the step's token budget once a prompt is due (its generation would
-    # outlast the batch's) and while nothing decodes (None: the whole budget; scheduler.py)
+    # with decode_step_tokens and longest_first: the step's token budget once a prompt is due (its
+    # generation would outlast the batch's) and while nothing decodes, where that delays no more
+    # than it lets ride on the decodes (None: the whole budget; scheduler.py)
     due_step_tokens: int | None = None
     # order of admission: "fifo" (arrival), or "longest_first" (most max_tokens first; for offline
     # batches, where the longest generation bounds the batch's steps: LLM's default on CUDA)
@@ -310,6 +311,14 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be >= 1 or None", param=name)
         if self.admission not in ("fifo", "longest_first"):
             raise InvalidRequestError("admission must be fifo or longest_first", param="admission")
+        if self.due_step_tokens is not None and (
+            self.decode_step_tokens is None or self.admission != "longest_first"
+        ):
+            # its first steps cap the queue's head, which only longest_first makes the longest generation
+            raise InvalidRequestError(
+                "due_step_tokens needs decode_step_tokens and admission longest_first",
+                param="due_step_tokens",
+            )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InvalidRequestError(
                 "attention_backend must be auto, torch or triton", param="attention_backend"

@@ -23,15 +23,17 @@ Settings for offline batches (LLM's defaults on CUDA, off for serving):
   full compute; a prompt whose generation would outlast the batch's is never held back (equal
   lengths, as in a batch of 1,000 / 1,000 requests, schedule as without the setting). The price
   is time to first token for the prompts held back.
-- `due_step_tokens` (with decode_step_tokens): a prompt that is due, i.e. whose generation would
-  outlast the decoding batch's within DUE_LOOKAHEAD steps, and every prompt while nothing decodes
-  (the batch's first steps), fill the step up to this many tokens instead of taking the whole
-  budget (max_num_batched_tokens: W1's first step was 8,192 prompt tokens, and prompts that came
-  due later made steps of up to ~2,000), since a large step costs more per token than one of a
-  few hundred that rides on decodes. Only where it costs no step (_due_fits): the due prompts'
-  tokens fit in DUE_LOOKAHEAD steps of this budget less the decoding rows, and something else is
-  unfinished; a lone prompt (time to first token) and a batch of equal lengths, whose prompts are
-  all due, schedule as without it. H100, W1: ~+1% (docs/benchmarks.md, twenty-first session).
+- `due_step_tokens` (with decode_step_tokens and longest_first): a prompt that is due, i.e. whose
+  generation would outlast the decoding batch's within DUE_LOOKAHEAD steps, and every prompt while
+  nothing decodes (the batch's first steps), fill the step up to this many tokens instead of
+  taking the whole budget (max_num_batched_tokens: W1's first step was 8,192 prompt tokens, and
+  prompts that came due later made steps of up to ~2,000), since a large step costs more per token
+  than one of a few hundred that rides on decodes. Only where that pays (_due_fits): the due
+  prompts' tokens fit in DUE_LOOKAHEAD steps of this budget less the decoding rows (their
+  generation starts at most about that many steps later), and the prompts that are not due hold
+  at least as many tokens, the work that rides on the decodes meanwhile. A lone prompt (time to
+  first token), a batch of equal lengths (every prompt due) and a few long prompts beside short
+  requests schedule as without it. H100, W1: ~+1% (docs/benchmarks.md, twenty-first session).
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
@@ -102,7 +104,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         # (sequence, free_epoch, budget, horizon) of an admission that did not fit
-        self._blocked: tuple[Sequence, int, int, int | None] | None = None
+        self._blocked: tuple[Sequence, int, int, int | None, bool] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -124,7 +126,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         horizon = self._horizon()
-        self._spread_due = self.due_step_tokens is not None and self._due_fits(horizon)
+        self._spread_due = (
+            self.due_step_tokens is not None
+            and self.decode_step_tokens is not None
+            and self._due_fits(horizon)
+        )
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -153,7 +159,7 @@ class Scheduler:
         j = 0  # the queue position considered (0 unless a prompt ahead is held back this step)
         while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[j]
-            if self._blocked == (seq, self.bm.free_epoch, budget, horizon):
+            if self._blocked == (seq, self.bm.free_epoch, budget, horizon, self._spread_due):
                 break  # it did not fit last step and no block has been freed since
             if self._deferred(seq, seq.num_tokens, budget, horizon) == 0:
                 j += 1  # held back (decode_step_tokens); one behind it may not be
@@ -162,7 +168,7 @@ class Scheduler:
             n = self._deferred(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), budget, horizon)
             if not self.bm.allocate(seq, n):
                 self.bm.free(seq)  # give back the cached blocks it just took
-                self._blocked = (seq, self.bm.free_epoch, budget, horizon)
+                self._blocked = (seq, self.bm.free_epoch, budget, horizon, self._spread_due)
                 break
             self._blocked = None
             self.bm.record_admission(seq, cached)
@@ -188,22 +194,30 @@ class Scheduler:
         return max(left) if left else None
 
     def _due_fits(self, horizon: int | None) -> bool:
-        """With due_step_tokens: whether the due prompts' tokens left fit in DUE_LOOKAHEAD steps of
-        due_step_tokens less the decoding rows, so that capping them does not lengthen the batch,
-        and something else is unfinished (a lone prompt, or a batch of equal lengths whose prompts
-        are all due, gains nothing from smaller steps: they only add steps). With nothing
-        decoding, due means within DUE_LOOKAHEAD of the longest generation among the prompts."""
-        prompts = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        decoding = len(self.running) - len(prompts)
-        prompts += self.waiting
-        if not prompts:
-            return False
-        h = horizon if horizon is not None else max(s.params.max_tokens for s in prompts)
-        due = [s for s in prompts if s.params.max_tokens >= h - DUE_LOOKAHEAD]
-        if len(due) == self.num_unfinished:
-            return False
-        left = sum(s.num_tokens - s.num_computed_tokens for s in due)
-        return left <= DUE_LOOKAHEAD * max(self.due_step_tokens - decoding, 0)  # type: ignore[operator]
+        """With due_step_tokens: whether due prompts take it this step. They do where
+        - their tokens left fit in DUE_LOOKAHEAD steps of due_step_tokens less the decoding rows, so
+          capping delays their generation by at most about that many steps, and
+        - the prompts that are not due hold at least as many tokens: the work that rides on the
+          decodes, which the capped steps leave room for.
+        Otherwise they go in whole, as without the setting: a lone prompt (one long prompt's time to
+        first token), a batch of equal lengths (every prompt due), a few long prompts beside short
+        requests. With nothing decoding, due means within DUE_LOOKAHEAD of the longest generation
+        among the prompts (longest_first puts those first in the queue)."""
+        running = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        spare = self.due_step_tokens - (len(self.running) - len(running))  # type: ignore[operator]
+        limit = DUE_LOOKAHEAD * max(spare, 0)
+        if horizon is None:
+            horizon = max((s.params.max_tokens for s in (*running, *self.waiting)), default=0)
+        due = rest = 0
+        for s in (*running, *self.waiting):
+            n = s.num_tokens - s.num_computed_tokens
+            if s.params.max_tokens >= horizon - DUE_LOOKAHEAD:
+                due += n
+                if due > limit:
+                    return False
+            else:
+                rest += n
+        return due <= rest
 
     def _deferred(self, seq: Sequence, n: int, budget: int, horizon: int | None) -> int:
         """Tokens of a chunk of n (n > 1: a prompt's) to schedule this step (0: none), with
@@ -211,8 +225,8 @@ class Scheduler:
         - sequences are decoding (horizon) and seq's generation would end before theirs anyway
           (max_tokens below the horizon, less DUE_LOOKAHEAD with due_step_tokens: waiting costs the
           batch no step): the step takes at most decode_step_tokens tokens in all;
-        - otherwise (seq is due, or nothing decodes): at most due_step_tokens in all, or all n
-          without it.
+        - otherwise (seq is due, or nothing decodes): at most due_step_tokens in all where
+          _due_fits held at the start of the step, else all n.
         Without decode_step_tokens: all n."""
         if self.decode_step_tokens is None or n <= 1:
             return n

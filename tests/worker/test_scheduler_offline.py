@@ -68,39 +68,51 @@ def test_due_step_tokens_caps_due_prompts_and_the_first_steps() -> None:
         due_step_tokens=24,
     )  # fmt: skip
     sched.add(seq("long", 40, 50))
-    sched.add(seq("brief", 12, 5))
+    sched.add(seq("brief", 50, 5))  # not due, and at least as many tokens as the due "long": they ride
     # nothing decodes yet: the first steps take due_step_tokens in all, not the whole budget of 64
     assert run_step(sched) == {"long": 24}
     assert run_step(sched) == {"long": 16, "brief": 8}
     sched.add(seq("short", 40, 10))
     sched.add(seq("longer", 40, 60))
-    # "long" decodes with 49 tokens to go: "longer" (60) is due and fills the step up to 24 tokens
-    # in all, chunk by chunk; "short" (10) would end first and waits while the step holds >= 16
-    assert run_step(sched) == {"long": 1, "brief": 4, "longer": 19}
-    assert run_step(sched) == {"long": 1, "brief": 1, "longer": 21}
-    assert run_step(sched) == {"long": 1, "brief": 1, "longer": 1, "short": 13}
+    # "long" decodes with 49 tokens to go; "brief" (5) fills the step up to 16 and "longer" (60),
+    # due, up to 24, chunk by chunk; "short" (10) would end first and waits while the step holds >= 16
+    assert run_step(sched) == {"long": 1, "brief": 15, "longer": 8}
+    assert run_step(sched) == {"long": 1, "brief": 15, "longer": 8}
+    assert run_step(sched) == {"long": 1, "brief": 12, "longer": 11}
+    assert run_step(sched) == {"long": 1, "brief": 1, "longer": 13, "short": 1}
 
 
-def test_due_prompts_go_in_whole_where_capping_would_lengthen_the_batch() -> None:
-    """The due budget applies only where it costs no step: a lone prompt (one long prompt's time
-    to first token), a batch whose prompts are all due (equal lengths), and due prompts with more
-    tokens than DUE_LOOKAHEAD steps of the budget's spare rows hold, all schedule as without it."""
+def test_due_prompts_go_in_whole_where_capping_would_not_pay() -> None:
+    """The due budget applies only where the due prompts' tokens fit in DUE_LOOKAHEAD steps of its
+    spare rows and the prompts that are not due hold at least as many tokens; otherwise a step
+    schedules as without it: a lone prompt (one long prompt's time to first token), a batch whose
+    prompts are all due (equal lengths), a long prompt beside a short request, and due prompts with
+    more tokens than the lookahead's steps hold."""
 
-    def steps(due: int | None, reqs: list[tuple[int, int]], n: int = 30) -> list[dict[str, int]]:
+    def steps(due: int | None, reqs: list[tuple[int, int]], max_num_seqs: int = 8) -> list[dict[str, int]]:
         sched = Scheduler(
-            BlockManager(1024, 4), 8, 64, decode_step_tokens=8, longest_first=True, due_step_tokens=due
+            BlockManager(1024, 4),
+            max_num_seqs,
+            64,
+            decode_step_tokens=8,
+            longest_first=True,
+            due_step_tokens=due,
         )
         for i, (prompt, max_tokens) in enumerate(reqs):
             sched.add(seq(f"r{i}", prompt, max_tokens))
-        return [run_step(sched) for _ in range(n)]
+        return [run_step(sched) for _ in range(30)]
 
     assert steps(4, [(60, 1)])[0] == {"r0": 60}  # a lone prompt: one step
-    assert steps(4, [(30, 8)] * 10) == steps(None, [(30, 8)] * 10)  # all due
+    for reqs, n in (([(30, 8)] * 10, 8), ([(40, 4)] * 4, 2)):  # all due, the second in two waves
+        assert steps(4, reqs, n) == steps(None, reqs, n)
+    assert steps(8, [(60, 20), (4, 3)]) == steps(None, [(60, 20), (4, 3)])  # 4 tokens ride, 60 wait
     # "r0", "r1" and "r2" are due with 124 tokens, more than 16 steps of a budget of 4 hold
     many = [(4, 40), (60, 40), (60, 40), (8, 3)]
     assert steps(4, many) == steps(None, many)
-    # a budget of 9 holds them (16 x 9 >= 124, then 16 x (9 - 1 decoding) >= 115 left): capped
-    assert steps(9, many)[:2] == [{"r0": 4, "r1": 5}, {"r0": 1, "r1": 8}]
+    # 34 due tokens fit 16 steps of 9 and "r2" holds 200 that ride: capped at 9 tokens a step
+    capped = [(4, 40), (30, 40), (200, 3)]
+    assert steps(None, capped)[:2] == [{"r0": 4, "r1": 30, "r2": 30}, {"r0": 1, "r1": 1, "r2": 6}]
+    assert steps(9, capped)[:2] == [{"r0": 4, "r1": 5}, {"r0": 1, "r1": 8}]
 
 
 def test_due_counts_from_the_lookahead_before_the_horizon() -> None:
@@ -114,6 +126,7 @@ def test_due_counts_from_the_lookahead_before_the_horizon() -> None:
         sched.add(seq("long", 4, 50))
         run_step(sched)  # "long" decodes from here, 49 tokens to go
         sched.add(seq("soon", 40, 49 - DUE_LOOKAHEAD))
+        sched.add(seq("later", 60, 5))  # not due: tokens that ride, so that capping "soon" pays
         return run_step(sched)
 
     assert first_chunk(None) == {"long": 1, "soon": 7}  # ends first: the decode budget of 8
@@ -172,7 +185,13 @@ def test_offline_settings_never_starve_or_leak(
 
 
 def test_config_checks_and_offline_defaults(tiny_llama: Path) -> None:
-    for bad in ({"decode_step_tokens": 0}, {"due_step_tokens": 0}, {"admission": "shortest_first"}):
+    for bad in (
+        {"decode_step_tokens": 0},
+        {"due_step_tokens": 0},
+        {"admission": "shortest_first"},
+        {"decode_step_tokens": 8, "due_step_tokens": 32},  # fifo: the first steps would cap the wrong prompts
+        {"admission": "longest_first", "due_step_tokens": 32},  # no decode budget
+    ):
         with pytest.raises(InvalidRequestError):
             EngineConfig(model=str(tiny_llama), device="cpu", **bad)  # type: ignore[arg-type]
     from inferfleet.worker import LLM
@@ -181,7 +200,11 @@ def test_config_checks_and_offline_defaults(tiny_llama: Path) -> None:
     assert cpu.decode_step_tokens is None and not cpu.longest_first  # the offline settings are CUDA's
     assert cpu.due_step_tokens is None  # off unless asked for, on CUDA too
     asked = LLM(
-        model=str(tiny_llama), device="cpu", decode_step_tokens=8, due_step_tokens=32
+        model=str(tiny_llama),
+        device="cpu",
+        admission="longest_first",
+        decode_step_tokens=8,
+        due_step_tokens=32,
     ).engine.scheduler
     assert (asked.decode_step_tokens, asked.due_step_tokens) == (8, 32)
 
