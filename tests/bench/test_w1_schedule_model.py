@@ -77,3 +77,21 @@ def test_every_token_is_scheduled_once(dynamic: bool) -> None:
     assert sum(rows) == sum(len(r.prompt) + r.max_tokens - 1 for r in reqs)
     assert len(rows) >= max(r.max_tokens for r in reqs)
     assert sched.num_unfinished == 0
+
+
+def test_offline_due_steps_leave_equal_lengths_and_a_lone_prompt_as_they_were() -> None:
+    """LLM's offline due budget (llm.OFFLINE_DUE_STEP_TOKENS) on the bench's own workloads: W2's
+    equal lengths, including the 257-request count the check's first form lengthened by 13 steps,
+    and TTFT's lone prompt schedule step for step as without it; W1 gets smaller steps (fewer of
+    its rows in steps above 1,024)."""
+    from inferfleet.worker.llm import OFFLINE_DECODE_STEP_TOKENS, OFFLINE_DUE_STEP_TOKENS
+    from workloads import fixed
+
+    def rows(reqs: list[Request], due: int | None) -> list[int]:
+        sched = Scheduler(BlockManager(60000, 16), 256, 8192, OFFLINE_DECODE_STEP_TOKENS, True, due)
+        return model.run(sched, reqs)
+
+    for reqs in (fixed(2048, 128, 257), fixed(128, 128, 300), fixed(2048, 1, 1)):
+        assert rows(reqs, OFFLINE_DUE_STEP_TOKENS) == rows(reqs, None)
+    big = [sum(r for r in rs if r > 1024) for rs in (rows(w1(), OFFLINE_DUE_STEP_TOKENS), rows(w1(), None))]
+    assert big[0] < big[1] / 2, big
