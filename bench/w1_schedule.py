@@ -3,8 +3,11 @@
     python bench/w1_schedule.py --out DIR [--settings fifo:8192,longest_first:512] [--host-times]
 
 Each setting is ADMISSION:DECODE_STEP_TOKENS[:DUE_STEP_TOKENS] (`fifo` or `longest_first`; 0 for
-no decode budget of its own; the due budget, EngineConfig.due_step_tokens, only when given). Prefix caching is off, so every run computes its prompts (a second run of the same requests
-with it on takes its prompts from the cache: 13.2 s against 16.2 s on the H100). With
+no decode budget of its own; the due budget, EngineConfig.due_step_tokens, only when given: the
+settings are set on the scheduler directly, so `fifo:B:D`, which EngineConfig refuses, runs too,
+and its first steps cap the prompts queued ahead of the longest). Prefix caching is off, so every
+run computes its prompts (a second run of the same requests with it on takes its prompts from the
+cache: 13.2 s against 16.2 s on the H100). With
 --host-times, the host time spent launching steps (`runner.execute`) is reported for steps with
 prompt chunks and for decode-only steps. Prints a line per run; writes DIR/w1_schedule.json.
 """

@@ -210,8 +210,9 @@ class EngineConfig:
     # of steps of prefill alone (scheduler.py)
     decode_step_tokens: int | None = None
     # with decode_step_tokens and longest_first: the step's token budget once a prompt is due (its
-    # generation would outlast the batch's) and while nothing decodes, where that delays no more
-    # than it lets ride on the decodes (None: the whole budget; scheduler.py)
+    # generation would outlast the batch's) and while nothing decodes, where the due prompts' tokens
+    # fit in 16 such steps less the decoding rows and the other prompts hold at least as many
+    # (None: the whole budget; scheduler.py)
     due_step_tokens: int | None = None
     # order of admission: "fifo" (arrival), or "longest_first" (most max_tokens first; for offline
     # batches, where the longest generation bounds the batch's steps: LLM's default on CUDA)

@@ -20,10 +20,11 @@ from .sampling_params import SamplingParams
 # 9,129 / 9,075
 OFFLINE_DECODE_STEP_TOKENS = 256
 # its budget for due prompts and the batch's first steps (EngineConfig.due_step_tokens), where that
-# pays (Scheduler._due_fits). H100, W1, twenty-first session (docs/benchmarks.md), before that
-# check's final form: one process, warm runs: without 9,966 / 9,970 out tok/s, 384 10,095, 512
-# 10,056 / 10,059; gpu_bench.py, a process each: 384 10,137 / 10,113, 512 10,080 / 10,071; with the
-# check's first form, 384: 10,040 against 9,944 without on one machine, 10,109-10,117 on cold caches
+# pays (Scheduler._due_fits). H100, W1, twenty-first session (docs/benchmarks.md): with no such
+# check, one process, warm runs: off 9,966 / 9,970 out tok/s, 384 10,095, 512 10,056 / 10,059;
+# gpu_bench.py, a process each: 384 10,137 / 10,113, 512 10,080 / 10,071. With the check's first
+# form, 384: 10,040 against 9,944 off on one machine, 10,109-10,117 on cold caches. Its final form
+# (14-35 of W1's ~1,023 steps differ, seeds 0-2) not run on a GPU
 OFFLINE_DUE_STEP_TOKENS = 384
 
 

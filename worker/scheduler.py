@@ -33,7 +33,11 @@ Settings for offline batches (LLM's defaults on CUDA, off for serving):
   generation starts at most about that many steps later), and the prompts that are not due hold
   at least as many tokens, the work that rides on the decodes meanwhile. A lone prompt (time to
   first token), a batch of equal lengths (every prompt due) and a few long prompts beside short
-  requests schedule as without it. H100, W1: ~+1% (docs/benchmarks.md, twenty-first session).
+  requests schedule as without it. A heuristic: while nothing decodes every prompt is capped, so a
+  batch of long prompts and short generations can still take up to DUE_LOOKAHEAD more steps and
+  cost more (in bench/w1_schedule_model.py's model, 55 of 400 random offline mixes cost more, by up
+  to ~11%, 107 less; docs/benchmarks.md). H100, W1: ~+1% with the check's first form (twenty-first
+  session); the final form not run on a GPU.
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
@@ -103,7 +107,7 @@ class Scheduler:
         self.longest_first = longest_first  # waiting queue ordered by max_tokens, most first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        # (sequence, free_epoch, budget, horizon) of an admission that did not fit
+        # (sequence, free_epoch, budget, horizon, spread_due) of an admission that did not fit
         self._blocked: tuple[Sequence, int, int, int | None, bool] | None = None
 
     def add(self, seq: Sequence) -> None:
@@ -202,7 +206,8 @@ class Scheduler:
         Otherwise they go in whole, as without the setting: a lone prompt (one long prompt's time to
         first token), a batch of equal lengths (every prompt due), a few long prompts beside short
         requests. With nothing decoding, due means within DUE_LOOKAHEAD of the longest generation
-        among the prompts (longest_first puts those first in the queue)."""
+        among the prompts (longest_first puts those first in the queue), and _deferred then caps
+        the others too: there the second test is a heuristic (module docstring)."""
         running = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         spare = self.due_step_tokens - (len(self.running) - len(running))  # type: ignore[operator]
         limit = DUE_LOOKAHEAD * max(spare, 0)
