@@ -34,10 +34,11 @@ Settings for offline batches (LLM's defaults on CUDA, off for serving):
   at least as many tokens, the work that rides on the decodes meanwhile. A lone prompt (time to
   first token), a batch of equal lengths (every prompt due) and a few long prompts beside short
   requests schedule as without it. A heuristic: while nothing decodes every prompt is capped, so a
-  batch of long prompts and short generations can still take up to DUE_LOOKAHEAD more steps and
-  cost more (in bench/w1_schedule_model.py's model, 55 of 400 random offline mixes cost more, by up
-  to ~11%, 107 less; docs/benchmarks.md). H100, W1: ~+1% with the check's first form (twenty-first
-  session); the final form not run on a GPU.
+  batch of long prompts and short generations can still take up to DUE_LOOKAHEAD more steps; and
+  where the check fails, a prompt within DUE_LOOKAHEAD of the horizon goes in whole where
+  decode_step_tokens alone would hold it back. In bench/w1_schedule_model.py's model 55 of 400
+  random offline mixes cost more, by up to ~11%, and 107 less (docs/benchmarks.md). H100, W1: ~+1%
+  with the check's first form (twenty-first session); the final form not run on a GPU.
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A
