@@ -204,9 +204,10 @@ class Scheduler:
           capping delays their generation by at most about that many steps, and
         - the prompts that are not due hold at least as many tokens: the work that rides on the
           decodes, which the capped steps leave room for.
-        Otherwise they go in whole, as without the setting: a lone prompt (one long prompt's time to
-        first token), a batch of equal lengths (every prompt due), a few long prompts beside short
-        requests. With nothing decoding, due means within DUE_LOOKAHEAD of the longest generation
+        Otherwise they go in whole: a lone prompt (one long prompt's time to first token), a batch
+        of equal lengths (every prompt due), a few long prompts beside short requests, as without
+        the setting (except a prompt due only by the lookahead, which decode_step_tokens alone
+        would hold back). With nothing decoding, due means within DUE_LOOKAHEAD of the longest generation
         among the prompts (longest_first puts those first in the queue), and _deferred then caps
         the others too: there the second test is a heuristic (module docstring)."""
         running = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
