@@ -80,14 +80,19 @@ def triton_gemm(x, w, out, bm, bn, bk, warps, stages, dual=False):
     return out
 
 
-def time_us(fn) -> float:
-    """us per launch: fn(j) for j over the weights, LAUNCHES of them in one graph."""
+def chain(fn):  # type: ignore[no-untyped-def]
+    """One graph's work: fn(j) LAUNCHES times, j cycling over the WEIGHTS weights."""
 
-    def chain():
+    def launches() -> None:
         for i in range(LAUNCHES):
             fn(i % WEIGHTS)
 
-    return microbench.graph_us(chain, launches=1, rounds=3, warmup=2) / LAUNCHES
+    return launches
+
+
+def time_us(fn, rounds: int = 3, warmup: int = 2) -> float:  # type: ignore[no-untyped-def]
+    """us per launch of fn(j) over the weights, LAUNCHES of them in one graph."""
+    return microbench.graph_us(chain(fn), launches=1, rounds=rounds, warmup=warmup) / LAUNCHES
 
 
 def problems(
@@ -121,6 +126,20 @@ def checked_us(fn, ref: torch.Tensor, tol: float, reset=None) -> float | str:  #
         return f"{type(e).__name__}: {str(e)[:80]}"
 
 
+def probe_args(shapes: str) -> argparse.ArgumentParser:
+    """The probes' command line: --out, --rows (comma list), --shapes (comma list, default `shapes`)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--rows", default="256")
+    ap.add_argument("--shapes", default=shapes)
+    return ap
+
+
+def result(**extra: object) -> dict:
+    """A probe's JSON: the device, the date, `extra`, and its cases (filled in by the probe)."""
+    return {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), **extra, "cases": {}}
+
+
 def save(out: str | None, name: str, res: dict) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -128,13 +147,9 @@ def save(out: str | None, name: str, res: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--rows", default="256")
-    ap.add_argument("--shapes", default="qkv,o,gate_up,down")
-    args = ap.parse_args()
+    args = probe_args("qkv,o,gate_up,down").parse_args()
     torch.manual_seed(0)
-    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
+    res = result()
     configs = [
         c
         for c in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4, 5))

@@ -23,7 +23,6 @@ lt_search.json with every timed configuration.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import itertools
 import random
@@ -32,11 +31,10 @@ import time
 
 import microbench
 import torch
-from gemm_probe import DEV, WEIGHTS, problems, save
+from gemm_probe import DEV, LAUNCHES, chain, probe_args, problems, result, save, time_us
 from inferfleet.worker.kernels import blaslt
 from torch.nn import functional as F
 
-LAUNCHES = 16
 FINALISTS = 8
 ROUNDS = 5
 TOLERANCE = blaslt.CHECK_TOLERANCE  # relative error against float32
@@ -150,17 +148,9 @@ def enumerate_configs(
     return found
 
 
-def _chain(fn):  # type: ignore[no-untyped-def]
-    def chain():
-        for i in range(LAUNCHES):
-            fn(i % WEIGHTS)
-
-    return chain
-
-
 def quick_us(fn) -> float:  # type: ignore[no-untyped-def]
     """First pass: one graph of LAUNCHES launches, replayed once to warm up and twice timed."""
-    graph = microbench.graph_of(_chain(fn), 1)
+    graph = microbench.graph_of(chain(fn), 1)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -171,15 +161,8 @@ def quick_us(fn) -> float:  # type: ignore[no-untyped-def]
     return start.elapsed_time(end) * 1e3 / (2 * LAUNCHES)
 
 
-def graph_us(fn) -> float:  # type: ignore[no-untyped-def]
-    return microbench.graph_us(_chain(fn), launches=1, rounds=1, warmup=1) / LAUNCHES
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--rows", default="256")
-    ap.add_argument("--shapes", default="o,qkv,down,gate_up")
+    ap = probe_args("o,qkv,down,gate_up")
     ap.add_argument("--limit", type=int, default=100_000, help="configurations per problem at most")
     ap.add_argument("--seconds", type=float, default=40.0, help="first-pass time per problem (a sample)")
     args = ap.parse_args()
@@ -191,15 +174,11 @@ def main() -> None:
     assert lib is not None, "cuBLASLt did not load"
     lt = blaslt.Lt(lib, DEV)
     declare(lt.lib)
-    res: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
+    res = result()
     for m, name, n, k, x, ws, ref in problems(args.rows, args.shapes):
         t0 = time.perf_counter()
         a, b, c = lt._layout(torch.bfloat16, k, n, k), lt._layout(torch.bfloat16, k, m, k), lt._layout(torch.bfloat16, n, m, n)  # fmt: skip
-        sources, blaslt.VARIANT_SOURCES = blaslt.VARIANT_SOURCES, 0  # the heuristics' own list
-        try:
-            heur = [(config(lt.lib, p.algo), p) for p in lt._candidates(torch.bfloat16, n, k, m)]
-        finally:
-            blaslt.VARIANT_SOURCES = sources
+        heur = [(config(lt.lib, p.algo), p) for p in lt._candidates(torch.bfloat16, n, k, m, variants=False)]
         configs = enumerate_configs(lt, (a, b, c), m, n, args.limit, [cfg for cfg, _ in heur])
         enum_s = time.perf_counter() - t0
         first: list[tuple[float, int]] = []
@@ -227,7 +206,7 @@ def main() -> None:
         times: dict[str, list[float]] = {label: [] for label in arms}
         for _ in range(ROUNDS):
             for label, fn in arms.items():
-                times[label].append(graph_us(fn))
+                times[label].append(time_us(fn, rounds=1, warmup=1))
         med = {label: statistics.median(v) for label, v in times.items()}
         res["cases"][f"{name} m{m}"] = {
             "configs": len(configs), "timed": len(first), "enumerate_s": enum_s,
@@ -238,7 +217,8 @@ def main() -> None:
         print(f"{name} m{m}: {len(configs)} configurations accepted over ids {ids}, {len(first)} timed "
               f"(enumerated in {enum_s:.1f} s)", flush=True)  # fmt: skip
         print("    first pass: " + "; ".join(f"{us:.1f} {configs[i][0]}" for us, i in first[:3]), flush=True)
-        for label in sorted(arms, key=med.get)[:6] + (["F.linear"] if "F.linear" not in sorted(arms, key=med.get)[:6] else []):  # fmt: skip
+        shown = sorted(arms, key=med.get)[:6]
+        for label in shown + ([] if "F.linear" in shown else ["F.linear"]):
             miss = "  MISSES THE REFERENCE" if not errs[label] <= TOLERANCE else ""
             print(f"    {med[label]:7.1f} us  err {errs[label]:.1e}  {label}{miss}", flush=True)
         lt._free_layouts(a, b, c)

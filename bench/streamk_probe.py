@@ -15,14 +15,12 @@ CUDA graph of 16 launches over 8 distinct weights (nothing served from L2), as i
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import time
 
 import torch
 import triton
 import triton.language as tl
-from gemm_probe import DEV, checked_us, problems, save, time_us
+from gemm_probe import DEV, checked_us, probe_args, problems, result, save, time_us
 from inferfleet.worker.kernels import LAUNCH_OPTIONS, num_sms
 from torch.nn import functional as F
 
@@ -101,19 +99,10 @@ class StreamK:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--rows", default="256")
-    ap.add_argument("--shapes", default="o,qkv,down,gate_up")
-    args = ap.parse_args()
+    args = probe_args("o,qkv,down,gate_up").parse_args()
     torch.manual_seed(0)
     sms = num_sms(DEV)
-    res: dict = {
-        "device": torch.cuda.get_device_name(),
-        "date": time.strftime("%Y-%m-%d"),
-        "sms": sms,
-        "cases": {},
-    }
+    res = result(sms=sms)
     configs = [
         (bm, bn, 64, w, s, p)
         for bm, bn, w, s, p in itertools.product((128, 256), (64, 128), (4, 8), (3, 4, 5), (sms, 2 * sms))

@@ -66,7 +66,7 @@ def main() -> None:
         r = generate(llm, w1(), temperature=0.6)
         r.update(
             admission=admission,
-            decode_step_tokens=int(budget) or None,
+            decode_step_tokens=eng.scheduler.decode_step_tokens,
             due_step_tokens=eng.scheduler.due_step_tokens,
             host=dict(host),
         )

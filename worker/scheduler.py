@@ -213,10 +213,11 @@ class Scheduler:
         running = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         spare = self.due_step_tokens - (len(self.running) - len(running))  # type: ignore[operator]
         limit = DUE_LOOKAHEAD * max(spare, 0)
+        prompts = (*running, *self.waiting)
         if horizon is None:
-            horizon = max((s.params.max_tokens for s in (*running, *self.waiting)), default=0)
+            horizon = max((s.params.max_tokens for s in prompts), default=0)
         due = rest = 0
-        for s in (*running, *self.waiting):
+        for s in prompts:
             n = s.num_tokens - s.num_computed_tokens
             if s.params.max_tokens >= horizon - DUE_LOOKAHEAD:
                 due += n

@@ -193,8 +193,9 @@ class Lt:
         )
         return out
 
-    def _candidates(self, dtype: torch.dtype, n: int, k: int, m: int) -> list[_Plan]:
-        """The heuristics' algorithms for [m, k] x [n, k]^T under each of HEURISTIC_LIMITS, deduplicated."""
+    def _candidates(self, dtype: torch.dtype, n: int, k: int, m: int, variants: bool = True) -> list[_Plan]:
+        """The heuristics' algorithms for [m, k] x [n, k]^T under each of HEURISTIC_LIMITS, deduplicated,
+        and with `variants` the VARIANT_* configurations of the first of them."""
         a, b, c = self._layout(dtype, k, n, k), self._layout(dtype, k, m, k), self._layout(dtype, n, m, n)
         seen, plans = set(), []
         for limit in HEURISTIC_LIMITS:
@@ -219,23 +220,19 @@ class Lt:
                     algo = _Algo()
                     ctypes.memmove(ctypes.byref(algo), ctypes.byref(r.algo), ctypes.sizeof(_Algo))
                     plans.append(_Plan(a, b, c, algo, m, n))
-        for source in plans[:VARIANT_SOURCES]:
+        for source in plans[: VARIANT_SOURCES if variants else 0]:
             for custom, cluster in itertools.product(VARIANT_CUSTOM, VARIANT_CLUSTERS):
-                algo = self._variant(source.algo, custom, cluster, a, b, c)
+                settings = (
+                    (_CONFIG_CUSTOM_OPTION, ctypes.c_uint32(custom)),
+                    (_CONFIG_CLUSTER_SHAPE, ctypes.c_uint16(cluster)),
+                )
+                algo = self.configured(source.algo, settings, a, b, c)
                 if algo is not None and bytes(algo) not in seen:
                     seen.add(bytes(algo))
                     plans.append(_Plan(a, b, c, algo, m, n))
         if not plans:
             self._free_layouts(a, b, c)
         return plans
-
-    def _variant(self, algo: _Algo, custom: int, cluster: int, *layouts: ctypes.c_void_p) -> _Algo | None:
-        """`algo` with another custom option and cluster shape (configured)."""
-        settings = (
-            (_CONFIG_CUSTOM_OPTION, ctypes.c_uint32(custom)),
-            (_CONFIG_CLUSTER_SHAPE, ctypes.c_uint16(cluster)),
-        )
-        return self.configured(algo, settings, *layouts)
 
     def configured(
         self, algo: _Algo, settings: Iterable[tuple[int, ctypes._SimpleCData]], *layouts: ctypes.c_void_p
