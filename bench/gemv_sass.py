@@ -24,7 +24,7 @@ WEIGHT = {"bf16": ("*bf16", 2), "fp8": ("*fp8e4nv", 1), "int8": ("*i8", 1)}
 # the kernel's runtime arguments, in its order; the types of those that are not bf16 pointers or
 # int32 sizes and strides (w_ptr: the launch's weight type)
 ARGS = [p.name for p in gemv._gemv_kernel.params if not p.is_constexpr]
-TYPES = {"s_ptr": "*fp32", "cnt_ptr": "*i32", "best_ptr": "*i64", "eps": "fp32"}
+TYPES = {"s_ptr": "*fp32", "sq_ptr": "*fp32", "cnt_ptr": "*i32", "best_ptr": "*i64", "eps": "fp32"}
 
 
 def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefetch: int, even_k: bool):
@@ -34,6 +34,7 @@ def count(dtype: str, block_n: int, block_k: int, warps: int, stages: int, prefe
         "HAS_SCALE": wbytes == 1, "HAS_BIAS": False, "FMA": True, "BLOCK_M": 1, "BLOCK_N": block_n,
         "BLOCK_K": block_k, "USE_PDL": True, "PREFETCH": prefetch, "ADD_NORM": False, "NORM_BLOCK": 1,
         "SILU_MUL": False, "EVEN_K": even_k, "ARGMAX": False, "ADD_INTO": False, "NORM_IN": False,
+        "ADD_SQ": False, "RMS_IN": False,
     }  # fmt: skip
     types = {name: TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in ARGS}
     sig = types | {"w_ptr": wty} | {k: "constexpr" for k in consts}

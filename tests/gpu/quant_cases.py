@@ -352,6 +352,17 @@ def test_gemv_8bit_add_norm(kind: str, n: int, k: int) -> None:
     _check_add_norm(lambda add: gemv(x, q, s, block_k=bk, add_norm=add), norm, residual, TOL)
 
 
+def _producer_and_consumer(kind: str, n: int, k: int, seed: int):  # type: ignore[no-untyped-def]
+    """8-bit (codes, scales) of a consumer [n, k] and of a producer [k, n] feeding its input, the
+    producer's input row x [1, n], and a norm with a residual row of width k."""
+    g = torch.Generator().manual_seed(seed)
+    quantize = quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8
+    consumer = tuple(t.to(DEV) for t in quantize(torch.randn(n, k, generator=g)))
+    producer = tuple(t.to(DEV) for t in quantize(torch.randn(k, n, generator=g)))
+    x = torch.randn(1, n, generator=g).to(DEV, DT)
+    return consumer, producer, x, *_norm_and_residual(k, DT, seed=seed + 1)
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048)])
 def test_gemv_8bit_add_into_and_norm_in(kind: str, n: int, k: int) -> None:
@@ -361,12 +372,7 @@ def test_gemv_8bit_add_into_and_norm_in(kind: str, n: int, k: int) -> None:
     from inferfleet.worker.kernels.elementwise import rmsnorm
     from inferfleet.worker.kernels.gemv import NormIn
 
-    g = torch.Generator().manual_seed(n + 7)
-    quantize = quantize_weight_int8 if kind == "int8" else qfp8.quantize_weight_fp8
-    q, s = (t.to(DEV) for t in quantize(torch.randn(n, k, generator=g)))
-    q_in, s_in = (t.to(DEV) for t in quantize(torch.randn(k, n, generator=g)))
-    x = torch.randn(1, n, generator=g).to(DEV, DT)
-    norm, residual = _norm_and_residual(k, DT, seed=n + 8)
+    (q, s), (q_in, s_in), x, norm, residual = _producer_and_consumer(kind, n, k, seed=n + 7)
     bk = 64 if DEV == "cpu" else None
     want_res = (gemv(x, q_in, s_in, block_k=bk).float() + residual.float()).to(DT)
     got_res = residual.clone()
@@ -375,6 +381,50 @@ def test_gemv_8bit_add_into_and_norm_in(kind: str, n: int, k: int) -> None:
     want = gemv(rmsnorm(got_res, norm.weight, norm.eps), q, s, block_k=bk)
     got = gemv(got_res, q, s, block_k=bk, norm_in=NormIn(norm.weight, norm.eps))
     assert rel(got.float(), want.float()) < TOL
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048)])
+def test_gemv_8bit_add_squares_and_rms_in(kind: str, n: int, k: int) -> None:
+    """The split norm (AddSquares, RmsIn): add_squares adds the projection into the residual (the
+    same bits as add_into), returns the new residual times the norm's weight and writes one partial
+    sum of squares per program; rms_in over them equals the consumer over RMSNorm(residual), for a
+    plain output and for silu_mul; twice on CUDA, so that no state carries over between launches."""
+    from inferfleet.worker.kernels.elementwise import rmsnorm
+    from inferfleet.worker.kernels.gemv import AddSquares, RmsIn, one_row_programs
+
+    (q, s), (q_in, s_in), x, norm, residual = _producer_and_consumer(kind, n, k, seed=n + 11)
+    bk = 64 if DEV == "cpu" else None
+    w = q.float() * s.float()[:, None]  # the consumer's weights, dequantized
+    slack = 1e-6 if DEV == "cpu" else 1e-3  # float32 on the interpreter, bf16 on CUDA
+    squares = norm.partial_squares(one_row_programs(k), torch.device(DEV))
+    assert squares.dtype == torch.float32 and squares.numel() == -(-k // 8)
+    for rep in range(2 if DEV == "cuda" else 1):  # the interpreter's minutes: one pass there
+        want_res = (gemv(x, q_in, s_in, block_k=bk).float() + residual.float()).to(DT)
+        got_res = residual.clone()
+        scaled = gemv(x, q_in, s_in, block_k=bk, add_squares=AddSquares(got_res, norm.weight, squares))
+        assert torch.equal(got_res, want_res), rep
+        assert torch.equal(scaled, (want_res.float() * norm.weight.float()).to(DT)), rep
+        want_sq = want_res.float().reshape(-1, 8).pow(2).sum(1)  # a program's 8 rows each (k % 8 == 0)
+        assert rel(squares, want_sq) < 1e-5, rep
+        normed = rmsnorm(got_res, norm.weight, norm.eps)
+        rms = RmsIn(squares, norm.eps)
+        # against the float32 product of the exact norm: as close as the fused norm's rounding
+        # (RMSNorm rounds twice, the split norm once: 16-bit results differ by ~0.5%, both ways)
+        res = got_res.float()
+        exact = (res * torch.rsqrt(res.pow(2).mean() + norm.eps) * norm.weight.float()) @ w.t()
+        got = gemv(scaled, q, s, block_k=bk, rms_in=rms).float()
+        want = gemv(normed, q, s, block_k=bk).float()
+        assert rel(got, exact) <= 1.25 * rel(want, exact) + slack, (rep, rel(got, exact), rel(want, exact))
+        if n % 2 == 0:
+            gate, up = exact.chunk(2, dim=1)  # gate/up rows as silu_mul pairs them (merged_rows)
+            act = torch.nn.functional.silu(gate) * up
+            got = gemv(scaled, q, s, block_k=bk, rms_in=rms, silu_mul=True).float()
+            want = gemv(normed, q, s, block_k=bk, silu_mul=True).float()
+            assert rel(got, act) <= 1.25 * rel(want, act) + slack, (rep, rel(got, act), rel(want, act))
+        residual = got_res
+    with pytest.raises(AssertionError, match="one partial sum per program"):
+        gemv(x, q_in, s_in, add_squares=AddSquares(residual.clone(), norm.weight, squares[:-1]))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon kernels have no CPU interpreter")

@@ -458,8 +458,8 @@ def test_fp8_scaled_mm_matches_reference(m: int, dtype: torch.dtype) -> None:
 # -- each quantized Linear alone, captured in a CUDA graph ----------------------------------------
 
 
-def quantized_linear(method: str) -> Linear:
-    k, sizes = 256, [128, 64, 64]
+def quantized_linear(method: str, k: int = 256, sizes: tuple[int, ...] = (128, 64, 64)) -> Linear:
+    sizes = list(sizes)
     w = torch.randn(sum(sizes), k, device="cuda") * 0.05
     if method == "gptq":
         from inferfleet.worker.quant.calibrate import gptq_tensors
@@ -482,6 +482,49 @@ def quantized_linear(method: str) -> Linear:
             lo += n
     layer.method.process_after_loading(layer)  # type: ignore[union-attr]
     return layer
+
+
+@pytest.mark.parametrize("method", ["int8", pytest.param("fp8", marks=needs_fp8)])
+def test_add_norm_splits_the_norm_for_8bit_consumers(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear.add_norm before an 8-bit consumer (RMS_SQUARES): the projection adds into the stream
+    (the same bits as the norm's own add) and hands on a PendingNorm holding the stream times the
+    norm's weight and partial squares; the consumer's output (forward and silu_mul) equals the
+    consumer over the normalized stream; INFERFLEET_RMS_SQUARES=0's switch keeps AddNorm; a GPTQ
+    consumer (no gemv) gets the norm computed first."""
+    from inferfleet.worker.layers import linear
+    from inferfleet.worker.layers.norm import PendingNorm, RMSNorm
+
+    for switch in ("DEFER_NORM", "FUSED_NORM", "FUSED_SILU", "RMS_SQUARES"):
+        monkeypatch.setattr(linear, switch, True)
+    torch.manual_seed(0)
+    o_proj = quantized_linear(method, 512, (256,))
+    qkv, gate_up = quantized_linear(method, 256, (128, 64, 64)), quantized_linear(method, 256, (384, 384))
+    gptq = quantized_linear("gptq", 256, (128, 64, 64))
+    assert qkv.takes_rms_in() and not qkv.takes_norm_in() and not gptq.takes_rms_in()
+    norm = RMSNorm(256, 1e-5).to("cuda")
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16) * 4
+    with torch.inference_mode():
+        want_normed, want_res = norm(o_proj(x), residual.clone())
+        # the split norm rounds once where RMSNorm rounds twice (quant_cases.py bounds the kernels
+        # against the exact product): the two 16-bit results differ by ~0.5%
+        tol = 2e-2
+        for rep in range(2):  # the partial sums are rewritten, never accumulated
+            got_res = residual.clone()
+            pending, res = o_proj.add_norm(x, got_res, norm, consumer=qkv)
+            assert isinstance(pending, PendingNorm) and pending.squares is not None, rep
+            assert res is got_res and torch.equal(got_res, want_res), rep
+            assert torch.equal(pending.scaled, (want_res.float() * norm.weight.float()).to(torch.bfloat16))
+            assert rel(qkv(pending).float(), qkv(want_normed).float()) < tol, rep
+            assert rel(gate_up.silu_mul(pending).float(), gate_up.silu_mul(want_normed).float()) < tol, rep
+            assert torch.equal(gptq(pending), gptq(norm(got_res)))  # value(): the norm's own launch
+        monkeypatch.setattr(linear, "RMS_SQUARES", False)
+        got_res = residual.clone()
+        normed, _ = o_proj.add_norm(x, got_res, norm, consumer=qkv)
+        assert isinstance(normed, torch.Tensor) and torch.equal(got_res, want_res)
+        assert rel(normed.float(), want_normed.float()) < tol
 
 
 @pytest.mark.parametrize("method", ["int8", "gptq", pytest.param("fp8", marks=needs_fp8)])

@@ -61,13 +61,53 @@ class NormIn(NamedTuple):
     eps: float
 
 
+class AddSquares(NamedTuple):
+    """A one-row projection's output added into the residual stream, with the next RMSNorm split
+    between this launch and its consumer's (`gemv(..., add_squares=)`, then `rms_in=`): every
+    program adds its rows into the residual, writes them times the norm's weight as the launch's
+    output, and writes the sum of their squares into `squares[program]`. The consumer multiplies
+    that output by its weights and scales its results by 1 / rms from the partial sums (RmsIn):
+    rmsnorm(r) * w @ W^T = (r * w) @ W^T / rms(r), so no program waits for the whole row, nothing
+    normalizes the row twice, and no per-element norm sits in the consumer's weight loop.
+
+    Rounding differs from RMSNorm's (r * w rounded once, the 1 / rms applied in float32 to the
+    products, against r / rms rounded and then times w rounded): for the 8-bit layers that take it
+    (Linear.takes_rms_in) it is far below the weights' own rounding."""
+
+    residual: torch.Tensor  # [1, N] contiguous, x's dtype; updated in place
+    weight: torch.Tensor  # [N] the norm's weight
+    # float32 [cdiv(N, block_n)]: one partial sum per program (RMSNorm.partial_squares)
+    squares: torch.Tensor
+
+
+class RmsIn(NamedTuple):
+    """The consumer's half of AddSquares (`gemv(..., rms_in=)`): x is AddSquares' output r * w,
+    and the launch multiplies its results by rsqrt(sum(squares) / K + eps) (float32, as RMSNorm)."""
+
+    squares: torch.Tensor  # float32, AddSquares' partial sums
+    eps: float
+
+
 @triton.jit
 def residual_add(y, offs_n, n_ok, res_ptr):
     """residual[offs_n] += y (y [BLOCK_N] float32, rounded to the activations' dtype first, the sum
-    rounded again: as the unfused projection and add round)."""
+    rounded again: as the unfused projection and add round). Returns the new rows in float32."""
     dtype = res_ptr.dtype.element_ty
     r = tl.load(res_ptr + offs_n, mask=n_ok, other=0.0)
-    tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype), mask=n_ok)
+    new = (y.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(res_ptr + offs_n, new, mask=n_ok)
+    return new.to(tl.float32)
+
+
+@triton.jit
+def add_squares_epilogue(y, pid, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, sq_ptr):
+    """y [BLOCK_N] float32 (rows offs_n) -> residual[offs_n] += y; out[offs_n] = new rows times the
+    norm's weight, rounded to the activations' dtype; squares[pid] = the sum of the new rows'
+    squares (AddSquares)."""
+    r = residual_add(y, offs_n, n_ok, res_ptr)
+    w = tl.load(nw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, (r * w).to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(sq_ptr + pid, tl.sum(r * r, axis=0))
 
 
 @triton.jit
@@ -189,14 +229,14 @@ def _tile(acc, w, x_rows, nw_rows, rstd, ks, m_ok, K, FMA: tl.constexpr, EVEN_K:
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr, xnw_ptr,
-    M, N, K,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, res_ptr, nw_ptr, cnt_ptr, best_ptr, xnw_ptr, sq_ptr,
+    M, N, K, n_sq,
     stride_xm, stride_wn, stride_ym, eps,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
     SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr, ARGMAX: tl.constexpr,
-    ADD_INTO: tl.constexpr, NORM_IN: tl.constexpr,
+    ADD_INTO: tl.constexpr, NORM_IN: tl.constexpr, ADD_SQ: tl.constexpr, RMS_IN: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -235,6 +275,9 @@ def _gemv_kernel(
     pdl.launch_dependents(USE_PDL)
     if NORM_IN:  # one row (the wrapper checks): x is the residual row, normalized as it is read
         rstd = norm_in_rstd(x_ptr, K, eps, NORM_BLOCK)
+    elif RMS_IN:  # x is r * w (AddSquares): 1 / rms(r) from the producer's partial sums, used last
+        sq = tl.arange(0, NORM_BLOCK)
+        rstd = tl.rsqrt(tl.sum(tl.load(sq_ptr + sq, mask=sq < n_sq, other=0.0), axis=0) / K + eps)
     else:
         rstd = 1.0
     if FMA:
@@ -254,6 +297,8 @@ def _gemv_kernel(
         acc = _tile(acc, w, x_rows, nw_rows, rstd, k0 + offs_k, m_ok, K, FMA, EVEN_K, NORM_IN)
     if FMA:
         acc = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    if RMS_IN:
+        acc *= rstd
     if HAS_SCALE:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -266,6 +311,8 @@ def _gemv_kernel(
         )
     elif ADD_INTO:  # one row (the wrapper checks)
         residual_add(tl.sum(acc, axis=0), offs_n, n_ok, res_ptr)
+    elif ADD_SQ:  # one row (the wrapper checks)
+        add_squares_epilogue(tl.sum(acc, axis=0), pid_n, offs_n, n_ok, res_ptr, nw_ptr, y_ptr, sq_ptr)
     else:
         y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         # rounded to x's dtype first: a float32 output (logits) holds what the 16-bit one would
@@ -336,6 +383,12 @@ def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int,
     return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4, 0
 
 
+def one_row_programs(n: int) -> int:
+    """Programs of a one-row launch with n output rows and the default tiles (AddSquares writes
+    one partial sum per program)."""
+    return triton.cdiv(n, default_config(1, n, 0, 2)[0])
+
+
 def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, int] | None:
     """(block_m, block_n, block_k, num_warps, num_stages) of 8-bit weights on the tensor-core path of
     a Hopper GPU (kernels.sm90) where the eighth session's sweep (bench/gemv_tc_sweep.py, docs/bench/2026-11-26-h100-s8-gemv-tc-
@@ -375,6 +428,8 @@ def gemv(
     argmax_best: torch.Tensor | None = None,
     add_into: torch.Tensor | None = None,
     norm_in: NormIn | None = None,
+    add_squares: AddSquares | None = None,
+    rms_in: RmsIn | None = None,
 ) -> torch.Tensor:
     """x: [M, K] 16-bit, M <= MAX_M; weight: [N, K] row-major, 16-bit or 8-bit with `scale` [N]
     float32; returns [M, N] in x's dtype. With `add_norm` (one row only) the result is added into
@@ -386,7 +441,10 @@ def gemv(
     folds its outputs' first maximum into it (argmax_epilogue; elementwise.argmax_finish reads it).
     `add_into` ([1, N], x's dtype, one row): the result is added into it in place and it is returned
     (residual_add). `norm_in` (one row): x is a residual row, and the launch multiplies
-    rmsnorm(x) * norm_in.weight by the weights instead of x (NormIn)."""
+    rmsnorm(x) * norm_in.weight by the weights instead of x (NormIn). `add_squares` (one row): the
+    result goes into the residual, and the launch returns the new residual times the norm's weight
+    and writes its rows' partial sums of squares; `rms_in` (one row) scales the results by 1 / rms
+    from such sums (AddSquares, RmsIn)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_M and weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
@@ -414,25 +472,46 @@ def gemv(
         y = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype or x.dtype, device=x.device)
     assert add_norm is None or fma, "add_norm: one row on the CUDA-core path"
     an, norm_block = epilogue_args(add_norm, y)
-    eps = an.eps  # the kernel's one eps: add_norm's, or norm_in's (never both)
+    eps = an.eps  # the kernel's one eps: add_norm's, norm_in's or rms_in's (never two)
+    squares, n_sq = y, 0
+    if add_squares is not None:
+        assert fma and add_norm is None and add_into is None and not silu_mul, (
+            "add_squares: one row, plain output"
+        )
+        assert argmax_best is None and out_dtype is None
+        r, squares, n_sq = add_squares.residual, add_squares.squares, add_squares.squares.numel()
+        assert r.shape == y.shape and r.dtype == y.dtype and r.is_contiguous(), (
+            "residual: [1, N] like the output"
+        )
+        assert add_squares.weight.shape == (n,) and add_squares.weight.is_contiguous()
+        assert squares.dtype == torch.float32 and n_sq == triton.cdiv(n, block_n), (
+            "one partial sum per program"
+        )
+        an = AddNorm(r, add_squares.weight, eps, y)
     if norm_in is not None:
         assert fma and add_norm is None, "norm_in: one row on the CUDA-core path, no add_norm"
         assert norm_in.weight.shape == (k,) and norm_in.weight.is_contiguous()
         eps, norm_block = norm_in.eps, triton.next_power_of_2(k)
+    if rms_in is not None:
+        assert fma and norm_in is None and add_norm is None and add_squares is None, "rms_in: one row"
+        squares, n_sq = rms_in.squares, rms_in.squares.numel()
+        assert squares.dtype == torch.float32 and squares.is_contiguous()
+        eps, norm_block = rms_in.eps, triton.next_power_of_2(n_sq)
     if argmax_best is not None:
         assert fma and add_norm is None and not silu_mul, "argmax_best: one row, plain output"
         assert argmax_best.dtype == torch.int64 and argmax_best.numel() == 1
     _gemv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y,
         an.residual, an.weight, an.counter, argmax_best if argmax_best is not None else y,
-        norm_in.weight if norm_in is not None else x,
-        m, n, k,
+        norm_in.weight if norm_in is not None else x, squares,
+        m, n, k, n_sq,
         x.stride(0), weight.stride(0), y.stride(0), eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, FMA=fma,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         USE_PDL=use_pdl, PREFETCH=prefetch, ADD_NORM=add_norm is not None,
         NORM_BLOCK=norm_block, SILU_MUL=silu_mul, ARGMAX=argmax_best is not None,
         ADD_INTO=add_into is not None, NORM_IN=norm_in is not None,
+        ADD_SQ=add_squares is not None, RMS_IN=rms_in is not None,
         # whole tiles only, the prefetched ones included: then no load needs a column mask
         EVEN_K=k % block_k == 0 and k >= prefetch * block_k,
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or cfg_stages,

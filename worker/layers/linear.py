@@ -37,6 +37,12 @@ FUSED_NORM = os.environ.get("INFERFLEET_FUSED_NORM", "1") != "0"
 # no ticket and no last program normalizing while the other SMs wait. INFERFLEET_DEFER_NORM=0
 # keeps AddNorm's fused norm everywhere, for A/B measurements
 DEFER_NORM = os.environ.get("INFERFLEET_DEFER_NORM", "1") != "0"
+# where the consumer's weights are 8-bit (Linear.takes_rms_in), the norm is split instead: the
+# projection adds into the stream and hands on the stream times the norm's weight with partial sums
+# of squares, and the consumer scales its results by 1 / rms (kernels/gemv.AddSquares, RmsIn): no
+# ticket, and no per-element norm in the 8-bit weight loop. INFERFLEET_RMS_SQUARES=0 keeps AddNorm
+# there, for A/B measurements
+RMS_SQUARES = os.environ.get("INFERFLEET_RMS_SQUARES", "1") != "0"
 # likewise, one-row gate/up projections return silu(gate) * up from their own launch
 # (Linear.silu_mul); INFERFLEET_FUSED_SILU=0 keeps the separate kernel
 FUSED_SILU = os.environ.get("INFERFLEET_FUSED_SILU", "1") != "0"
@@ -111,8 +117,14 @@ class Linear(nn.Module):
         """One row x [1, K] of CUDA activations through the layer's one-row kernel with a fused
         epilogue (kernels/gemv.gemv's or gptq_row4's `add_norm`, `silu_mul`, `out_dtype`); None where
         the layer does not run on one (the caller then runs the plain layer and the rest unfused).
-        A PendingNorm goes in as gemv's `norm_in` where the layer takes one (takes_norm_in)."""
+        A PendingNorm goes in as gemv's `rms_in` where it holds partial squares and the layer takes
+        them (takes_rms_in), else as `norm_in` where the layer takes one (takes_norm_in)."""
         if isinstance(x, PendingNorm):
+            if x.scaled is not None and x.squares is not None and self.takes_rms_in():
+                from ..kernels.gemv import RmsIn
+
+                if self._one_row_input(x.scaled):
+                    return self._one_row_kernel(x.scaled, rms_in=RmsIn(x.squares, x.norm.eps), **epilogue)
             if not (self.takes_norm_in() and self._one_row_input(x.residual)):
                 return None
             from ..kernels.gemv import NormIn
@@ -133,6 +145,14 @@ class Linear(nn.Module):
         than the ticket it saves: H100 FP8 W3 3.001 -> 3.038 ms with qkv normalizing its input, 3.003
         with gate/up (bf16 5.339 -> 5.306 with both; docs/benchmarks.md, twelfth session)."""
         return self.method is None and SKINNY_MAX_M >= 1
+
+    def takes_rms_in(self) -> bool:
+        """Whether a one-row input may come as a PendingNorm with partial squares (gemv's `rms_in`:
+        the input is the stream times the norm's weight, and the launch scales its results by
+        1 / rms): 8-bit layers on gemv (RMS_SQUARES), where norm_in's per-element norm costs more
+        than AddNorm's ticket. H100 W3 against AddNorm: FP8 with an FP8 lm_head 2.995 / 2.998 ->
+        2.936 / 2.934 ms, INT8 3.448 -> 3.316 (docs/benchmarks.md, twenty-second session)."""
+        return RMS_SQUARES and self.method is not None and self.method.one_row_gemv
 
     def _one_row_kernel(self, x: torch.Tensor, **epilogue: Any) -> torch.Tensor | None:
         """_one_row for an input already checked by _one_row_input."""
@@ -160,11 +180,19 @@ class Linear(nn.Module):
         the stream is updated in place); otherwise the projection and the norm run one after the other.
         `consumer`: the layer the normalized stream goes to. Where both one-row launches are gemv's,
         this one only adds into the stream and returns a PendingNorm, which the consumer normalizes
-        as it reads it (DEFER_NORM)."""
+        as it reads it (DEFER_NORM); an 8-bit consumer takes the norm split between the two launches
+        instead (RMS_SQUARES: kernels/gemv.AddSquares)."""
         if FUSED_NORM and residual.is_contiguous() and self._one_row_input(x):
-            defer = DEFER_NORM and consumer is not None and self.runs_gemv() and consumer.takes_norm_in()
-            if defer and self._one_row_kernel(x, add_into=residual) is not None:
+            defer = DEFER_NORM and consumer is not None and self.runs_gemv()
+            if defer and consumer.takes_norm_in() and self._one_row_kernel(x, add_into=residual) is not None:
                 return PendingNorm(residual, norm), residual
+            if defer and consumer.takes_rms_in():
+                from ..kernels.gemv import AddSquares, one_row_programs
+
+                squares = norm.partial_squares(one_row_programs(residual.shape[1]), x.device)
+                scaled = self._one_row_kernel(x, add_squares=AddSquares(residual, norm.weight, squares))
+                if scaled is not None:
+                    return PendingNorm(residual, norm, scaled, squares), residual
             from ..kernels.gemv import AddNorm  # imports Triton: CUDA activations only
 
             y = self._one_row_kernel(x, add_norm=AddNorm(residual, norm.weight, norm.eps, norm.ticket))

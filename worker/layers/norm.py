@@ -22,6 +22,21 @@ class RMSNorm(nn.Module):
         # the ticket counter of the projection launches that end in this norm (kernels/gemv.AddNorm):
         # zero between launches; one per norm, so no two launches in flight share one
         self.register_buffer("ticket", torch.zeros(1, dtype=torch.int32), persistent=False)
+        # float32 partial sums of squares, one per program of the projection launch that ends in
+        # this norm under kernels/gemv.AddSquares, by (programs, device) (partial_squares; not a
+        # buffer, which .to(dtype) would turn to 16 bits)
+        self._squares: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def partial_squares(self, programs: int, device: torch.device) -> torch.Tensor:
+        """The float32 [programs] partial sums a one-row AddSquares launch writes and its
+        consumer's RmsIn reads (kernels/gemv.py). Made at the first such launch, which runs eagerly
+        (cuda_graphs.capture_graph runs a step once before capturing it), and kept for the
+        module's life: captured graphs hold its address."""
+        key = (programs, torch.device(device))
+        sq = self._squares.get(key)
+        if sq is None:
+            sq = self._squares[key] = torch.zeros(programs, dtype=torch.float32, device=device)
+        return sq
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -51,6 +66,10 @@ class PendingNorm(NamedTuple):
 
     residual: torch.Tensor  # [1, hidden], the stream after the add
     norm: RMSNorm
+    # under kernels/gemv.AddSquares (Linear.takes_rms_in consumers): the producer's output, the
+    # new stream times the norm's weight, and its partial sums of squares
+    scaled: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
 
     def value(self) -> torch.Tensor:
         out = self.norm(self.residual)
