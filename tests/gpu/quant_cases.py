@@ -384,7 +384,8 @@ def test_gemv_8bit_add_into_and_norm_in(kind: str, n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048)])
+# (24, 44): the producer's last program holds 4 rows past N, and 6 partial sums are not a power of 2
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (300, 128), (24, 2048), (24, 44)])
 def test_gemv_8bit_add_squares_and_rms_in(kind: str, n: int, k: int) -> None:
     """The split norm (AddSquares, RmsIn): add_squares adds the projection into the residual (the
     same bits as add_into), returns the new residual times the norm's weight and writes one partial
@@ -396,8 +397,11 @@ def test_gemv_8bit_add_squares_and_rms_in(kind: str, n: int, k: int) -> None:
     (q, s), (q_in, s_in), x, norm, residual = _producer_and_consumer(kind, n, k, seed=n + 11)
     bk = 64 if DEV == "cpu" else None
     w = q.float() * s.float()[:, None]  # the consumer's weights, dequantized
-    slack = 1e-6 if DEV == "cpu" else 1e-3  # float32 on the interpreter, bf16 on CUDA
+    # float32 on the interpreter; bf16 on CUDA: one rounding's worth (2^-8), since short rows (k = 44)
+    # average few roundings (fp8 silu_mul there: 0.29% against the fused norm's 0.13%)
+    slack = 1e-6 if DEV == "cpu" else 2.0**-8
     squares = norm.partial_squares(one_row_programs(k), torch.device(DEV))
+    squares.fill_(float("nan"))  # every entry must be written
     assert squares.dtype == torch.float32 and squares.numel() == -(-k // 8)
     for rep in range(2 if DEV == "cuda" else 1):  # the interpreter's minutes: one pass there
         want_res = (gemv(x, q_in, s_in, block_k=bk).float() + residual.float()).to(DT)
@@ -405,11 +409,12 @@ def test_gemv_8bit_add_squares_and_rms_in(kind: str, n: int, k: int) -> None:
         scaled = gemv(x, q_in, s_in, block_k=bk, add_squares=AddSquares(got_res, norm.weight, squares))
         assert torch.equal(got_res, want_res), rep
         assert torch.equal(scaled, (want_res.float() * norm.weight.float()).to(DT)), rep
-        want_sq = want_res.float().reshape(-1, 8).pow(2).sum(1)  # a program's 8 rows each (k % 8 == 0)
+        rows = torch.nn.functional.pad(want_res.float().reshape(-1), (0, -k % 8))
+        want_sq = rows.reshape(-1, 8).pow(2).sum(1)  # a program's 8 rows each
         assert rel(squares, want_sq) < 1e-5, rep
         normed = rmsnorm(got_res, norm.weight, norm.eps)
         rms = RmsIn(squares, norm.eps)
-        # against the float32 product of the exact norm: as close as the fused norm's rounding
+        # against the float32 product of the exact norm: about as close as the fused norm's rounding
         # (RMSNorm rounds twice, the split norm once: 16-bit results differ by ~0.5%, both ways)
         res = got_res.float()
         exact = (res * torch.rsqrt(res.pow(2).mean() + norm.eps) * norm.weight.float()) @ w.t()

@@ -176,6 +176,25 @@ def test_int8_cuda_matches_cpu_engine(arch: str, tiny_models: dict[str, Path]) -
         check_against_reference(eng, ref, wide_batch(2), WEIGHT_ONLY, f"int8 {arch} x70", tokens=4)
 
 
+@pytest.mark.parametrize("method", ["int8", pytest.param("fp8", marks=needs_fp8)])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a qkv bias after the 1 / rms
+def test_batch_one_decode_with_the_split_norm_matches_the_reference(
+    method: str, arch: str, tiny_models: dict[str, Path]
+) -> None:
+    """Each prompt alone, so that decode replays the one-row graphs, whose 8-bit layers take the
+    split norm (kernels/gemv.AddSquares, RmsIn): prefill and every decode step within the weight-only
+    tolerance of the CPU reference (the batched checks above never decode one row)."""
+    path = tiny_models[arch]
+    eng = cuda_engine(path, quantization=method)
+    layers = eng.runner.model.model.layers
+    # the producer's partial sums exist only if the split norm ran (warm-up and graph capture)
+    assert all(layer.post_attention_layernorm._squares for layer in layers)
+    assert all(layer.input_layernorm._squares for layer in layers[1:])
+    ref = cpu_reference(path, method)
+    for i, p in enumerate(prompts(8, n=3)):
+        check_against_reference(eng, ref, [p], WEIGHT_ONLY, f"{method} {arch} alone {i}", tokens=8)
+
+
 def test_int8_compressed_tensors_checkpoint_on_cuda(tiny_llama: Path, tmp_path: Path) -> None:
     """llm-compressor's W8A8 INT8 checkpoint (int-quantized, as `inferfleet-worker quantize --method
     int8` writes it): detected, served weight-only on the INT8 kernels with the stored codes, against
@@ -506,6 +525,16 @@ def test_add_norm_splits_the_norm_for_8bit_consumers(method: str, monkeypatch: p
     norm = norm.to(torch.bfloat16)
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16) * 4
+    from inferfleet.worker.kernels import gemv as gemv_module
+
+    launched: list[set[str]] = []  # each gemv launch's epilogues, to see the split norm itself run
+    real_gemv = gemv_module.gemv
+
+    def spy(*args: Any, **kw: Any) -> torch.Tensor:
+        launched.append({name for name, value in kw.items() if value is not None})
+        return real_gemv(*args, **kw)
+
+    monkeypatch.setattr(gemv_module, "gemv", spy)
     with torch.inference_mode():
         want_normed, want_res = norm(o_proj(x), residual.clone())
         # the split norm rounds once where RMSNorm rounds twice (quant_cases.py bounds the kernels
@@ -520,6 +549,7 @@ def test_add_norm_splits_the_norm_for_8bit_consumers(method: str, monkeypatch: p
             assert rel(qkv(pending).float(), qkv(want_normed).float()) < tol, rep
             assert rel(gate_up.silu_mul(pending).float(), gate_up.silu_mul(want_normed).float()) < tol, rep
             assert torch.equal(gptq(pending), gptq(norm(got_res)))  # value(): the norm's own launch
+        assert sum("add_squares" in e for e in launched) == 2 and sum("rms_in" in e for e in launched) == 4
         monkeypatch.setattr(linear, "RMS_SQUARES", False)
         got_res = residual.clone()
         normed, _ = o_proj.add_norm(x, got_res, norm, consumer=qkv)

@@ -104,7 +104,7 @@ def add_squares_epilogue(y, pid, offs_n, n_ok, res_ptr, nw_ptr, out_ptr, sq_ptr)
     """y [BLOCK_N] float32 (rows offs_n) -> residual[offs_n] += y; out[offs_n] = new rows times the
     norm's weight, rounded to the activations' dtype; squares[pid] = the sum of the new rows'
     squares (AddSquares)."""
-    r = residual_add(y, offs_n, n_ok, res_ptr)
+    r = tl.where(n_ok, residual_add(y, offs_n, n_ok, res_ptr), 0.0)  # rows past N add nothing
     w = tl.load(nw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n, (r * w).to(out_ptr.dtype.element_ty), mask=n_ok)
     tl.store(sq_ptr + pid, tl.sum(r * r, axis=0))
@@ -365,6 +365,10 @@ def row_path(m: int, fma: bool | None, use_pdl: bool | None) -> tuple[bool, bool
     return fma, use_pdl, 1 if fma else tc_block_m(m)
 
 
+# weight rows per program of every one-row launch's default tiles (default_config, one_row_programs)
+ONE_ROW_BLOCK_N = 8
+
+
 def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_stages, prefetch) by batch rows and weight width, from the H100 sweeps
     of bench/gemv_bench.py (docs/bench/2026-11-25-h100-gemv-sweep*.json, ...-s5-gemv-prefetch.json);
@@ -378,15 +382,15 @@ def default_config(m: int, n: int, k: int, weight_bytes: int) -> tuple[int, int,
     kernels' tiles, about 8 KB of weights per stage, nothing loaded before the wait."""
     if m == 1:
         if weight_bytes == 1 and k <= 4096 and 6144 <= n <= 16384:
-            return 8, 512, 6, 2
-        return 8, 1024 // weight_bytes, 4, 2
+            return ONE_ROW_BLOCK_N, 512, 6, 2
+        return ONE_ROW_BLOCK_N, 1024 // weight_bytes, 4, 2
     return tc_block_n(m), (512 // weight_bytes if m <= 16 else 256), 4, 0
 
 
 def one_row_programs(n: int) -> int:
     """Programs of a one-row launch with n output rows and the default tiles (AddSquares writes
-    one partial sum per program)."""
-    return triton.cdiv(n, default_config(1, n, 0, 2)[0])
+    one partial sum per program; gemv checks the count against its grid)."""
+    return triton.cdiv(n, ONE_ROW_BLOCK_N)
 
 
 def tc_launch(m: int, n: int, weight_bytes: int) -> tuple[int, int, int, int, int] | None:

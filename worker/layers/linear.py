@@ -186,7 +186,9 @@ class Linear(nn.Module):
             defer = DEFER_NORM and consumer is not None and self.runs_gemv()
             if defer and consumer.takes_norm_in() and self._one_row_kernel(x, add_into=residual) is not None:
                 return PendingNorm(residual, norm), residual
-            if defer and consumer.takes_rms_in():
+            # bf16 only: r * w is stored unnormalized, and in fp16 it could pass 65,504 where the norm's
+            # output would not
+            if defer and consumer.takes_rms_in() and residual.dtype == torch.bfloat16:
                 from ..kernels.gemv import AddSquares, one_row_programs
 
                 squares = norm.partial_squares(one_row_programs(residual.shape[1]), x.device)

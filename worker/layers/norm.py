@@ -61,8 +61,11 @@ class RMSNorm(nn.Module):
 class PendingNorm(NamedTuple):
     """norm(residual) of one row, left for its consumer to compute: the projection before it only
     added into the residual stream (Linear.add_norm with a `consumer`), and the consumer's one-row
-    launch normalizes the row as it reads it (kernels/gemv.NormIn). `value()` computes it for a
-    consumer that cannot. The residual must not change before the consumer runs."""
+    launch normalizes the row as it reads it (kernels/gemv.NormIn); or, before an 8-bit consumer,
+    the projection also wrote `scaled` (the stream times the norm's weight) and `squares` (its
+    partial sums of squares), and the consumer's launch scales its results by 1 / rms
+    (kernels/gemv.AddSquares, RmsIn). `value()` computes the norm for a consumer that cannot take
+    either. The residual must not change before the consumer runs."""
 
     residual: torch.Tensor  # [1, hidden], the stream after the add
     norm: RMSNorm
