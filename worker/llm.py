@@ -24,7 +24,7 @@ OFFLINE_DECODE_STEP_TOKENS = 256
 # check, one process, warm runs: off 9,966 / 9,970 out tok/s, 384 10,095, 512 10,056 / 10,059;
 # gpu_bench.py, a process each: 384 10,137 / 10,113, 512 10,080 / 10,071. With the check's first
 # form, 384: 10,040 against 9,944 off on one machine, 10,109-10,117 on cold caches. Its final form
-# (14-35 of W1's ~1,023 steps differ, seeds 0-2) not run on a GPU
+# (14-35 of W1's ~1,023 steps differ, seeds 0-2): 10,064-10,106 (twenty-second session)
 OFFLINE_DUE_STEP_TOKENS = 384
 
 

@@ -38,7 +38,8 @@ Settings for offline batches (LLM's defaults on CUDA, off for serving):
   where the check fails, a prompt within DUE_LOOKAHEAD of the horizon goes in whole where
   decode_step_tokens alone would hold it back. In bench/w1_schedule_model.py's model 55 of 400
   random offline mixes cost more, by up to ~11%, and 107 less (docs/benchmarks.md). H100, W1: ~+1%
-  with the check's first form (twenty-first session); the final form not run on a GPU.
+  with the check's first form (twenty-first session); the final form 10,064-10,106 out tok/s
+  (twenty-second session).
 - `longest_first`: the waiting queue is kept in order of max_tokens, most first (stable). A batch
   takes at least as many steps as its longest generation has tokens; admitted first, the long
   generations overlap the prompts queued behind them instead of running alone at the end. A

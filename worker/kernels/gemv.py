@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCH_OPTIONS, MAX_M, pdl, sm90
-from .rms import rms_rstd, rms_scale
+from .rms import rms_rstd, rms_scale, rstd_of_squares
 
 
 class AddNorm(NamedTuple):
@@ -277,7 +277,7 @@ def _gemv_kernel(
         rstd = norm_in_rstd(x_ptr, K, eps, NORM_BLOCK)
     elif RMS_IN:  # x is r * w (AddSquares): 1 / rms(r) from the producer's partial sums, used last
         sq = tl.arange(0, NORM_BLOCK)
-        rstd = tl.rsqrt(tl.sum(tl.load(sq_ptr + sq, mask=sq < n_sq, other=0.0), axis=0) / K + eps)
+        rstd = rstd_of_squares(tl.sum(tl.load(sq_ptr + sq, mask=sq < n_sq, other=0.0), axis=0), K, eps)
     else:
         rstd = 1.0
     if FMA:

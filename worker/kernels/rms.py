@@ -11,7 +11,14 @@ import triton.language as tl
 @triton.jit
 def rms_rstd(xf, n, eps):
     """1 / rms of a row: xf [BLOCK] float32 (zeros past its n columns) -> rsqrt(mean(xf^2) + eps)."""
-    return tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    return rstd_of_squares(tl.sum(xf * xf, axis=0), n, eps)
+
+
+@triton.jit
+def rstd_of_squares(sum_sq, n, eps):
+    """1 / rms of a row of n elements from the float32 sum of their squares (gemv's RmsIn sums
+    partial sums): rsqrt(sum_sq / n + eps)."""
+    return tl.rsqrt(sum_sq / n + eps)
 
 
 @triton.jit

@@ -120,11 +120,11 @@ class Linear(nn.Module):
         A PendingNorm goes in as gemv's `rms_in` where it holds partial squares and the layer takes
         them (takes_rms_in), else as `norm_in` where the layer takes one (takes_norm_in)."""
         if isinstance(x, PendingNorm):
-            if x.scaled is not None and x.squares is not None and self.takes_rms_in():
+            split = x.scaled is not None and x.squares is not None
+            if split and self.takes_rms_in() and self._one_row_input(x.scaled):
                 from ..kernels.gemv import RmsIn
 
-                if self._one_row_input(x.scaled):
-                    return self._one_row_kernel(x.scaled, rms_in=RmsIn(x.squares, x.norm.eps), **epilogue)
+                return self._one_row_kernel(x.scaled, rms_in=RmsIn(x.squares, x.norm.eps), **epilogue)
             if not (self.takes_norm_in() and self._one_row_input(x.residual)):
                 return None
             from ..kernels.gemv import NormIn
